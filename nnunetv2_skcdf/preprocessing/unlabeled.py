@@ -1,0 +1,329 @@
+"""Preprocess ``imagesUnlabeled`` with the dataset's own plans and nnU-Net's own preprocessor.
+
+Output: ``nnUNet_preprocessed/DatasetNNN_X/<data_identifier>_unlabeled/`` (e.g.
+``nnUNetPlans_3d_fullres_unlabeled``) in nnU-Net's on-disk format (``<case>.b2nd``,
+``<case>_seg.b2nd``, ``<case>.pkl``), next to the labelled ``<data_identifier>/`` folder. The
+``_seg`` file of an unlabelled case is what nnU-Net writes for any case without a label: the
+non-zero crop mask (-1 outside the body crop, 0 inside), never a segmentation.
+
+Resampling, cropping and normalisation are nnU-Net's (``configuration_manager.preprocessor_class``
+``.run_case_npy``), so an unlabelled image is preprocessed bit-for-bit like the same image would be
+as a labelled case (tested). Configurations that share a ``data_identifier`` (e.g. a small CPU
+configuration that inherits ``3d_fullres``) share the folder, exactly like nnU-Net's own data.
+
+Crash safety: each case is written under temporary names and renamed; the ``.pkl`` is renamed
+last and marks the case complete. Leftovers of an interrupted run (temporary files, data without
+``.pkl``) are removed at the next start, so no half-written case is ever used.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import join, load_json
+from tqdm import tqdm
+
+from nnunetv2_skcdf.utilities.dataset_files import (
+    SKCDFInputError,
+    UNLABELED_IMAGES_FOLDER,
+    dataset_name,
+    list_unlabeled_cases,
+    load_dataset_json,
+    preprocessed_dataset_folder,
+    raw_dataset_folder,
+    training_case_ids,
+)
+from nnunetv2_skcdf.utilities.io import atomic_save_json
+
+#: suffix of the unlabelled folder next to nnU-Net's ``<data_identifier>`` folder
+UNLABELED_SUFFIX = "_unlabeled"
+#: metadata file in the unlabelled folder: which plans produced it (see ``plans_fingerprint``)
+METADATA_FILE = "skcdf_unlabeled.json"
+_TMP_PREFIX = ".tmp_"
+
+
+def unlabeled_folder_name(data_identifier: str) -> str:
+    return data_identifier + UNLABELED_SUFFIX
+
+
+def plans_fingerprint(plans: dict, configuration_name: str, dataset_json: dict) -> str:
+    """Hash of everything that determines a preprocessed image (not the patch or network).
+
+    If the plans change (new spacing, normalisation, intensity statistics), the unlabelled data on disk
+    no longer matches the labelled data and must be redone.
+    """
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration_name)
+    relevant = {
+        "data_identifier": cm.data_identifier,
+        "preprocessor": cm.preprocessor_name,
+        "spacing": list(cm.spacing),
+        "normalization_schemes": list(cm.normalization_schemes),
+        "use_mask_for_norm": list(cm.use_mask_for_norm),
+        "resampling_fn_data": cm.configuration.get("resampling_fn_data"),
+        "resampling_fn_data_kwargs": cm.configuration.get("resampling_fn_data_kwargs"),
+        "transpose_forward": list(pm.transpose_forward),
+        "intensity": pm.foreground_intensity_properties_per_channel,
+        "reader": plans.get("image_reader_writer"),
+        "channel_names": dataset_json.get("channel_names", dataset_json.get("modality")),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# reading one case, with the checks nnU-Net's reader only prints about
+# ----------------------------------------------------------------------------------------------
+def read_unlabeled_case(reader, files: Sequence[str]) -> Tuple[np.ndarray, dict]:
+    """Read the channel files of one case -> (data (c, x, y, z) float32, properties).
+
+    Each channel is read on its own so that a bad file is named; channels must agree in shape and
+    spacing (as nnU-Net requires), and in origin and direction (nnU-Net only warns; without a label to
+    check the overlap against, a misaligned channel would silently corrupt training).
+    """
+    arrays, props = [], []
+    for f in files:
+        try:
+            arr, p = reader.read_images([f])
+        except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+            raise SKCDFInputError(
+                f"{f}: cannot be read ({type(e).__name__}: {e}). The file is truncated or not a valid image; "
+                f"re-export it or remove the case from {UNLABELED_IMAGES_FOLDER}/."
+            ) from None
+        if not np.all(np.isfinite(arr)):
+            raise SKCDFInputError(f"{f}: contains NaN or infinite intensities. Fix the image or remove the case.")
+        arrays.append(arr)
+        props.append(p)
+    ref_file, ref_arr, ref_props = files[0], arrays[0], props[0]
+    for f, arr, p in zip(files[1:], arrays[1:], props[1:]):
+        _check_same_geometry(ref_file, ref_arr, ref_props, f, arr, p)
+    return np.vstack(arrays).astype(np.float32, copy=False), ref_props
+
+
+def _check_same_geometry(ref_file, ref_arr, ref_props, f, arr, p) -> None:
+    problems = []
+    if arr.shape[1:] != ref_arr.shape[1:]:
+        problems.append(f"shape {arr.shape[1:]} vs {ref_arr.shape[1:]}")
+    if not np.allclose(p["spacing"], ref_props["spacing"], rtol=1e-5, atol=1e-6):
+        problems.append(f"spacing {p['spacing']} vs {ref_props['spacing']}")
+    for key in ("origin", "direction"):
+        a, b = p.get("sitk_stuff", {}).get(key), ref_props.get("sitk_stuff", {}).get(key)
+        if a is not None and b is not None and not np.allclose(a, b, atol=1e-3):
+            problems.append(f"{key} {tuple(a)} vs {tuple(b)}")
+    if problems:
+        raise SKCDFInputError(
+            f"{f}: geometry does not match the first channel {os.path.basename(ref_file)} ("
+            + "; ".join(problems) + "). All channels of a case must share one grid: resample them onto the "
+            "first channel's grid."
+        )
+
+
+def check_dimensionality(data: np.ndarray, expect_2d: bool, files: Sequence[str]) -> None:
+    """nnU-Net reads 2D images as (c, 1, x, y): an unlabelled case must be 2D/3D like the labelled ones."""
+    is_2d = data.shape[1] == 1
+    if is_2d != expect_2d:
+        kind, want = ("2D", "3D") if is_2d else ("3D", "2D")
+        raise SKCDFInputError(
+            f"{files[0]}: is a {kind} image but the labelled images of this dataset (imagesTr) are {want}. "
+            f"Unlabelled images must have the dimensionality of the labelled ones."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# one case: preprocess + crash-safe save (runs in worker processes)
+# ----------------------------------------------------------------------------------------------
+def preprocess_and_save_case(case_id: str, files: List[str], output_folder: str, plans: dict,
+                             configuration_name: str, dataset_json: dict, expect_2d: bool) -> str:
+    """Preprocess one unlabelled case and write it to ``output_folder``; return ``case_id``."""
+    from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration_name)
+    data, properties = read_unlabeled_case(pm.image_reader_writer_class(), files)
+    check_dimensionality(data, expect_2d, files)
+    preprocessor = cm.preprocessor_class(verbose=False)
+    data, seg, properties = preprocessor.run_case_npy(data, None, properties, pm, cm, dataset_json)
+    data = data.astype(np.float32, copy=False)
+    seg = seg.astype(np.int16, copy=False)
+    blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
+    blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)
+    tmp = join(output_folder, _TMP_PREFIX + case_id)
+    nnUNetDatasetBlosc2.save_case(data, seg, properties, tmp, chunks=chunks, blocks=blocks,
+                                  chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+    final = join(output_folder, case_id)
+    for ending in (".b2nd", "_seg.b2nd", ".pkl"):  # .pkl last: it marks the case complete
+        os.replace(tmp + ending, final + ending)
+    return case_id
+
+
+def _worker(args) -> Tuple[str, Optional[str]]:
+    try:
+        return preprocess_and_save_case(*args), None
+    except SKCDFInputError as e:
+        return args[0], str(e)
+
+
+def case_is_complete(output_folder: str, case_id: str) -> bool:
+    return all(os.path.isfile(join(output_folder, case_id + e)) for e in (".b2nd", "_seg.b2nd", ".pkl"))
+
+
+def remove_incomplete_cases(output_folder: str) -> List[str]:
+    """Delete temporary files and cases without their ``.pkl`` (an interrupted earlier run)."""
+    removed = []
+    for fname in os.listdir(output_folder):
+        path = join(output_folder, fname)
+        if fname.startswith(_TMP_PREFIX):
+            os.remove(path)
+            removed.append(fname)
+        elif fname.endswith(".b2nd"):
+            case = fname[: -len("_seg.b2nd")] if fname.endswith("_seg.b2nd") else fname[: -len(".b2nd")]
+            if not os.path.isfile(join(output_folder, case + ".pkl")):
+                os.remove(path)
+                removed.append(fname)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole folder
+# ----------------------------------------------------------------------------------------------
+def _prepare_output_folder(folder: str, fingerprint: str, meta: dict, overwrite: bool) -> None:
+    meta_file = join(folder, METADATA_FILE)
+    if os.path.isdir(folder) and overwrite:
+        for fname in os.listdir(folder):
+            os.remove(join(folder, fname))
+    os.makedirs(folder, exist_ok=True)
+    if os.path.isfile(meta_file):
+        old = load_json(meta_file)
+        if old.get("plans_fingerprint") != fingerprint:
+            raise SKCDFInputError(
+                f"{folder} was preprocessed with different plans ({old.get('plans_identifier')}, "
+                f"configuration {old.get('configuration')}, fingerprint {old.get('plans_fingerprint')} != "
+                f"{fingerprint}). The labelled data was re-planned since; rerun with --overwrite."
+            )
+    atomic_save_json({**meta, "plans_fingerprint": fingerprint}, meta_file)
+    remove_incomplete_cases(folder)
+
+
+def _labelled_images_are_2d(raw_folder: str, dataset_json: dict, plans: dict) -> bool:
+    """Read the first training image once: nnU-Net's readers return 2D images as (c, 1, x, y)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    first = next(iter(get_filenames_of_train_images_and_targets(raw_folder, dict(dataset_json)).values()))
+    data, _ = PlansManager(plans).image_reader_writer_class().read_images(first["images"][:1])
+    return data.shape[1] == 1
+
+
+def preprocess_unlabeled(dataset, configurations: Sequence[str], plans_identifier: str = "nnUNetPlans",
+                         num_processes: int = 2, overwrite: bool = False, verbose: bool = True) -> Dict[str, str]:
+    """Preprocess every case of ``imagesUnlabeled`` for each configuration.
+
+    Returns {configuration: output folder}. Cases already complete are skipped unless ``overwrite``.
+    All bad cases are reported together in one ``SKCDFInputError`` (the good ones are kept).
+    """
+    name = dataset_name(dataset)
+    raw = raw_dataset_folder(name)
+    pre = preprocessed_dataset_folder(name)
+    plans_file = join(pre, plans_identifier + ".json")
+    if not os.path.isfile(plans_file):
+        raise SKCDFInputError(f"Plans file {plans_file} not found. Run 'nnUNetv2_plan_and_preprocess -d "
+                              f"{dataset}' first (or pass the right -p).")
+    plans = load_json(plans_file)
+    # nnU-Net preprocesses with the copy of dataset.json in the preprocessed folder; so do we
+    dataset_json = load_json(join(pre, "dataset.json")) if os.path.isfile(join(pre, "dataset.json")) \
+        else load_dataset_json(raw)
+    cases = list_unlabeled_cases(raw, dataset_json)
+    if not cases:
+        raise SKCDFInputError(
+            f"No unlabelled images found in {join(raw, UNLABELED_IMAGES_FOLDER)}. Put them there with nnU-Net's "
+            f"channel naming (<case>_0000{dataset_json['file_ending']}, ...).")
+    clash = sorted(set(cases) & set(training_case_ids(raw, dataset_json)))
+    if clash:
+        raise SKCDFInputError(f"Unlabelled case ids {clash} in {UNLABELED_IMAGES_FOLDER}/ are also training case ids "
+                              f"in imagesTr/. Case ids must be unique: rename the unlabelled files.")
+    expect_2d = _labelled_images_are_2d(raw, dataset_json, plans)
+    outputs = {}
+    for configuration in configurations:
+        outputs[configuration] = _preprocess_configuration(
+            cases, plans, plans_identifier, configuration, dataset_json, pre, expect_2d, num_processes, overwrite,
+            verbose)
+    return outputs
+
+
+def _preprocess_configuration(cases: Dict[str, List[str]], plans: dict, plans_identifier: str, configuration: str,
+                              dataset_json: dict, pre: str, expect_2d: bool, num_processes: int,
+                              overwrite: bool, verbose: bool) -> str:
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if configuration not in plans["configurations"]:
+        raise SKCDFInputError(f"Configuration {configuration!r} is not in plans {plans_identifier} "
+                              f"(available: {', '.join(plans['configurations'])}).")
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+    folder = join(pre, unlabeled_folder_name(data_identifier))
+    meta = {"plans_identifier": plans_identifier, "configuration": configuration,
+            "data_identifier": data_identifier}
+    _prepare_output_folder(folder, plans_fingerprint(plans, configuration, dataset_json), meta, overwrite)
+    todo = [c for c in sorted(cases) if not case_is_complete(folder, c)]
+    if verbose:
+        print(f"{configuration}: {len(cases)} unlabelled cases, {len(cases) - len(todo)} already done, "
+              f"{len(todo)} to preprocess -> {folder}")
+    jobs = [(c, cases[c], folder, plans, configuration, dataset_json, expect_2d) for c in todo]
+    errors = _run_jobs(jobs, num_processes, desc=f"Unlabelled {configuration}", show=verbose)
+    if errors:
+        raise SKCDFInputError(f"{len(errors)} of {len(cases)} unlabelled cases failed (the others were saved):\n"
+                              + "\n".join(f"  - {e}" for e in errors))
+    return folder
+
+
+def _run_jobs(jobs: list, num_processes: int, desc: str, show: bool) -> List[str]:
+    if not jobs:
+        return []
+    errors = []
+    bar = tqdm(total=len(jobs), desc=desc, disable=not show)
+    if num_processes <= 1:
+        results = map(_worker, jobs)
+        for _, err in results:
+            errors += [err] if err else []
+            bar.update()
+    else:
+        # spawn, like nnU-Net's preprocessor: forking a process that holds torch threads can deadlock
+        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
+            for _, err in pool.imap_unordered(_worker, jobs):
+                errors += [err] if err else []
+                bar.update()
+    bar.close()
+    return sorted(errors)
+
+
+def preprocess_unlabeled_entry() -> None:
+    parser = argparse.ArgumentParser(
+        prog="skcdf_preprocess_unlabeled",
+        description=(
+            "Preprocess the unlabelled images of nnUNet_raw/DatasetNNN_X/imagesUnlabeled/ with the dataset's own "
+            "plans and nnU-Net's own preprocessor (same resampling and normalisation as the labelled data). Output: "
+            "nnUNet_preprocessed/DatasetNNN_X/<data_identifier>_unlabeled/, e.g. nnUNetPlans_3d_fullres_unlabeled/. "
+            "Run it after nnUNetv2_plan_and_preprocess. Cases already done are skipped."),
+        epilog="Example: skcdf_preprocess_unlabeled -d 950 -c 3d_fullres -np 2")
+    parser.add_argument("-d", "--dataset", required=True, help="dataset id or name (e.g. 950 or Dataset950_X)")
+    parser.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"],
+                        help="configuration(s) of the plans to preprocess for (default: 3d_fullres)")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (default: 2)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo every case (needed after the plans changed)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args()
+    try:
+        preprocess_unlabeled(args.dataset, args.configurations, args.plans, args.num_processes, args.overwrite,
+                             verbose=not args.quiet)
+    except SKCDFInputError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)

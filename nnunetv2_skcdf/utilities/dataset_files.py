@@ -1,0 +1,122 @@
+"""Where a dataset's files are, read the nnU-Net way (env vars, ``DatasetNNN_Name``, channel naming).
+
+Every function raises ``SKCDFInputError`` with a message that names the file or folder and says how
+to fix it; console entry points print that message instead of a traceback.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List, Union
+
+from batchgenerators.utilities.file_and_folder_operations import isdir, join, load_json
+
+#: Folder inside ``nnUNet_raw/DatasetNNN_X`` that holds unlabelled images (stock nnU-Net ignores it).
+UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
+
+
+class SKCDFInputError(ValueError):
+    """Bad user input (files, ids, options). The message names the culprit and the fix."""
+
+
+def _env_folder(var: str) -> str:
+    value = os.environ.get(var)
+    if not value:
+        raise SKCDFInputError(
+            f"The environment variable {var} is not set. nnU-Net and nnunetv2_skcdf find datasets through "
+            f"nnUNet_raw, nnUNet_preprocessed and nnUNet_results, e.g.\n"
+            f"  export {var}=/data/{var}\n(see README.md, section 'Where the data lives')."
+        )
+    return value
+
+
+def dataset_name(dataset: Union[int, str]) -> str:
+    """``3`` / ``'3'`` / ``'Dataset003_X'`` -> ``'Dataset003_X'`` using nnU-Net's own lookup."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:
+        raise SKCDFInputError(f"Unknown dataset {dataset!r}: {e}") from None
+
+
+def raw_dataset_folder(dataset: Union[int, str]) -> str:
+    folder = join(_env_folder("nnUNet_raw"), dataset_name(dataset))
+    if not isdir(folder):
+        raise SKCDFInputError(f"Raw dataset folder {folder} does not exist (check nnUNet_raw).")
+    return folder
+
+
+def preprocessed_dataset_folder(dataset: Union[int, str], must_exist: bool = True) -> str:
+    folder = join(_env_folder("nnUNet_preprocessed"), dataset_name(dataset))
+    if must_exist and not isdir(folder):
+        raise SKCDFInputError(
+            f"Preprocessed dataset folder {folder} does not exist. Run "
+            f"'nnUNetv2_plan_and_preprocess -d {dataset}' first."
+        )
+    return folder
+
+
+def load_dataset_json(raw_folder: str) -> dict:
+    path = join(raw_folder, "dataset.json")
+    if not os.path.isfile(path):
+        raise SKCDFInputError(f"{path} is missing: every nnU-Net raw dataset needs a dataset.json.")
+    return load_json(path)
+
+
+def num_channels(dataset_json: dict) -> int:
+    key = "channel_names" if "channel_names" in dataset_json else "modality"
+    return len(dataset_json[key])
+
+
+def training_case_ids(raw_folder: str, dataset_json: dict) -> List[str]:
+    """Identifiers of the labelled training cases (``imagesTr`` or the ``dataset`` key), sorted."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    return sorted(get_filenames_of_train_images_and_targets(raw_folder, dict(dataset_json)).keys())
+
+
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def list_unlabeled_cases(raw_folder: str, dataset_json: dict) -> Dict[str, List[str]]:
+    """Map case id -> channel files (sorted by channel) of ``raw_folder/imagesUnlabeled``.
+
+    Returns ``{}`` when the folder does not exist. Every file must be ``<case>_<XXXX><file_ending>``
+    and every case must have exactly the channels of dataset.json; anything else raises
+    ``SKCDFInputError`` naming the file.
+    """
+    folder = join(raw_folder, UNLABELED_IMAGES_FOLDER)
+    if not isdir(folder):
+        return {}
+    ending = dataset_json["file_ending"]
+    n_channels = num_channels(dataset_json)
+    cases: Dict[str, Dict[int, str]] = {}
+    for fname in sorted(os.listdir(folder)):
+        path = join(folder, fname)
+        if fname.startswith(".") or os.path.isdir(path):
+            continue
+        if not fname.endswith(ending):
+            raise SKCDFInputError(
+                f"{path}: wrong file ending. dataset.json says file_ending={ending!r}; convert the image "
+                f"to that format or remove it from {UNLABELED_IMAGES_FOLDER}/."
+            )
+        m = _CHANNEL_RE.match(fname[: -len(ending)])
+        if m is None:
+            raise SKCDFInputError(
+                f"{path}: name does not follow nnU-Net's channel naming <case>_<XXXX>{ending} "
+                f"(e.g. case_0000{ending}). Rename it."
+            )
+        cases.setdefault(m["case"], {})[int(m["channel"])] = path
+    result = {}
+    for case, channels in cases.items():
+        expected = list(range(n_channels))
+        if sorted(channels) != expected:
+            found = ", ".join(f"_{c:04d}" for c in sorted(channels))
+            want = ", ".join(f"_{c:04d}" for c in expected)
+            raise SKCDFInputError(
+                f"Unlabelled case {case!r} in {folder}: found channels [{found}], dataset.json "
+                f"(channel_names) expects [{want}]. Add or remove channel files so they match."
+            )
+        result[case] = [channels[c] for c in expected]
+    return result

@@ -1,0 +1,37 @@
+"""nnunetv2_skcdf: SKCDF semi-supervised, class-imbalance-aware training as an nnU-Net v2 extension."""
+from setuptools import find_packages, setup
+
+setup(
+    name="nnunetv2_skcdf",
+    version="0.1.0",
+    description="SKCDF (CVPR 2025) semi-supervised class-imbalanced segmentation for nnU-Net v2",
+    packages=find_packages(include=["nnunetv2_skcdf", "nnunetv2_skcdf.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # 2.8.0 introduced the nnUNet_extTrainer lookup that registers our trainer without touching
+        # site-packages; <2.9 because we subclass nnUNetTrainer/DefaultPreprocessor/nnUNetDataLoader
+        # internals that change between minor releases.
+        "nnunetv2>=2.8,<2.9",
+        # nnunetv2 2.8 requires torch>=2.1.2 (not 2.9.*); we use torch.amp and foreach ops from 2.1.
+        "torch>=2.1.2,!=2.9.*",
+        # the versions nnunetv2 2.8 was released against; data loading and transforms come from them.
+        "batchgenerators>=0.25.1",
+        "batchgeneratorsv2>=0.3.2",
+        "acvl-utils>=0.2.6,<0.3",
+        "dynamic-network-architectures>=0.4.4,<0.5",
+        # reading/writing NIfTI with geometry (the phantom, the unlabelled image checks).
+        "SimpleITK>=2.2.1",
+        "blosc2>=3.3.2",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "skcdf_make_phantom=nnunetv2_skcdf.dataset_conversion.phantom:make_phantom_entry",
+            "skcdf_split=nnunetv2_skcdf.splits.semi_supervised_splits:split_entry",
+            "skcdf_preprocess_unlabeled=nnunetv2_skcdf.preprocessing.unlabeled:preprocess_unlabeled_entry",
+        ]
+    },
+)

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny phantom dataset planned and preprocessed once per test session.
+
+nnU-Net reads nnUNet_raw / nnUNet_preprocessed / nnUNet_results lazily from the environment, so tests
+point them at temporary folders. Tests that modify files get their own copy (``phantom_workspace``).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+DATASET_ID = 951
+DATASET_NAME = f"Dataset{DATASET_ID:03d}_TinyPhantom"
+ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+#: small enough for seconds of preprocessing, large enough for nnU-Net to plan a real 3D U-Net
+TINY = dict(num_train=6, num_test=2, num_unlabeled=3, shape=(24, 48, 48), spacing=(5.0, 7.2, 7.2))
+
+
+def env_for(root: Path) -> dict:
+    env = {var: str(root / var) for var in ENV_VARS}
+    for path in env.values():
+        os.makedirs(path, exist_ok=True)
+    return env
+
+
+def run_cli(args, env_extra: dict, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a console script the way a user does (own process, environment variables)."""
+    env = {**os.environ, **env_extra, "nnUNet_def_n_proc": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def planned_phantom(tmp_path_factory) -> dict:
+    """Tiny phantom -> nnUNetv2_plan_and_preprocess (2d + 3d_fullres) -> skcdf_preprocess_unlabeled.
+
+    Returns {'root', 'env', 'raw', 'preprocessed'}; treat it as read-only (copy it to modify).
+    """
+    from nnunetv2_skcdf.dataset_conversion.phantom import make_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantom")
+    env = env_for(root)
+    make_phantom_dataset(output_root=env["nnUNet_raw"], dataset_id=DATASET_ID, name="TinyPhantom", seed=0, **TINY)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-np", "1", "-npfp",
+             "1", "--verify_dataset_integrity"], env)
+    run_cli(["skcdf_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "2d", "3d_fullres", "-np", "1", "--quiet"],
+            env)
+    return {"root": root, "env": env, "raw": Path(env["nnUNet_raw"]) / DATASET_NAME,
+            "preprocessed": Path(env["nnUNet_preprocessed"]) / DATASET_NAME}
+
+
+@pytest.fixture
+def phantom_workspace(planned_phantom, tmp_path, monkeypatch) -> dict:
+    """A private, writable copy of the planned phantom with the env vars pointing at it."""
+    env = env_for(tmp_path)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed"):
+        shutil.copytree(Path(planned_phantom["env"][var]) / DATASET_NAME, Path(env[var]) / DATASET_NAME)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    return {"root": tmp_path, "env": env, "raw": Path(env["nnUNet_raw"]) / DATASET_NAME,
+            "preprocessed": Path(env["nnUNet_preprocessed"]) / DATASET_NAME}

@@ -1,0 +1,215 @@
+"""skcdf_preprocess_unlabeled: equality with nnU-Net's own preprocessing, idempotence, crash safety, bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import blosc2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from batchgenerators.utilities.file_and_folder_operations import load_pickle
+
+from conftest import DATASET_ID, run_cli
+from nnunetv2_skcdf.preprocessing.unlabeled import (
+    METADATA_FILE,
+    preprocess_unlabeled,
+    read_unlabeled_case,
+)
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
+
+CONFIGS = ("2d", "3d_fullres")
+
+
+def _b2nd(path: Path) -> np.ndarray:
+    return blosc2.open(str(path), mode="r")[:]
+
+
+def _first_training_case(raw: Path) -> str:
+    return sorted(p.name[: -len("_0000.nii.gz")] for p in (raw / "imagesTr").glob("*_0000.nii.gz"))[0]
+
+
+def _unlabeled_images(raw: Path):
+    return sorted((raw / "imagesUnlabeled").glob("*.nii.gz"))
+
+
+@pytest.mark.parametrize("configuration", CONFIGS)
+def test_unlabeled_equals_nnunet_preprocessing_of_same_image(phantom_workspace, configuration):
+    raw, pre = phantom_workspace["raw"], phantom_workspace["preprocessed"]
+    case = _first_training_case(raw)
+    shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesUnlabeled" / f"copy_{case}_0000.nii.gz")
+    out = Path(preprocess_unlabeled(DATASET_ID, [configuration], num_processes=1, verbose=False)[configuration])
+    labelled_folder = pre / out.name[: -len("_unlabeled")]
+    assert out.name == labelled_folder.name + "_unlabeled" and labelled_folder.is_dir()
+
+    ours, theirs = _b2nd(out / f"copy_{case}.b2nd"), _b2nd(labelled_folder / f"{case}.b2nd")
+    assert ours.dtype == np.float32 and ours.shape == theirs.shape
+    np.testing.assert_array_equal(ours, theirs)
+    p_ours, p_theirs = load_pickle(out / f"copy_{case}.pkl"), load_pickle(labelled_folder / f"{case}.pkl")
+    for key in ("spacing", "shape_before_cropping", "bbox_used_for_cropping",
+                "shape_after_cropping_and_before_resampling"):
+        assert np.array_equal(np.asarray(p_ours[key]), np.asarray(p_theirs[key])), key
+    assert "class_locations" not in p_ours and "class_locations" in p_theirs
+    # the _seg file of an unlabelled case is nnU-Net's crop mask, never labels
+    assert set(np.unique(_b2nd(out / f"copy_{case}_seg.b2nd"))) <= {-1, 0}
+
+
+def test_all_unlabeled_cases_written_with_metadata(planned_phantom):
+    pre, raw = planned_phantom["preprocessed"], planned_phantom["raw"]
+    ids = {p.name[: -len("_0000.nii.gz")] for p in _unlabeled_images(raw)}
+    assert len(ids) == 3
+    for folder in ("nnUNetPlans_2d_unlabeled", "nnUNetPlans_3d_fullres_unlabeled"):
+        written = {p.name[:-4] for p in (pre / folder).glob("*.pkl")}
+        assert written == ids
+        meta = json.loads((pre / folder / METADATA_FILE).read_text())
+        assert meta["plans_identifier"] == "nnUNetPlans" and len(meta["plans_fingerprint"]) == 16
+        assert not any(p.name.startswith(".tmp_") for p in (pre / folder).iterdir())
+    # nnU-Net's own labelled folder is untouched: no unlabelled case ended up there
+    labelled = {p.name[:-4] for p in (pre / "nnUNetPlans_3d_fullres").glob("*.pkl")}
+    assert not labelled & ids
+
+
+def test_second_run_skips_done_cases_and_overwrite_redoes_them(phantom_workspace):
+    folder = phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, verbose=False)
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != METADATA_FILE} == \
+        {k: v for k, v in before.items() if k != METADATA_FILE}
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, overwrite=True, verbose=False)
+    after = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert after.keys() == before.keys()
+    assert all(after[k] != before[k] for k in after if k.endswith(".b2nd"))
+
+
+def test_interrupted_run_leftovers_are_removed_and_redone(phantom_workspace):
+    folder = phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    case = sorted(p.name[:-4] for p in folder.glob("*.pkl"))[0]
+    reference = _b2nd(folder / f"{case}.b2nd")
+    # simulate a kill between the renames of one case and in the middle of writing another
+    (folder / f"{case}.pkl").unlink()
+    (folder / ".tmp_other.b2nd").write_bytes(b"half written")
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, verbose=False)
+    assert not (folder / ".tmp_other.b2nd").exists()
+    assert (folder / f"{case}.pkl").exists()
+    np.testing.assert_array_equal(_b2nd(folder / f"{case}.b2nd"), reference)
+
+
+def test_parallel_run_matches_serial_run(phantom_workspace):
+    folder = phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    serial = {p.name: _b2nd(p) for p in folder.glob("*.b2nd")}
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=2, overwrite=True, verbose=False)
+    for name, arr in serial.items():
+        np.testing.assert_array_equal(_b2nd(folder / name), arr)
+
+
+def test_changed_plans_are_refused_until_overwrite(phantom_workspace):
+    plans_file = phantom_workspace["preprocessed"] / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["foreground_intensity_properties_per_channel"]["0"]["mean"] += 10.0
+    plans_file.write_text(json.dumps(plans))
+    with pytest.raises(SKCDFInputError, match="different plans.*--overwrite"):
+        preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, verbose=False)
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, overwrite=True, verbose=False)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _fail(match: str):
+    with pytest.raises(SKCDFInputError, match=match):
+        preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, verbose=False)
+
+
+def test_extra_channel_is_rejected_naming_the_case(phantom_workspace):
+    img = _unlabeled_images(phantom_workspace["raw"])[0]
+    shutil.copy(img, img.with_name(img.name.replace("_0000.", "_0001.")))
+    case = img.name[: -len("_0000.nii.gz")]
+    _fail(rf"Unlabelled case '{case}'.*found channels \[_0000, _0001\].*expects \[_0000\]")
+
+
+def test_wrong_file_ending_is_rejected_naming_the_file(phantom_workspace):
+    img = _unlabeled_images(phantom_workspace["raw"])[0]
+    sitk.WriteImage(sitk.ReadImage(str(img)), str(img.parent / "extra_0000.nrrd"))
+    _fail(r"extra_0000\.nrrd: wrong file ending.*'\.nii\.gz'")
+
+
+def test_bad_channel_naming_is_rejected(phantom_workspace):
+    img = _unlabeled_images(phantom_workspace["raw"])[0]
+    shutil.copy(img, img.parent / "nochannel.nii.gz")
+    _fail(r"nochannel\.nii\.gz: name does not follow nnU-Net's channel naming")
+
+
+def test_truncated_file_is_rejected_and_good_cases_are_kept(phantom_workspace):
+    imgs = _unlabeled_images(phantom_workspace["raw"])
+    data = imgs[0].read_bytes()
+    imgs[0].write_bytes(data[: len(data) // 3])
+    folder = phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    shutil.rmtree(folder)
+    _fail(rf"1 of 3 unlabelled cases failed.*{imgs[0].name}: cannot be read.*truncated")
+    written = sorted(p.name[:-4] for p in folder.glob("*.pkl"))
+    assert written == sorted(p.name[: -len("_0000.nii.gz")] for p in imgs[1:])
+
+
+def test_nan_image_is_rejected(phantom_workspace):
+    img = _unlabeled_images(phantom_workspace["raw"])[0]
+    itk = sitk.Cast(sitk.ReadImage(str(img)), sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(itk)
+    arr[0, 0, 0] = np.nan
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(itk)
+    shutil.rmtree(phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled")
+    sitk.WriteImage(out, str(img))
+    _fail(rf"{img.name}: contains NaN or infinite intensities")
+
+
+def test_2d_image_in_3d_dataset_is_rejected(phantom_workspace):
+    img = _unlabeled_images(phantom_workspace["raw"])[0]
+    slice2d = sitk.ReadImage(str(img))[:, :, 0]
+    sitk.WriteImage(slice2d, str(img.parent / "flat_0000.nii.gz"))
+    _fail(r"flat_0000\.nii\.gz: is a 2D image but the labelled images of this dataset \(imagesTr\) are 3D")
+
+
+def test_id_clash_with_training_case_is_rejected(phantom_workspace):
+    raw = phantom_workspace["raw"]
+    case = _first_training_case(raw)
+    shutil.copy(raw / "imagesTr" / f"{case}_0000.nii.gz", raw / "imagesUnlabeled" / f"{case}_0000.nii.gz")
+    _fail(rf"Unlabelled case ids \['{case}'\].*also training case ids")
+
+
+def test_empty_unlabeled_folder_and_missing_plans(phantom_workspace):
+    for img in _unlabeled_images(phantom_workspace["raw"]):
+        img.unlink()
+    _fail(r"No unlabelled images found in .*imagesUnlabeled")
+    (phantom_workspace["preprocessed"] / "nnUNetPlans.json").unlink()
+    _fail(r"Plans file .*nnUNetPlans\.json not found.*nnUNetv2_plan_and_preprocess")
+
+
+def test_unknown_configuration_is_rejected(phantom_workspace):
+    with pytest.raises(SKCDFInputError, match=r"Configuration '3d_lowres_x' is not in plans nnUNetPlans"):
+        preprocess_unlabeled(DATASET_ID, ["3d_lowres_x"], num_processes=1, verbose=False)
+
+
+def test_channel_geometry_mismatch_is_rejected(tmp_path):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    a = sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16))
+    a.SetSpacing((1.0, 1.0, 2.0))
+    b = sitk.GetImageFromArray(np.zeros((4, 8, 8), np.int16))
+    b.SetSpacing((1.0, 1.0, 3.0))
+    c = sitk.GetImageFromArray(np.zeros((4, 8, 9), np.int16))
+    files = [str(tmp_path / f"case_000{i}.nii.gz") for i in range(3)]
+    for img, f in zip((a, b, c), files):
+        sitk.WriteImage(img, f)
+    with pytest.raises(SKCDFInputError, match=r"case_0001\.nii\.gz: geometry does not match.*spacing"):
+        read_unlabeled_case(SimpleITKIO(), files[:2])
+    with pytest.raises(SKCDFInputError, match=r"case_0002\.nii\.gz: geometry does not match.*shape"):
+        read_unlabeled_case(SimpleITKIO(), [files[0], files[2]])
+    data, props = read_unlabeled_case(SimpleITKIO(), [files[0], files[0]])
+    assert data.shape == (2, 4, 8, 8) and data.dtype == np.float32 and list(props["spacing"]) == [2.0, 1.0, 1.0]
+
+
+def test_console_script_help_and_error_exit_code(phantom_workspace):
+    out = run_cli(["skcdf_preprocess_unlabeled", "--help"], phantom_workspace["env"])
+    assert "imagesUnlabeled" in out.stdout and "--overwrite" in out.stdout
+    bad = run_cli(["skcdf_preprocess_unlabeled", "-d", "999", "-c", "3d_fullres"], phantom_workspace["env"],
+                  check=False)
+    assert bad.returncode == 2 and "ERROR: Unknown dataset '999'" in bad.stderr and "Traceback" not in bad.stderr
