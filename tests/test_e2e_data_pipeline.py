@@ -46,6 +46,7 @@ def test_console_commands_end_to_end(tmp_path, monkeypatch):
     from nnunetv2_skcdf.training.dataloading.unlabeled_loader import get_unlabeled_dataloader
 
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # nnU-Net 2.8 run_training sets this key before building a trainer
     trainer = nnUNetTrainer(plans, "3d_fullres", 1, json.loads((pre / "dataset.json").read_text()),
                             device=torch.device("cpu"))
     tr_keys, val_keys = trainer.do_split()

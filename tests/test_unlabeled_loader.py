@@ -24,6 +24,7 @@ def make_trainer(workspace: dict, configuration: str = "3d_fullres"):
 
     pre = workspace["preprocessed"]
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False  # nnU-Net 2.8 run_training sets this key before building a trainer
     dataset_json = json.loads((pre / "dataset.json").read_text())
     return nnUNetTrainer(plans, configuration, 0, dataset_json, device=torch.device("cpu"))
 
@@ -112,22 +113,32 @@ def test_augmentation_is_nnunets_and_is_applied(workspace):
     trainer = make_trainer(workspace)
     images_unlabeled, _ = ids_of(workspace)
     stream = get_unlabeled_dataloader(trainer, images_unlabeled[:1], batch_size=4, num_processes=0)
-    names = [type(t).__name__ for t in stream.data_loader.transforms.transforms]
+    loader: nnUNetUnlabeledDataLoader = stream.data_loader
+    names = [type(t).__name__ for t in loader.transforms.transforms]
     for expected in ("SpatialTransform", "MirrorTransform", "RandomTransform"):
         assert expected in names
     assert "DownsampleSegForDSTransform" not in names  # label-only steps are dropped
-    # the same case, random patch positions aside: augmented patches differ from a plain crop of the same box
-    loader: nnUNetUnlabeledDataLoader = stream.data_loader
-    plain = nnUNetUnlabeledDataLoader(loader._data, 4, loader.final_patch_size, loader.final_patch_size,
-                                      trainer.label_manager)
-    np.random.seed(0)
-    torch.manual_seed(0)
-    augmented = loader.generate_train_batch()["data"]
-    raw_crop = plain.generate_train_batch()["data"]
-    assert augmented.shape == raw_crop.shape
-    # the spatial transform's crop starts from a larger initial patch and mirroring/intensity changes follow
-    assert tuple(loader.patch_size) != tuple(loader.final_patch_size) or not torch.equal(augmented, raw_crop)
-    assert not torch.equal(augmented[0], augmented[1]) or not torch.equal(augmented[2], augmented[3])
+
+    # the loader crops nnU-Net's larger initial patch and returns exactly what the transforms make of it
+    seen_in, seen_out = [], []
+    real = loader.transforms
+
+    def spy(**kwargs):
+        seen_in.append(kwargs["image"].clone())
+        out = real(**kwargs)
+        seen_out.append(out["image"].clone())
+        return out
+
+    loader.transforms = spy
+    batch = loader.generate_train_batch()
+    final = tuple(trainer.configuration_manager.patch_size)
+    assert all(tuple(x.shape[1:]) == tuple(loader.patch_size) for x in seen_in)
+    assert all(a > b for a, b in zip(loader.patch_size, final))
+    torch.testing.assert_close(batch["data"], torch.stack(seen_out))
+    # and the transforms change the image: same input, different random augmentations
+    x = seen_in[0]
+    outs = [real(image=x.clone(), segmentation=None)["image"] for _ in range(8)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_sharding_is_disjoint_and_complete():

@@ -18,11 +18,13 @@ last and marks the case complete. Leftovers of an interrupted run (temporary fil
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import multiprocessing
 import os
 import sys
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -90,6 +92,7 @@ def read_unlabeled_case(reader, files: Sequence[str]) -> Tuple[np.ndarray, dict]
     """
     arrays, props = [], []
     for f in files:
+        check_file_complete(f)
         try:
             arr, p = reader.read_images([f])
         except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
@@ -105,6 +108,36 @@ def read_unlabeled_case(reader, files: Sequence[str]) -> Tuple[np.ndarray, dict]
     for f, arr, p in zip(files[1:], arrays[1:], props[1:]):
         _check_same_geometry(ref_file, ref_arr, ref_props, f, arr, p)
     return np.vstack(arrays).astype(np.float32, copy=False), ref_props
+
+
+def check_file_complete(path: str) -> None:
+    """Refuse truncated files that readers accept silently.
+
+    SimpleITK reads a truncated ``.nii.gz`` without an error and fills the missing voxels with garbage (seen
+    with SimpleITK 2.5), so gzip streams are decompressed once to their end-of-stream marker (CRC checked), and
+    an uncompressed ``.nii`` must be as long as its header says.
+    """
+    problem = None
+    if path.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        except (EOFError, OSError, zlib.error) as e:
+            problem = f"{type(e).__name__}: {e}"
+    elif path.endswith(".nii"):
+        import nibabel
+
+        try:
+            header = nibabel.load(path).header
+            needed = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
+            if os.path.getsize(path) < needed:
+                problem = f"{os.path.getsize(path)} bytes on disk, the header needs {needed}"
+        except Exception as e:  # noqa: BLE001 - an unparsable header is the same user problem
+            problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise SKCDFInputError(f"{path}: cannot be read ({problem}). The file is truncated or corrupt; re-export it or "
+                              f"remove the case from {UNLABELED_IMAGES_FOLDER}/.")
 
 
 def _check_same_geometry(ref_file, ref_arr, ref_props, f, arr, p) -> None:
