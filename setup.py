@@ -32,6 +32,7 @@ setup(
             "skcdf_make_phantom=nnunetv2_skcdf.dataset_conversion.phantom:make_phantom_entry",
             "skcdf_split=nnunetv2_skcdf.splits.semi_supervised_splits:split_entry",
             "skcdf_preprocess_unlabeled=nnunetv2_skcdf.preprocessing.unlabeled:preprocess_unlabeled_entry",
+            "skcdf_add_cpu_config=nnunetv2_skcdf.experiment_planning.cpu_configuration:add_cpu_config_entry",
         ]
     },
 )
