@@ -349,7 +349,7 @@ def preprocess_unlabeled_entry() -> None:
     parser.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"],
                         help="configuration(s) of the plans to preprocess for (default: 3d_fullres)")
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
-    parser.add_argument("-np", "--num_processes", type=int, default=2, help="worker processes (default: 2)")
+    parser.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default: 2)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo every case (needed after the plans changed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
