@@ -33,6 +33,7 @@ setup(
             "skcdf_split=nnunetv2_skcdf.splits.semi_supervised_splits:split_entry",
             "skcdf_preprocess_unlabeled=nnunetv2_skcdf.preprocessing.unlabeled:preprocess_unlabeled_entry",
             "skcdf_add_cpu_config=nnunetv2_skcdf.experiment_planning.cpu_configuration:add_cpu_config_entry",
+            "skcdf_trainer_path=nnunetv2_skcdf.training.nnUNetTrainer.trainer_path:trainer_path_entry",
         ]
     },
 )

@@ -16,7 +16,7 @@ DATASET_ID = 951
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_TinyPhantom"
 ENV_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 #: small enough for seconds of preprocessing, large enough for nnU-Net to plan a real 3D U-Net
-TINY = dict(num_train=6, num_test=2, num_unlabeled=3, shape=(24, 48, 48), spacing=(5.0, 7.2, 7.2))
+TINY = dict(num_train=6, num_test=2, num_unlabeled=3, shape=(24, 48, 48), spacing=(10.0, 7.2, 7.2))
 
 
 def env_for(root: Path) -> dict:

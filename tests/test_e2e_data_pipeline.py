@@ -15,7 +15,7 @@ DATASET = "952"
 def test_console_commands_end_to_end(tmp_path, monkeypatch):
     env = env_for(tmp_path)
     run_cli(["skcdf_make_phantom", "-d", DATASET, "-n", "E2E", "--num-train", "5", "--num-test", "1",
-             "--num-unlabeled", "2", "--shape", "24", "48", "48", "--spacing", "5", "7.2", "7.2"], env)
+             "--num-unlabeled", "2", "--shape", "24", "48", "48", "--spacing", "10", "7.2", "7.2"], env)
     raw = Path(env["nnUNet_raw"]) / "Dataset952_E2E"
     assert len(list((raw / "imagesTr").glob("*_0000.nii.gz"))) == 5
     assert len(list((raw / "imagesUnlabeled").glob("*_0000.nii.gz"))) == 2

@@ -1,0 +1,268 @@
+"""Semantic knowledge complementarity (SKC) module: channel-wise attention at the U-Net bottleneck.
+
+Input and output: bottleneck features ``z`` of shape ``(N, K, *S)``, 2D (``S = (X, Y)``) or 3D
+(``S = (Z, X, Y)``); ``S`` is fixed at construction (nnU-Net's bottleneck size: patch size / total encoder
+stride per axis). ``mode="self"``: every sample on its own (unlabelled pass, inference).
+``mode="cross"``: ``N = 2B`` samples ``[labelled B; unlabelled B]`` read each other (labelled pass).
+
+One ``SKCBlock`` (window ``w``; ``G = S / w`` window grid, ``T = prod(G)`` windows, ``P = prod(w)``):
+
+1. Token learner, shared by all channels: every channel map ``(1, *S)`` is embedded on its own by a
+   convolution with 1 input channel, ``kernel = stride = w`` and ``P`` output features -- a learned
+   space-to-depth. Tokens ``(N, T, P, K)``: per window, ``P`` descriptor entries per channel. The global
+   block is the same with ``w = S`` (``T = 1``, one descriptor of length ``prod(S)`` per channel). The tokens
+   are also the residual.
+2. LayerNorm over K, channel-wise attention (``channel_attention.py``), residual add, LayerNorm over K.
+3. Inverse token map back to ``(N, K, *S)``: a transposed convolution (``P`` -> 1 channel per channel map,
+   ``kernel = stride = w``), initialised to the exact depth-to-space (the reference's parameter-free
+   rearrangement) and then learned; ``learned_inverse=False`` keeps the fixed rearrangement.
+4. 1x1 convolution + GELU.
+
+``SKCModule`` = local block then global block (``order="local_global"``, the paper's best); ablations:
+``"global_local"`` and ``"parallel"`` (both blocks on the input, outputs summed).
+
+Window rule (local block): unless given, per axis the largest divisor of ``S_axis`` that is ``<= 2``
+(``choose_window``): 2 on even axes, 1 on odd ones, e.g. ``S = (4, 8, 8) -> w = (2, 2, 2)`` (the reference),
+``S = (5, 6, 6) -> w = (1, 2, 2)``. An explicit window must divide ``S`` on every axis. With ``w = 1`` on
+every axis the local block attends per voxel (``L = 1``, rank-1 score matrices).
+
+Gradient rule in cross mode: each block detaches the unlabelled half at its entrance, so the whole
+unlabelled half of the output (attention *and* residual path) is computed from detached unlabelled
+features and no gradient reaches them from this module; parameters still receive gradient from both
+halves. The specification requires this for the attention; extending it to the residual path changes
+nothing in SKCDF (the unlabelled half of the labelled pass only yields pseudo labels, without gradient)
+and makes the rule hold by construction.
+
+Eval mode in self mode: no operation mixes samples (LayerNorms are per token, the score normalisation is
+per score matrix), so a sample's output does not depend on the rest of the batch.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+from nnunetv2_skcdf.network.building_blocks.channel_attention import (
+    ChannelAttention,
+    check_mode,
+    detach_unlabeled_half,
+)
+
+Window = Union[int, Sequence[int]]
+KINDS = ("local", "global")
+ORDERS = ("local_global", "global_local", "parallel")
+#: LayerNorm eps of the reference
+NORM_EPS = 1e-6
+CONV_OPS: Dict[int, Tuple[Type[nn.Module], Type[nn.Module]]] = {
+    2: (nn.Conv2d, nn.ConvTranspose2d),
+    3: (nn.Conv3d, nn.ConvTranspose3d),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# shapes and windows
+# --------------------------------------------------------------------------------------------------
+def check_spatial_size(spatial_size: Sequence[int]) -> Tuple[int, ...]:
+    size = tuple(int(s) for s in spatial_size)
+    if len(size) not in CONV_OPS or min(size) < 1:
+        raise ValueError(f"spatial_size must be 2 or 3 positive ints (2D or 3D bottleneck), got {list(spatial_size)}")
+    return size
+
+
+def _per_axis(value: Window, ndim: int, name: str) -> Tuple[int, ...]:
+    values = (int(value),) * ndim if isinstance(value, numbers.Integral) else tuple(int(v) for v in value)
+    if len(values) != ndim or min(values) < 1:
+        raise ValueError(f"{name} must be a positive int or {ndim} positive ints, got {value}")
+    return values
+
+
+def choose_window(spatial_size: Sequence[int], preferred: Window = 2) -> Tuple[int, ...]:
+    """Per axis the largest divisor of ``S_axis`` that is ``<= preferred`` (and >= 1).
+
+    ``(4, 8, 8) -> (2, 2, 2)``, ``(5, 6, 6) -> (1, 2, 2)``, ``(3, 5) -> (1, 1)``.
+    """
+    size = check_spatial_size(spatial_size)
+    limits = _per_axis(preferred, len(size), "preferred")
+    return tuple(max(d for d in range(1, min(s, p) + 1) if s % d == 0) for s, p in zip(size, limits))
+
+
+def resolve_window(spatial_size: Sequence[int], window: Optional[Window] = None) -> Tuple[int, ...]:
+    """``window`` per axis (``None``: ``choose_window``); raises ValueError naming the axis it does not divide."""
+    size = check_spatial_size(spatial_size)
+    if window is None:
+        return choose_window(size)
+    win = _per_axis(window, len(size), "window")
+    for axis, (s, w) in enumerate(zip(size, win)):
+        if s % w:
+            raise ValueError(f"window {list(win)} does not divide the bottleneck size {list(size)} on axis {axis} "
+                             f"({s} % {w} != 0); pass a divisor or window=None to choose one")
+    return win
+
+
+def depth_to_space(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
+    """(M, P, *G) -> (M, *(G * w)): entry p of a window's descriptor goes to window offset p (C order),
+    the exact inverse of a space-to-depth with the same layout."""
+    m, _, *grid = x.shape
+    d = len(grid)
+    x = x.reshape(m, *window, *grid)
+    interleaved = [0] + [i for axis in range(d) for i in (1 + d + axis, 1 + axis)]  # (M, G0, w0, G1, w1, ...)
+    return x.permute(*interleaved).reshape(m, *(g * w for g, w in zip(grid, window)))
+
+
+# --------------------------------------------------------------------------------------------------
+# token maps
+# --------------------------------------------------------------------------------------------------
+class TokenLearner(nn.Module):
+    """Learned space-to-depth shared by all channels: (N, K, *S) -> tokens (N, T, P, K), T windows, P = prod(w)."""
+
+    def __init__(self, window: Sequence[int]):
+        super().__init__()
+        self.window = tuple(window)
+        # no bias: LayerNorm over K removes a per-token constant shared by all channels, in the attention input
+        # and in the output norm, so a bias would never receive gradient
+        self.proj = CONV_OPS[len(window)][0](1, math.prod(window), kernel_size=window, stride=window, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        n, k, *spatial = z.shape
+        x = self.proj(z.reshape(n * k, 1, *spatial))  # (N*K, P, *G): channel maps embedded separately
+        return x.reshape(n, k, x.shape[1], -1).permute(0, 3, 2, 1)
+
+    def reset_parameters(self) -> None:
+        self.proj.reset_parameters()  # PyTorch's default conv init, as in the reference
+
+
+class TokenInverse(nn.Module):
+    """Tokens (N, T, P, K) -> (N, K, *S): the inverse layout of ``TokenLearner``.
+
+    ``learned=True``: a transposed convolution P -> 1 per channel map (kernel = stride = w), initialised to
+    the exact depth-to-space. ``learned=False``: the fixed depth-to-space of the reference.
+    """
+
+    def __init__(self, window: Sequence[int], spatial_size: Sequence[int], learned: bool = True):
+        super().__init__()
+        self.window, self.spatial_size = tuple(window), tuple(spatial_size)
+        self.grid = tuple(s // w for s, w in zip(spatial_size, window))
+        self.proj: Optional[nn.Module] = None
+        if learned:
+            # no bias: a constant shared by all channels is absorbed by the following 1x1 conv's bias
+            self.proj = CONV_OPS[len(window)][1](math.prod(window), 1, kernel_size=window, stride=window, bias=False)
+        self.reset_parameters()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, _, p, k = tokens.shape
+        x = tokens.permute(0, 3, 2, 1).reshape(n * k, p, *self.grid)
+        x = depth_to_space(x, self.window) if self.proj is None else self.proj(x)
+        return x.reshape(n, k, *self.spatial_size)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.proj is not None:
+            p = math.prod(self.window)
+            self.proj.weight.copy_(torch.eye(p).reshape(self.proj.weight.shape))  # == depth_to_space
+
+
+# --------------------------------------------------------------------------------------------------
+# blocks
+# --------------------------------------------------------------------------------------------------
+class SKCBlock(nn.Module):
+    """One SKC block (local: windows ``w``; global: ``w = S``), ``(N, K, *S) -> (N, K, *S)``.
+
+    Args:
+        channels: K.
+        spatial_size: S (2 or 3 axes); the input must have exactly this size.
+        window: local block only; ``None`` -> ``choose_window(S)``. Must divide S.
+        heads, dropout: of the channel attention.
+        kind: ``"local"`` or ``"global"``.
+        learned_inverse: learned (identity-initialised) or fixed inverse token map.
+    """
+
+    def __init__(self, channels: int, spatial_size: Sequence[int], window: Optional[Window] = None, heads: int = 2,
+                 dropout: float = 0.1, kind: str = "local", learned_inverse: bool = True):
+        super().__init__()
+        self.channels, self.spatial_size, self.kind = channels, check_spatial_size(spatial_size), kind
+        self.window = self._window(kind, self.spatial_size, window)
+        self.token_learner = TokenLearner(self.window)
+        self.attn_norm = nn.LayerNorm(channels, eps=NORM_EPS)
+        self.attention = ChannelAttention(channels, heads, dropout)
+        self.out_norm = nn.LayerNorm(channels, eps=NORM_EPS)
+        self.token_inverse = TokenInverse(self.window, self.spatial_size, learned_inverse)
+        self.map_out = nn.Sequential(CONV_OPS[len(self.spatial_size)][0](channels, channels, kernel_size=1), nn.GELU())
+
+    @staticmethod
+    def _window(kind: str, spatial_size: Tuple[int, ...], window: Optional[Window]) -> Tuple[int, ...]:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if kind == "local":
+            return resolve_window(spatial_size, window)
+        if window is not None and resolve_window(spatial_size, window) != spatial_size:
+            raise ValueError(f"the global block's window is the whole map {list(spatial_size)}, got {window}")
+        return spatial_size
+
+    def forward(self, z: torch.Tensor, mode: str = "self") -> torch.Tensor:
+        """z: (N, K, *S) -> (N, K, *S); ``mode="cross"``: N = 2B, [labelled; unlabelled]."""
+        check_mode(mode)
+        self._check_input(z)
+        if mode == "cross":
+            z = detach_unlabeled_half(z)  # see the module docstring: the unlabelled half gets no gradient here
+        tokens = self.token_learner(z)  # (N, T, P, K), also the residual
+        x = self.out_norm(tokens + self.attention(self.attn_norm(tokens), mode))
+        return self.map_out(self.token_inverse(x))
+
+    def _check_input(self, z: torch.Tensor) -> None:
+        expected = (self.channels, *self.spatial_size)
+        if tuple(z.shape[1:]) != expected:
+            raise ValueError(f"SKC {self.kind} block built for (N, {', '.join(map(str, expected))}), "
+                             f"got {tuple(z.shape)}")
+
+    def reset_parameters(self) -> None:
+        """Re-apply this block's initialisation (e.g. after a network-wide init was applied to it)."""
+        self.token_learner.reset_parameters()
+        self.attention.reset_parameters()
+        self.token_inverse.reset_parameters()
+        for module in (self.attn_norm, self.out_norm, self.map_out[0]):
+            module.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, spatial_size={self.spatial_size}, window={self.window}"
+
+
+class SKCModule(nn.Module):
+    """Local and global SKC blocks, ``(N, K, *S) -> (N, K, *S)``; see the module docstring.
+
+    Args:
+        channels: K (the bottleneck's channels).
+        spatial_size: S, the bottleneck size the plans produce (patch size / total stride per axis).
+        heads: attention heads (reference 2).
+        window: window of the local block (``None``: ``choose_window``).
+        dropout: attention dropout (reference 0.1), train mode only.
+        order: ``"local_global"`` (default), ``"global_local"`` or ``"parallel"``.
+        learned_inverse: learned (identity-initialised) or fixed inverse token maps.
+    """
+
+    def __init__(self, channels: int, spatial_size: Sequence[int], heads: int = 2, window: Optional[Window] = None,
+                 dropout: float = 0.1, order: str = "local_global", learned_inverse: bool = True):
+        super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        self.order = order
+        # fixed attribute names whatever the order, so state dicts of all orders have the same keys
+        self.local_block = SKCBlock(channels, spatial_size, window, heads, dropout, "local", learned_inverse)
+        self.global_block = SKCBlock(channels, spatial_size, None, heads, dropout, "global", learned_inverse)
+
+    def forward(self, z: torch.Tensor, mode: str = "self") -> torch.Tensor:
+        """z: (N, K, *S) -> (N, K, *S); ``mode="cross"``: N = 2B, [labelled; unlabelled]."""
+        if self.order == "parallel":
+            return self.local_block(z, mode) + self.global_block(z, mode)
+        first, second = ((self.local_block, self.global_block) if self.order == "local_global"
+                         else (self.global_block, self.local_block))
+        return second(first(z, mode), mode)
+
+    def reset_parameters(self) -> None:
+        self.local_block.reset_parameters()
+        self.global_block.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"order={self.order}"

@@ -1,0 +1,216 @@
+"""``nnUNetTrainerSKCDF``: SKCDF semi-supervised training inside nnU-Net v2.
+
+Found by the stock ``nnUNetv2_train`` / ``nnUNetv2_predict`` through nnU-Net's external-trainer lookup:
+``export nnUNet_extTrainer=$(skcdf_trainer_path)``. Overrides only the hooks it needs: network construction,
+data loaders (adds the unlabelled stream), ``train_step``, epoch-end logging and deep-supervision switching.
+Optimiser, learning-rate schedule, patch and batch size, validation, checkpointing and inference are nnU-Net's.
+
+One iteration (see ``shared/design/skcdf_method.md``): EMA updates (H_l<-H_l_b, D_u<-D_l, H_u<-H_u_b), labelled
+pass in cross mode on [x_l; x_u] through D_l with L_sup = DC+CE(P, y) + masked DC+CE(P_b, y, M_l), pseudo
+labels from D_l, unlabelled pass in self mode through D_u reusing the encoder features of x_u with
+L_u = DC+CE(Q, p) + masked DC+CE(Q_b, p_b, M_u), and one optimiser step on L_sup + lambda(t) L_u.
+"""
+from __future__ import annotations
+
+from typing import List, Union
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from torch import autocast
+from torch import distributed as dist
+from torch._dynamo import OptimizedModule
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet, build_skcdf_unet
+from nnunetv2_skcdf.splits.semi_supervised_splits import load_semi_supervised_fold
+from nnunetv2_skcdf.training import skcdf_components as C
+from nnunetv2_skcdf.training.dataloading.unlabeled_loader import get_unlabeled_dataloader
+from nnunetv2_skcdf.training.skcdf_logger import SKCDFLocalLogger
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
+
+
+class nnUNetTrainerSKCDF(nnUNetTrainer):
+    # --- architecture (class attributes: build_network_architecture is called on the class by the predictor) ---
+    skc_heads: int = 2               # attention heads h of the SKC module (reference: 2)
+    skc_window = None                # local window per axis; None = largest divisor of the bottleneck size <= 2
+    skc_order: str = "local_global"  # "local_global" (paper), "global_local" / "parallel" (ablations)
+    skc_dropout: float = 0.1
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # --- SKCDF hyperparameters (method page: reference values) ---
+        self.ema_momentum = 0.99          # m: D_u <- m D_u + (1-m) D_l, main heads <- balanced heads
+        self.consistency_weight = 10.0    # w in lambda(t) = w exp(-5 (1 - t/T_ramp)^2)
+        self.rampup_epochs = None         # T_ramp; None = all epochs (reference)
+        self.masking = "exclude"          # "exclude": masked voxels leave CE and Dice; "multiply": reference code
+        self.unlabeled_batch_size = None  # None = the plans' (DDP-adjusted) labelled batch size
+        # --- state ---
+        self.dataloader_unlabeled = None
+        self.masked_loss = None
+        self.logger.local_logger = SKCDFLocalLogger()
+        if self.label_manager.has_regions:
+            raise SKCDFInputError("SKCDF needs class labels; region-based training (dataset.json regions) is not "
+                                  "supported. Use nnUNetTrainer for region-based datasets.")
+
+    # ------------------------------------------------------------------------------------------ network
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> SKCDFUNet:
+        return build_skcdf_unet(configuration_manager.network_arch_class_name,
+                                configuration_manager.network_arch_init_kwargs,
+                                configuration_manager.network_arch_init_kwargs_req_import,
+                                num_input_channels, num_output_channels, configuration_manager.patch_size,
+                                enable_deep_supervision, skc_heads=cls.skc_heads, skc_window=cls.skc_window,
+                                skc_order=cls.skc_order, skc_dropout=cls.skc_dropout)
+
+    def _net(self) -> SKCDFUNet:
+        """The SKCDFUNet behind DDP / torch.compile wrappers."""
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        self._net().set_deep_supervision(enabled)
+
+    def _build_loss(self):
+        """nnU-Net's DC+CE (+ deep supervision); the balanced heads get a second instance whose ignore value
+        marks masked voxels, so masking reuses nnU-Net's ignore-label path of CE and Dice exactly."""
+        self.masked_loss = C.set_ignore_value(super()._build_loss(), self.mask_ignore_value)
+        return super()._build_loss()
+
+    @property
+    def mask_ignore_value(self) -> int:
+        """A label value no class uses (the dataset's ignore label, if any, is mapped to it as well)."""
+        return max(self.label_manager.all_labels) + 1 if self.label_manager.ignore_label is None \
+            else self.label_manager.ignore_label
+
+    # ------------------------------------------------------------------------------------------ data
+    def get_dataloaders(self):
+        dataloader_train, dataloader_val = super().get_dataloaders()
+        self.dataloader_unlabeled = self._get_unlabeled_dataloader()
+        return dataloader_train, dataloader_val
+
+    def _get_unlabeled_dataloader(self):
+        if self.fold == "all":
+            raise SKCDFInputError("fold 'all' has no unlabelled cases: train SKCDF on a fold of a split made with "
+                                  "skcdf_split.")
+        _, _, unlabeled = load_semi_supervised_fold(self.preprocessed_dataset_folder_base, self.fold)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
+        return get_unlabeled_dataloader(self, unlabeled, self.unlabeled_batch_size or self.batch_size,
+                                        rank=rank, world_size=world)
+
+    def on_train_start(self):
+        super().on_train_start()
+        self._init_class_keep_rates()
+
+    def _init_class_keep_rates(self):
+        """Voxel counts per class over the fold's labelled training cases, once; stored as a network buffer so
+        that checkpoints carry them (a resumed run keeps the counts it started with)."""
+        net = self._net()
+        if int(net.class_voxel_counts.sum()) == 0:
+            tr_keys, _ = self.do_split()
+            dataset = self.dataset_class(self.preprocessed_dataset_folder, tr_keys)
+            counts = C.count_class_voxels((dataset.load_case(k)[1][:] for k in tr_keys),
+                                          self.label_manager.num_segmentation_heads)
+            net.class_voxel_counts.copy_(torch.as_tensor(counts))
+        counts = net.class_voxel_counts.cpu().numpy()
+        self.class_keep_rates = C.keep_rates_from_counts(counts).to(self.device)
+        absent = [i for i, n in enumerate(counts) if n == 0]
+        self.print_to_log_file(f"SKCDF class keep-rates: {np.round(self.class_keep_rates.cpu().numpy(), 4).tolist()}"
+                               + (f" (classes {absent} absent from the labelled cases: rate 1)" if absent else ""))
+
+    def on_train_end(self):
+        super().on_train_end()
+        if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
+            self.dataloader_unlabeled._finish()
+
+    # ------------------------------------------------------------------------------------------ training step
+    def train_step(self, batch: dict) -> dict:
+        x_l = batch["data"].to(self.device, non_blocking=True)
+        y_l = _to_device(batch["target"], self.device)
+        x_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        net = self._net()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        net.ema_update(self.ema_momentum)
+        lam = C.consistency_weight(self.current_epoch, self.rampup_epochs or self.num_epochs, self.consistency_weight)
+        rates_u = C.annealed_keep_rates(self.class_keep_rates, self.current_epoch, self.num_epochs)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            P, P_b, features_u = net.forward_labelled(x_l, x_u)
+            b = x_l.shape[0]
+            l_sup = self.loss(_half(P, 0, b), y_l) + self._balanced_loss(_half(P_b, 0, b), y_l, self.class_keep_rates)
+            with torch.no_grad():
+                p, p_b = C.pseudo_labels(_half(P, b, None)), C.pseudo_labels(_half(P_b, b, None))
+            Q, Q_b = net.forward_unlabelled(features_u)
+            l_u = self.loss(Q, p) + self._balanced_loss(Q_b, p_b, rates_u)
+            loss = l_sup + lam * l_u
+        self._backward_and_step(loss)
+        histogram = C.class_histogram(_first(p), self.label_manager.num_segmentation_heads)
+        return {"loss": loss.detach().cpu().numpy(), "l_sup": l_sup.detach().cpu().numpy(),
+                "l_u": l_u.detach().cpu().numpy(), "pseudo_histogram": histogram.cpu().numpy()}
+
+    def _balanced_loss(self, logits, target, rates: torch.Tensor) -> torch.Tensor:
+        """DC+CE on the balanced head with a class-balanced Bernoulli mask drawn per voxel and scale."""
+        keep = _apply(lambda t: C.balanced_mask(t, rates), target)
+        if self.masking == "multiply":
+            return self.loss(*C.multiply_mask(logits, target, keep))
+        masked = _apply2(lambda t, k: C.masked_target(t, k, self.mask_ignore_value), target, keep)
+        return self.masked_loss(logits, masked)
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        """Exactly nnU-Net's update: GradScaler + unscale + clip 12 with AMP on CUDA, plain fp32 otherwise."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        outputs = collate_outputs(train_outputs)
+        l_sup, l_u, histogram = np.mean(outputs["l_sup"]), np.mean(outputs["l_u"]), outputs["pseudo_histogram"].sum(0)
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (l_sup, l_u, histogram))
+            l_sup, l_u = np.mean([g[0] for g in gathered]), np.mean([g[1] for g in gathered])
+            histogram = np.sum([g[2] for g in gathered], axis=0)
+        fractions = (histogram / max(histogram.sum(), 1)).tolist()
+        lam = C.consistency_weight(self.current_epoch, self.rampup_epochs or self.num_epochs, self.consistency_weight)
+        for key, value in (("train_l_sup", l_sup), ("train_l_u", l_u), ("consistency_weight", lam),
+                           ("pseudo_label_fractions", fractions)):
+            self.logger.log(key, value, self.current_epoch)
+        self.print_to_log_file(f"L_sup {l_sup:.4f}  L_u {l_u:.4f}  lambda {lam:.4f}")
+        self.print_to_log_file("pseudo-label class fractions (%)", [round(100 * f, 3) for f in fractions])
+
+
+# ---------------------------------------------------------------------------------------------- list helpers
+def _to_device(x, device):
+    return [i.to(device, non_blocking=True) for i in x] if isinstance(x, list) else x.to(device, non_blocking=True)
+
+
+def _half(x, start: int, stop: Union[int, None]):
+    """Batch slice of a tensor or of every deep-supervision scale."""
+    return [i[start:stop] for i in x] if isinstance(x, (list, tuple)) else x[start:stop]
+
+
+def _first(x):
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _apply(fn, x):
+    return [fn(i) for i in x] if isinstance(x, (list, tuple)) else fn(x)
+
+
+def _apply2(fn, x, y):
+    return [fn(i, j) for i, j in zip(x, y)] if isinstance(x, (list, tuple)) else fn(x, y)

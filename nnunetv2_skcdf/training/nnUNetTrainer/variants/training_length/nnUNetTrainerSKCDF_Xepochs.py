@@ -1,0 +1,44 @@
+"""Short SKCDF runs for demos and tests (nnU-Net's ``_Xepochs`` naming).
+
+``nnUNetTrainerSKCDF_Xepochs`` change only the number of epochs (the consistency ramp-up follows: it spans all
+epochs). ``nnUNetTrainerSKCDF_cpuTest`` is the CI run: 8 epochs of 50 iterations, 2 validation iterations,
+and no mirroring (neither augmentation nor test-time mirroring, which costs 8x in 3D final validation).
+"""
+import torch
+
+from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+
+
+class nnUNetTrainerSKCDF_5epochs(nnUNetTrainerSKCDF):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class nnUNetTrainerSKCDF_20epochs(nnUNetTrainerSKCDF):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 20
+
+
+class nnUNetTrainerSKCDF_100epochs(nnUNetTrainerSKCDF):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 100
+
+
+class nnUNetTrainerSKCDF_cpuTest(nnUNetTrainerSKCDF):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 8
+        self.num_iterations_per_epoch = 50
+        self.num_val_iterations_per_epoch = 2
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None

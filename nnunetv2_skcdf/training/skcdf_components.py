@@ -1,0 +1,97 @@
+"""The method's small parts, as functions the trainer composes: class keep-rates, balanced masks,
+pseudo labels, masked targets for nnU-Net's losses, the consistency ramp-up.
+
+Shapes: targets and pseudo labels are nnU-Net's (B, 1, *S) integer maps, logits (B, C, *S); a deep-supervision
+list holds one such tensor per scale, full resolution first. Rates are (C,) float tensors on the device.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Union
+
+import numpy as np
+import torch
+
+Scales = Union[torch.Tensor, List[torch.Tensor]]
+
+
+# ------------------------------------------------------------------------------------------ keep-rates
+def count_class_voxels(label_arrays, num_classes: int) -> np.ndarray:
+    """Voxels per class over an iterable of label arrays (negative values = outside the crop, ignored)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for seg in label_arrays:
+        values = np.asarray(seg).ravel()
+        values = values[(values >= 0) & (values < num_classes)]
+        counts += np.bincount(values.astype(np.int64), minlength=num_classes)
+    return counts
+
+
+def keep_rates_from_counts(counts: Sequence[int]) -> torch.Tensor:
+    """``r_c = min_k n_k / n_c`` over the classes present (the rarest present class keeps everything: 1.0).
+
+    A class absent from the labelled cases gets 1.0: it never occurs in a label, and if the network predicts it
+    in a pseudo label there is no count to balance it against, so it is not thinned out.
+    """
+    counts = torch.as_tensor(np.asarray(counts, dtype=np.float64))
+    present = counts > 0
+    if not present.any():
+        raise ValueError("no labelled voxel at all: cannot compute class keep-rates")
+    rarest = counts[present].min()
+    return torch.where(present, rarest / counts.clamp(min=1), torch.ones_like(counts)).float()
+
+
+def annealed_keep_rates(rates: torch.Tensor, epoch: int, num_epochs: int) -> torch.Tensor:
+    """``r'_c(t) = 1 - (t/T)(1 - r_c)``: 1 for every class at t = 0, ``r_c`` at t = T."""
+    progress = min(max(epoch / max(num_epochs, 1), 0.0), 1.0)
+    return 1.0 - progress * (1.0 - rates)
+
+
+def consistency_weight(epoch: int, rampup_epochs: int, weight: float) -> float:
+    """``lambda(t) = w exp(-5 (1 - t/T_ramp)^2)`` (sigmoid ramp-up of Laine & Aila), ``w`` after the ramp."""
+    if rampup_epochs <= 0:
+        return float(weight)
+    progress = min(max(epoch / rampup_epochs, 0.0), 1.0)
+    return float(weight * math.exp(-5.0 * (1.0 - progress) ** 2))
+
+
+# ------------------------------------------------------------------------------------------ masks and targets
+def balanced_mask(target: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+    """Bernoulli(rates[target]) per voxel, drawn on the target's device. target (B, 1, *S) -> bool (B, 1, *S).
+    Voxels outside [0, C) (ignore label) are never kept."""
+    valid = (target >= 0) & (target < rates.numel())
+    probs = rates.to(target.device)[target.long().clamp(0, rates.numel() - 1)]
+    return (torch.rand(target.shape, device=target.device) < probs) & valid
+
+
+def masked_target(target: torch.Tensor, keep: torch.Tensor, ignore_value: int) -> torch.Tensor:
+    """Target with dropped voxels set to ``ignore_value``, which nnU-Net's DC+CE loss excludes from CE and Dice."""
+    return torch.where(keep, target, torch.full_like(target, ignore_value))
+
+
+def set_ignore_value(loss, ignore_value: int):
+    """Make nnU-Net's DC_and_CE_loss (optionally in a DeepSupervisionWrapper) skip ``ignore_value`` voxels in CE
+    and Dice -- the mechanism nnU-Net uses for its ignore label -- and return it."""
+    inner = getattr(loss, "loss", loss)
+    inner.ignore_label = inner.ce.ignore_index = ignore_value
+    return loss
+
+
+def pseudo_labels(logits: Scales) -> Scales:
+    """argmax over classes per scale, as (B, 1, *S) int16 maps like nnU-Net's targets."""
+    if isinstance(logits, (list, tuple)):
+        return [pseudo_labels(x) for x in logits]
+    return logits.argmax(1, keepdim=True).to(torch.int16)
+
+
+def multiply_mask(logits: Scales, target: Scales, keep: Scales):
+    """The reference implementation's masking: logits and labels multiplied by the mask, which turns dropped
+    voxels into zero logits with a 'background' target. Kept as an option for comparison only."""
+    if isinstance(logits, (list, tuple)):
+        pairs = [multiply_mask(lg, t, k) for lg, t, k in zip(logits, target, keep)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    return logits * keep.to(logits.dtype), target * keep.to(target.dtype)
+
+
+def class_histogram(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Voxel count per class of a label map (any shape), on its device (no host sync)."""
+    return torch.bincount(labels.reshape(-1).long().clamp(0, num_classes - 1), minlength=num_classes)

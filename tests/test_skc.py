@@ -1,0 +1,269 @@
+"""SKC module: shapes (2D/3D, odd sizes, all orders), windows, the attention formula, cross-mode semantics
+(complementarity, detached unlabelled half), per-sample independence, dropout, gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nnunetv2_skcdf.network.building_blocks.channel_attention import (
+    ChannelAttention,
+    channel_attention_weights,
+)
+from nnunetv2_skcdf.network.building_blocks.skc import (
+    ORDERS,
+    SKCBlock,
+    SKCModule,
+    TokenInverse,
+    TokenLearner,
+    choose_window,
+    resolve_window,
+)
+
+K = 6  # channels: small, and != any window or token count so that layout mix-ups fail loudly
+SIZES = [(5, 6, 6), (3, 5), (4, 8, 8), (1, 4, 4), (4, 6)]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tensors here are tiny: intra-op threads only add contention (seconds per test on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(size, order="local_global", **kwargs) -> SKCModule:
+    return SKCModule(K, size, order=order, **kwargs).eval()
+
+
+def inputs(n, size, **kwargs) -> torch.Tensor:
+    return torch.randn(n, K, *size, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# reference formula, written out per sample and per group (deliberately loop-based and independent)
+# --------------------------------------------------------------------------------------------------
+def reference_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (C, L), k (M, L) -> softmax_rows((S - mean S) / sqrt(var S + 1e-5)), S = q k^T, biased variance."""
+    s = q @ k.T
+    s = (s - s.mean()) / torch.sqrt(((s - s.mean()) ** 2).mean() + 1e-5)
+    return torch.exp(s) / torch.exp(s).sum(dim=1, keepdim=True)
+
+
+def reference_attention(att: ChannelAttention, tokens: torch.Tensor, mode: str) -> torch.Tensor:
+    """tokens (N, T, L, K) -> (N, T, L, K), explicit loops over samples and groups."""
+    n, t = tokens.shape[:2]
+    wq, wk, wv, wo = att.q.weight, att.k.weight, att.v.weight, att.out.weight
+    out = torch.empty_like(tokens)
+    for i in range(n):
+        if mode == "self":
+            sources = [i]
+        else:
+            b = n // 2
+            sources = list(range(b, n)) if i < b else list(range(b))
+        for g in range(t):
+            q = wq @ tokens[i, g].T  # (hK, L)
+            keys = torch.cat([wk @ tokens[j, g].T for j in sources])  # (len(sources) * hK, L)
+            values = torch.cat([wv @ tokens[j, g].T for j in sources])
+            out[i, g] = (wo @ (reference_weights(q, keys) @ values)).T
+    return out
+
+
+def test_attention_weights_are_instance_normalised_scores():
+    q = torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]])  # C=2, L=3
+    k = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 4.0, -2.0]])  # M=3
+    s = torch.tensor([[2.0, 3.0, 8.0], [3.0, 2.0, -10.0]])  # q k^T by hand
+    mean, std = s.mean(), torch.sqrt(s.var(unbiased=False) + 1e-5)
+    expected = torch.softmax((s - mean) / std, dim=1)
+    got = channel_attention_weights(q, k)
+    torch.testing.assert_close(got, expected)
+    # a 1/sqrt(d) scale instead of the instance norm would give something else
+    assert not torch.allclose(got, torch.softmax(s / 3 ** 0.5, dim=1), atol=1e-3)
+    # batched: every matrix normalised on its own (scaling one sample's scores changes nothing for the other)
+    batch = channel_attention_weights(torch.stack([q, 10 * q]), torch.stack([k, k]))
+    torch.testing.assert_close(batch[0], expected)
+    torch.testing.assert_close(batch[1], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode,n", [("self", 3), ("cross", 4), ("cross", 2)])
+def test_channel_attention_matches_explicit_formula(mode, n):
+    att = ChannelAttention(K, heads=2, dropout=0.1).eval()
+    tokens = torch.randn(n, 3, 5, K)  # N, T groups, L tokens, K channels
+    torch.testing.assert_close(att(tokens, mode), reference_attention(att, tokens, mode), atol=1e-5, rtol=1e-4)
+
+
+def test_channel_attention_cross_gradient_stops_at_unlabelled_tokens():
+    att = ChannelAttention(K, heads=2).train()
+    tokens = torch.randn(4, 2, 3, K, requires_grad=True)
+    (att(tokens, "cross") * torch.randn(4, 2, 3, K)).sum().backward()
+    assert torch.all(tokens.grad[2:] == 0)
+    assert torch.all(tokens.grad[:2].abs().sum(dim=(1, 2, 3)) > 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# windows and token maps
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,preferred,expected", [
+    ((4, 8, 8), 2, (2, 2, 2)), ((5, 6, 6), 2, (1, 2, 2)), ((3, 5), 2, (1, 1)), ((1, 4, 4), 2, (1, 2, 2)),
+    ((6, 9), 3, (3, 3)), ((8, 10), 4, (4, 2)), ((7, 7, 7), 2, (1, 1, 1)), ((4, 8, 8), (1, 4, 2), (1, 4, 2)),
+])
+def test_choose_window(size, preferred, expected):
+    assert choose_window(size, preferred) == expected
+
+
+def test_explicit_window():
+    assert resolve_window((4, 8, 8), None) == (2, 2, 2)
+    assert resolve_window((4, 8, 8), 4) == (4, 4, 4)
+    assert resolve_window((4, 8, 8), [1, 2, 4]) == (1, 2, 4)
+    with pytest.raises(ValueError, match="axis 0"):
+        SKCModule(K, (5, 6, 6), window=2)
+    with pytest.raises(ValueError, match="axis 1"):
+        SKCBlock(K, (4, 6, 8), window=(2, 4, 2))
+    with pytest.raises(ValueError, match="2 positive ints"):
+        resolve_window((4, 8), (2, 2, 2))
+    with pytest.raises(ValueError):
+        SKCModule(K, (4, 8, 8, 8))
+    with pytest.raises(ValueError, match="order"):
+        SKCModule(K, (4, 8), order="sideways")
+
+
+@pytest.mark.parametrize("size,window", [((4, 6), (2, 3)), ((4, 8, 8), (2, 2, 2)), ((3, 4, 6), (3, 1, 2)),
+                                         ((3, 5), (3, 5))])
+@pytest.mark.parametrize("learned", [True, False])
+def test_identity_token_learner_and_inverse_round_trip(size, window, learned):
+    """An identity-weighted token learner is a pure space-to-depth; the inverse (learned one at init, or the
+    fixed one) must put every entry back where it came from."""
+    learner, inverse = TokenLearner(window), TokenInverse(window, size, learned=learned)
+    p = learner.proj.weight.shape[0]
+    with torch.no_grad():
+        learner.proj.weight.copy_(torch.eye(p).reshape(learner.proj.weight.shape))
+    z = inputs(2, size)
+    tokens = learner(z)
+    assert tokens.shape == (2, z[0, 0].numel() // p, p, K)
+    torch.testing.assert_close(inverse(tokens), z)
+    # one window = the first window along every axis, all its entries, channel 1, sample 1
+    first = z[1, 1][tuple(slice(0, w) for w in window)].reshape(-1)
+    torch.testing.assert_close(tokens[1, 0, :, 1], first)
+
+
+# --------------------------------------------------------------------------------------------------
+# the module
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("size", SIZES)
+def test_shapes(size, order):
+    skc = make(size, order)
+    for n in (1, 2, 3, 4):
+        z = inputs(n, size)
+        out = skc(z, "self")
+        assert out.shape == z.shape and torch.isfinite(out).all()
+    for n in (2, 4):
+        assert skc(inputs(n, size), "cross").shape == (n, K, *size)
+
+
+def test_window_of_blocks():
+    skc = make((5, 6, 6))
+    assert skc.local_block.window == (1, 2, 2) and skc.global_block.window == (5, 6, 6)
+    assert make((4, 8, 8), window=(1, 4, 2)).local_block.window == (1, 4, 2)
+
+
+def test_wrong_input_size_and_mode():
+    skc = make((4, 8, 8))
+    with pytest.raises(ValueError, match="built for"):
+        skc(inputs(2, (4, 8, 6)))
+    with pytest.raises(ValueError, match="mode"):
+        skc(inputs(2, (4, 8, 8)), "labeled")
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_cross_mode_needs_even_batch(n):
+    with pytest.raises(ValueError, match="even"):
+        make((4, 8, 8))(inputs(n, (4, 8, 8)), "cross")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_cross_differs_from_self(order):
+    skc, z = make((4, 6, 6), order), inputs(4, (4, 6, 6))
+    self_out, cross_out = skc(z, "self"), skc(z, "cross")
+    for half in (slice(0, 2), slice(2, 4)):
+        assert (self_out[half] - cross_out[half]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("size", [(4, 6, 6), (3, 5)])
+def test_cross_complementarity_and_gradient_isolation(size, order):
+    skc = make(size, order).train()
+    b = 2
+    z = inputs(2 * b, size)
+    z_other = z.clone()
+    z_other[b:] = torch.randn_like(z_other[b:])
+    with torch.no_grad():
+        skc.eval()
+        out, out_other = skc(z, "cross"), skc(z_other, "cross")
+        skc.train()
+    # labelled outputs read the unlabelled samples (and vice versa)
+    assert (out[:b] - out_other[:b]).abs().max() > 1e-3
+    # a loss on the WHOLE output: no gradient reaches the unlabelled inputs, all labelled ones get some
+    x = z.clone().requires_grad_()
+    (skc(x, "cross") * torch.randn(2 * b, K, *size)).sum().backward()
+    assert torch.all(x.grad[b:] == 0)
+    assert torch.all(x.grad[:b].flatten(1).abs().sum(1) > 0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_self_mode_gradient_reaches_inputs_and_all_parameters(order):
+    size = (4, 6, 6)
+    skc = make(size, order).train()
+    x = inputs(3, size, requires_grad=True)
+    (skc(x, "self") * torch.randn(3, K, *size)).sum().backward()
+    assert torch.all(x.grad.flatten(1).abs().sum(1) > 0)
+    for name, p in skc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("size", [(4, 6, 6), (3, 5)])
+def test_self_mode_sample_independent_of_batch(size, order):
+    skc, z = make(size, order), inputs(4, size)
+    with torch.no_grad():
+        together = skc(z, "self")
+        alone = torch.cat([skc(z[i:i + 1], "self") for i in range(4)])
+        shuffled = skc(z[[2, 0, 3, 1]], "self")
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(shuffled, together[[2, 0, 3, 1]], atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_only_in_train_mode():
+    size = (4, 6, 6)
+    skc, z = make(size, dropout=0.1), inputs(4, size)
+    with torch.no_grad():
+        for mode in ("self", "cross"):
+            torch.testing.assert_close(skc(z, mode), skc(z, mode), atol=0, rtol=0)
+        skc.train()
+        for mode in ("self", "cross"):
+            assert (skc(z, mode) - skc(z, mode)).abs().max() > 1e-4
+        no_dropout = make(size, dropout=0.0).train()
+        torch.testing.assert_close(no_dropout(z), no_dropout(z), atol=0, rtol=0)
+
+
+def test_learned_inverse_starts_as_fixed_inverse():
+    size = (4, 6, 6)
+    learned, fixed = make(size, learned_inverse=True), make(size, learned_inverse=False)
+    fixed.load_state_dict({k: v for k, v in learned.state_dict().items() if "token_inverse" not in k})
+    z = inputs(4, size)
+    for mode in ("self", "cross"):
+        torch.testing.assert_close(learned(z, mode), fixed(z, mode))
+
+
+def test_reset_parameters_restores_identity_inverse():
+    skc = make((4, 6))
+    for p in skc.parameters():
+        torch.nn.init.normal_(p)  # what a network-wide init could do
+    skc.reset_parameters()
+    w = skc.local_block.token_inverse.proj.weight
+    torch.testing.assert_close(w.reshape(w.shape[0], -1), torch.eye(w.shape[0]))

@@ -1,0 +1,198 @@
+"""The SKCDF U-Net built from real plans: outputs, deep supervision, checkpoints, gradient flow, EMA."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from conftest import DATASET_ID
+from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet, bottleneck_size
+
+NUM_CLASSES = 14
+
+
+@pytest.fixture(scope="module")
+def tiny_plans(planned_phantom):
+    """The phantom's real plans plus a tiny 3D configuration (fast on CPU), as skcdf_add_cpu_config makes it."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_skcdf.experiment_planning.cpu_configuration import cpu_architecture
+
+    plans = json.loads((planned_phantom["preprocessed"] / "nnUNetPlans.json").read_text())
+    base = plans["configurations"]["3d_fullres"]
+    arch, patch = cpu_architecture(base["architecture"], base["spacing"], [16, 32, 32], 3, 8, 32)
+    plans["configurations"]["3d_tiny"] = {"inherits_from": "3d_fullres", "patch_size": patch, "batch_size": 2,
+                                          "architecture": arch}
+    return PlansManager(plans)
+
+
+def build(pm, configuration="3d_tiny", deep_supervision=True, trainer=None):
+    from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+
+    cm = pm.get_configuration(configuration)
+    torch.manual_seed(0)
+    return (trainer or nnUNetTrainerSKCDF).build_network_architecture(pm, cm, 1, NUM_CLASSES, deep_supervision), cm
+
+
+def test_build_from_real_plans_and_output_shapes(tiny_plans):
+    net, cm = build(tiny_plans)
+    assert isinstance(net, SKCDFUNet)
+    patch = tuple(cm.patch_size)
+    x = torch.randn(2, 1, *patch)
+    net.train()
+    P, P_b, feats = net.forward_labelled(x, x + 1)
+    assert isinstance(P, list) and len(P) == len(P_b) == len(cm.network_arch_init_kwargs["strides"]) - 1
+    assert tuple(P[0].shape) == (4, NUM_CLASSES, *patch) and tuple(P_b[0].shape) == (4, NUM_CLASSES, *patch)
+    assert all(f.shape[0] == 2 for f in feats)
+    Q, Q_b = net.forward_unlabelled(feats)
+    assert tuple(Q[0].shape) == (2, NUM_CLASSES, *patch)
+    net.eval()
+    assert isinstance(net(x), list)  # online validation: deep supervision on
+    net.set_deep_supervision(False)
+    with torch.no_grad():
+        out = net(x)
+    assert isinstance(out, torch.Tensor) and tuple(out.shape) == (2, NUM_CLASSES, *patch)
+
+
+def test_decoders_do_not_own_the_encoder_and_have_balanced_heads(tiny_plans):
+    net, _ = build(tiny_plans)
+    enc = {id(p) for p in net.encoder.parameters()}
+    for dec in (net.decoder_l, net.decoder_u):
+        assert not enc & {id(p) for p in dec.parameters()}
+        assert len(dec.balanced_seg_layers) == len(dec.seg_layers)
+        assert not torch.equal(dec.balanced_seg_layers[0].weight, dec.seg_layers[0].weight)
+    assert not torch.equal(net.decoder_l.stages[0].convs[0].conv.weight, net.decoder_u.stages[0].convs[0].conv.weight)
+    assert any(k.startswith("skc.") for k in net.state_dict())
+    assert "class_voxel_counts" in net.state_dict()
+
+
+def test_checkpoint_loads_with_and_without_deep_supervision(tiny_plans):
+    net_ds, _ = build(tiny_plans, deep_supervision=True)
+    net_plain, _ = build(tiny_plans, deep_supervision=False)
+    net_plain.load_state_dict(net_ds.state_dict())  # strict: same keys and shapes
+    net_ds.load_state_dict(net_plain.state_dict())
+    x = torch.randn(1, 1, *tiny_plans.get_configuration("3d_tiny").patch_size)
+    net_ds.eval(), net_plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net_ds(x)[0], net_plain(x))
+
+
+def test_residual_encoder_plans_are_supported(tiny_plans):
+    cm = tiny_plans.get_configuration("3d_tiny")
+    arch = copy.deepcopy(cm.configuration["architecture"])
+    kw = arch["arch_kwargs"]
+    kw["n_blocks_per_stage"] = [1] * kw["n_stages"]
+    del kw["n_conv_per_stage"]
+    arch["network_class_name"] = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+    from nnunetv2_skcdf.network.architectures.skcdf_unet import build_skcdf_unet
+
+    net = build_skcdf_unet(arch["network_class_name"], kw, arch["_kw_requires_import"], 1, NUM_CLASSES,
+                           cm.patch_size, True)
+    assert type(net.encoder).__name__ == "ResidualEncoder"
+    x = torch.randn(1, 1, *cm.patch_size)
+    P, P_b, feats = net.forward_labelled(x, x)
+    assert tuple(P[0].shape) == (2, NUM_CLASSES, *cm.patch_size)
+
+
+def test_bottleneck_size():
+    assert bottleneck_size([16, 32, 32], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]) == [4, 4, 4]
+    assert bottleneck_size([64, 64], [1, 2, 2]) == [16, 16]
+    with pytest.raises(ValueError, match="not divisible"):
+        bottleneck_size([15, 32, 32], [[1, 1, 1], [2, 2, 2]])
+
+
+# ---------------------------------------------------------------------------------------- gradient flow
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def _has_grad(module):
+    return any(g is not None and g.abs().sum() > 0 for g in _grads(module))
+
+
+def test_labelled_loss_reaches_neither_decoder_u_nor_unlabelled_inputs(tiny_plans):
+    net, cm = build(tiny_plans)
+    net.train()
+    x_l = torch.randn(2, 1, *cm.patch_size, requires_grad=True)
+    x_u = torch.randn(2, 1, *cm.patch_size, requires_grad=True)
+    P, P_b, _ = net.forward_labelled(x_l, x_u)
+    l_sup = sum(p[:2].square().mean() for p in P) + sum(p[:2].square().mean() for p in P_b)
+    l_sup.backward()
+    assert not _has_grad(net.decoder_u)
+    assert x_u.grad is None or x_u.grad.abs().sum() == 0
+    assert x_l.grad.abs().sum() > 0 and _has_grad(net.decoder_l) and _has_grad(net.encoder) and _has_grad(net.skc)
+
+
+def test_unlabelled_loss_reaches_encoder_skc_decoder_u_but_not_decoder_l(tiny_plans):
+    net, cm = build(tiny_plans)
+    net.train()
+    x_l = torch.randn(2, 1, *cm.patch_size)
+    x_u = torch.randn(2, 1, *cm.patch_size, requires_grad=True)
+    P, P_b, feats = net.forward_labelled(x_l, x_u)
+    Q, Q_b = net.forward_unlabelled(feats)
+    l_u = sum(q.square().mean() for q in Q) + sum(q.square().mean() for q in Q_b)
+    l_u.backward()
+    assert not _has_grad(net.decoder_l)
+    assert _has_grad(net.decoder_u) and _has_grad(net.encoder) and _has_grad(net.skc)
+    assert x_u.grad.abs().sum() > 0
+
+
+def test_reused_encoder_features_equal_a_second_encoder_pass(tiny_plans):
+    """The cheaper variant of the method page: same forward values and the same gradients as recomputing."""
+    net, cm = build(tiny_plans)
+    net.eval()  # no dropout in the SKC, so the two computations are deterministic
+    x_l, x_u = torch.randn(2, 1, *cm.patch_size), torch.randn(2, 1, *cm.patch_size)
+
+    def grads_of(reuse: bool):
+        net.zero_grad()
+        _, _, feats = net.forward_labelled(x_l, x_u)
+        if not reuse:
+            feats = net.encoder(x_u)
+        Q, _ = net.forward_unlabelled(feats)
+        Q[0].square().mean().backward()
+        return Q[0].detach(), [p.grad.clone() for p in net.encoder.parameters()]
+
+    q_reuse, g_reuse = grads_of(True)
+    q_fresh, g_fresh = grads_of(False)
+    torch.testing.assert_close(q_reuse, q_fresh, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_reuse, g_fresh):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- EMA
+def test_ema_update_in_spec_order(tiny_plans):
+    net, _ = build(tiny_plans)
+    m = 0.9
+    before = copy.deepcopy(net)
+    net.ema_update(m)
+    h_l, h_lb = before.decoder_l.seg_layers[0].weight, before.decoder_l.balanced_seg_layers[0].weight
+    h_u, h_ub = before.decoder_u.seg_layers[0].weight, before.decoder_u.balanced_seg_layers[0].weight
+    # 1. H_l <- m H_l + (1-m) H_l_b
+    new_h_l = m * h_l + (1 - m) * h_lb
+    torch.testing.assert_close(net.decoder_l.seg_layers[0].weight, new_h_l)
+    # 2. D_u <- m D_u + (1-m) D_l, with D_l's main head already updated by step 1
+    w_u, w_l = before.decoder_u.stages[0].convs[0].conv.weight, before.decoder_l.stages[0].convs[0].conv.weight
+    torch.testing.assert_close(net.decoder_u.stages[0].convs[0].conv.weight, m * w_u + (1 - m) * w_l)
+    torch.testing.assert_close(net.decoder_u.balanced_seg_layers[0].weight, m * h_ub + (1 - m) * h_lb)
+    # 3. H_u <- m H_u' + (1-m) H_u_b', both after step 2
+    h_u2 = m * h_u + (1 - m) * new_h_l
+    h_ub2 = m * h_ub + (1 - m) * h_lb
+    torch.testing.assert_close(net.decoder_u.seg_layers[0].weight, m * h_u2 + (1 - m) * h_ub2)
+    # D_l's trunk, the balanced head of D_l, the encoder and the SKC do not move
+    torch.testing.assert_close(net.decoder_l.stages[0].convs[0].conv.weight, w_l)
+    torch.testing.assert_close(net.decoder_l.balanced_seg_layers[0].weight, h_lb)
+    for a, b in zip(net.encoder.parameters(), before.encoder.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(net.skc.parameters(), before.skc.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_one_ema_step_moves_decoder_u_one_minus_m_of_the_way(tiny_plans):
+    net, _ = build(tiny_plans)
+    before = copy.deepcopy(net)
+    net.ema_update(0.99)
+    for (name, new), old, target in zip(net.decoder_u.stages.named_parameters(), before.decoder_u.stages.parameters(),
+                                        before.decoder_l.stages.parameters()):
+        torch.testing.assert_close(new - old, 0.01 * (target - old), rtol=1e-4, atol=1e-7, msg=name)
