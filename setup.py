@@ -34,6 +34,7 @@ setup(
             "skcdf_preprocess_unlabeled=nnunetv2_skcdf.preprocessing.unlabeled:preprocess_unlabeled_entry",
             "skcdf_add_cpu_config=nnunetv2_skcdf.experiment_planning.cpu_configuration:add_cpu_config_entry",
             "skcdf_trainer_path=nnunetv2_skcdf.training.nnUNetTrainer.trainer_path:trainer_path_entry",
+            "skcdf_dice_table=nnunetv2_skcdf.evaluation.dice_table:dice_table_entry",
         ]
     },
 )

@@ -72,7 +72,10 @@ class nnUNetUnlabeledDataLoader(nnUNetDataLoader):
             mask = mask[:, 0] if mask is not None else None
         if self.transforms is None:
             return image
-        return self.transforms(image=image, segmentation=mask)["image"]
+        # pass no 'segmentation' key at all when there is none: batchgeneratorsv2's Convert3DTo2DTransform (dummy 2D
+        # augmentation of anisotropic patches) tests for the key, not for None
+        sample = {"image": image} if mask is None else {"image": image, "segmentation": mask}
+        return self.transforms(**sample)["image"]
 
 
 def unlabeled_training_transforms(trainer, patch_size, rotation_for_DA, mirror_axes, do_dummy_2d_data_aug):

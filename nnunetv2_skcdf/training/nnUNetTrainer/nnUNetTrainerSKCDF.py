@@ -97,9 +97,6 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
         return dataloader_train, dataloader_val
 
     def _get_unlabeled_dataloader(self):
-        if self.fold == "all":
-            raise SKCDFInputError("fold 'all' has no unlabelled cases: train SKCDF on a fold of a split made with "
-                                  "skcdf_split.")
         _, _, unlabeled = load_semi_supervised_fold(self.preprocessed_dataset_folder_base, self.fold)
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
         return get_unlabeled_dataloader(self, unlabeled, self.unlabeled_batch_size or self.batch_size,

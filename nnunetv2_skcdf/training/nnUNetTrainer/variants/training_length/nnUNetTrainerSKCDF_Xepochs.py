@@ -7,6 +7,7 @@ and no mirroring (neither augmentation nor test-time mirroring, which costs 8x i
 import torch
 
 from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
 
 
 class nnUNetTrainerSKCDF_5epochs(nnUNetTrainerSKCDF):
@@ -30,15 +31,10 @@ class nnUNetTrainerSKCDF_100epochs(nnUNetTrainerSKCDF):
         self.num_epochs = 100
 
 
-class nnUNetTrainerSKCDF_cpuTest(nnUNetTrainerSKCDF):
+class nnUNetTrainerSKCDF_cpuTest(NoMirroringMixin, nnUNetTrainerSKCDF):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = 8
         self.num_iterations_per_epoch = 50
         self.num_val_iterations_per_epoch = 2
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch_size, None

@@ -1,0 +1,67 @@
+"""``skcdf_dice_table``: per-class Dice of several nnU-Net ``summary.json`` files, side by side.
+
+Reads what ``nnUNetv2_evaluate_folder`` writes (``mean`` per label) and prints a Markdown table with one row per
+method, the mean foreground Dice and one column per class, named by the paper's abbreviations for the
+Synapse classes (Sp RK LK ...) and by dataset.json's names otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Dict, List, Optional, Sequence
+
+from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
+
+_ABBREVIATIONS = {name: abbr for _, name, abbr in SYNAPSE_CLASSES}
+
+
+def class_columns(summary: dict, label_names: Optional[Dict[int, str]] = None) -> List[tuple]:
+    """[(label id, column title)] of the foreground labels in ``summary['mean']``, sorted by id."""
+    ids = sorted(int(k) for k in summary["mean"] if str(k).lstrip("-").isdigit())
+    names = label_names or {}
+    return [(i, _ABBREVIATIONS.get(names.get(i, ""), names.get(i, str(i)))) for i in ids]
+
+
+def dice_table(summaries: Dict[str, dict], label_names: Optional[Dict[int, str]] = None) -> str:
+    """Markdown table, Dice in %, one row per method (insertion order)."""
+    first = next(iter(summaries.values()))
+    columns = class_columns(first, label_names)
+    header = "| method | mean Dice | " + " | ".join(title for _, title in columns) + " |"
+    rule = "|---" * (len(columns) + 2) + "|"
+    rows = []
+    for method, summary in summaries.items():
+        dice = [100 * summary["mean"][str(i)]["Dice"] for i, _ in columns]
+        rows.append(f"| {method} | {100 * summary['foreground_mean']['Dice']:.1f} | "
+                    + " | ".join(f"{d:.1f}" for d in dice) + " |")
+    return "\n".join([header, rule, *rows])
+
+
+def _load(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SKCDFInputError(f"{path}: cannot read an nnU-Net summary.json ({e}). Run nnUNetv2_evaluate_folder "
+                              f"first.") from None
+
+
+def dice_table_entry(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="skcdf_dice_table", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("summaries", nargs="+", help="summary.json files of nnUNetv2_evaluate_folder")
+    parser.add_argument("--names", nargs="+", help="one row name per summary (default: the file paths)")
+    parser.add_argument("-djfile", "--dataset-json", help="dataset.json, for the class names")
+    args = parser.parse_args(argv)
+    try:
+        names = args.names or args.summaries
+        if len(names) != len(args.summaries):
+            raise SKCDFInputError(f"{len(names)} --names for {len(args.summaries)} summaries: give one name each.")
+        label_names = None
+        if args.dataset_json:
+            label_names = {v: k for k, v in _load(args.dataset_json)["labels"].items() if isinstance(v, int)}
+        print(dice_table({n: _load(s) for n, s in zip(names, args.summaries)}, label_names))
+    except SKCDFInputError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)
