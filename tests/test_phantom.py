@@ -14,7 +14,6 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import binary_erosion, gaussian_filter
 
-from nnunetv2_skcdf.dataset_conversion import phantom
 from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES, synapse_labels_dict
 from nnunetv2_skcdf.dataset_conversion.phantom import (
     DEFAULT_SHAPE,

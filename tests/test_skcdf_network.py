@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import DATASET_ID
 from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet, bottleneck_size
 
 NUM_CLASSES = 14

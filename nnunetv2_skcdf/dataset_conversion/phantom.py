@@ -23,14 +23,12 @@ Conventions (as SimpleITK writes an array with identity direction, i.e. LPS):
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
 import re
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -38,8 +36,14 @@ from scipy.interpolate import CubicSpline, make_interp_spline
 from scipy.ndimage import gaussian_filter
 
 from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES, synapse_labels_dict
-from nnunetv2_skcdf.utilities.dataset_files import UNLABELED_IMAGES_FOLDER, SKCDFInputError, _env_folder
+from nnunetv2_skcdf.utilities.dataset_files import (
+    UNLABELED_IMAGES_FOLDER,
+    SKCDFInputError,
+    _env_folder,
+    exit_on_input_error,
+)
 from nnunetv2_skcdf.utilities.io import atomic_output, atomic_save_json
+from nnunetv2_skcdf.utilities.parallel import imap_with_progress
 
 GENERATOR_VERSION = "1.0"
 DEFAULT_SHAPE: Tuple[int, int, int] = (48, 96, 96)  # (z, y, x) voxels
@@ -783,21 +787,6 @@ def _check_target(root: str, folder_name: str, dataset_id: int, overwrite: bool)
     return target
 
 
-def _run_jobs(jobs: List[tuple], num_processes: int, progress: bool) -> None:
-    from tqdm import tqdm
-
-    with tqdm(total=len(jobs), desc="phantom cases", unit="case", disable=not progress) as bar:
-        if num_processes == 1:
-            for job in jobs:
-                _write_case(job)
-                bar.update()
-            return
-        # spawn: forking a parent whose SimpleITK/BLAS thread pools are running can deadlock
-        with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
-            for _ in pool.imap_unordered(_write_case, jobs):
-                bar.update()
-
-
 def _swap_in(tmp: str, target: str) -> None:
     """Move the finished ``tmp`` folder to ``target``, replacing an old one (kept until the swap is done)."""
     if os.path.lexists(target):
@@ -835,7 +824,8 @@ def make_phantom_dataset(output_root: Optional[str] = None, dataset_id: int = 95
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", UNLABELED_IMAGES_FOLDER):
             os.makedirs(os.path.join(tmp, sub))
         jobs = [(tmp, role, i, int(seed), shape, spacing) for role, n in zip(ROLES, counts) for i in range(n)]
-        _run_jobs(jobs, int(num_processes), progress)
+        for _ in imap_with_progress(_write_case, jobs, int(num_processes), "phantom cases", progress):
+            pass
         atomic_save_json(_dataset_json(name, counts, shape, spacing, int(seed)), os.path.join(tmp, "dataset.json"))
         _check_target(root, folder_name, dataset_id, overwrite)  # nobody created it meanwhile
         _swap_in(tmp, target)
@@ -890,15 +880,12 @@ def _parser() -> argparse.ArgumentParser:
 def make_phantom_entry(argv: Optional[Sequence[str]] = None) -> None:
     """Console script ``skcdf_make_phantom``; user errors print ``ERROR: ...`` and exit with status 2."""
     args = _parser().parse_args(argv)
-    try:
+    with exit_on_input_error():
         folder = make_phantom_dataset(
             args.output_root, args.dataset_id, args.name, args.num_train, args.num_test, args.num_unlabeled,
             tuple(args.shape), tuple(args.spacing), args.seed, args.num_processes, args.overwrite,
             progress=not args.no_progress,
         )
-    except SKCDFInputError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"Wrote {folder}")
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Dict, List, Optional, Sequence
 
 from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES
-from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, exit_on_input_error
 
 _ABBREVIATIONS = {name: abbr for _, name, abbr in SYNAPSE_CLASSES}
 
@@ -54,7 +53,7 @@ def dice_table_entry(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--names", nargs="+", help="one row name per summary (default: the file paths)")
     parser.add_argument("-djfile", "--dataset-json", help="dataset.json, for the class names")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_input_error():
         names = args.names or args.summaries
         if len(names) != len(args.summaries):
             raise SKCDFInputError(f"{len(names)} --names for {len(args.summaries)} summaries: give one name each.")
@@ -62,6 +61,3 @@ def dice_table_entry(argv: Optional[Sequence[str]] = None) -> None:
         if args.dataset_json:
             label_names = {v: k for k, v in _load(args.dataset_json)["labels"].items() if isinstance(v, int)}
         print(dice_table({n: _load(s) for n, s in zip(names, args.summaries)}, label_names))
-    except SKCDFInputError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(2)

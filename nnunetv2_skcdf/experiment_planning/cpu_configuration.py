@@ -13,13 +13,17 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 from typing import List, Optional, Sequence
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
-from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, dataset_name, preprocessed_dataset_folder
+from nnunetv2_skcdf.utilities.dataset_files import (
+    SKCDFInputError,
+    dataset_name,
+    exit_on_input_error,
+    preprocessed_dataset_folder,
+)
 from nnunetv2_skcdf.utilities.io import atomic_save_json
 
 DEFAULT_NAME = "3d_cpu"
@@ -119,12 +123,9 @@ def add_cpu_config_entry(argv: Optional[Sequence[str]] = None) -> None:
                         help="features of the first stage and cap (default: 16 128)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing configuration of that name")
     args = parser.parse_args(argv)
-    try:
+    with exit_on_input_error():
         config = add_cpu_configuration(args.dataset, args.plans, args.base, args.name, args.patch, args.batch,
                                        args.stages, args.features[0], args.features[1], args.overwrite)
-    except SKCDFInputError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(2)
     kw = config["architecture"]["arch_kwargs"]
     print(f"{dataset_name(args.dataset)}: added configuration {args.name!r} (inherits {args.base}): patch "
           f"{config['patch_size']}, batch {config['batch_size']}, {kw['n_stages']} stages, features "

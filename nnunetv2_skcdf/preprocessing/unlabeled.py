@@ -21,20 +21,18 @@ import argparse
 import gzip
 import hashlib
 import json
-import multiprocessing
 import os
-import sys
 import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
-from tqdm import tqdm
 
 from nnunetv2_skcdf.utilities.dataset_files import (
     SKCDFInputError,
     UNLABELED_IMAGES_FOLDER,
     dataset_name,
+    exit_on_input_error,
     list_unlabeled_cases,
     load_dataset_json,
     preprocessed_dataset_folder,
@@ -42,6 +40,7 @@ from nnunetv2_skcdf.utilities.dataset_files import (
     training_case_ids,
 )
 from nnunetv2_skcdf.utilities.io import atomic_save_json
+from nnunetv2_skcdf.utilities.parallel import imap_with_progress
 
 #: suffix of the unlabelled folder next to nnU-Net's ``<data_identifier>`` folder
 UNLABELED_SUFFIX = "_unlabeled"
@@ -309,31 +308,12 @@ def _preprocess_configuration(cases: Dict[str, List[str]], plans: dict, plans_id
         print(f"{configuration}: {len(cases)} unlabelled cases, {len(cases) - len(todo)} already done, "
               f"{len(todo)} to preprocess -> {folder}")
     jobs = [(c, cases[c], folder, plans, configuration, dataset_json, expect_2d) for c in todo]
-    errors = _run_jobs(jobs, num_processes, desc=f"Unlabelled {configuration}", show=verbose)
+    errors = sorted(err for _, err in imap_with_progress(_worker, jobs, num_processes, f"Unlabelled {configuration}",
+                                                         show=verbose) if err)
     if errors:
         raise SKCDFInputError(f"{len(errors)} of {len(cases)} unlabelled cases failed (the others were saved):\n"
                               + "\n".join(f"  - {e}" for e in errors))
     return folder
-
-
-def _run_jobs(jobs: list, num_processes: int, desc: str, show: bool) -> List[str]:
-    if not jobs:
-        return []
-    errors = []
-    bar = tqdm(total=len(jobs), desc=desc, disable=not show)
-    if num_processes <= 1:
-        results = map(_worker, jobs)
-        for _, err in results:
-            errors += [err] if err else []
-            bar.update()
-    else:
-        # spawn, like nnU-Net's preprocessor: forking a process that holds torch threads can deadlock
-        with multiprocessing.get_context("spawn").Pool(min(num_processes, len(jobs))) as pool:
-            for _, err in pool.imap_unordered(_worker, jobs):
-                errors += [err] if err else []
-                bar.update()
-    bar.close()
-    return sorted(errors)
 
 
 def preprocess_unlabeled_entry() -> None:
@@ -354,9 +334,6 @@ def preprocess_unlabeled_entry() -> None:
                         help="redo every case (needed after the plans changed)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
-    try:
+    with exit_on_input_error():
         preprocess_unlabeled(args.dataset, args.configurations, args.plans, args.num_processes, args.overwrite,
                              verbose=not args.quiet)
-    except SKCDFInputError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(2)

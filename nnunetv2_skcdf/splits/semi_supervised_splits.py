@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
@@ -32,6 +31,7 @@ from nnunetv2_skcdf.splits.published_lists import (
 from nnunetv2_skcdf.utilities.dataset_files import (
     SKCDFInputError,
     dataset_name,
+    exit_on_input_error,
     list_unlabeled_cases,
     load_dataset_json,
     preprocessed_dataset_folder,
@@ -666,7 +666,7 @@ def format_summary(report: SplitReport, fold_mode: str) -> str:
 def split_entry(argv: Optional[Sequence[str]] = None) -> None:
     """Console script ``skcdf_split``; input errors print ``ERROR: ...`` and exit with status 2."""
     args = build_parser().parse_args(argv)
-    try:
+    with exit_on_input_error():
         _check_cli_conflicts(args)
         report = build_split_report(
             args.dataset, labeled=args.labeled, val=DEFAULT_VAL if args.val is None else args.val,
@@ -674,9 +674,6 @@ def split_entry(argv: Optional[Sequence[str]] = None) -> None:
             drop_overlaps_from=args.drop_overlaps_from, add_unlabeled_images=args.add_unlabeled_images,
             folds=args.folds, fold_mode=args.fold_mode, seed=args.seed, overwrite=args.overwrite,
         )
-    except SKCDFInputError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        sys.exit(2)
     for note in report.notes:
         print(note)
     print(format_summary(report, args.fold_mode))

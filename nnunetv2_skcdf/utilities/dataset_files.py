@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+from contextlib import contextmanager
 from typing import Dict, List, Union
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, join, load_json
@@ -17,6 +19,17 @@ UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
 
 class SKCDFInputError(ValueError):
     """Bad user input (files, ids, options). The message names the culprit and the fix."""
+
+
+@contextmanager
+def exit_on_input_error():
+    """For console scripts: a ``SKCDFInputError`` prints ``ERROR: <message>`` to stderr and exits with status 2
+    (the message already says what to fix; a traceback would only hide it)."""
+    try:
+        yield
+    except SKCDFInputError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _env_folder(var: str) -> str:
