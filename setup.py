@@ -25,8 +25,12 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "tqdm",
+        # the evaluation's bar chart and the per-case CSV (both already nnunetv2 dependencies).
+        "matplotlib",
+        "pandas",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # medpy (GPL-3) is a test oracle for the surface metrics only; never imported by the package.
+    extras_require={"test": ["pytest>=7", "medpy>=0.5"]},
     entry_points={
         "console_scripts": [
             "skcdf_make_phantom=nnunetv2_skcdf.dataset_conversion.phantom:make_phantom_entry",
@@ -35,6 +39,9 @@ setup(
             "skcdf_add_cpu_config=nnunetv2_skcdf.experiment_planning.cpu_configuration:add_cpu_config_entry",
             "skcdf_trainer_path=nnunetv2_skcdf.training.nnUNetTrainer.trainer_path:trainer_path_entry",
             "skcdf_dice_table=nnunetv2_skcdf.evaluation.dice_table:dice_table_entry",
+            "skcdf_evaluate=nnunetv2_skcdf.evaluation.evaluate:evaluate_entry",
+            "skcdf_convert_synapse=nnunetv2_skcdf.dataset_conversion.convert_synapse:convert_synapse_entry",
+            "skcdf_convert_amos=nnunetv2_skcdf.dataset_conversion.convert_amos:convert_amos_entry",
         ]
     },
 )
