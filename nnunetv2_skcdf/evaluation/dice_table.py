@@ -1,8 +1,9 @@
 """``skcdf_dice_table``: per-class Dice of several nnU-Net ``summary.json`` files, side by side.
 
-Reads what ``nnUNetv2_evaluate_folder`` writes (``mean`` per label) and prints a Markdown table with one row per
-method, the mean foreground Dice and one column per class, named by the paper's abbreviations for the
-Synapse classes (Sp RK LK ...) and by dataset.json's names otherwise.
+Reads what ``nnUNetv2_evaluate_folder`` (or ``skcdf_evaluate``) writes (``mean`` per label) and prints a Markdown
+table with one row per method, the mean foreground Dice and one column per class, named by the paper's
+abbreviations for the Synapse and AMOS classes (Sp RK LK ... Du Bl P/U, see ``paper_table.column_title``) and by
+dataset.json's names otherwise. For mean +- std over runs, ASD and more metrics use ``skcdf_evaluate``.
 """
 from __future__ import annotations
 
@@ -10,17 +11,15 @@ import argparse
 import json
 from typing import Dict, List, Optional, Sequence
 
-from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES
+from nnunetv2_skcdf.evaluation.paper_table import column_title
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, exit_on_input_error
-
-_ABBREVIATIONS = {name: abbr for _, name, abbr in SYNAPSE_CLASSES}
 
 
 def class_columns(summary: dict, label_names: Optional[Dict[int, str]] = None) -> List[tuple]:
     """[(label id, column title)] of the foreground labels in ``summary['mean']``, sorted by id."""
     ids = sorted(int(k) for k in summary["mean"] if str(k).lstrip("-").isdigit())
     names = label_names or {}
-    return [(i, _ABBREVIATIONS.get(names.get(i, ""), names.get(i, str(i)))) for i in ids]
+    return [(i, column_title(names[i]) if i in names else str(i)) for i in ids]
 
 
 def dice_table(summaries: Dict[str, dict], label_names: Optional[Dict[int, str]] = None) -> str:
