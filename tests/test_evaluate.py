@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,23 @@ def test_case_metrics_match_nnunet_and_surface_functions(tmp_path):
             assert ours[region][key] == pytest.approx(value), (region, key)
     expected = surface_metrics(pred == 2, ref == 2, SPACING_ZYX, 2.0)
     assert {k: ours[2][k] for k in expected} == pytest.approx(expected)
+
+
+def test_ignore_label_counts_like_nnunet(tmp_path):
+    """Voxels with the ignore label in the reference count for nothing (nnU-Net), surfaces skip them too."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    ref, pred = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
+    ref[1:4, 2:6, 2:6], ref[1:4, 6:9, 2:6] = 1, 4  # label 4 = ignore
+    pred[1:4, 2:9, 2:6] = 1  # spills exactly into the ignored region
+    write(ref, tmp_path / "r.nii.gz")
+    write(pred, tmp_path / "p.nii.gz")
+    ours = evaluate_case(replace(job(tmp_path / "r.nii.gz", tmp_path / "p.nii.gz", regions=(1,)),
+                                 allowed_labels=(0, 1, 4), ignore_label=4))["metrics"][1]
+    nnunet = compute_metrics(str(tmp_path / "r.nii.gz"), str(tmp_path / "p.nii.gz"), SimpleITKIO(), [1], 4)
+    assert {k: ours[k] for k in nnunet["metrics"][1]} == nnunet["metrics"][1]
+    assert ours["Dice"] == 1.0 and ours["ASD"] == 0.0 and ours["TN"] == ref.size - 48 - 36
 
 
 def test_2d_image(tmp_path):
