@@ -239,6 +239,7 @@ def test_multi_run_aggregation(dataset):
     assert a["per_class"]["1"]["Dice"]["per_run"] == pytest.approx([1.0, 2 / 3])
     b = aggregate["methods"][1]
     assert math.isnan(b["per_class"]["3"]["ASD"]["mean"]) and b["missed"]["3"] == 1 and b["spurious"]["3"] == 1
+    assert b["per_class"]["3"]["ASD"]["n_cases"] == 0 and a["per_class"]["3"]["Dice"]["n_cases"] == 2  # 1 per run
     image = matplotlib.image.imread(str(out / "dice_per_class.png"))
     assert image.ndim == 3 and image.shape[0] > 100
 

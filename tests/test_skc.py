@@ -7,7 +7,9 @@ import torch
 
 from nnunetv2_skcdf.network.building_blocks.channel_attention import (
     ChannelAttention,
+    channel_attention,
     channel_attention_weights,
+    score_norm_scale,
 )
 from nnunetv2_skcdf.network.building_blocks.skc import (
     ORDERS,
@@ -95,6 +97,45 @@ def test_channel_attention_matches_explicit_formula(mode, n):
     att = ChannelAttention(K, heads=2, dropout=0.1).eval()
     tokens = torch.randn(n, 3, 5, K)  # N, T groups, L tokens, K channels
     torch.testing.assert_close(att(tokens, mode), reference_attention(att, tokens, mode), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_fused_attention_equals_explicit_values_and_gradients(offset):
+    """softmax(InstanceNorm(q k^T)) v via the closed-form scale + fused kernel == the explicit formula, in
+    self layout and in the broadcast cross layout; ``offset`` gives scores with a large common mean (where a
+    naive E[S^2] - E[S]^2 variance would cancel)."""
+    for q_shape, kv_shape in (((3, 2, 12, 5), (3, 2, 12, 5)), ((2, 2, 3, 12, 5), (2, 1, 3, 24, 5))):
+        q = (torch.randn(q_shape, dtype=torch.float64) + offset).float().requires_grad_()
+        k = (torch.randn(kv_shape, dtype=torch.float64) + offset).float().requires_grad_()
+        v = torch.randn(kv_shape, requires_grad=True)
+        weight = torch.randn(torch.broadcast_shapes(q_shape[:-2], kv_shape[:-2]) + q_shape[-2:])
+        fused = channel_attention(q, k, v)
+        explicit = channel_attention_weights(q, k) @ v
+        torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-4)
+        g_fused = torch.autograd.grad((fused * weight).sum(), (q, k, v))
+        g_explicit = torch.autograd.grad((explicit * weight).sum(), (q, k, v))
+        for a, b in zip(g_fused, g_explicit):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_score_norm_scale_is_the_inverse_std_of_the_score_matrix():
+    q, k = torch.randn(4, 7, 3, dtype=torch.float64), torch.randn(4, 9, 3, dtype=torch.float64) + 2
+    scores = q @ k.transpose(-1, -2)
+    expected = 1 / torch.sqrt(scores.var(dim=(-2, -1), unbiased=False) + 1e-5)
+    torch.testing.assert_close(score_norm_scale(q, k)[..., 0, 0].double(), expected, rtol=1e-5, atol=0)
+
+
+def test_attention_dropout_is_separate_and_train_only():
+    tokens = torch.randn(2, 3, 5, K)
+    plain = ChannelAttention(K, dropout=0.0, attention_dropout=0.0).train()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(tokens), plain(tokens), atol=0, rtol=0)
+        dropping = ChannelAttention(K, dropout=0.0, attention_dropout=0.5)
+        dropping.load_state_dict(plain.state_dict())
+        assert (dropping.train()(tokens) - plain(tokens)).abs().max() > 1e-3
+        torch.testing.assert_close(dropping.eval()(tokens), plain.eval()(tokens), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention_dropout"):
+        ChannelAttention(K, attention_dropout=1.0)
 
 
 def test_channel_attention_cross_gradient_stops_at_unlabelled_tokens():

@@ -41,11 +41,14 @@ def test_build_from_real_plans_and_output_shapes(tiny_plans):
     patch = tuple(cm.patch_size)
     x = torch.randn(2, 1, *patch)
     net.train()
-    P, P_b, feats = net.forward_labelled(x, x + 1)
+    out = net.forward_labelled(x, x + 1)
+    P, P_b = out.main, out.balanced
     assert isinstance(P, list) and len(P) == len(P_b) == len(cm.network_arch_init_kwargs["strides"]) - 1
-    assert tuple(P[0].shape) == (4, NUM_CLASSES, *patch) and tuple(P_b[0].shape) == (4, NUM_CLASSES, *patch)
-    assert all(f.shape[0] == 2 for f in feats)
-    Q, Q_b = net.forward_unlabelled(feats)
+    for logits in (out.main, out.balanced, out.main_u, out.balanced_u):
+        assert tuple(logits[0].shape) == (2, NUM_CLASSES, *patch)
+    assert P[0].requires_grad and not out.main_u[0].requires_grad and not out.balanced_u[0].requires_grad
+    assert all(f.shape[0] == 2 for f in out.features_u)
+    Q, Q_b = net.forward_unlabelled(out.features_u)
     assert tuple(Q[0].shape) == (2, NUM_CLASSES, *patch)
     net.eval()
     assert isinstance(net(x), list)  # online validation: deep supervision on
@@ -91,8 +94,8 @@ def test_residual_encoder_plans_are_supported(tiny_plans):
                            cm.patch_size, True)
     assert type(net.encoder).__name__ == "ResidualEncoder"
     x = torch.randn(1, 1, *cm.patch_size)
-    P, P_b, feats = net.forward_labelled(x, x)
-    assert tuple(P[0].shape) == (2, NUM_CLASSES, *cm.patch_size)
+    out = net.forward_labelled(x, x)
+    assert tuple(out.main[0].shape) == tuple(out.main_u[0].shape) == (1, NUM_CLASSES, *cm.patch_size)
 
 
 def test_bottleneck_size():
@@ -116,8 +119,8 @@ def test_labelled_loss_reaches_neither_decoder_u_nor_unlabelled_inputs(tiny_plan
     net.train()
     x_l = torch.randn(2, 1, *cm.patch_size, requires_grad=True)
     x_u = torch.randn(2, 1, *cm.patch_size, requires_grad=True)
-    P, P_b, _ = net.forward_labelled(x_l, x_u)
-    l_sup = sum(p[:2].square().mean() for p in P) + sum(p[:2].square().mean() for p in P_b)
+    out = net.forward_labelled(x_l, x_u)
+    l_sup = sum(p.square().mean() for p in out.main) + sum(p.square().mean() for p in out.balanced)
     l_sup.backward()
     assert not _has_grad(net.decoder_u)
     assert x_u.grad is None or x_u.grad.abs().sum() == 0
@@ -129,8 +132,7 @@ def test_unlabelled_loss_reaches_encoder_skc_decoder_u_but_not_decoder_l(tiny_pl
     net.train()
     x_l = torch.randn(2, 1, *cm.patch_size)
     x_u = torch.randn(2, 1, *cm.patch_size, requires_grad=True)
-    P, P_b, feats = net.forward_labelled(x_l, x_u)
-    Q, Q_b = net.forward_unlabelled(feats)
+    Q, Q_b = net.forward_unlabelled(net.forward_labelled(x_l, x_u).features_u)
     l_u = sum(q.square().mean() for q in Q) + sum(q.square().mean() for q in Q_b)
     l_u.backward()
     assert not _has_grad(net.decoder_l)
@@ -146,7 +148,7 @@ def test_reused_encoder_features_equal_a_second_encoder_pass(tiny_plans):
 
     def grads_of(reuse: bool):
         net.zero_grad()
-        _, _, feats = net.forward_labelled(x_l, x_u)
+        feats = net.forward_labelled(x_l, x_u).features_u
         if not reuse:
             feats = net.encoder(x_u)
         Q, _ = net.forward_unlabelled(feats)
@@ -195,3 +197,31 @@ def test_one_ema_step_moves_decoder_u_one_minus_m_of_the_way(tiny_plans):
     for (name, new), old, target in zip(net.decoder_u.stages.named_parameters(), before.decoder_u.stages.parameters(),
                                         before.decoder_l.stages.parameters()):
         torch.testing.assert_close(new - old, 0.01 * (target - old), rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_split_decoder_pass_equals_one_joint_2b_pass(tiny_plans):
+    """D_l runs the unlabelled half without graph: same logits and same gradients as the plain 2B pass."""
+    net, cm = build(tiny_plans)
+    net.eval()  # SKC dropout off: both computations deterministic
+    x_l, x_u = torch.randn(2, 1, *cm.patch_size), torch.randn(2, 1, *cm.patch_size)
+
+    def joint():
+        skips = net.encoder(torch.cat((x_l, x_u), 0))
+        main, balanced = net.decoder_l([*skips[:-1], net.skc(skips[-1], mode="cross")])
+        return [m[:2] for m in main], [b[:2] for b in balanced], [m[2:] for m in main], [b[2:] for b in balanced]
+
+    def loss_and_grads(outputs):
+        net.zero_grad()
+        main, balanced = outputs[0], outputs[1]
+        (sum(m.square().mean() for m in main) + sum(b.abs().mean() for b in balanced)).backward()
+        return [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    split = net.forward_labelled(x_l, x_u)
+    reference = joint()
+    for a, b in zip(split[:4], reference):
+        for i, j in zip(a, b):
+            torch.testing.assert_close(i, j.detach(), rtol=1e-5, atol=1e-5)
+    g_split, g_ref = loss_and_grads(net.forward_labelled(x_l, x_u)), loss_and_grads(joint())
+    assert len(g_split) == len(g_ref)
+    for a, b in zip(g_split, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # summation order differs

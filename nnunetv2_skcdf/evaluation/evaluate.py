@@ -289,15 +289,17 @@ def _run_stat(values: Sequence[float]) -> dict:
 
 def aggregate_runs(runs: List[dict], class_info: List[dict], settings: dict) -> dict:
     """Methods (runs grouped by name, first-appearance order) with mean/std over runs of every run's per-class
-    means and class averages. ``runs``: ``[{'method', 'pred_folder', 'output_folder', 'summary'}]``."""
+    means and class averages. ``runs``: ``[{'method', 'pred_folder', 'output_folder', 'summary'}]``.
+    ``per_class[key][metric]['n_cases']`` = cases (summed over runs) that had a value (not NaN) for it."""
     methods: Dict[str, List[dict]] = {}
     for run in runs:
         methods.setdefault(run["method"], []).append(run)
     out = []
     for name, group in methods.items():
         summaries = [r["summary"] for r in group]
-        per_class = {c["key"]: {m: _run_stat([s["mean"][c["key"]][m] for s in summaries]) for m in AGGREGATED_METRICS}
-                     for c in class_info}
+        per_class = {c["key"]: {m: {**_run_stat([s["mean"][c["key"]][m] for s in summaries]),
+                                    "n_cases": sum(s["skcdf"]["per_class"][c["key"]]["n_valid"][m] for s in summaries)}
+                                for m in AGGREGATED_METRICS} for c in class_info}
         out.append({
             "name": name,
             "runs": [{"pred_folder": r["pred_folder"], "output_folder": r["output_folder"],
@@ -459,7 +461,8 @@ def evaluate_folders(ref_folder: str, pred_folders: Sequence[str], methods: Opti
     names = label_names(dataset_json)
     tolerances = resolve_nsd_tolerances(nsd_tolerance, regions, names)
     cases = [list_cases(ref_folder, p, ending) for p in pred_folders]
-    reader = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(ref_folder, cases[0][0]))
+    reader = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(ref_folder, cases[0][0]),
+                                                       verbose=False)
     allowed = tuple(sorted(set(lm.all_labels) | ({lm.ignore_label} - {None})))
     settings = _settings(paper_rules, voxel_units, regions, names, tolerances)
 

@@ -128,7 +128,8 @@ def _notes(aggregate: dict) -> List[str]:
                  "distances 0, NSD 100 %")
     else:
         rules = ("nnU-Net rules: Dice NaN when both masks are empty; surface metrics NaN when either is empty; "
-                 "NaN cases are left out of the means (counts in aggregate.json)")
+                 "NaN cases are left out of the means (how many cases remain: n_cases per class and metric in "
+                 "aggregate.json)")
     return [
         f"Dice, IoU and NSD in %, ASD (directed, prediction -> reference), ASSD and HD95 in {unit}. Per class: "
         f"mean over test cases; Avg: mean over classes. Runs per method: {runs}; "

@@ -7,10 +7,14 @@ configured, independently initialised decoder becomes ``D_u``. Each decoder has 
 ``seg_layers``) and a balanced head ``H_b`` at every deep-supervision scale.
 
 Paths (B labelled, B unlabelled samples; lists are nnU-Net's deep-supervision order, full resolution first):
+- ``forward(x_l, x_u)``: one training step's whole forward (``forward_labelled`` then ``forward_unlabelled``) as
+  a single call, so that DDP (one forward per backward, gradient hooks armed in ``forward``) and
+  ``torch.compile`` wrap all of it -> ``TrainingPass``.
 - ``forward(x)``: inference -- encoder -> SKC(self) -> D_u -> H_u. A tensor (N, C, *patch) when deep
   supervision is off (what nnU-Net's predictor expects), the list of scales when it is on (online validation).
-- ``forward_labelled(x_l, x_u)``: encoder on [x_l; x_u] -> SKC(cross) -> D_l -> (P, P_b) for all 2B samples,
-  plus the encoder features of the unlabelled half for ``forward_unlabelled``.
+- ``forward_labelled(x_l, x_u)``: encoder on [x_l; x_u] -> SKC(cross) -> D_l -> ``LabelledPass``: (P, P_b) of the
+  labelled half with their graph, (P, P_b) of the unlabelled half without graph (they only make pseudo labels),
+  and the encoder features of the unlabelled half for ``forward_unlabelled``.
 - ``forward_unlabelled(features_u)``: SKC(self) -> D_u -> (Q, Q_b).
 
 The SKC global block's kernel equals the bottleneck size, so the network takes exactly the plans' patch size
@@ -19,70 +23,138 @@ The SKC global block's kernel equals the bottleneck size, so the network takes e
 from __future__ import annotations
 
 import copy
-from typing import List, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from nnunetv2_skcdf.network.building_blocks.skc import SKCModule
 
 Outputs = Union[torch.Tensor, List[torch.Tensor]]
 
 
-class DecoderWithBalancedHeads(nn.Module):
-    """nnU-Net's ``UNetDecoder`` (upsampling stages, main heads) plus one balanced 1x1 head per scale."""
+class LabelledPass(NamedTuple):
+    """Outputs of ``SKCDFUNet.forward_labelled`` for B labelled + B unlabelled samples (each a tensor or a list
+    of deep-supervision scales, full resolution first)."""
+    main: Outputs                  # P[:B], D_l main head on the labelled half, with graph (L_sup)
+    balanced: Optional[Outputs]    # P_b[:B], D_l balanced head on the labelled half, with graph (L_sup)
+    main_u: Outputs                # P[B:], D_l main head on the unlabelled half, no graph (pseudo labels p)
+    balanced_u: Optional[Outputs]  # P_b[B:], D_l balanced head, unlabelled half, no graph (pseudo labels p_b)
+    features_u: List[torch.Tensor]  # encoder outputs of x_u, with graph (input of forward_unlabelled)
 
-    def __init__(self, decoder: nn.Module):
+
+class DecoderWithBalancedHeads(nn.Module):
+    """nnU-Net's ``UNetDecoder`` (upsampling stages, main heads) plus one balanced 1x1 head per scale
+    (``balanced=False``: none, the no-ABC ablation; the balanced outputs are then ``None``)."""
+
+    def __init__(self, decoder: nn.Module, balanced: bool = True):
         super().__init__()
         # UNetDecoder keeps a reference to the encoder as a submodule; a decoder must not own (or copy, or EMA)
         # the shared encoder, and its forward does not use it
         if "encoder" in decoder._modules:
             del decoder._modules["encoder"]
         self.stages, self.transpconvs, self.seg_layers = decoder.stages, decoder.transpconvs, decoder.seg_layers
-        self.balanced_seg_layers = copy.deepcopy(decoder.seg_layers)
+        self.balanced_seg_layers = copy.deepcopy(decoder.seg_layers) if balanced else None
         self.deep_supervision = bool(decoder.deep_supervision)
 
-    def forward(self, skips: Sequence[torch.Tensor]) -> Tuple[Outputs, Outputs]:
-        """skips: encoder outputs, bottleneck last -> (main, balanced) logits, each a tensor or a list of scales."""
+    @property
+    def has_balanced_heads(self) -> bool:
+        return self.balanced_seg_layers is not None
+
+    def forward(self, skips: Sequence[torch.Tensor]) -> Tuple[Outputs, Optional[Outputs]]:
+        """skips: encoder outputs, bottleneck last -> (main, balanced) logits, each a tensor or a list of scales
+        (balanced ``None`` without balanced heads)."""
         x, main, balanced = skips[-1], [], []
         last = len(self.stages) - 1
         for s in range(len(self.stages)):
             x = self.stages[s](torch.cat((self.transpconvs[s](x), skips[-(s + 2)]), 1))
             if self.deep_supervision or s == last:
                 main.append(self.seg_layers[s](x))
-                balanced.append(self.balanced_seg_layers[s](x))
+                if self.has_balanced_heads:
+                    balanced.append(self.balanced_seg_layers[s](x))
         if not self.deep_supervision:
-            return main[0], balanced[0]
-        return main[::-1], balanced[::-1]
+            return main[0], (balanced[0] if balanced else None)
+        return main[::-1], (balanced[::-1] if balanced else None)
+
+
+class PlainBottleneck(nn.Module):
+    """The no-SKC ablation: the bottleneck features pass unchanged, ``(N, K, *S) -> (N, K, *S)``, any mode."""
+
+    def forward(self, z: torch.Tensor, mode: str = "self") -> torch.Tensor:
+        return z
+
+
+class TrainingPass(NamedTuple):
+    """Outputs of ``SKCDFUNet.forward(x_l, x_u)``: the labelled pass (see ``LabelledPass``) and the unlabelled
+    pass ``(Q, Q_b)`` through D_u."""
+    main: Outputs
+    balanced: Optional[Outputs]
+    main_u: Outputs
+    balanced_u: Optional[Outputs]
+    unlabelled_main: Outputs                # Q, with graph (L_u)
+    unlabelled_balanced: Optional[Outputs]  # Q_b, with graph (L_u)
 
 
 class SKCDFUNet(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder_l: DecoderWithBalancedHeads, decoder_u: DecoderWithBalancedHeads,
-                 skc: nn.Module, num_classes: int):
+    """See the module docstring. Ablations: ``decoder_u=None`` shares ``D_l`` as ``D_u`` (no decoupling: one
+    decoder learns from labels and pseudo labels); ``labelled_attention_mode="self"`` runs the SKC module in
+    self mode in the labelled pass (self- instead of cross-attention); a ``PlainBottleneck`` as ``skc``
+    removes the SKC module; decoders without balanced heads remove the ABC heads."""
+
+    def __init__(self, encoder: nn.Module, decoder_l: DecoderWithBalancedHeads,
+                 decoder_u: Optional[DecoderWithBalancedHeads], skc: nn.Module, num_classes: int,
+                 labelled_attention_mode: str = "cross"):
         super().__init__()
-        self.encoder, self.decoder_l, self.decoder_u, self.skc = encoder, decoder_l, decoder_u, skc
+        if labelled_attention_mode not in ("cross", "self"):
+            raise ValueError(f"labelled_attention_mode must be 'cross' or 'self', got {labelled_attention_mode!r}")
+        self.encoder, self.decoder_l, self.skc = encoder, decoder_l, skc
+        # without decoupling the same module is registered twice: parameters() lists it once (one optimiser
+        # entry), and the state dict keeps both prefixes so that every variant's checkpoint has the same layout
+        self.decoder_u = decoder_l if decoder_u is None else decoder_u
+        self.labelled_attention_mode = labelled_attention_mode
         # voxels per class of the labelled training cases (the keep-rates' source), filled once by the trainer;
         # a buffer so that every checkpoint carries it
         self.register_buffer("class_voxel_counts", torch.zeros(num_classes, dtype=torch.long))
 
     # -------------------------------------------------------------------------------------------- paths
-    def forward(self, x: torch.Tensor) -> Outputs:
+    def forward(self, x: torch.Tensor, x_u: Optional[torch.Tensor] = None) -> Union[Outputs, TrainingPass]:
+        """``forward(x)``: inference logits of D_u's main head. ``forward(x_l, x_u)``: the training pass."""
+        if x_u is not None:
+            labelled = self.forward_labelled(x, x_u)
+            return TrainingPass(*labelled[:4], *self.forward_unlabelled(labelled.features_u))
         skips = self.encoder(x)
         main, _ = self.decoder_u(self._with_bottleneck(skips, self.skc(skips[-1], mode="self")))
         return main
 
-    def forward_labelled(self, x_l: torch.Tensor, x_u: torch.Tensor):
-        """-> (P, P_b, features_u): D_l logits for all 2B samples ([labelled; unlabelled]), and the encoder
-        outputs of the unlabelled half (with their graph) for ``forward_unlabelled``."""
+    def forward_labelled(self, x_l: torch.Tensor, x_u: torch.Tensor) -> LabelledPass:
+        """Labelled ("complementarity") pass of B labelled and B unlabelled samples, see ``LabelledPass``.
+
+        D_l's outputs for the unlabelled half only become pseudo labels (argmax, no gradient), so that half goes
+        through D_l without a graph: the same values and the same gradients as one 2B-sample decoder pass
+        (D_l's per-sample instance norms do not mix samples), without storing activations or running a
+        backward pass for B samples that would only receive zero gradient."""
         b = x_l.shape[0]
         skips = self.encoder(torch.cat((x_l, x_u), 0))
-        main, balanced = self.decoder_l(self._with_bottleneck(skips, self.skc(skips[-1], mode="cross")))
-        return main, balanced, [s[b:] for s in skips]
+        decoder_input = self._with_bottleneck(skips, self.skc(skips[-1], mode=self.labelled_attention_mode))
+        if self._decoder_mixes_samples:  # batch norm: its statistics need the joint 2B batch
+            main, balanced = self.decoder_l(decoder_input)
+            main, main_u = _split(main, b)
+            balanced, balanced_u = _split(balanced, b)
+            return LabelledPass(main, balanced, _detach(main_u), _detach(balanced_u), [s[b:] for s in skips])
+        main, balanced = self.decoder_l([s[:b] for s in decoder_input])
+        with torch.no_grad():
+            main_u, balanced_u = self.decoder_l([s[b:] for s in decoder_input])
+        return LabelledPass(main, balanced, main_u, balanced_u, [s[b:] for s in skips])
 
     def forward_unlabelled(self, features_u: Sequence[torch.Tensor]):
         """Encoder outputs of x_u -> (Q, Q_b) from D_u, SKC in self mode."""
         return self.decoder_u(self._with_bottleneck(features_u, self.skc(features_u[-1], mode="self")))
+
+    @property
+    def _decoder_mixes_samples(self) -> bool:
+        return any(isinstance(m, _BatchNorm) for m in self.decoder_l.modules())
 
     @staticmethod
     def _with_bottleneck(skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> List[torch.Tensor]:
@@ -93,18 +165,41 @@ class SKCDFUNet(nn.Module):
     def deep_supervision(self) -> bool:
         return self.decoder_u.deep_supervision
 
+    @property
+    def decoupled(self) -> bool:
+        return self.decoder_u is not self.decoder_l
+
     def set_deep_supervision(self, enabled: bool) -> None:
         self.decoder_l.deep_supervision = self.decoder_u.deep_supervision = bool(enabled)
 
     @torch.no_grad()
-    def ema_update(self, momentum: float) -> None:
+    def ema_update(self, momentum: float, couple_decoders: bool = True) -> None:
         """The method's EMA, in the reference order (one fused lerp per step):
         1. H_l <- m H_l + (1-m) H_l_b;  2. D_u <- m D_u + (1-m) D_l (every parameter, heads included);
-        3. H_u <- m H_u + (1-m) H_u_b."""
+        3. H_u <- m H_u + (1-m) H_u_b.
+        Steps 1 and 3 need balanced heads; step 2 needs two decoders and ``couple_decoders`` (False: the
+        no-EMA-coupling ablation)."""
         weight = 1.0 - momentum
-        _lerp(self.decoder_l.seg_layers, self.decoder_l.balanced_seg_layers, weight)
-        _lerp(self.decoder_u, self.decoder_l, weight)
-        _lerp(self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers, weight)
+        if self.decoder_l.has_balanced_heads:
+            _lerp(self.decoder_l.seg_layers, self.decoder_l.balanced_seg_layers, weight)
+        if self.decoupled and couple_decoders:
+            _lerp(self.decoder_u, self.decoder_l, weight)
+        if self.decoupled and self.decoder_u.has_balanced_heads:
+            _lerp(self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers, weight)
+
+
+def _split(x: Optional[Outputs], b: int) -> Tuple[Optional[Outputs], Optional[Outputs]]:
+    if x is None:
+        return None, None
+    if isinstance(x, (list, tuple)):
+        return [i[:b] for i in x], [i[b:] for i in x]
+    return x[:b], x[b:]
+
+
+def _detach(x: Optional[Outputs]) -> Optional[Outputs]:
+    if x is None:
+        return None
+    return [i.detach() for i in x] if isinstance(x, (list, tuple)) else x.detach()
 
 
 def _lerp(target: nn.Module, source: nn.Module, weight: float) -> None:
@@ -129,8 +224,11 @@ def bottleneck_size(patch_size: Sequence[int], strides: Sequence[Sequence[int]])
 def build_skcdf_unet(arch_class_name: str, arch_kwargs: dict, arch_kwargs_req_import: Sequence[str],
                      input_channels: int, num_classes: int, patch_size: Sequence[int], deep_supervision: bool,
                      skc_heads: int = 2, skc_window=None, skc_order: str = "local_global",
-                     skc_dropout: float = 0.1) -> SKCDFUNet:
-    """SKCDF U-Net from a plans configuration's architecture block."""
+                     skc_dropout: float = 0.1, skc_attention_dropout: float = 0.0, skc_enabled: bool = True,
+                     balanced_heads: bool = True, decoupled: bool = True,
+                     labelled_attention_mode: str = "cross") -> SKCDFUNet:
+    """SKCDF U-Net from a plans configuration's architecture block (the keyword options after ``skc_dropout``
+    select the ablations, see ``SKCDFUNet``)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     def base():
@@ -142,10 +240,15 @@ def build_skcdf_unet(arch_class_name: str, arch_kwargs: dict, arch_kwargs_req_im
         raise ValueError(f"{arch_class_name}: SKCDF needs an encoder + UNetDecoder network (PlainConvUNet or "
                          f"ResidualEncoderUNet plans)")
     encoder = plans_net.encoder
-    decoder_l = DecoderWithBalancedHeads(plans_net.decoder)
-    decoder_u = DecoderWithBalancedHeads(base().decoder)  # same architecture, its own nnU-Net initialisation
-    for head in (decoder_l.balanced_seg_layers, decoder_u.balanced_seg_layers):
-        head.apply(type(plans_net).initialize)
-    skc = SKCModule(encoder.output_channels[-1], bottleneck_size(patch_size, encoder.strides), heads=skc_heads,
-                    window=skc_window, dropout=skc_dropout, order=skc_order)
-    return SKCDFUNet(encoder, decoder_l, decoder_u, skc, num_classes)
+    decoder_l = DecoderWithBalancedHeads(plans_net.decoder, balanced_heads)
+    # D_u: same architecture, its own nnU-Net initialisation
+    decoder_u = DecoderWithBalancedHeads(base().decoder, balanced_heads) if decoupled else None
+    for decoder in (decoder_l, decoder_u):
+        if decoder is not None and decoder.has_balanced_heads:
+            decoder.balanced_seg_layers.apply(type(plans_net).initialize)
+    skc = PlainBottleneck()
+    if skc_enabled:
+        skc = SKCModule(encoder.output_channels[-1], bottleneck_size(patch_size, encoder.strides),
+                        heads=skc_heads, window=skc_window, dropout=skc_dropout, order=skc_order,
+                        attention_dropout=skc_attention_dropout)
+    return SKCDFUNet(encoder, decoder_l, decoder_u, skc, num_classes, labelled_attention_mode)

@@ -19,6 +19,16 @@ The ``h`` heads are not split into separate ``K x K`` matrices: all ``hK`` proje
 matrix, in self mode as in cross mode, so the two modes differ only in where keys and values come from. (The
 reference code splits heads in self mode but not in cross mode; the specification uses the unified form.)
 
+Computation: softmax is invariant to a shift shared by a row, so ``softmax(InstanceNorm(S)) = softmax(S / sigma)``
+with ``sigma`` the standard deviation of the whole score matrix (plus eps). ``sigma`` has a closed form in the
+(L x L) Gram matrices of the centred queries and keys, so ``ChannelAttention`` scales the queries by
+``1/sigma`` and calls PyTorch's fused ``scaled_dot_product_attention``: identical values and gradients
+(tests compare it with the explicit ``channel_attention_weights``), without materialising, normalising and
+storing the (hK x M) score matrices -- the dominant cost of the module on CPU and GPU.
+
+Dropout: the specification applies dropout (0.1) to the output projection. The reference code also drops
+attention weights; that is ``attention_dropout`` (default 0), which on CPU also rules out the fused kernel.
+
 Cross mode: every labelled query attends to the keys/values of *all* unlabelled samples of the batch,
 concatenated along the channel axis (score matrix ``hK x B*hK``), and every unlabelled query attends to all
 labelled samples. The unlabelled half is detached before the projections, so no gradient reaches the
@@ -71,6 +81,36 @@ def channel_attention_weights(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return scores.softmax(dim=-1)
 
 
+def score_norm_scale(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``1 / sqrt(Var(q k^T) + eps)`` per score matrix, without forming it. q: (..., C, L), k: (..., M, L)
+    (leading dims broadcast) -> (..., 1, 1), float32.
+
+    With centred rows ``q' = q - mean_i q_i`` and ``k' = k - mean_j k_j`` the variance over all (i, j) is
+    ``mean_j (qbar.k'_j)^2 + mean_i (q'_i.kbar)^2 + sum(G_q' * G_k') / (C M)`` (``G = x^T x``, L x L): three
+    non-negative terms, so no cancellation. Computed in float32 even under autocast."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = q.float(), k.float()
+        q_mean, k_mean = q.mean(-2, keepdim=True), k.mean(-2, keepdim=True)  # (..., 1, L)
+        qc, kc = q - q_mean, k - k_mean
+        var = ((kc @ q_mean.transpose(-1, -2)).square().mean((-2, -1))
+               + (qc @ k_mean.transpose(-1, -2)).square().mean((-2, -1))
+               + ((qc.transpose(-1, -2) @ qc) * (kc.transpose(-1, -2) @ kc)).sum((-2, -1))
+               / (q.shape[-2] * k.shape[-2]))
+        return torch.rsqrt(var + SCORE_NORM_EPS)[..., None, None]
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """``softmax_rowwise(InstanceNorm(q k^T)) v`` through the fused attention kernel (see the module docstring).
+
+    q: (..., C, L), k and v: (..., M, L), leading dims broadcast -> (..., C, L). ``dropout_p`` drops attention
+    weights (pass 0 in eval mode)."""
+    q = (q * score_norm_scale(q, k)).to(q.dtype)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    flat = [t.expand(*batch, *t.shape[-2:]).reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v)]  # (N', 1, *, L)
+    out = F.scaled_dot_product_attention(*flat, dropout_p=dropout_p, scale=1.0)
+    return out.reshape(*batch, *out.shape[-2:])
+
+
 def other_half_concat(x: torch.Tensor) -> torch.Tensor:
     """(2B, T, M, L) -> (2, 1, T, B*M, L): for each half, the *other* half's samples stacked along the
     channel axis (half 0 = labelled reads the unlabelled samples, half 1 the labelled ones). The singleton
@@ -87,22 +127,25 @@ class ChannelAttention(nn.Module):
     Args:
         channels: K.
         heads: h; the projections map K -> hK channels.
-        dropout: rate of the dropout on the attention weights and on the output (active in train mode only).
+        dropout: rate of the dropout on the output projection (train mode only; the specification's 0.1).
+        attention_dropout: rate of the dropout on the attention weights (train mode only; the reference code's
+            extra regulariser, 0 by default: see the module docstring).
     """
 
-    def __init__(self, channels: int, heads: int = 2, dropout: float = 0.1):
+    def __init__(self, channels: int, heads: int = 2, dropout: float = 0.1, attention_dropout: float = 0.0):
         super().__init__()
         if channels < 1 or heads < 1:
             raise ValueError(f"channels and heads must be >= 1, got channels={channels}, heads={heads}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        for name, rate in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {rate}")
         self.channels, self.heads = channels, heads
         inner = heads * channels
         self.q = nn.Linear(channels, inner, bias=False)
         self.k = nn.Linear(channels, inner, bias=False)
         self.v = nn.Linear(channels, inner, bias=False)
         self.out = nn.Linear(inner, channels, bias=False)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attention_dropout = attention_dropout
         self.proj_dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
@@ -122,7 +165,7 @@ class ChannelAttention(nn.Module):
         if mode == "cross":
             q = q.reshape(2, -1, *q.shape[1:])  # (2, B, T, hK, L): the halves' queries
             k, v = other_half_concat(k), other_half_concat(v)  # (2, 1, T, B*hK, L)
-        mixed = self.attn_dropout(channel_attention_weights(q, k)) @ v  # (..., hK, L)
+        mixed = channel_attention(q, k, v, self.attention_dropout if self.training else 0.0)  # (..., hK, L)
         mixed = mixed.reshape(tokens.shape[:2] + mixed.shape[-2:]).transpose(-1, -2)  # (N, T, L, hK)
         return self.proj_dropout(self.out(mixed))
 
@@ -131,4 +174,4 @@ class ChannelAttention(nn.Module):
         return tuple(proj(tokens).transpose(-1, -2) for proj in (self.q, self.k, self.v))
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, heads={self.heads}"
+        return f"channels={self.channels}, heads={self.heads}, attention_dropout={self.attention_dropout}"

@@ -174,19 +174,20 @@ class SKCBlock(nn.Module):
         channels: K.
         spatial_size: S (2 or 3 axes); the input must have exactly this size.
         window: local block only; ``None`` -> ``choose_window(S)``. Must divide S.
-        heads, dropout: of the channel attention.
+        heads, dropout, attention_dropout: of the channel attention.
         kind: ``"local"`` or ``"global"``.
         learned_inverse: learned (identity-initialised) or fixed inverse token map.
     """
 
     def __init__(self, channels: int, spatial_size: Sequence[int], window: Optional[Window] = None, heads: int = 2,
-                 dropout: float = 0.1, kind: str = "local", learned_inverse: bool = True):
+                 dropout: float = 0.1, kind: str = "local", learned_inverse: bool = True,
+                 attention_dropout: float = 0.0):
         super().__init__()
         self.channels, self.spatial_size, self.kind = channels, check_spatial_size(spatial_size), kind
         self.window = self._window(kind, self.spatial_size, window)
         self.token_learner = TokenLearner(self.window)
         self.attn_norm = nn.LayerNorm(channels, eps=NORM_EPS)
-        self.attention = ChannelAttention(channels, heads, dropout)
+        self.attention = ChannelAttention(channels, heads, dropout, attention_dropout)
         self.out_norm = nn.LayerNorm(channels, eps=NORM_EPS)
         self.token_inverse = TokenInverse(self.window, self.spatial_size, learned_inverse)
         self.map_out = nn.Sequential(CONV_OPS[len(self.spatial_size)][0](channels, channels, kernel_size=1), nn.GELU())
@@ -237,20 +238,24 @@ class SKCModule(nn.Module):
         spatial_size: S, the bottleneck size the plans produce (patch size / total stride per axis).
         heads: attention heads (reference 2).
         window: window of the local block (``None``: ``choose_window``).
-        dropout: attention dropout (reference 0.1), train mode only.
+        dropout: dropout of the attention output (reference 0.1), train mode only.
         order: ``"local_global"`` (default), ``"global_local"`` or ``"parallel"``.
         learned_inverse: learned (identity-initialised) or fixed inverse token maps.
+        attention_dropout: dropout of the attention weights (the reference code's 0.1; default 0, see
+            ``channel_attention``), train mode only.
     """
 
     def __init__(self, channels: int, spatial_size: Sequence[int], heads: int = 2, window: Optional[Window] = None,
-                 dropout: float = 0.1, order: str = "local_global", learned_inverse: bool = True):
+                 dropout: float = 0.1, order: str = "local_global", learned_inverse: bool = True,
+                 attention_dropout: float = 0.0):
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         self.order = order
         # fixed attribute names whatever the order, so state dicts of all orders have the same keys
-        self.local_block = SKCBlock(channels, spatial_size, window, heads, dropout, "local", learned_inverse)
-        self.global_block = SKCBlock(channels, spatial_size, None, heads, dropout, "global", learned_inverse)
+        blocks = {kind: SKCBlock(channels, spatial_size, window if kind == "local" else None, heads, dropout, kind,
+                                 learned_inverse, attention_dropout) for kind in ("local", "global")}
+        self.local_block, self.global_block = blocks["local"], blocks["global"]
 
     def forward(self, z: torch.Tensor, mode: str = "self") -> torch.Tensor:
         """z: (N, K, *S) -> (N, K, *S); ``mode="cross"``: N = 2B, [labelled; unlabelled]."""

@@ -12,7 +12,7 @@ L_u = DC+CE(Q, p) + masked DC+CE(Q_b, p_b, M_u), and one optimiser step on L_sup
 """
 from __future__ import annotations
 
-from typing import List, Union
+from typing import List
 
 import numpy as np
 import torch
@@ -39,20 +39,29 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
     skc_heads: int = 2               # attention heads h of the SKC module (reference: 2)
     skc_window = None                # local window per axis; None = largest divisor of the bottleneck size <= 2
     skc_order: str = "local_global"  # "local_global" (paper), "global_local" / "parallel" (ablations)
-    skc_dropout: float = 0.1
+    skc_dropout: float = 0.1         # dropout of the attention output (specification)
+    skc_attention_dropout: float = 0.0  # dropout of the attention weights (reference code: 0.1)
+    # --- ablations (variants/ablation): each switches off one part of the method ---
+    skc_enabled: bool = True         # False: plain bottleneck, no SKC module
+    labelled_attention_mode: str = "cross"  # "self": self- instead of cross-attention in the labelled pass
+    balanced_heads: bool = True      # False: no ABC heads (main heads only, no balanced masks)
+    decoupled: bool = True           # False: one decoder learns from labels and pseudo labels
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         # --- SKCDF hyperparameters (method page: reference values) ---
         self.ema_momentum = 0.99          # m: D_u <- m D_u + (1-m) D_l, main heads <- balanced heads
+        self.ema_couple_decoders = True   # False: no D_u <- D_l EMA (ablation); the head EMA stays
         self.consistency_weight = 10.0    # w in lambda(t) = w exp(-5 (1 - t/T_ramp)^2)
-        self.rampup_epochs = None         # T_ramp; None = all epochs (reference)
+        self.rampup_epochs = None         # T_ramp; None = all epochs (reference), 0 = no ramp-up
         self.masking = "exclude"          # "exclude": masked voxels leave CE and Dice; "multiply": reference code
         self.unlabeled_batch_size = None  # None = the plans' (DDP-adjusted) labelled batch size
+        self.max_nonfinite_steps = 5      # non-finite losses in a row before training stops (each one is skipped)
         # --- state ---
         self.dataloader_unlabeled = None
         self.masked_loss = None
+        self.nonfinite_in_a_row = 0
         self.logger.local_logger = SKCDFLocalLogger()
         if self.label_manager.has_regions:
             raise SKCDFInputError("SKCDF needs class labels; region-based training (dataset.json regions) is not "
@@ -68,7 +77,10 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
                                 configuration_manager.network_arch_init_kwargs_req_import,
                                 num_input_channels, num_output_channels, configuration_manager.patch_size,
                                 enable_deep_supervision, skc_heads=cls.skc_heads, skc_window=cls.skc_window,
-                                skc_order=cls.skc_order, skc_dropout=cls.skc_dropout)
+                                skc_order=cls.skc_order, skc_dropout=cls.skc_dropout,
+                                skc_attention_dropout=cls.skc_attention_dropout, skc_enabled=cls.skc_enabled,
+                                balanced_heads=cls.balanced_heads, decoupled=cls.decoupled,
+                                labelled_attention_mode=cls.labelled_attention_mode)
 
     def _net(self) -> SKCDFUNet:
         """The SKCDFUNet behind DDP / torch.compile wrappers."""
@@ -135,33 +147,75 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
         net = self._net()
 
         self.optimizer.zero_grad(set_to_none=True)
-        net.ema_update(self.ema_momentum)
-        lam = C.consistency_weight(self.current_epoch, self.rampup_epochs or self.num_epochs, self.consistency_weight)
+        net.ema_update(self.ema_momentum, self.ema_couple_decoders)
+        lam = self._consistency_weight()
         rates_u = C.annealed_keep_rates(self.class_keep_rates, self.current_epoch, self.num_epochs)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            P, P_b, features_u = net.forward_labelled(x_l, x_u)
-            b = x_l.shape[0]
-            l_sup = self.loss(_half(P, 0, b), y_l) + self._balanced_loss(_half(P_b, 0, b), y_l, self.class_keep_rates)
-            with torch.no_grad():
-                p, p_b = C.pseudo_labels(_half(P, b, None)), C.pseudo_labels(_half(P_b, b, None))
-            Q, Q_b = net.forward_unlabelled(features_u)
-            l_u = self.loss(Q, p) + self._balanced_loss(Q_b, p_b, rates_u)
+            out = self.network(x_l, x_u)  # through the DDP / compile wrappers: one forward, one backward
+            l_sup = self.loss(out.main, y_l) + self._balanced_loss(out.balanced, y_l, self.class_keep_rates)
+            p, p_b = C.pseudo_labels(out.main_u), C.pseudo_labels(out.balanced_u)
+            l_u = self.loss(out.unlabelled_main, p) + self._balanced_loss(out.unlabelled_balanced, p_b, rates_u)
             loss = l_sup + lam * l_u
-        self._backward_and_step(loss)
         histogram = C.class_histogram(_first(p), self.label_manager.num_segmentation_heads)
-        return {"loss": loss.detach().cpu().numpy(), "l_sup": l_sup.detach().cpu().numpy(),
-                "l_u": l_u.detach().cpu().numpy(), "pseudo_histogram": histogram.cpu().numpy()}
+        outputs = {"loss": loss.detach().cpu().numpy(), "l_sup": l_sup.detach().cpu().numpy(),
+                   "l_u": l_u.detach().cpu().numpy(), "pseudo_histogram": histogram.cpu().numpy()}
+        # the host copy above is nnU-Net's own once-per-step sync (it logs the loss); the check reuses it
+        finite = self._loss_is_finite(outputs["loss"])
+        self._backward_and_step(loss, step=finite)
+        if finite:
+            self.nonfinite_in_a_row = 0
+        else:
+            self._count_nonfinite_step(outputs)
+        return outputs
 
-    def _balanced_loss(self, logits, target, rates: torch.Tensor) -> torch.Tensor:
-        """DC+CE on the balanced head with a class-balanced Bernoulli mask drawn per voxel and scale."""
+    def _consistency_weight(self) -> float:
+        """lambda(t); ``rampup_epochs`` None = ramp over all epochs, 0 = full weight from the start."""
+        ramp = self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
+        return C.consistency_weight(self.current_epoch, ramp, self.consistency_weight)
+
+    def _loss_is_finite(self, loss_value: np.ndarray) -> bool:
+        """Finite on every rank (DDP: one tiny all-reduce, so that all ranks skip, count and stop together)."""
+        finite = bool(np.isfinite(loss_value))
+        if self.is_ddp:
+            flag = torch.tensor([int(finite)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
+        return finite
+
+    def _count_nonfinite_step(self, outputs: dict) -> None:
+        """A NaN/inf loss (on any rank) was skipped: logged; training stops after ``max_nonfinite_steps`` in a
+        row, keeping the last checkpoint."""
+        self.nonfinite_in_a_row += 1
+        self.print_to_log_file(f"non-finite loss in epoch {self.current_epoch} (L_sup {outputs['l_sup']}, L_u "
+                               f"{outputs['l_u']} on rank {self.local_rank}): step skipped, weights unchanged "
+                               f"({self.nonfinite_in_a_row} in a row)")
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row: training stopped (checkpoint_latest.pth in "
+                f"{self.output_folder} holds the last saved state; resume with --c). Usual causes: NaN/inf in the "
+                f"preprocessed images (rerun nnUNetv2_plan_and_preprocess / skcdf_preprocess_unlabeled, which "
+                f"check them), a learning rate too high for this dataset, or fp16 overflow (compare a run with "
+                f"-device cpu, which trains without AMP).")
+
+    def _balanced_loss(self, logits, target, rates: torch.Tensor):
+        """DC+CE on the balanced head with a class-balanced Bernoulli mask drawn per voxel and scale
+        (0 without balanced heads: the no-ABC ablation)."""
+        if logits is None:
+            return 0.0
         keep = _apply(lambda t: C.balanced_mask(t, rates), target)
         if self.masking == "multiply":
             return self.loss(*C.multiply_mask(logits, target, keep))
         masked = _apply2(lambda t, k: C.masked_target(t, k, self.mask_ignore_value), target, keep)
         return self.masked_loss(logits, masked)
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
-        """Exactly nnU-Net's update: GradScaler + unscale + clip 12 with AMP on CUDA, plain fp32 otherwise."""
+    def _backward_and_step(self, loss: torch.Tensor, step: bool = True) -> None:
+        """Exactly nnU-Net's update: GradScaler + unscale + clip 12 with AMP on CUDA, plain fp32 otherwise.
+        ``step=False`` (non-finite loss): the backward still runs, so that DDP's gradient all-reduce stays in
+        step on every rank, but the gradients are dropped and neither the optimiser nor the scaler moves."""
+        if not step:
+            (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
@@ -174,6 +228,11 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
             self.optimizer.step()
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
+        finite = [o for o in train_outputs if np.isfinite(o["loss"])]  # skipped steps leave the epoch means
+        if len(finite) < len(train_outputs):
+            self.print_to_log_file(f"{len(train_outputs) - len(finite)} of {len(train_outputs)} steps of this "
+                                   f"epoch skipped for a non-finite loss")
+        train_outputs = finite or train_outputs
         super().on_train_epoch_end(train_outputs)
         outputs = collate_outputs(train_outputs)
         l_sup, l_u, histogram = np.mean(outputs["l_sup"]), np.mean(outputs["l_u"]), outputs["pseudo_histogram"].sum(0)
@@ -183,7 +242,7 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
             l_sup, l_u = np.mean([g[0] for g in gathered]), np.mean([g[1] for g in gathered])
             histogram = np.sum([g[2] for g in gathered], axis=0)
         fractions = (histogram / max(histogram.sum(), 1)).tolist()
-        lam = C.consistency_weight(self.current_epoch, self.rampup_epochs or self.num_epochs, self.consistency_weight)
+        lam = self._consistency_weight()
         for key, value in (("train_l_sup", l_sup), ("train_l_u", l_u), ("consistency_weight", lam),
                            ("pseudo_label_fractions", fractions)):
             self.logger.log(key, value, self.current_epoch)
@@ -194,11 +253,6 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
 # ---------------------------------------------------------------------------------------------- list helpers
 def _to_device(x, device):
     return [i.to(device, non_blocking=True) for i in x] if isinstance(x, list) else x.to(device, non_blocking=True)
-
-
-def _half(x, start: int, stop: Union[int, None]):
-    """Batch slice of a tensor or of every deep-supervision scale."""
-    return [i[start:stop] for i in x] if isinstance(x, (list, tuple)) else x[start:stop]
 
 
 def _first(x):
