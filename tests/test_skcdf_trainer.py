@@ -7,27 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATASET_ID
-from nnunetv2_skcdf.experiment_planning.cpu_configuration import add_cpu_configuration
-from nnunetv2_skcdf.splits.semi_supervised_splits import make_semi_supervised_splits
 from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
-
-
-@pytest.fixture
-def trainer_factory(phantom_workspace, monkeypatch):
-    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
-    monkeypatch.setenv("nnUNet_compile", "false")
-    make_semi_supervised_splits(DATASET_ID, labeled=2, val=1, add_unlabeled_images=True, overwrite=True)
-    add_cpu_configuration(DATASET_ID, name="3d_tiny", patch_size=[8, 32, 32], n_stages=3, base_features=8,
-                          max_features=32)
-    pre = phantom_workspace["preprocessed"]
-
-    def make(cls=nnUNetTrainerSKCDF):
-        plans = json.loads((pre / "nnUNetPlans.json").read_text())
-        plans["continue_training"] = False
-        return cls(plans, "3d_tiny", 0, json.loads((pre / "dataset.json").read_text()), device=torch.device("cpu"))
-
-    return make
 
 
 def test_train_steps_logging_and_checkpoint_round_trip(trainer_factory, tmp_path):

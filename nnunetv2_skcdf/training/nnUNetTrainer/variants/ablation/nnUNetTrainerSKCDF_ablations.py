@@ -1,0 +1,102 @@
+"""The paper's ablations, one ``-tr`` away: each variant changes exactly one part of ``nnUNetTrainerSKCDF``.
+
+Architecture switches are class attributes (``build_network_architecture`` is a classmethod, called on the
+class by nnU-Net's predictor, so a checkpoint is always rebuilt with its own variant's architecture);
+training switches are set in ``__init__``. The README's ablation table maps every variant to what it tests
+and to the paper table it reproduces. Combine with a training length by subclassing, e.g.
+``class nnUNetTrainerSKCDF_noSKC_100epochs(nnUNetTrainerSKCDF_noSKC)`` with ``self.num_epochs = 100``.
+"""
+import torch
+
+from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+
+
+# ---------------------------------------------------------------------------------------------- SKC module
+class nnUNetTrainerSKCDF_noSKC(nnUNetTrainerSKCDF):
+    """No SKC module: the encoder's bottleneck goes straight to the decoders (no attention parameters)."""
+    skc_enabled = False
+
+
+class nnUNetTrainerSKCDF_selfAttention(nnUNetTrainerSKCDF):
+    """Self- instead of cross-attention in the labelled pass (supplement Table 6): labelled and unlabelled
+    samples no longer exchange information in the SKC module."""
+    labelled_attention_mode = "self"
+
+
+class nnUNetTrainerSKCDF_globalLocal(nnUNetTrainerSKCDF):
+    """Global block before the local one (supplement Table 5 d)."""
+    skc_order = "global_local"
+
+
+class nnUNetTrainerSKCDF_parallelSKC(nnUNetTrainerSKCDF):
+    """Local and global blocks side by side, outputs summed (a parallel fusion, cf. supplement Table 5 e)."""
+    skc_order = "parallel"
+
+
+class nnUNetTrainerSKCDF_attnDropout(nnUNetTrainerSKCDF):
+    """The reference code's extra dropout (0.1) on the attention weights."""
+    skc_attention_dropout = 0.1
+
+
+# ---------------------------------------------------------------------------------------------- ABC heads
+class nnUNetTrainerSKCDF_noABC(nnUNetTrainerSKCDF):
+    """No auxiliary balanced classifier: main heads only, no balanced masks, no head EMA."""
+    balanced_heads = False
+
+
+class nnUNetTrainerSKCDF_multiplyMask(nnUNetTrainerSKCDF):
+    """The reference implementation's masking: masked voxels become zero logits with a background target,
+    instead of leaving the loss."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.masking = "multiply"
+
+
+# ---------------------------------------------------------------------------------------------- decoupling / EMA
+class nnUNetTrainerSKCDF_noDecoupling(nnUNetTrainerSKCDF):
+    """One decoder learns from labels and from pseudo labels (D_u is D_l): ordinary pseudo-label training
+    with SKC and ABC, the setting the decoupling is meant to improve on."""
+    decoupled = False
+
+
+class nnUNetTrainerSKCDF_noEMA(nnUNetTrainerSKCDF):
+    """Two decoders without the EMA coupling D_u <- D_l (D_u learns from pseudo labels only); the head EMA
+    (main head <- balanced head) stays."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ema_couple_decoders = False
+
+
+# ---------------------------------------------------------------------------------------------- hyperparameters
+def _hyperparameter_variant(name: str, doc: str, **values) -> type:
+    """A subclass whose ``__init__`` sets instance hyperparameters (nnU-Net rebuilds a trainer's init kwargs
+    from the exact base signature, so the signature is spelt out)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        nnUNetTrainerSKCDF.__init__(self, plans, configuration, fold, dataset_json, device)
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    return type(name, (nnUNetTrainerSKCDF,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+nnUNetTrainerSKCDF_cw1 = _hyperparameter_variant(
+    "nnUNetTrainerSKCDF_cw1", "Consistency weight w = 1 (reference 10).", consistency_weight=1.0)
+nnUNetTrainerSKCDF_cw5 = _hyperparameter_variant(
+    "nnUNetTrainerSKCDF_cw5", "Consistency weight w = 5 (reference 10).", consistency_weight=5.0)
+nnUNetTrainerSKCDF_cw20 = _hyperparameter_variant(
+    "nnUNetTrainerSKCDF_cw20", "Consistency weight w = 20 (reference 10).", consistency_weight=20.0)
+nnUNetTrainerSKCDF_noRampup = _hyperparameter_variant(
+    "nnUNetTrainerSKCDF_noRampup", "Full consistency weight from the first epoch (no ramp-up).", rampup_epochs=0)
+nnUNetTrainerSKCDF_rampup50 = _hyperparameter_variant(
+    "nnUNetTrainerSKCDF_rampup50", "Ramp-up over the first 50 epochs instead of the whole training.",
+    rampup_epochs=50)
+nnUNetTrainerSKCDF_ema09 = _hyperparameter_variant(
+    "nnUNetTrainerSKCDF_ema09", "EMA momentum m = 0.9 (reference 0.99).", ema_momentum=0.9)
+nnUNetTrainerSKCDF_ema0999 = _hyperparameter_variant(
+    "nnUNetTrainerSKCDF_ema0999", "EMA momentum m = 0.999 (reference 0.99).", ema_momentum=0.999)

@@ -1,0 +1,135 @@
+"""Ablation trainers: each is registered, builds, runs two training iterations on CPU, and differs from
+nnUNetTrainerSKCDF in exactly the intended part (architecture keys, switches, hyperparameters)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_skcdf.network.architectures.skcdf_unet import PlainBottleneck
+from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation import nnUNetTrainerSKCDF_ablations as A
+
+# variant -> the settings (see _settings) that must differ from the full trainer, with their values
+EXPECTED = {
+    "nnUNetTrainerSKCDF_noSKC": {"skc_enabled": False},
+    "nnUNetTrainerSKCDF_selfAttention": {"labelled_attention_mode": "self"},
+    "nnUNetTrainerSKCDF_globalLocal": {"skc_order": "global_local"},
+    "nnUNetTrainerSKCDF_parallelSKC": {"skc_order": "parallel"},
+    "nnUNetTrainerSKCDF_attnDropout": {"skc_attention_dropout": 0.1},
+    "nnUNetTrainerSKCDF_noABC": {"balanced_heads": False},
+    "nnUNetTrainerSKCDF_multiplyMask": {"masking": "multiply"},
+    "nnUNetTrainerSKCDF_noDecoupling": {"decoupled": False},
+    "nnUNetTrainerSKCDF_noEMA": {"ema_couple_decoders": False},
+    "nnUNetTrainerSKCDF_cw1": {"consistency_weight": 1.0},
+    "nnUNetTrainerSKCDF_cw5": {"consistency_weight": 5.0},
+    "nnUNetTrainerSKCDF_cw20": {"consistency_weight": 20.0},
+    "nnUNetTrainerSKCDF_noRampup": {"rampup_epochs": 0},
+    "nnUNetTrainerSKCDF_rampup50": {"rampup_epochs": 50},
+    "nnUNetTrainerSKCDF_ema09": {"ema_momentum": 0.9},
+    "nnUNetTrainerSKCDF_ema0999": {"ema_momentum": 0.999},
+}
+SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_heads",
+            "skc_window", "skc_dropout", "balanced_heads", "decoupled", "masking", "ema_couple_decoders",
+            "consistency_weight", "rampup_epochs", "ema_momentum", "num_epochs", "unlabeled_batch_size")
+
+
+def _settings(trainer) -> dict:
+    return {k: getattr(trainer, k) for k in SWITCHES}
+
+
+def _parameter_groups(net) -> dict:
+    """Unique parameters per top-level part of the network, by prefix of their first name."""
+    groups = {}
+    for name, _ in net.named_parameters():  # shared modules are listed once
+        part = name.split(".")[0] + (".balanced" if "balanced_seg_layers" in name else "")
+        groups[part] = groups.get(part, 0) + 1
+    return groups
+
+
+def test_every_variant_is_listed_and_registered(monkeypatch):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
+
+    defined = {n for n, c in vars(A).items() if isinstance(c, type) and issubclass(c, nnUNetTrainerSKCDF)
+               and c is not nnUNetTrainerSKCDF}
+    assert defined == set(EXPECTED)
+    monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
+    for name in EXPECTED:
+        cls = recursive_find_trainer_class_by_name(name)
+        assert cls.__name__ == name and "__" not in name and cls.__doc__
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_variant_differs_in_exactly_the_intended_part_and_trains(name, trainer_factory):
+    full, variant = trainer_factory(), trainer_factory(getattr(A, name))
+    full_settings, settings = _settings(full), _settings(variant)
+    assert {k: v for k, v in settings.items() if full_settings[k] != v} == EXPECTED[name]
+
+    full.initialize()
+    variant.on_train_start()
+    try:
+        _check_network(name, full._net(), variant._net())
+        variant.on_train_epoch_start()
+        for _ in range(2):
+            out = variant.train_step(next(variant.dataloader_train))
+            assert np.isfinite(out["loss"]) and np.isfinite(out["l_u"]) and out["pseudo_histogram"].sum() > 0
+        assert variant.nonfinite_in_a_row == 0
+    finally:
+        variant.on_train_end()
+
+
+def _check_network(name, full, net):
+    full_keys, keys = set(full.state_dict()), set(net.state_dict())
+    if name == "nnUNetTrainerSKCDF_noSKC":
+        assert isinstance(net.skc, PlainBottleneck) and not list(net.skc.parameters())
+        assert full_keys - keys == {k for k in full_keys if k.startswith("skc.")} and not keys - full_keys
+    elif name == "nnUNetTrainerSKCDF_noABC":
+        removed = {k for k in full_keys if ".balanced_seg_layers." in k}
+        assert removed and full_keys - keys == removed and not keys - full_keys
+        assert not net.decoder_l.has_balanced_heads and not net.decoder_u.has_balanced_heads
+    elif name == "nnUNetTrainerSKCDF_noDecoupling":
+        assert net.decoder_u is net.decoder_l and not net.decoupled and keys == full_keys
+        groups, full_groups = _parameter_groups(net), _parameter_groups(full)
+        assert "decoder_u" not in groups and full_groups.pop("decoder_u") and \
+            full_groups.pop("decoder_u.balanced") and groups == full_groups
+    else:
+        assert keys == full_keys  # same architecture; the difference is a switch
+        for a, b in zip(full.state_dict().values(), net.state_dict().values()):
+            assert a.shape == b.shape
+    if name == "nnUNetTrainerSKCDF_selfAttention":
+        assert net.labelled_attention_mode == "self"
+    if name in ("nnUNetTrainerSKCDF_globalLocal", "nnUNetTrainerSKCDF_parallelSKC"):
+        assert net.skc.order == EXPECTED[name]["skc_order"]
+    if name == "nnUNetTrainerSKCDF_attnDropout":
+        assert net.skc.local_block.attention.attention_dropout == 0.1
+
+
+def test_self_attention_variant_keeps_labelled_outputs_independent_of_unlabelled(trainer_factory):
+    """Cross mode lets the labelled logits depend on the unlabelled samples; self mode must not."""
+    results = {}
+    for cls in (nnUNetTrainerSKCDF, A.nnUNetTrainerSKCDF_selfAttention):
+        trainer = trainer_factory(cls)
+        trainer.initialize()
+        net = trainer._net().eval()
+        torch.manual_seed(0)
+        x_l, x_u = torch.randn(2, 1, *trainer.configuration_manager.patch_size), torch.randn(2, 1, 8, 32, 32)
+        with torch.no_grad():
+            a, b = net(x_l, x_u).main[0], net(x_l, 3 * x_u + 1).main[0]
+        results[cls.__name__] = (a - b).abs().max().item()
+    assert results["nnUNetTrainerSKCDF"] > 1e-4
+    assert results["nnUNetTrainerSKCDF_selfAttention"] < 1e-5
+
+
+def test_no_ema_variant_moves_heads_but_not_decoder_u(trainer_factory):
+    trainer = trainer_factory(A.nnUNetTrainerSKCDF_noEMA)
+    trainer.initialize()
+    net = trainer._net()
+    stage_u, head_u = net.decoder_u.stages[0].convs[0].conv.weight, net.decoder_u.seg_layers[0].weight
+    before_stage, before_head = stage_u.detach().clone(), head_u.detach().clone()
+    net.ema_update(trainer.ema_momentum, trainer.ema_couple_decoders)
+    assert torch.equal(stage_u, before_stage)  # no D_u <- D_l
+    assert not torch.equal(head_u, before_head)  # H_u <- H_u_b still
+    net.ema_update(trainer.ema_momentum, True)
+    assert not torch.equal(stage_u, before_stage)
