@@ -292,6 +292,33 @@ def test_dropout_only_in_train_mode():
         torch.testing.assert_close(no_dropout(z), no_dropout(z), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("size,window", [((4, 6, 6), (2, 3, 2)), ((4, 6, 6), (4, 6, 6)), ((6, 4), (3, 2))])
+def test_token_maps_equal_their_convolutions(size, window):
+    """TokenLearner / TokenInverse compute their kernel = stride = w (transposed) convolutions as matmuls:
+    values and weight gradients must equal the convolution modules they hold."""
+    import torch.nn.functional as F
+
+    conv, conv_t = (F.conv2d, F.conv_transpose2d) if len(size) == 2 else (F.conv3d, F.conv_transpose3d)
+    learner, inverse = TokenLearner(window), TokenInverse(window, size)
+    torch.nn.init.normal_(inverse.proj.weight)  # not the identity, so that a layout mix-up shows
+    z = torch.randn(3, K, *size)
+    tokens = learner(z)
+    n_windows, p = tokens.shape[1], tokens.shape[2]
+    expected = conv(z.reshape(3 * K, 1, *size), learner.proj.weight, stride=window)  # (3K, P, *G)
+    torch.testing.assert_close(tokens, expected.reshape(3, K, p, n_windows).permute(0, 3, 2, 1))
+    back = inverse(tokens)
+    grid_input = tokens.permute(0, 3, 2, 1).reshape(3 * K, p, *expected.shape[2:])
+    expected_back = conv_t(grid_input, inverse.proj.weight, stride=window).reshape(3, K, *size)
+    torch.testing.assert_close(back, expected_back)
+    weight = torch.randn_like(back)
+    grads = torch.autograd.grad((back * weight).sum(), (learner.proj.weight, inverse.proj.weight))
+    expected_out = conv_t(conv(z.reshape(3 * K, 1, *size), learner.proj.weight, stride=window),
+                          inverse.proj.weight, stride=window).reshape(3, K, *size)
+    expected_grads = torch.autograd.grad((expected_out * weight).sum(), (learner.proj.weight, inverse.proj.weight))
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 def test_learned_inverse_starts_as_fixed_inverse():
     size = (4, 6, 6)
     learned, fixed = make(size, learned_inverse=True), make(size, learned_inverse=False)

@@ -106,7 +106,8 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
     weights (pass 0 in eval mode)."""
     q = (q * score_norm_scale(q, k)).to(q.dtype)
     batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-    flat = [t.expand(*batch, *t.shape[-2:]).reshape(-1, 1, *t.shape[-2:]) for t in (q, k, v)]  # (N', 1, *, L)
+    # (N', 1, *, L), contiguous: the fused kernels need unit stride on L (projections arrive transposed)
+    flat = [t.expand(*batch, *t.shape[-2:]).reshape(-1, 1, *t.shape[-2:]).contiguous() for t in (q, k, v)]
     out = F.scaled_dot_product_attention(*flat, dropout_p=dropout_p, scale=1.0)
     return out.reshape(*batch, *out.shape[-2:])
 
