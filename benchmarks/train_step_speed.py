@@ -39,11 +39,10 @@ def child(dataset: str, configuration: str, trainer_name: str, steps: int, warmu
         trainer.on_train_epoch_start()
         times = []
         for i in range(warmup + steps):
-            batch = next(trainer.dataloader_train)
             if device == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            trainer.train_step(batch)
+            t0 = time.perf_counter()  # a whole iteration as nnU-Net's loop runs it: fetch batch(es), step
+            trainer.train_step(next(trainer.dataloader_train))
             if device == "cuda":
                 torch.cuda.synchronize()
             if i >= warmup:
@@ -57,6 +56,12 @@ def child(dataset: str, configuration: str, trainer_name: str, steps: int, warmu
         trainer.on_train_end()
 
 
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", default="950")
@@ -65,6 +70,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tag", default="", help="suffix of the result file / section (e.g. _compile)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -73,8 +79,13 @@ def main() -> None:
         return
     from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
 
-    env = {**os.environ, "nnUNet_extTrainer": trainer_folder(), "nnUNet_n_proc_DA": os.environ.get(
-        "nnUNet_n_proc_DA", "0"), "nnUNet_compile": os.environ.get("nnUNet_compile", "false")}
+    # CPU: augmentation in-process (as fast as 2 workers on 2 cores); GPU: nnU-Net's default workers and
+    # torch.compile unless the caller sets nnUNet_n_proc_DA / nnUNet_compile
+    cpu = args.device == "cpu"
+    env = {**os.environ, "nnUNet_extTrainer": trainer_folder()}
+    env.setdefault("nnUNet_compile", "false" if cpu else "true")
+    if cpu:
+        env.setdefault("nnUNet_n_proc_DA", "0")
     runs = {t: [] for t in TRAINERS}
     for _ in range(args.repeats):
         for trainer in TRAINERS:
@@ -94,19 +105,23 @@ def main() -> None:
                "steps": args.steps, "repeats": args.repeats, "runs": runs, "summary": summary,
                "time_ratio": ours["median_s"] / base["median_s"], "memory_ratio": ours["peak_mb"] / base["peak_mb"]}
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
-    out = REPO / "benchmarks" / "results" / f"train_step_speed_{args.device}.json"
+    tag = f"{args.device}{args.tag}"
+    results["device_name"] = device_name(args.device)
+    results["compile"] = env["nnUNet_compile"]
+    out = REPO / "benchmarks" / "results" / f"train_step_speed_{tag}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     unit = "peak CUDA memory allocated" if args.device == "cuda" else "peak RSS of the process"
     rows = "\n".join(f"| {t} | {s['median_s']:.3f} | {s['spread_s'][0]:.3f}-{s['spread_s'][1]:.3f} | "
                      f"{s['peak_mb']:.0f} |" for t, s in summary.items())
-    write_section(f"train_step_speed_{args.device}", f"""## Training-step time and memory, {args.device} (`benchmarks/train_step_speed.py`)
+    write_section(f"train_step_speed_{tag}", f"""## Training-iteration time and memory, {results['device_name']} (`benchmarks/train_step_speed.py`)
 
 Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
 
 Dataset {args.dataset}, configuration `{args.configuration}` (patch {results['patch_size']}, batch
 {results['batch_size']} labelled patches, SKCDF as many unlabelled ones), {args.repeats} interleaved
-processes per trainer x {args.steps} timed steps after {args.warmup} warm-up steps; memory = {unit}.
+processes per trainer x {args.steps} timed iterations (batch fetch + `train_step`, as nnU-Net's loop runs them)
+after {args.warmup} warm-up iterations; torch.compile: {results['compile']}; memory = {unit}.
 
 | trainer | median s/iteration | spread of process medians | peak memory (MB) |
 |---|---|---|---|

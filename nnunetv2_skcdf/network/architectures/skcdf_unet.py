@@ -160,6 +160,18 @@ class SKCDFUNet(nn.Module):
     def _with_bottleneck(skips: Sequence[torch.Tensor], bottleneck: torch.Tensor) -> List[torch.Tensor]:
         return [*skips[:-1], bottleneck]
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` with a clear message when the checkpoint belongs to another dataset,
+        configuration or SKCDF variant (PyTorch's own message lists tensor sizes only)."""
+        mismatch = _first_mismatch(self.state_dict(), state_dict) if strict else None
+        if mismatch:
+            raise RuntimeError(
+                f"this checkpoint does not fit the network built from these plans and dataset.json: {mismatch}. "
+                f"The checkpoint was trained on another dataset, configuration or SKCDF variant (-tr). Predict "
+                f"with the model folder of the dataset you give to -d (nnUNet_results/DatasetXXX/"
+                f"<trainer>__<plans>__<configuration>), or retrain on this dataset.")
+        return super().load_state_dict(state_dict, strict, assign)
+
     # -------------------------------------------------------------------------------------------- training helpers
     @property
     def deep_supervision(self) -> bool:
@@ -186,6 +198,23 @@ class SKCDFUNet(nn.Module):
             _lerp(self.decoder_u, self.decoder_l, weight)
         if self.decoupled and self.decoder_u.has_balanced_heads:
             _lerp(self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers, weight)
+
+
+def _first_mismatch(own: dict, other: dict) -> Optional[str]:
+    """A readable description of the first difference between two state dicts (None if keys and shapes
+    agree). The class count comes first: it is the usual cause (another dataset's labels)."""
+    classes = own.get("class_voxel_counts"), other.get("class_voxel_counts")
+    if all(c is not None for c in classes) and classes[0].shape != classes[1].shape:
+        return (f"the checkpoint predicts {classes[1].shape[0]} classes (background included), this dataset.json "
+                f"has {classes[0].shape[0]}")
+    missing, unexpected = sorted(set(own) - set(other)), sorted(set(other) - set(own))
+    if missing or unexpected:
+        return (f"{len(missing)} network tensors missing from the checkpoint (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+    for key, value in own.items():
+        if tuple(value.shape) != tuple(other[key].shape):
+            return f"'{key}' has shape {tuple(other[key].shape)} in the checkpoint, {tuple(value.shape)} here"
+    return None
 
 
 def _split(x: Optional[Outputs], b: int) -> Tuple[Optional[Outputs], Optional[Outputs]]:

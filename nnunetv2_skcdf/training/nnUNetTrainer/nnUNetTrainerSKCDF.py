@@ -12,6 +12,8 @@ L_u = DC+CE(Q, p) + masked DC+CE(Q_b, p_b, M_u), and one optimiser step on L_sup
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import List
 
 import numpy as np
@@ -27,7 +29,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet, build_skcdf_unet
-from nnunetv2_skcdf.splits.semi_supervised_splits import load_semi_supervised_fold
+from nnunetv2_skcdf.splits.semi_supervised_splits import load_semi_supervised_fold, validate_splits
 from nnunetv2_skcdf.training import skcdf_components as C
 from nnunetv2_skcdf.training.dataloading.unlabeled_loader import get_unlabeled_dataloader
 from nnunetv2_skcdf.training.skcdf_logger import SKCDFLocalLogger
@@ -104,9 +106,26 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
 
     # ------------------------------------------------------------------------------------------ data
     def get_dataloaders(self):
-        dataloader_train, dataloader_val = super().get_dataloaders()
-        self.dataloader_unlabeled = self._get_unlabeled_dataloader()
-        return dataloader_train, dataloader_val
+        self._check_split()
+        self.dataloader_unlabeled = self._get_unlabeled_dataloader()  # first: refuse before workers start
+        return super().get_dataloaders()
+
+    def _check_split(self) -> None:
+        """Before nnU-Net reads the split: every fold's labelled and validation ids must be preprocessed training
+        cases, and no case may have two roles (a labelled case in 'unlabeled' would leak its label into the
+        unlabelled loss' bookkeeping, a validation case in training would inflate validation). Unlabelled ids
+        are checked by the unlabelled loader, which knows where each image was preprocessed."""
+        path = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
+        load_semi_supervised_fold(self.preprocessed_dataset_folder_base, self.fold)  # file, fold, 'unlabeled' key
+        with open(path) as f:
+            splits = json.load(f)
+        training = set(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
+        unlabeled = {c for fold in splits for c in fold.get("unlabeled", [])} - training
+        try:
+            validate_splits(splits, training, unlabeled,
+                            hint="Fix the split or make it anew with skcdf_split -d <dataset> ... --overwrite.")
+        except SKCDFInputError as e:
+            raise SKCDFInputError(f"{path}: {e}") from None
 
     def _get_unlabeled_dataloader(self):
         _, _, unlabeled = load_semi_supervised_fold(self.preprocessed_dataset_folder_base, self.fold)
@@ -116,7 +135,15 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
 
     def on_train_start(self):
         super().on_train_start()
+        self._remove_stale_checkpoint_temporaries()
         self._init_class_keep_rates()
+
+    def _remove_stale_checkpoint_temporaries(self) -> None:
+        """Temporary checkpoint files of a run killed while saving (the checkpoints themselves are intact)."""
+        if self.local_rank == 0 and os.path.isdir(self.output_folder):
+            for name in os.listdir(self.output_folder):
+                if ".pth.tmp" in name:
+                    os.remove(os.path.join(self.output_folder, name))
 
     def _init_class_keep_rates(self):
         """Voxel counts per class over the fold's labelled training cases, once; stored as a network buffer so
@@ -133,6 +160,22 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
         absent = [i for i, n in enumerate(counts) if n == 0]
         self.print_to_log_file(f"SKCDF class keep-rates: {np.round(self.class_keep_rates.cpu().numpy(), 4).tolist()}"
                                + (f" (classes {absent} absent from the labelled cases: rate 1)" if absent else ""))
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary file and renamed over ``filename``: a run killed while
+        saving leaves the previous checkpoint intact, never a truncated one (``--c`` resumes from it). The
+        checkpoint holds everything SKCDF needs to continue exactly: network (with D_u's EMA state and the
+        class voxel counts behind the keep-rates), optimiser, grad scaler, epoch (which fixes learning rate,
+        ramp-up weight and keep-rate annealing) and the logs."""
+        tmp = f"{filename}.tmp{os.getpid()}"
+        try:
+            super().save_checkpoint(tmp)  # writes only on rank 0 and unless checkpointing is disabled
+            if os.path.isfile(tmp):
+                os.replace(tmp, filename)
+        finally:
+            if os.path.isfile(tmp):
+                os.remove(tmp)
 
     def on_train_end(self):
         super().on_train_end()

@@ -1,0 +1,124 @@
+"""The trainer's rows of the bad-input matrix (README, Troubleshooting): each refuses with a message that names
+the file/case and the fix, before anything is trained or written half-way; NaN/inf losses are skipped."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATASET_ID
+from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
+
+
+def _edit_split(phantom_workspace, edit):
+    path = phantom_workspace["preprocessed"] / "splits_final.json"
+    splits = json.loads(path.read_text())
+    edit(splits[0])
+    path.write_text(json.dumps(splits))
+    return path
+
+
+def _start_refused(trainer_factory, match: str):
+    trainer = trainer_factory()
+    with pytest.raises(SKCDFInputError, match=match):
+        trainer.on_train_start()
+    assert trainer.dataloader_train is None  # refused before any loader or training
+    return trainer
+
+
+def test_empty_unlabelled_set_is_refused_with_how_to_add_some(trainer_factory, phantom_workspace):
+    _edit_split(phantom_workspace, lambda f: f.update(unlabeled=[]))
+    _start_refused(trainer_factory, r"(?s)no unlabelled cases.*--labeled 0.2.*--add-unlabeled-images")
+
+
+def test_split_without_unlabeled_key_is_refused(trainer_factory, phantom_workspace):
+    _edit_split(phantom_workspace, lambda f: f.pop("unlabeled"))
+    _start_refused(trainer_factory, r"(?s)splits_final.json has no 'unlabeled' key.*skcdf_split")
+
+
+def test_split_with_unknown_id_names_it(trainer_factory, phantom_workspace):
+    _edit_split(phantom_workspace, lambda f: f["train"].append("no_such_case"))
+    _start_refused(trainer_factory, r"(?s)splits_final.json: fold 0: unknown case id.*no_such_case")
+
+
+def test_case_in_two_roles_is_refused(trainer_factory, phantom_workspace):
+    _edit_split(phantom_workspace, lambda f: f["unlabeled"].append(f["train"][0]))
+    _start_refused(trainer_factory, r"(?s)fold 0: 1 case\(s\) are in two roles.*--overwrite")
+
+
+def test_dataset_without_the_unlabelled_preprocessing_step(trainer_factory, phantom_workspace):
+    """imagesUnlabeled cases in the split, but skcdf_preprocess_unlabeled never ran for this configuration."""
+    trainer = trainer_factory()
+    shutil.rmtree(phantom_workspace["preprocessed"] / f"{trainer.configuration_manager.data_identifier}_unlabeled")
+    with pytest.raises(SKCDFInputError, match=r"(?s)have no preprocessed image.*skcdf_preprocess_unlabeled"):
+        trainer.on_train_start()
+
+
+def test_class_absent_from_labelled_cases_gets_rate_one_and_is_logged(trainer_factory, monkeypatch):
+    from nnunetv2_skcdf.training import skcdf_components as C
+
+    real = C.count_class_voxels
+    monkeypatch.setattr(C, "count_class_voxels", lambda arrays, n: real(arrays, n) * (np.arange(n) != 12))
+    trainer = trainer_factory()
+    trainer.on_train_start()
+    try:
+        assert trainer.class_keep_rates[12] == 1.0 and trainer.class_keep_rates[1] < 1.0
+        log = open(trainer.log_file).read()
+        assert "classes [12] absent from the labelled cases: rate 1" in log
+    finally:
+        trainer.on_train_end()
+
+
+def test_nonfinite_loss_is_skipped_logged_and_aborts_after_a_bounded_run(trainer_factory):
+    trainer = trainer_factory()
+    trainer.max_nonfinite_steps = 3
+    trainer.on_train_start()
+    try:
+        trainer.on_train_epoch_start()
+        encoder = {k: v.clone() for k, v in trainer._net().encoder.state_dict().items()}
+        steps = trainer.optimizer.state_dict()["state"]
+        real_loss = trainer.loss
+        trainer.loss = lambda output, target: real_loss(output, target) * float("nan")
+        outputs = [trainer.train_step(next(trainer.dataloader_train)) for _ in range(2)]
+        assert all(np.isnan(o["loss"]) for o in outputs) and trainer.nonfinite_in_a_row == 2
+        for key, value in trainer._net().encoder.state_dict().items():  # no optimiser step, no NaN weights
+            assert torch.equal(value, encoder[key]), key
+        assert trainer.optimizer.state_dict()["state"] == steps
+        log = open(trainer.log_file).read()
+        assert "non-finite loss in epoch 0" in log and "step skipped, weights unchanged (2 in a row)" in log
+        trainer.loss = real_loss  # a finite step resets the count
+        outputs.append(trainer.train_step(next(trainer.dataloader_train)))
+        assert np.isfinite(outputs[-1]["loss"]) and trainer.nonfinite_in_a_row == 0
+        trainer.on_train_epoch_end(outputs)  # the skipped steps leave the epoch means
+        assert np.isfinite(trainer.logger.local_logger.my_fantastic_logging["train_losses"][-1])
+        assert "2 of 3 steps of this epoch skipped" in open(trainer.log_file).read()
+        trainer.loss = lambda output, target: real_loss(output, target) * float("inf")
+        with pytest.raises(FloatingPointError, match=r"(?s)3 non-finite losses in a row.*resume with --c"):
+            for _ in range(3):
+                trainer.train_step(next(trainer.dataloader_train))
+    finally:
+        trainer.on_train_end()
+
+
+def test_checkpoint_of_another_dataset_is_refused_clearly(trainer_factory):
+    """What nnUNetv2_predict does with a model folder: build the network from its plans, load the weights."""
+    from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet
+
+    trainer = trainer_factory()
+    trainer.initialize()
+    net = trainer._net()
+    other = {k: v for k, v in net.state_dict().items()}
+    other["class_voxel_counts"] = torch.zeros(6, dtype=torch.long)  # a 5-organ dataset's checkpoint
+    with pytest.raises(RuntimeError, match=r"(?s)predicts 6 classes.*has 14.*model folder of the dataset"):
+        net.load_state_dict(other)
+    other = dict(net.state_dict())
+    key = next(k for k in other if k.startswith("decoder_u.seg_layers.0.weight"))
+    other[key] = torch.zeros(3, *other[key].shape[1:])
+    with pytest.raises(RuntimeError, match=r"(?s)'decoder_u.seg_layers.0.weight' has shape \(3,"):
+        net.load_state_dict(other)
+    assert isinstance(net, SKCDFUNet)
+    net.load_state_dict(net.state_dict())  # the normal case still loads
