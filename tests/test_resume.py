@@ -89,11 +89,12 @@ def test_loaded_checkpoint_restores_every_piece_of_skcdf_state(trainer_factory, 
         trainer.on_train_epoch_start()
         for _ in range(2):
             trainer.train_step(next(trainer.dataloader_train))
-        trainer.current_epoch = 3
+        trainer.current_epoch = 3  # the checkpoint at the end of epoch 3 continues with epoch 4
         trainer.save_checkpoint(str(tmp_path / "ckpt.pth"))
+        trainer.current_epoch = 4
         expected = {"optimizer": trainer.optimizer.state_dict(), "lam": trainer._consistency_weight(),
                     "rates": trainer.class_keep_rates.clone(),
-                    "annealed": C.annealed_keep_rates(trainer.class_keep_rates, 3, trainer.num_epochs),
+                    "annealed": C.annealed_keep_rates(trainer.class_keep_rates, 4, trainer.num_epochs),
                     "net": {k: v.clone() for k, v in trainer.network.state_dict().items()}}
     finally:
         trainer.on_train_end()
@@ -101,9 +102,9 @@ def test_loaded_checkpoint_restores_every_piece_of_skcdf_state(trainer_factory, 
     resumed.load_checkpoint(str(tmp_path / "ckpt.pth"))
     resumed.on_train_start()
     try:
-        assert resumed.current_epoch == 3 and resumed._consistency_weight() == expected["lam"]
+        assert resumed.current_epoch == 4 and resumed._consistency_weight() == expected["lam"]
         assert torch.equal(resumed.class_keep_rates, expected["rates"])
-        assert torch.equal(C.annealed_keep_rates(resumed.class_keep_rates, 3, resumed.num_epochs),
+        assert torch.equal(C.annealed_keep_rates(resumed.class_keep_rates, 4, resumed.num_epochs),
                            expected["annealed"])
         for key, value in resumed.network.state_dict().items():  # D_u (EMA) included
             assert torch.equal(value, expected["net"][key]), key
@@ -112,7 +113,7 @@ def test_loaded_checkpoint_restores_every_piece_of_skcdf_state(trainer_factory, 
         assert len(momentum) == len(expected_momentum) > 0
         assert all(torch.equal(a, b) for a, b in zip(momentum, expected_momentum))
         resumed.on_train_epoch_start()
-        assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 3 / resumed.num_epochs) ** 0.9)
+        assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 4 / resumed.num_epochs) ** 0.9)
         assert np.isfinite(resumed.train_step(next(resumed.dataloader_train))["loss"])
     finally:
         resumed.on_train_end()
@@ -122,7 +123,9 @@ def test_checkpoint_write_is_atomic(trainer_factory, tmp_path, monkeypatch):
     """A crash while writing leaves the previous checkpoint untouched and no partial file behind."""
     trainer = trainer_factory()
     trainer.initialize()
-    target = tmp_path / "checkpoint_latest.pth"
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    target = folder / "checkpoint_latest.pth"
     trainer.save_checkpoint(str(target))
     before = target.read_bytes()
 
@@ -134,4 +137,4 @@ def test_checkpoint_write_is_atomic(trainer_factory, tmp_path, monkeypatch):
     trainer.current_epoch = 5
     with pytest.raises(OSError, match="simulated"):
         trainer.save_checkpoint(str(target))
-    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+    assert target.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == [target.name]
