@@ -30,8 +30,9 @@ DATASET = 950
 def machine() -> str:
     import torch
 
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
     return f"{platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | " \
-           f"Python {platform.python_version()} | torch {torch.__version__} | CPU only"
+           f"Python {platform.python_version()} | torch {torch.__version__} | {gpu}"
 
 
 def timed(fn, *args, **kwargs):
