@@ -5,6 +5,7 @@
 #   1. train_step_speed.py on 3d_fullres with AMP, without torch.compile (2 interleaved processes per trainer),
 #   2. predict_speed.py (untrained networks, nnU-Net's predictor, 6 test cases x 2 repeats),
 #   3. train_step_speed.py again with torch.compile (nnU-Net's default on CUDA), time permitting.
+# GPU_CHECKS=profile runs benchmarks/profile_train_step.py instead (where the iteration time goes).
 # Results (JSON + BENCHMARKS.md with the new sections) go to $OUT (or ./gpu_out).
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
@@ -21,6 +22,11 @@ nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, torch
   skcdf_preprocess_unlabeled -d 950 -c 3d_fullres -np 8 --quiet
 } > "$OUT/setup.log" 2>&1 || { tail -30 "$OUT/setup.log"; exit 1; }
 echo "dataset ready: $SECONDS s"
+if [ "${GPU_CHECKS:-all}" = "profile" ]; then  # diagnosis only: where the iteration time goes
+  timeout 200 python3 benchmarks/profile_train_step.py -d 950 -c 3d_fullres --device cuda --steps 10 --rows 30 \
+    2>&1 | grep -v Warning | tail -90
+  cp benchmarks/results/profile_train_step_cuda.txt "$OUT/"; exit 0
+fi
 nnUNet_compile=false timeout 240 python3 benchmarks/train_step_speed.py -d 950 -c 3d_fullres --device cuda \
   --repeats 2 --steps 20 --tag _amp 2>&1 | grep -v Warning | tail -25
 echo "train_step done: $SECONDS s"

@@ -1,0 +1,104 @@
+"""Where a training iteration's time goes: PyTorch profiler tables of ``train_step`` for nnUNetTrainer and
+nnUNetTrainerSKCDF on the same plans, plus the time spent waiting for the labelled and unlabelled batches.
+Prints and writes ``benchmarks/results/profile_train_step_<device>.txt`` (a diagnosis, not a benchmark table).
+
+    python benchmarks/profile_train_step.py -d 950 -c 3d_cpu [--device cpu] [--steps 10]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_pipeline import REPO, machine  # noqa: E402
+
+
+class _TimedLoader:
+    """Proxy of a loader that records how long each ``next()`` takes (waiting for workers or augmenting)."""
+
+    def __init__(self, loader):
+        self.loader, self.seconds = loader, []
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        batch = next(self.loader)
+        self.seconds.append(time.perf_counter() - t0)
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def profile(trainer_name: str, args) -> str:
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = torch.device(args.device)
+    trainer = get_trainer_from_args(args.dataset, args.configuration, 0, trainer_name, device=device)
+    trainer.on_train_start()
+    try:
+        trainer.on_train_epoch_start()
+        labelled = trainer.dataloader_train = _TimedLoader(trainer.dataloader_train)
+        unlabelled = None
+        if getattr(trainer, "dataloader_unlabeled", None) is not None:
+            unlabelled = trainer.dataloader_unlabeled = _TimedLoader(trainer.dataloader_unlabeled)
+        for _ in range(args.warmup):
+            trainer.train_step(next(trainer.dataloader_train))
+        labelled.seconds.clear()
+        if unlabelled:
+            unlabelled.seconds.clear()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(args.steps):
+                trainer.train_step(next(trainer.dataloader_train))
+            sync()
+        wall = (time.perf_counter() - t0) / args.steps
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60)
+        waits = f"labelled batch wait {1000 * statistics.median(labelled.seconds):.1f} ms"
+        if unlabelled:
+            waits += f", unlabelled batch wait {1000 * statistics.median(unlabelled.seconds):.1f} ms (inside train_step)"
+        return (f"### {trainer_name}: {1000 * wall:.1f} ms per iteration under the profiler (profiler overhead "
+                f"included); {waits}\n\n{table}\n")
+    finally:
+        trainer.on_train_end()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-d", "--dataset", default="950")
+    parser.add_argument("-c", "--configuration", default="3d_cpu")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "nnUNetTrainerSKCDF"])
+    args = parser.parse_args()
+    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
+
+    os.environ.setdefault("nnUNet_extTrainer", trainer_folder())
+    os.environ.setdefault("nnUNet_compile", "false")
+    if args.device == "cpu":
+        os.environ.setdefault("nnUNet_n_proc_DA", "0")
+    report = io.StringIO()
+    report.write(f"# train_step profile, {args.device}: {' '.join(sys.argv[1:])}\n{machine()}\n\n")
+    for name in args.trainers:
+        report.write(profile(name, args))
+    text = report.getvalue()
+    print(text)
+    out = REPO / "benchmarks" / "results" / f"profile_train_step_{args.device}.txt"
+    out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
