@@ -199,15 +199,16 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
             p, p_b = C.pseudo_labels(out.main_u), C.pseudo_labels(out.balanced_u)
             l_u = self.loss(out.unlabelled_main, p) + self._balanced_loss(out.unlabelled_balanced, p_b, rates_u)
             loss = l_sup + lam * l_u
+        self._backward(loss)  # queued before the host sync below, so the GPU keeps working meanwhile
         histogram = C.class_histogram(_first(p), self.label_manager.num_segmentation_heads)
         outputs = {"loss": loss.detach().cpu().numpy(), "l_sup": l_sup.detach().cpu().numpy(),
                    "l_u": l_u.detach().cpu().numpy(), "pseudo_histogram": histogram.cpu().numpy()}
         # the host copy above is nnU-Net's own once-per-step sync (it logs the loss); the check reuses it
-        finite = self._loss_is_finite(outputs["loss"])
-        self._backward_and_step(loss, step=finite)
-        if finite:
+        if self._loss_is_finite(outputs["loss"]):
             self.nonfinite_in_a_row = 0
-        else:
+            self._optimizer_step()
+        else:  # gradients dropped: no optimiser or scaler step, weights unchanged
+            self.optimizer.zero_grad(set_to_none=True)
             self._count_nonfinite_step(outputs)
         return outputs
 
@@ -251,22 +252,19 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
         masked = _apply2(lambda t, k: C.masked_target(t, k, self.mask_ignore_value), target, keep)
         return self.masked_loss(logits, masked)
 
-    def _backward_and_step(self, loss: torch.Tensor, step: bool = True) -> None:
-        """Exactly nnU-Net's update: GradScaler + unscale + clip 12 with AMP on CUDA, plain fp32 otherwise.
-        ``step=False`` (non-finite loss): the backward still runs, so that DDP's gradient all-reduce stays in
-        step on every rank, but the gradients are dropped and neither the optimiser nor the scaler moves."""
-        if not step:
-            (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
-            self.optimizer.zero_grad(set_to_none=True)
-            return
+    def _backward(self, loss: torch.Tensor) -> None:
+        """nnU-Net's backward: through the GradScaler with AMP on CUDA, plain fp32 otherwise. It runs even for a
+        non-finite loss, so that DDP's gradient all-reduce stays in step on every rank."""
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
+    def _optimizer_step(self) -> None:
+        """Exactly nnU-Net's update: unscale + clip 12 + scaler step/update with AMP, clip 12 + step otherwise."""
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
 
