@@ -5,7 +5,7 @@
 #   1. train_step_speed.py on 3d_fullres with AMP, without torch.compile (2 interleaved processes per trainer),
 #   2. predict_speed.py (untrained networks, nnU-Net's predictor, 6 test cases x 2 repeats),
 #   3. train_step_speed.py again with torch.compile (nnU-Net's default on CUDA), time permitting.
-# GPU_CHECKS=profile runs benchmarks/profile_train_step.py instead (where the iteration time goes).
+# GPU_CHECKS=step stops after 1; GPU_CHECKS=profile runs benchmarks/profile_train_step.py instead (where the iteration time goes).
 # Results (JSON + BENCHMARKS.md with the new sections) go to $OUT (or ./gpu_out).
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
@@ -30,6 +30,7 @@ fi
 nnUNet_compile=false timeout 240 python3 benchmarks/train_step_speed.py -d 950 -c 3d_fullres --device cuda \
   --repeats 2 --steps 20 --tag _amp 2>&1 | grep -v Warning | tail -25
 echo "train_step done: $SECONDS s"
+if [ "${GPU_CHECKS:-all}" = "step" ]; then cp benchmarks/results/*cuda*.json BENCHMARKS.md "$OUT/"; exit 0; fi
 timeout 150 python3 benchmarks/predict_speed.py --untrained -d 950 -c 3d_fullres --device cuda --repeats 2 \
   --images "$nnUNet_raw/Dataset950_SKCDFPhantom/imagesTs" 2>&1 | grep -v Warning | tail -25
 echo "predict done: $SECONDS s"
