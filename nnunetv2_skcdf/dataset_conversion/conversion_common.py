@@ -9,6 +9,7 @@ rewritten only when they must change (not uint8, geometry noise, not ``.nii.gz``
 """
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -222,3 +223,13 @@ def verify_with_nnunet(folder: str, num_processes: int) -> None:
 def make_subfolders(folder: str, names: Sequence[str]) -> None:
     for name in names:
         os.makedirs(os.path.join(folder, name), exist_ok=True)
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """The converters' shared options: output root, processes, overwrite, integrity check, progress bar."""
+    p.add_argument("-o", "--output-root", default=None, help="folder that receives Dataset<ID>_<NAME> "
+                                                            "(default: $nnUNet_raw)")
+    p.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("--no-verify", action="store_true", help="skip nnU-Net's verify_dataset_integrity")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -23,6 +23,7 @@ from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_j
 from nnunetv2_skcdf.dataset_conversion.conversion_common import (
     FILE_ENDING,
     CaseJob,
+    add_output_arguments,
     check_dataset_id_and_name,
     check_num_processes,
     make_subfolders,
@@ -327,12 +328,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test-images-to", choices=TEST_IMAGES_TO, default="skip",
                    help=f"AMOS imagesTs (no labels): skip (default) or copy to {UNLABELED_IMAGES_FOLDER}/ as "
                         f"extra unlabelled images (skcdf_split --add-unlabeled-images)")
-    p.add_argument("-o", "--output-root", default=None, help="folder that receives Dataset<ID>_<NAME> "
-                                                            "(default: $nnUNet_raw)")
-    p.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
-    p.add_argument("--no-verify", action="store_true", help="skip nnU-Net's verify_dataset_integrity")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_output_arguments(p)
     return p
 
 
