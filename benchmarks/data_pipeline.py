@@ -35,6 +35,23 @@ def machine() -> str:
            f"Python {platform.python_version()} | torch {torch.__version__} | {gpu}"
 
 
+def device_name(device: str) -> str:
+    """The accelerator's name for a torch device type ('cuda' -> e.g. 'NVIDIA H200'), 'CPU' otherwise."""
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU"
+
+
+def sh(cmd: list, env: dict, log: Path) -> float:
+    """Run a console command with its output appended to ``log``; -> wall seconds (raises if it fails)."""
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        subprocess.run(cmd, env=env, check=True, stdout=f, stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0
+
+
 def timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)

@@ -18,13 +18,12 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_pipeline import REPO, machine, write_section  # noqa: E402
+from data_pipeline import REPO, machine, sh, write_section  # noqa: E402
 
 CONFIG = "3d_cpu"
 TRAINERS = {  # method name in the table -> trainer
@@ -35,15 +34,6 @@ TRAINERS = {  # method name in the table -> trainer
 }
 #: the four organs with the smallest voxel fraction in the phantom (BENCHMARKS.md, data pipeline section)
 SMALLEST = ("LAG", "RAG", "PSV", "Es")
-
-
-def sh(cmd: list, env: dict, log: Path) -> float:
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
-        f.flush()
-        subprocess.run(cmd, env=env, check=True, stdout=f, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
 
 
 def prepare(dataset: str, env: dict, log: Path, np_: str) -> Path:

@@ -16,26 +16,15 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_pipeline import REPO, machine, write_section  # noqa: E402
+from data_pipeline import REPO, machine, sh, write_section  # noqa: E402
 
 DATASET = "950"
 CONFIG = "3d_cpu"
-
-
-def sh(cmd: list, env: dict, log: Path) -> float:
-    t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write("\n$ " + " ".join(cmd) + "\n")
-        f.flush()
-        subprocess.run(cmd, env=env, check=True, stdout=f, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
 
 
 def per_class_dice(summary_file: Path) -> dict:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_pipeline import REPO, machine, write_section  # noqa: E402
+from data_pipeline import REPO, device_name, machine, write_section  # noqa: E402
 
 
 def trained_predictor(folder: str, fold: int, device):
@@ -107,8 +107,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     summary = {n: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for n, t in times.items()}
     ratio = summary[names[1]]["median_s"] / summary[names[0]]["median_s"]
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "device": device_name,
+    card = device_name(device.type)
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "device": card,
                "mode": "untrained" if args.untrained else "trained", "cases": [c[0] for c in cases],
                "image_shape": list(cases[0][1].shape), "repeats": args.repeats, "times": times,
                "summary": summary, "ratio": ratio,
@@ -117,7 +117,7 @@ def main() -> None:
     tag = f"{args.device}{args.tag}"
     (REPO / "benchmarks" / "results" / f"predict_speed_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = "\n".join(f"| {n} | {s['median_s']:.3f} | {s['min_s']:.3f}-{s['max_s']:.3f} |" for n, s in summary.items())
-    write_section(f"predict_speed_{tag}", f"""## Inference time per case, {device_name} (`benchmarks/predict_speed.py`)
+    write_section(f"predict_speed_{tag}", f"""## Inference time per case, {card} (`benchmarks/predict_speed.py`)
 
 Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
 

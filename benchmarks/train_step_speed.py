@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_pipeline import REPO, machine, write_section  # noqa: E402
+from data_pipeline import REPO, device_name, machine, write_section  # noqa: E402
 
 TRAINERS = ("nnUNetTrainer", "nnUNetTrainerSKCDF")
 
@@ -54,12 +54,6 @@ def child(dataset: str, configuration: str, trainer_name: str, steps: int, warmu
                 "patch_size": list(trainer.configuration_manager.patch_size)}
     finally:
         trainer.on_train_end()
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if device == "cuda" else "CPU"
 
 
 def main() -> None:

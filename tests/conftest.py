@@ -69,21 +69,28 @@ def phantom_workspace(planned_phantom, tmp_path, monkeypatch) -> dict:
 
 
 @pytest.fixture
-def trainer_factory(phantom_workspace, monkeypatch):
-    """make(cls) -> an SKCDF trainer (CPU, no compile, in-process augmentation) on a tiny 3D configuration of a
-    private phantom copy with 2 labelled cases, 1 validation case and the unlabelled images."""
-    import torch
-
+def tiny_training(phantom_workspace, monkeypatch) -> dict:
+    """The phantom copy made ready for in-process SKCDF training: a split with 2 labelled cases, 1 validation
+    case and the unlabelled images, and a tiny 3D configuration '3d_tiny'. Returns phantom_workspace."""
     from nnunetv2_skcdf.experiment_planning.cpu_configuration import add_cpu_configuration
     from nnunetv2_skcdf.splits.semi_supervised_splits import make_semi_supervised_splits
-    from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
 
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     monkeypatch.setenv("nnUNet_compile", "false")
     make_semi_supervised_splits(DATASET_ID, labeled=2, val=1, add_unlabeled_images=True, overwrite=True)
     add_cpu_configuration(DATASET_ID, name="3d_tiny", patch_size=[8, 32, 32], n_stages=3, base_features=8,
                           max_features=32)
-    pre = phantom_workspace["preprocessed"]
+    return phantom_workspace
+
+
+@pytest.fixture
+def trainer_factory(tiny_training):
+    """make(cls) -> an SKCDF trainer (CPU, no compile, in-process augmentation) on '3d_tiny' (tiny_training)."""
+    import torch
+
+    from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+
+    pre = tiny_training["preprocessed"]
 
     def make(cls=nnUNetTrainerSKCDF):
         plans = json.loads((pre / "nnUNetPlans.json").read_text())

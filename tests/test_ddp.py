@@ -11,11 +11,9 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import DATASET_ID
 
 WORLD = 2
 
@@ -83,17 +81,11 @@ def _worker(rank: int, env: dict, preprocessed: str, init_file: str, out_dir: st
         dist.destroy_process_group()
 
 
-def test_two_process_gloo_training_steps(phantom_workspace, tmp_path):
-    from nnunetv2_skcdf.experiment_planning.cpu_configuration import add_cpu_configuration
-    from nnunetv2_skcdf.splits.semi_supervised_splits import make_semi_supervised_splits
-
-    make_semi_supervised_splits(DATASET_ID, labeled=2, val=1, add_unlabeled_images=True, overwrite=True)
-    add_cpu_configuration(DATASET_ID, name="3d_tiny", patch_size=[8, 32, 32], n_stages=3, base_features=8,
-                          max_features=32)
-    env = {**phantom_workspace["env"], "nnUNet_n_proc_DA": "0", "nnUNet_compile": "false"}
+def test_two_process_gloo_training_steps(tiny_training, tmp_path):
+    env = {**tiny_training["env"], "nnUNet_n_proc_DA": "0", "nnUNet_compile": "false"}
     out = tmp_path / "ranks"
     out.mkdir()
-    mp.spawn(_worker, args=(env, str(phantom_workspace["preprocessed"]), str(tmp_path / "init"), str(out)),
+    mp.spawn(_worker, args=(env, str(tiny_training["preprocessed"]), str(tmp_path / "init"), str(out)),
              nprocs=WORLD, join=True)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     for r in ranks:

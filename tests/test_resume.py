@@ -3,12 +3,10 @@ left it (epoch, learning rate, ramp-up, keep-rates, EMA and optimiser state, log
 atomically."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,14 +26,8 @@ def _checkpoint(path: Path):
 
 
 @pytest.fixture
-def resume_env(phantom_workspace):
-    from nnunetv2_skcdf.experiment_planning.cpu_configuration import add_cpu_configuration
-    from nnunetv2_skcdf.splits.semi_supervised_splits import make_semi_supervised_splits
-
-    make_semi_supervised_splits(DATASET_ID, labeled=2, val=1, add_unlabeled_images=True, overwrite=True)
-    add_cpu_configuration(DATASET_ID, name=CONFIG, patch_size=[8, 32, 32], n_stages=3, base_features=8,
-                          max_features=32)
-    return {**os.environ, **phantom_workspace["env"], "nnUNet_compile": "false", "nnUNet_n_proc_DA": "0",
+def resume_env(tiny_training):
+    return {**os.environ, **tiny_training["env"], "nnUNet_compile": "false", "nnUNet_n_proc_DA": "0",
             "nnUNet_extTrainer": os.pathsep.join((trainer_folder(), str(Path(__file__).parent / "trainers")))}
 
 

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DATASET_ID
-from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 
 

@@ -106,29 +106,31 @@ class nnUNetTrainerSKCDF(nnUNetTrainer):
 
     # ------------------------------------------------------------------------------------------ data
     def get_dataloaders(self):
-        self._check_split()
-        self.dataloader_unlabeled = self._get_unlabeled_dataloader()  # first: refuse before workers start
+        unlabeled = self._checked_unlabeled_ids()
+        self.dataloader_unlabeled = self._get_unlabeled_dataloader(unlabeled)  # first: refuse before workers start
         return super().get_dataloaders()
 
-    def _check_split(self) -> None:
-        """Before nnU-Net reads the split: every fold's labelled and validation ids must be preprocessed training
-        cases, and no case may have two roles (a labelled case in 'unlabeled' would leak its label into the
-        unlabelled loss' bookkeeping, a validation case in training would inflate validation). Unlabelled ids
-        are checked by the unlabelled loader, which knows where each image was preprocessed."""
+    def _checked_unlabeled_ids(self) -> List[str]:
+        """This fold's unlabelled ids, after checking the split before nnU-Net reads it: every fold's labelled and
+        validation ids must be preprocessed training cases, and no case may have two roles (a labelled case in
+        'unlabeled' would leak its label into the unlabelled loss' bookkeeping, a validation case in training
+        would inflate validation). Unlabelled ids are checked by the unlabelled loader, which knows where each
+        image was preprocessed."""
         path = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
-        load_semi_supervised_fold(self.preprocessed_dataset_folder_base, self.fold)  # file, fold, 'unlabeled' key
+        # file, fold and 'unlabeled' key, with their own messages; then every fold of the same file
+        _, _, unlabeled = load_semi_supervised_fold(self.preprocessed_dataset_folder_base, self.fold)
         with open(path) as f:
             splits = json.load(f)
         training = set(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
-        unlabeled = {c for fold in splits for c in fold.get("unlabeled", [])} - training
+        unlabeled_images = {c for fold in splits for c in fold.get("unlabeled", [])} - training
         try:
-            validate_splits(splits, training, unlabeled,
+            validate_splits(splits, training, unlabeled_images,
                             hint="Fix the split or make it anew with skcdf_split -d <dataset> ... --overwrite.")
         except SKCDFInputError as e:
             raise SKCDFInputError(f"{path}: {e}") from None
+        return unlabeled
 
-    def _get_unlabeled_dataloader(self):
-        _, _, unlabeled = load_semi_supervised_fold(self.preprocessed_dataset_folder_base, self.fold)
+    def _get_unlabeled_dataloader(self, unlabeled: List[str]):
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
         return get_unlabeled_dataloader(self, unlabeled, self.unlabeled_batch_size or self.batch_size,
                                         rank=rank, world_size=world)
