@@ -25,7 +25,7 @@ nnUNetv2_plan_and_preprocess -d "$D" -c 3d_fullres -np "$NP" -npfp "$NP" --verif
 skcdf_split -d "$D" --labeled 0.2 --val 0.2 --add-unlabeled-images --folds 3 --fold-mode repeat --overwrite
 skcdf_preprocess_unlabeled -d "$D" -c 3d_fullres -np "$NP"
 skcdf_add_cpu_config -d "$D" --overwrite
-for TR in "nnUNetTrainer_demo${EPOCHS}epochs" "nnUNetTrainerSKCDF_demo${EPOCHS}epochs"; do
+for TR in "nnUNetTrainer_demo${EPOCHS}epochs" "SKCDFTrainer_demo${EPOCHS}epochs"; do
   # 0 augmentation workers: as fast as 2 on a 2-core machine for these patches (and never set for planning)
   nnUNet_n_proc_DA=0 nnUNetv2_train "$D" 3d_cpu 0 -tr "$TR" -device cpu
   nnUNetv2_predict -i "$nnUNet_raw/$NAME/imagesTs" -o "$OUT/$TR" -d "$D" -c 3d_cpu -tr "$TR" -f 0 \
@@ -37,5 +37,5 @@ set +x
 echo
 echo "Test-set Dice (%), 6 cases, fold 0 of a 20 %-labelled split, $((EPOCHS * 50)) iterations each:"
 skcdf_dice_table "$OUT/nnUNetTrainer_demo${EPOCHS}epochs/summary.json" \
-  "$OUT/nnUNetTrainerSKCDF_demo${EPOCHS}epochs/summary.json" --names "nnU-Net (labelled only)" SKCDF \
+  "$OUT/SKCDFTrainer_demo${EPOCHS}epochs/summary.json" --names "nnU-Net (labelled only)" SKCDF \
   -djfile "$nnUNet_preprocessed/$NAME/dataset.json" | tee "$OUT/dice_table.md"

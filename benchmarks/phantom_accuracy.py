@@ -28,9 +28,9 @@ from data_pipeline import REPO, machine, sh, write_section  # noqa: E402
 CONFIG = "3d_cpu"
 TRAINERS = {  # method name in the table -> trainer
     "nnU-Net (labelled only)": "nnUNetTrainer_phantomAcc",
-    "SKCDF": "nnUNetTrainerSKCDF_phantomAcc",
-    "SKCDF w/o SKC": "nnUNetTrainerSKCDF_noSKC_phantomAcc",
-    "SKCDF w/o ABC": "nnUNetTrainerSKCDF_noABC_phantomAcc",
+    "SKCDF": "SKCDFTrainer_phantomAcc",
+    "SKCDF w/o SKC": "SKCDFTrainer_noSKC_phantomAcc",
+    "SKCDF w/o ABC": "SKCDFTrainer_noABC_phantomAcc",
 }
 #: the four organs with the smallest voxel fraction in the phantom (BENCHMARKS.md, data pipeline section)
 SMALLEST = ("LAG", "RAG", "PSV", "Es")

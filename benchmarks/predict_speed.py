@@ -11,7 +11,7 @@ Trained models (what ``nnUNetv2_predict -d D -c C -tr T -f F`` uses):
         --fold 0 --images RAW/imagesTs [--device cpu] [--repeats 3]
 Untrained networks (timing only, e.g. on a GPU machine without trained models):
     python benchmarks/predict_speed.py --untrained -d 950 -c 3d_fullres --trainers nnUNetTrainer \
-        nnUNetTrainerSKCDF --images RAW/imagesTs --device cuda
+        SKCDFTrainer --images RAW/imagesTs --device cuda
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true")
     parser.add_argument("-d", "--dataset")
     parser.add_argument("-c", "--configuration")
-    parser.add_argument("--trainers", nargs=2, default=["nnUNetTrainer", "nnUNetTrainerSKCDF"])
+    parser.add_argument("--trainers", nargs=2, default=["nnUNetTrainer", "SKCDFTrainer"])
     parser.add_argument("--images", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)

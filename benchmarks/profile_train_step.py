@@ -1,5 +1,5 @@
 """Where a training iteration's time goes: PyTorch profiler tables of ``train_step`` for nnUNetTrainer and
-nnUNetTrainerSKCDF on the same plans, plus the time spent waiting for the labelled and unlabelled batches.
+SKCDFTrainer on the same plans, plus the time spent waiting for the labelled and unlabelled batches.
 Prints and writes ``benchmarks/results/profile_train_step_<device>.txt`` (a diagnosis, not a benchmark table).
 
     python benchmarks/profile_train_step.py -d 950 -c 3d_cpu [--device cpu] [--steps 10]
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "nnUNetTrainerSKCDF"])
+    parser.add_argument("--trainers", nargs="+", default=["nnUNetTrainer", "SKCDFTrainer"])
     args = parser.parse_args()
     from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
 

@@ -1,4 +1,4 @@
-"""Seconds per training iteration and peak memory: nnUNetTrainer vs nnUNetTrainerSKCDF, same plans, side by side.
+"""Seconds per training iteration and peak memory: nnUNetTrainer vs SKCDFTrainer, same plans, side by side.
 
 Each measurement runs in its own process (so peak RSS belongs to one trainer), the two trainers alternate
 (A B A B ...) so that machine noise hits both alike, and every process times ``train_step`` after warm-up
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import REPO, device_name, machine, write_section  # noqa: E402
 
-TRAINERS = ("nnUNetTrainer", "nnUNetTrainerSKCDF")
+TRAINERS = ("nnUNetTrainer", "SKCDFTrainer")
 
 
 def child(dataset: str, configuration: str, trainer_name: str, steps: int, warmup: int, device: str) -> dict:

@@ -88,11 +88,11 @@ def trainer_factory(tiny_training):
     """make(cls) -> an SKCDF trainer (CPU, no compile, in-process augmentation) on '3d_tiny' (tiny_training)."""
     import torch
 
-    from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+    from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
 
     pre = tiny_training["preprocessed"]
 
-    def make(cls=nnUNetTrainerSKCDF):
+    def make(cls=SKCDFTrainer):
         plans = json.loads((pre / "nnUNetPlans.json").read_text())
         plans["continue_training"] = False
         return cls(plans, "3d_tiny", 0, json.loads((pre / "dataset.json").read_text()), device=torch.device("cpu"))

@@ -1,5 +1,5 @@
 """Ablation trainers: each is registered, builds, runs two training iterations on CPU, and differs from
-nnUNetTrainerSKCDF in exactly the intended part (architecture keys, switches, hyperparameters)."""
+SKCDFTrainer in exactly the intended part (architecture keys, switches, hyperparameters)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,27 +7,27 @@ import pytest
 import torch
 
 from nnunetv2_skcdf.network.architectures.skcdf_unet import PlainBottleneck
-from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
-from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation import nnUNetTrainerSKCDF_ablations as A
+from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
+from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation import SKCDFTrainer_ablations as A
 
 # variant -> the settings (see _settings) that must differ from the full trainer, with their values
 EXPECTED = {
-    "nnUNetTrainerSKCDF_noSKC": {"skc_enabled": False},
-    "nnUNetTrainerSKCDF_selfAttention": {"labelled_attention_mode": "self"},
-    "nnUNetTrainerSKCDF_globalLocal": {"skc_order": "global_local"},
-    "nnUNetTrainerSKCDF_parallelSKC": {"skc_order": "parallel"},
-    "nnUNetTrainerSKCDF_attnDropout": {"skc_attention_dropout": 0.1},
-    "nnUNetTrainerSKCDF_noABC": {"balanced_heads": False},
-    "nnUNetTrainerSKCDF_multiplyMask": {"masking": "multiply"},
-    "nnUNetTrainerSKCDF_noDecoupling": {"decoupled": False},
-    "nnUNetTrainerSKCDF_noEMA": {"ema_couple_decoders": False},
-    "nnUNetTrainerSKCDF_cw1": {"consistency_weight": 1.0},
-    "nnUNetTrainerSKCDF_cw5": {"consistency_weight": 5.0},
-    "nnUNetTrainerSKCDF_cw20": {"consistency_weight": 20.0},
-    "nnUNetTrainerSKCDF_noRampup": {"rampup_epochs": 0},
-    "nnUNetTrainerSKCDF_rampup50": {"rampup_epochs": 50},
-    "nnUNetTrainerSKCDF_ema09": {"ema_momentum": 0.9},
-    "nnUNetTrainerSKCDF_ema0999": {"ema_momentum": 0.999},
+    "SKCDFTrainer_noSKC": {"skc_enabled": False},
+    "SKCDFTrainer_selfAttention": {"labelled_attention_mode": "self"},
+    "SKCDFTrainer_globalLocal": {"skc_order": "global_local"},
+    "SKCDFTrainer_parallelSKC": {"skc_order": "parallel"},
+    "SKCDFTrainer_attnDropout": {"skc_attention_dropout": 0.1},
+    "SKCDFTrainer_noABC": {"balanced_heads": False},
+    "SKCDFTrainer_multiplyMask": {"masking": "multiply"},
+    "SKCDFTrainer_noDecoupling": {"decoupled": False},
+    "SKCDFTrainer_noEMA": {"ema_couple_decoders": False},
+    "SKCDFTrainer_cw1": {"consistency_weight": 1.0},
+    "SKCDFTrainer_cw5": {"consistency_weight": 5.0},
+    "SKCDFTrainer_cw20": {"consistency_weight": 20.0},
+    "SKCDFTrainer_noRampup": {"rampup_epochs": 0},
+    "SKCDFTrainer_rampup50": {"rampup_epochs": 50},
+    "SKCDFTrainer_ema09": {"ema_momentum": 0.9},
+    "SKCDFTrainer_ema0999": {"ema_momentum": 0.999},
 }
 SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_heads",
             "skc_window", "skc_dropout", "balanced_heads", "decoupled", "masking", "ema_couple_decoders",
@@ -52,13 +52,39 @@ def test_every_variant_is_listed_and_registered(monkeypatch):
 
     from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
 
-    defined = {n for n, c in vars(A).items() if isinstance(c, type) and issubclass(c, nnUNetTrainerSKCDF)
-               and c is not nnUNetTrainerSKCDF}
+    defined = {n for n, c in vars(A).items() if isinstance(c, type) and issubclass(c, SKCDFTrainer)
+               and c is not SKCDFTrainer}
     assert defined == set(EXPECTED)
     monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
     for name in EXPECTED:
         cls = recursive_find_trainer_class_by_name(name)
         assert cls.__name__ == name and "__" not in name and cls.__doc__
+
+
+def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
+    """``-tr SKCDFTrainer`` (the documented name) finds the trainer itself; every pre-0.2 name
+    ``nnUNetTrainerSKCDF[_variant]`` finds a subclass of the new class with the old ``__name__`` (model folders
+    and checkpoints of old runs are looked up by it) and exactly the same settings."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
+    from nnunetv2_skcdf.training.nnUNetTrainer.variants.legacy_names import LEGACY_TRAINERS
+
+    monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
+    # nnU-Net imports the extension folder under its own module names: classes compare by name
+    found = recursive_find_trainer_class_by_name("SKCDFTrainer")
+    assert found.__name__ == "SKCDFTrainer" and found.__mro__[1].__name__ == "nnUNetTrainer"
+    expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
+                    "nnUNetTrainerSKCDF_100epochs"} | {n.replace("SKCDFTrainer", "nnUNetTrainerSKCDF") for n in EXPECTED}
+    assert expected_old <= set(LEGACY_TRAINERS)
+    for old in sorted(expected_old):
+        cls = recursive_find_trainer_class_by_name(old)
+        new = recursive_find_trainer_class_by_name(old.replace("nnUNetTrainerSKCDF", "SKCDFTrainer"))
+        assert cls.__name__ == old and [b.__name__ for b in cls.__bases__] == [new.__name__] and "__" not in old
+    old_trainer = trainer_factory(LEGACY_TRAINERS["nnUNetTrainerSKCDF_noEMA"])
+    new_trainer = trainer_factory(A.SKCDFTrainer_noEMA)
+    assert _settings(old_trainer) == _settings(new_trainer) and old_trainer.ema_couple_decoders is False
+    assert old_trainer.output_folder.replace("nnUNetTrainerSKCDF", "SKCDFTrainer") == new_trainer.output_folder
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -82,14 +108,14 @@ def test_variant_differs_in_exactly_the_intended_part_and_trains(name, trainer_f
 
 def _check_network(name, full, net):
     full_keys, keys = set(full.state_dict()), set(net.state_dict())
-    if name == "nnUNetTrainerSKCDF_noSKC":
+    if name == "SKCDFTrainer_noSKC":
         assert isinstance(net.skc, PlainBottleneck) and not list(net.skc.parameters())
         assert full_keys - keys == {k for k in full_keys if k.startswith("skc.")} and not keys - full_keys
-    elif name == "nnUNetTrainerSKCDF_noABC":
+    elif name == "SKCDFTrainer_noABC":
         removed = {k for k in full_keys if ".balanced_seg_layers." in k}
         assert removed and full_keys - keys == removed and not keys - full_keys
         assert not net.decoder_l.has_balanced_heads and not net.decoder_u.has_balanced_heads
-    elif name == "nnUNetTrainerSKCDF_noDecoupling":
+    elif name == "SKCDFTrainer_noDecoupling":
         assert net.decoder_u is net.decoder_l and not net.decoupled and keys == full_keys
         groups, full_groups = _parameter_groups(net), _parameter_groups(full)
         assert "decoder_u" not in groups and full_groups.pop("decoder_u") and \
@@ -98,18 +124,18 @@ def _check_network(name, full, net):
         assert keys == full_keys  # same architecture; the difference is a switch
         for a, b in zip(full.state_dict().values(), net.state_dict().values()):
             assert a.shape == b.shape
-    if name == "nnUNetTrainerSKCDF_selfAttention":
+    if name == "SKCDFTrainer_selfAttention":
         assert net.labelled_attention_mode == "self"
-    if name in ("nnUNetTrainerSKCDF_globalLocal", "nnUNetTrainerSKCDF_parallelSKC"):
+    if name in ("SKCDFTrainer_globalLocal", "SKCDFTrainer_parallelSKC"):
         assert net.skc.order == EXPECTED[name]["skc_order"]
-    if name == "nnUNetTrainerSKCDF_attnDropout":
+    if name == "SKCDFTrainer_attnDropout":
         assert net.skc.local_block.attention.attention_dropout == 0.1
 
 
 def test_self_attention_variant_keeps_labelled_outputs_independent_of_unlabelled(trainer_factory):
     """Cross mode lets the labelled logits depend on the unlabelled samples; self mode must not."""
     results = {}
-    for cls in (nnUNetTrainerSKCDF, A.nnUNetTrainerSKCDF_selfAttention):
+    for cls in (SKCDFTrainer, A.SKCDFTrainer_selfAttention):
         trainer = trainer_factory(cls)
         trainer.initialize()
         net = trainer._net().eval()
@@ -118,12 +144,12 @@ def test_self_attention_variant_keeps_labelled_outputs_independent_of_unlabelled
         with torch.no_grad():
             a, b = net(x_l, x_u).main[0], net(x_l, 3 * x_u + 1).main[0]
         results[cls.__name__] = (a - b).abs().max().item()
-    assert results["nnUNetTrainerSKCDF"] > 1e-4
-    assert results["nnUNetTrainerSKCDF_selfAttention"] < 1e-5
+    assert results["SKCDFTrainer"] > 1e-4
+    assert results["SKCDFTrainer_selfAttention"] < 1e-5
 
 
 def test_no_ema_variant_moves_heads_but_not_decoder_u(trainer_factory):
-    trainer = trainer_factory(A.nnUNetTrainerSKCDF_noEMA)
+    trainer = trainer_factory(A.SKCDFTrainer_noEMA)
     trainer.initialize()
     net = trainer._net()
     stage_u, head_u = net.decoder_u.stages[0].convs[0].conv.weight, net.decoder_u.seg_layers[0].weight

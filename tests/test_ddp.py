@@ -1,4 +1,4 @@
-"""Multi-GPU logic of nnUNetTrainerSKCDF, tested on CPU: 2 processes, gloo backend, 2 iterations.
+"""Multi-GPU logic of SKCDFTrainer, tested on CPU: 2 processes, gloo backend, 2 iterations.
 
 nnU-Net's DDP path assumes CUDA (it moves the trainer to cuda:<rank> and wraps the network with
 ``device_ids=[rank]``); the test keeps the trainer on the CPU and wraps without device ids, and changes nothing
@@ -47,12 +47,12 @@ def _worker(rank: int, env: dict, preprocessed: str, init_file: str, out_dir: st
     torch.set_num_threads(1)
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as base
 
-    from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+    from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
 
     ddp = base.DDP
     base.DDP = lambda module, device_ids=None, **kwargs: ddp(module, **kwargs)  # CPU: no device ids
 
-    class CPUDDPTrainer(nnUNetTrainerSKCDF):
+    class CPUDDPTrainer(SKCDFTrainer):
         def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cpu")):
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.device, self.grad_scaler = torch.device("cpu"), None  # nnU-Net's DDP path forces cuda

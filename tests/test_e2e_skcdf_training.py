@@ -1,7 +1,11 @@
-"""End to end through the stock nnU-Net console commands with nnUNetTrainerSKCDF (tiny CPU run)."""
+"""End to end through the stock nnU-Net console commands with SKCDFTrainer (tiny CPU run): plan, split, train,
+validate again (--val), predict, evaluate, find_best_configuration, export_model_to_zip, and a model folder of
+the pre-0.2 trainer name predicting the same labels."""
 from __future__ import annotations
 
 import json
+import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +15,7 @@ import torch
 from conftest import env_for, run_cli
 from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
 
-DATASET, NAME, CONFIG, TRAINER = "954", "Dataset954_E2ETrain", "3d_cpu", "nnUNetTrainerSKCDF_cpuTest"
+DATASET, NAME, CONFIG, TRAINER = "954", "Dataset954_E2ETrain", "3d_cpu", "SKCDFTrainer_cpuTest"
 
 
 def test_plan_split_train_predict_evaluate(tmp_path):
@@ -59,3 +63,41 @@ def test_plan_split_train_predict_evaluate(tmp_path):
     summary = json.loads((pred / "summary.json").read_text())
     liver = summary["mean"]["6"]["Dice"]
     assert liver > 0.5, f"the largest organ (liver) was not learnt: Dice {liver:.3f}"
+    _other_stock_commands(env, results, pred, tmp_path)
+
+
+def _other_stock_commands(env: dict, results: Path, pred: Path, tmp_path: Path) -> None:
+    """Every stock command that takes a trainer name: --val, find_best_configuration, export_model_to_zip, and
+    the old name of a model folder trained before 0.2 (nnUNetTrainerSKCDF_*)."""
+    validation = results / "fold_0" / "validation" / "summary.json"
+    before = validation.stat().st_mtime_ns
+    run_cli(["nnUNetv2_train", DATASET, CONFIG, "0", "-tr", TRAINER, "-device", "cpu", "--val"], env)
+    assert validation.stat().st_mtime_ns > before
+
+    run_cli(["nnUNetv2_find_best_configuration", DATASET, "-c", CONFIG, "-tr", TRAINER, "-f", "0", "-np", "1"], env)
+    instructions = (results.parent / "inference_instructions.txt").read_text()
+    assert f"-tr {TRAINER}" in instructions and f"-c {CONFIG}" in instructions
+
+    archive = tmp_path / "model.zip"
+    run_cli(["nnUNetv2_export_model_to_zip", "-d", DATASET, "-o", str(archive), "-c", CONFIG, "-tr", TRAINER,
+             "-f", "0"], env)
+    with zipfile.ZipFile(archive) as z:
+        assert f"{NAME}/{results.name}/fold_0/checkpoint_final.pth" in z.namelist()
+
+    # a model folder as the previous release wrote it: old folder name, old trainer_name in the checkpoint
+    old_trainer = TRAINER.replace("SKCDFTrainer", "nnUNetTrainerSKCDF")
+    old = results.parent / results.name.replace(TRAINER, old_trainer)
+    shutil.copytree(results, old)
+    checkpoint = torch.load(old / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint["trainer_name"] = old_trainer
+    torch.save(checkpoint, old / "fold_0" / "checkpoint_final.pth")
+    case_images = sorted((Path(env["nnUNet_raw"]) / NAME / "imagesTs").glob("*_0000.nii.gz"))[:1]
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(case_images[0], single)
+    old_pred = tmp_path / "pred_old_name"
+    run_cli(["nnUNetv2_predict", "-i", str(single), "-o", str(old_pred), "-d", DATASET, "-c", CONFIG, "-tr",
+             old_trainer, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], env)
+    case = case_images[0].name[: -len("_0000.nii.gz")] + ".nii.gz"
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(old_pred / case))),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(pred / case))))

@@ -18,7 +18,7 @@ from conftest import DATASET_ID, DATASET_NAME, run_cli
 from nnunetv2_skcdf.training import skcdf_components as C
 from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
 
-TRAINER, CONFIG, EPOCHS = "nnUNetTrainerSKCDF_killTest", "3d_tiny", 6
+TRAINER, CONFIG, EPOCHS = "SKCDFTrainer_killTest", "3d_tiny", 6
 
 
 def _checkpoint(path: Path):

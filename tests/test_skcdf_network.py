@@ -28,11 +28,11 @@ def tiny_plans(planned_phantom):
 
 
 def build(pm, configuration="3d_tiny", deep_supervision=True, trainer=None):
-    from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+    from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
 
     cm = pm.get_configuration(configuration)
     torch.manual_seed(0)
-    return (trainer or nnUNetTrainerSKCDF).build_network_architecture(pm, cm, 1, NUM_CLASSES, deep_supervision), cm
+    return (trainer or SKCDFTrainer).build_network_architecture(pm, cm, 1, NUM_CLASSES, deep_supervision), cm
 
 
 def test_build_from_real_plans_and_output_shapes(tiny_plans):

@@ -1,4 +1,4 @@
-"""nnUNetTrainerSKCDF in-process: start, train steps, logging, checkpoint round trip, registration."""
+"""SKCDFTrainer in-process: start, train steps, logging, checkpoint round trip, registration."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
 
 
 def test_train_steps_logging_and_checkpoint_round_trip(trainer_factory, tmp_path):
@@ -71,8 +71,8 @@ def test_registered_through_nnunet_ext_trainer(monkeypatch):
     from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
 
     monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
-    for name in ("nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_cpuTest",
-                 "nnUNetTrainer_demo8epochs", "nnUNetTrainerSKCDF_demo8epochs"):
+    for name in ("SKCDFTrainer", "SKCDFTrainer_5epochs", "SKCDFTrainer_cpuTest",
+                 "nnUNetTrainer_demo8epochs", "SKCDFTrainer_demo8epochs"):
         cls = recursive_find_trainer_class_by_name(name)
         assert cls.__name__ == name and "__" not in name
 
@@ -85,4 +85,4 @@ def test_region_datasets_are_refused(trainer_factory, phantom_workspace):
     dataset_json["labels"] = {"background": 0, "organs": [1, 2], "kidney": 2}
     dataset_json["regions_class_order"] = [1, 2]
     with pytest.raises(ValueError, match="region-based training"):
-        nnUNetTrainerSKCDF(plans, "3d_tiny", 0, dataset_json, device=torch.device("cpu"))
+        SKCDFTrainer(plans, "3d_tiny", 0, dataset_json, device=torch.device("cpu"))

@@ -5,10 +5,10 @@ Only the method differs: labelled-only nnU-Net, SKCDF, and SKCDF without the SKC
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
-from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.nnUNetTrainerSKCDF_ablations import (
-    nnUNetTrainerSKCDF_noABC,
-    nnUNetTrainerSKCDF_noSKC,
+from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
+from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import (
+    SKCDFTrainer_noABC,
+    SKCDFTrainer_noSKC,
 )
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
 
@@ -32,13 +32,13 @@ class nnUNetTrainer_phantomAcc(_BenchmarkBudget, nnUNetTrainer):
     pass
 
 
-class nnUNetTrainerSKCDF_phantomAcc(_BenchmarkBudget, nnUNetTrainerSKCDF):
+class SKCDFTrainer_phantomAcc(_BenchmarkBudget, SKCDFTrainer):
     pass
 
 
-class nnUNetTrainerSKCDF_noSKC_phantomAcc(_BenchmarkBudget, nnUNetTrainerSKCDF_noSKC):
+class SKCDFTrainer_noSKC_phantomAcc(_BenchmarkBudget, SKCDFTrainer_noSKC):
     pass
 
 
-class nnUNetTrainerSKCDF_noABC_phantomAcc(_BenchmarkBudget, nnUNetTrainerSKCDF_noABC):
+class SKCDFTrainer_noABC_phantomAcc(_BenchmarkBudget, SKCDFTrainer_noABC):
     pass

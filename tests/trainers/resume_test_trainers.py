@@ -1,11 +1,11 @@
 """Trainers used only by the tests (found through nnUNet_extTrainer, which the tests extend with this folder)."""
 import torch
 
-from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
 
 
-class nnUNetTrainerSKCDF_killTest(NoMirroringMixin, nnUNetTrainerSKCDF):
+class SKCDFTrainer_killTest(NoMirroringMixin, SKCDFTrainer):
     """6 short epochs with a checkpoint after every epoch, no final validation: a run to kill and resume."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,

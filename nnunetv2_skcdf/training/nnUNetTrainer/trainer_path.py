@@ -2,7 +2,7 @@
 
     export nnUNet_extTrainer=$(skcdf_trainer_path)
 
-nnU-Net 2.8's ``nnUNetv2_train`` and ``nnUNetv2_predict`` then find ``nnUNetTrainerSKCDF`` and its variants by
+nnU-Net 2.8's ``nnUNetv2_train`` and ``nnUNetv2_predict`` then find ``SKCDFTrainer`` and its variants by
 name, without copying files into site-packages.
 """
 import os

@@ -8,7 +8,7 @@ demo); ``_demo40epochs``: 2000 iterations (``run_demo.sh --long``).
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
 
 
@@ -25,7 +25,7 @@ class nnUNetTrainer_demo8epochs(NoMirroringMixin, nnUNetTrainer):
         _demo_budget(self, 8)
 
 
-class nnUNetTrainerSKCDF_demo8epochs(NoMirroringMixin, nnUNetTrainerSKCDF):
+class SKCDFTrainer_demo8epochs(NoMirroringMixin, SKCDFTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -39,7 +39,7 @@ class nnUNetTrainer_demo40epochs(NoMirroringMixin, nnUNetTrainer):
         _demo_budget(self, 40)
 
 
-class nnUNetTrainerSKCDF_demo40epochs(NoMirroringMixin, nnUNetTrainerSKCDF):
+class SKCDFTrainer_demo40epochs(NoMirroringMixin, SKCDFTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)

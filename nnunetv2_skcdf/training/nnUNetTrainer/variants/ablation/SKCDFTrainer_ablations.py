@@ -1,50 +1,50 @@
-"""The paper's ablations, one ``-tr`` away: each variant changes exactly one part of ``nnUNetTrainerSKCDF``.
+"""The paper's ablations, one ``-tr`` away: each variant changes exactly one part of ``SKCDFTrainer``.
 
 Architecture switches are class attributes (``build_network_architecture`` is a classmethod, called on the
 class by nnU-Net's predictor, so a checkpoint is always rebuilt with its own variant's architecture);
 training switches are set in ``__init__``. The README's ablation table maps every variant to what it tests
 and to the paper table it reproduces. Combine with a training length by subclassing, e.g.
-``class nnUNetTrainerSKCDF_noSKC_100epochs(nnUNetTrainerSKCDF_noSKC)`` with ``self.num_epochs = 100``.
+``class SKCDFTrainer_noSKC_100epochs(SKCDFTrainer_noSKC)`` with ``self.num_epochs = 100``.
 """
 import torch
 
-from nnunetv2_skcdf.training.nnUNetTrainer.nnUNetTrainerSKCDF import nnUNetTrainerSKCDF
+from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
 
 
 # ---------------------------------------------------------------------------------------------- SKC module
-class nnUNetTrainerSKCDF_noSKC(nnUNetTrainerSKCDF):
+class SKCDFTrainer_noSKC(SKCDFTrainer):
     """No SKC module: the encoder's bottleneck goes straight to the decoders (no attention parameters)."""
     skc_enabled = False
 
 
-class nnUNetTrainerSKCDF_selfAttention(nnUNetTrainerSKCDF):
+class SKCDFTrainer_selfAttention(SKCDFTrainer):
     """Self- instead of cross-attention in the labelled pass (supplement Table 6): labelled and unlabelled
     samples no longer exchange information in the SKC module."""
     labelled_attention_mode = "self"
 
 
-class nnUNetTrainerSKCDF_globalLocal(nnUNetTrainerSKCDF):
+class SKCDFTrainer_globalLocal(SKCDFTrainer):
     """Global block before the local one (supplement Table 5 d)."""
     skc_order = "global_local"
 
 
-class nnUNetTrainerSKCDF_parallelSKC(nnUNetTrainerSKCDF):
+class SKCDFTrainer_parallelSKC(SKCDFTrainer):
     """Local and global blocks side by side, outputs summed (a parallel fusion, cf. supplement Table 5 e)."""
     skc_order = "parallel"
 
 
-class nnUNetTrainerSKCDF_attnDropout(nnUNetTrainerSKCDF):
+class SKCDFTrainer_attnDropout(SKCDFTrainer):
     """The reference code's extra dropout (0.1) on the attention weights."""
     skc_attention_dropout = 0.1
 
 
 # ---------------------------------------------------------------------------------------------- ABC heads
-class nnUNetTrainerSKCDF_noABC(nnUNetTrainerSKCDF):
+class SKCDFTrainer_noABC(SKCDFTrainer):
     """No auxiliary balanced classifier: main heads only, no balanced masks, no head EMA."""
     balanced_heads = False
 
 
-class nnUNetTrainerSKCDF_multiplyMask(nnUNetTrainerSKCDF):
+class SKCDFTrainer_multiplyMask(SKCDFTrainer):
     """The reference implementation's masking: masked voxels become zero logits with a background target,
     instead of leaving the loss."""
 
@@ -55,13 +55,13 @@ class nnUNetTrainerSKCDF_multiplyMask(nnUNetTrainerSKCDF):
 
 
 # ---------------------------------------------------------------------------------------------- decoupling / EMA
-class nnUNetTrainerSKCDF_noDecoupling(nnUNetTrainerSKCDF):
+class SKCDFTrainer_noDecoupling(SKCDFTrainer):
     """One decoder learns from labels and from pseudo labels (D_u is D_l): ordinary pseudo-label training
     with SKC and ABC, the setting the decoupling is meant to improve on."""
     decoupled = False
 
 
-class nnUNetTrainerSKCDF_noEMA(nnUNetTrainerSKCDF):
+class SKCDFTrainer_noEMA(SKCDFTrainer):
     """Two decoders without the EMA coupling D_u <- D_l (D_u learns from pseudo labels only); the head EMA
     (main head <- balanced head) stays."""
 
@@ -78,25 +78,25 @@ def _hyperparameter_variant(name: str, doc: str, **values) -> type:
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        nnUNetTrainerSKCDF.__init__(self, plans, configuration, fold, dataset_json, device)
+        SKCDFTrainer.__init__(self, plans, configuration, fold, dataset_json, device)
         for key, value in values.items():
             setattr(self, key, value)
 
-    return type(name, (nnUNetTrainerSKCDF,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    return type(name, (SKCDFTrainer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
-nnUNetTrainerSKCDF_cw1 = _hyperparameter_variant(
-    "nnUNetTrainerSKCDF_cw1", "Consistency weight w = 1 (reference 10).", consistency_weight=1.0)
-nnUNetTrainerSKCDF_cw5 = _hyperparameter_variant(
-    "nnUNetTrainerSKCDF_cw5", "Consistency weight w = 5 (reference 10).", consistency_weight=5.0)
-nnUNetTrainerSKCDF_cw20 = _hyperparameter_variant(
-    "nnUNetTrainerSKCDF_cw20", "Consistency weight w = 20 (reference 10).", consistency_weight=20.0)
-nnUNetTrainerSKCDF_noRampup = _hyperparameter_variant(
-    "nnUNetTrainerSKCDF_noRampup", "Full consistency weight from the first epoch (no ramp-up).", rampup_epochs=0)
-nnUNetTrainerSKCDF_rampup50 = _hyperparameter_variant(
-    "nnUNetTrainerSKCDF_rampup50", "Ramp-up over the first 50 epochs instead of the whole training.",
+SKCDFTrainer_cw1 = _hyperparameter_variant(
+    "SKCDFTrainer_cw1", "Consistency weight w = 1 (reference 10).", consistency_weight=1.0)
+SKCDFTrainer_cw5 = _hyperparameter_variant(
+    "SKCDFTrainer_cw5", "Consistency weight w = 5 (reference 10).", consistency_weight=5.0)
+SKCDFTrainer_cw20 = _hyperparameter_variant(
+    "SKCDFTrainer_cw20", "Consistency weight w = 20 (reference 10).", consistency_weight=20.0)
+SKCDFTrainer_noRampup = _hyperparameter_variant(
+    "SKCDFTrainer_noRampup", "Full consistency weight from the first epoch (no ramp-up).", rampup_epochs=0)
+SKCDFTrainer_rampup50 = _hyperparameter_variant(
+    "SKCDFTrainer_rampup50", "Ramp-up over the first 50 epochs instead of the whole training.",
     rampup_epochs=50)
-nnUNetTrainerSKCDF_ema09 = _hyperparameter_variant(
-    "nnUNetTrainerSKCDF_ema09", "EMA momentum m = 0.9 (reference 0.99).", ema_momentum=0.9)
-nnUNetTrainerSKCDF_ema0999 = _hyperparameter_variant(
-    "nnUNetTrainerSKCDF_ema0999", "EMA momentum m = 0.999 (reference 0.99).", ema_momentum=0.999)
+SKCDFTrainer_ema09 = _hyperparameter_variant(
+    "SKCDFTrainer_ema09", "EMA momentum m = 0.9 (reference 0.99).", ema_momentum=0.9)
+SKCDFTrainer_ema0999 = _hyperparameter_variant(
+    "SKCDFTrainer_ema0999", "EMA momentum m = 0.999 (reference 0.99).", ema_momentum=0.999)

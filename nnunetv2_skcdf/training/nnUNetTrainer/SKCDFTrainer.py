@@ -1,4 +1,4 @@
-"""``nnUNetTrainerSKCDF``: SKCDF semi-supervised training inside nnU-Net v2.
+"""``SKCDFTrainer``: SKCDF semi-supervised training inside nnU-Net v2.
 
 Found by the stock ``nnUNetv2_train`` / ``nnUNetv2_predict`` through nnU-Net's external-trainer lookup:
 ``export nnUNet_extTrainer=$(skcdf_trainer_path)``. Overrides only the hooks it needs: network construction,
@@ -36,7 +36,7 @@ from nnunetv2_skcdf.training.skcdf_logger import SKCDFLocalLogger
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 
 
-class nnUNetTrainerSKCDF(nnUNetTrainer):
+class SKCDFTrainer(nnUNetTrainer):
     # --- architecture (class attributes: build_network_architecture is called on the class by the predictor) ---
     skc_heads: int = 2               # attention heads h of the SKC module (reference: 2)
     skc_window = None                # local window per axis; None = largest divisor of the bottleneck size <= 2
