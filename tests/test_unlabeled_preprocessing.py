@@ -199,7 +199,8 @@ def test_channel_geometry_mismatch_is_rejected(tmp_path):
     files = [str(tmp_path / f"case_000{i}.nii.gz") for i in range(3)]
     for img, f in zip((a, b, c), files):
         sitk.WriteImage(img, f)
-    with pytest.raises(SKCDFInputError, match=r"case_0001\.nii\.gz: geometry does not match.*spacing"):
+    with pytest.raises(SKCDFInputError, match=r"case_0001\.nii\.gz: geometry does not match.*spacing \[3\.0, 1\.0, 1\.0\] "
+                                              r"vs \[2\.0, 1\.0, 1\.0\]"):  # plain numbers, not np.float64(3.0)
         read_unlabeled_case(SimpleITKIO(), files[:2])
     with pytest.raises(SKCDFInputError, match=r"case_0002\.nii\.gz: geometry does not match.*shape"):
         read_unlabeled_case(SimpleITKIO(), [files[0], files[2]])

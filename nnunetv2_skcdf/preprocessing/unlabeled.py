@@ -33,8 +33,10 @@ from nnunetv2_skcdf.utilities.dataset_files import (
     UNLABELED_IMAGES_FOLDER,
     dataset_name,
     exit_on_input_error,
+    format_numbers,
     list_unlabeled_cases,
     load_dataset_json,
+    plain,
     preprocessed_dataset_folder,
     raw_dataset_folder,
     training_case_ids,
@@ -144,11 +146,11 @@ def _check_same_geometry(ref_file, ref_arr, ref_props, f, arr, p) -> None:
     if arr.shape[1:] != ref_arr.shape[1:]:
         problems.append(f"shape {arr.shape[1:]} vs {ref_arr.shape[1:]}")
     if not np.allclose(p["spacing"], ref_props["spacing"], rtol=1e-5, atol=1e-6):
-        problems.append(f"spacing {p['spacing']} vs {ref_props['spacing']}")
+        problems.append(f"spacing {plain(list(p['spacing']))} vs {plain(list(ref_props['spacing']))}")
     for key in ("origin", "direction"):
         a, b = p.get("sitk_stuff", {}).get(key), ref_props.get("sitk_stuff", {}).get(key)
         if a is not None and b is not None and not np.allclose(a, b, atol=1e-3):
-            problems.append(f"{key} {tuple(a)} vs {tuple(b)}")
+            problems.append(f"{key} {format_numbers(a)} vs {format_numbers(b)}")
     if problems:
         raise SKCDFInputError(
             f"{f}: geometry does not match the first channel {os.path.basename(ref_file)} ("
