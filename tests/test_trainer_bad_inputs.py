@@ -38,6 +38,19 @@ def test_split_without_unlabeled_key_is_refused(trainer_factory, phantom_workspa
     _start_refused(trainer_factory, r"(?s)splits_final.json has no 'unlabeled' key.*skcdf_split")
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda f: f.pop("val"), r"(?s)splits_final.json: fold 0: no 'val' key.*skcdf_split"),
+    (lambda f: f.pop("train"), r"(?s)splits_final.json: fold 0: no 'train' key.*skcdf_split"),
+    (lambda f: f["unlabeled"].append(f["unlabeled"][0]),
+     r"(?s)fold 0: 'unlabeled' \(unlabelled\) lists \S+ more than once"),
+    (lambda f: f["train"].append(7), r"fold 0: 'train' must be a list of case id strings; entry 3 is 7 \(int\)"),
+], ids=["no_val", "no_train", "repeated_id", "int_id"])
+def test_malformed_fold_is_refused_before_it_is_indexed(trainer_factory, phantom_workspace, edit, match):
+    """Missing keys were a bare KeyError; repeated ids were accepted silently."""
+    _edit_split(phantom_workspace, edit)
+    _start_refused(trainer_factory, match)
+
+
 def test_split_with_unknown_id_names_it(trainer_factory, phantom_workspace):
     _edit_split(phantom_workspace, lambda f: f["train"].append("no_such_case"))
     _start_refused(trainer_factory, r"(?s)splits_final.json: fold 0: unknown case id.*no_such_case")
