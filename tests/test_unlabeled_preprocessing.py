@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -150,15 +151,17 @@ def test_truncated_file_is_rejected_and_good_cases_are_kept(phantom_workspace):
 
 
 def test_nan_image_is_rejected(tmp_path):
-    """SimpleITK turns NaN in NIfTI into 0 on reading; nibabel (NibabelIO plans) keeps it: we refuse it."""
+    """NIfTI: found on disk (nibabel), whatever the plans' reader; nrrd: SimpleITK keeps NaN, the array check sees it."""
     from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
     arr = np.zeros((4, 8, 8), np.float32)
     arr[1, 2, 3] = np.nan
-    path = tmp_path / "nan_0000.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
-    with pytest.raises(SKCDFInputError, match=r"nan_0000\.nii\.gz: contains NaN or infinite intensities"):
-        read_unlabeled_case(NibabelIO(), [str(path)])
+    for reader, ending in ((NibabelIO, ".nii.gz"), (SimpleITKIO, ".nii.gz"), (SimpleITKIO, ".nrrd")):
+        path = tmp_path / f"nan_0000{ending}"
+        sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+        with pytest.raises(SKCDFInputError, match=rf"nan_0000{re.escape(ending)}: contains NaN or infinite"):
+            read_unlabeled_case(reader(), [str(path)])
 
 
 def test_2d_image_in_3d_dataset_is_rejected(phantom_workspace):
@@ -214,3 +217,105 @@ def test_console_script_help_and_error_exit_code(phantom_workspace):
     bad = run_cli(["skcdf_preprocess_unlabeled", "-d", "999", "-c", "3d_fullres"], phantom_workspace["env"],
                   check=False)
     assert bad.returncode == 2 and "ERROR: Unknown dataset '999'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------- issue 13: bad files
+def _output_cases(phantom_workspace) -> list:
+    return sorted(p.name[:-4] for p in (phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled")
+                  .glob("*.pkl"))
+
+
+def test_4d_and_vector_images_are_refused_and_the_good_cases_saved_in_parallel(phantom_workspace):
+    """nnU-Net's reader takes a 4D file (or the components of a vector image) for channels, and its normalisation
+    then fails with an IndexError that aborted the pool: the good cases of the run were lost."""
+    import nibabel
+
+    folder = phantom_workspace["raw"] / "imagesUnlabeled"
+    good = sorted(p.name[: -len("_0000.nii.gz")] for p in _unlabeled_images(phantom_workspace["raw"]))
+    nibabel.save(nibabel.Nifti1Image(np.zeros((16, 16, 8, 3), np.int16), np.diag([1.0, 1.0, 2.0, 1.0])),
+                 str(folder / "series4d_0000.nii.gz"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 16, 16, 3), np.uint8), isVector=True),
+                    str(folder / "rgb_0000.nii.gz"))
+    shutil.rmtree(phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled")
+    with pytest.raises(SKCDFInputError) as e:
+        preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=2, verbose=False)
+    msg = str(e.value)
+    assert "2 of 5 unlabelled cases failed (the others were saved)" in msg
+    assert "series4d_0000.nii.gz: is a 4D image (size x, y, z, t = 16, 16, 8, 3)" in msg
+    assert "rgb_0000.nii.gz: has 3 components per voxel (a vector or RGB image)" in msg
+    assert "one file per channel" in msg and "IndexError" not in msg
+    assert _output_cases(phantom_workspace) == good
+
+
+def test_unexpected_failure_of_one_case_becomes_a_message_naming_it(phantom_workspace, monkeypatch):
+    """Any exception of one case (here nnU-Net's preprocessor) is reported with its file; the others are saved."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+    imgs = _unlabeled_images(phantom_workspace["raw"])
+    real = DefaultPreprocessor.run_case_npy
+    calls = []
+
+    def flaky(self, data, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise IndexError("list index out of range")
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(DefaultPreprocessor, "run_case_npy", flaky)
+    shutil.rmtree(phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled")
+    _fail(rf"1 of 3 unlabelled cases failed.*{imgs[1].name}: preprocessing failed \(IndexError: list index out of "
+          rf"range\).*remove the case")
+    assert _output_cases(phantom_workspace) == [imgs[0].name[:-12], imgs[2].name[:-12]]
+
+
+def test_nan_in_a_nifti_file_is_found_although_simpleitk_reads_it_as_zero(phantom_workspace):
+    img = _unlabeled_images(phantom_workspace["raw"])[0]
+    image = sitk.Cast(sitk.ReadImage(str(img)), sitk.sitkFloat32)
+    arr = sitk.GetArrayFromImage(image)
+    arr[3, 4, 5], arr[4, 5, 6] = np.nan, np.inf
+    broken = sitk.GetImageFromArray(arr)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, str(img))
+    assert np.isfinite(sitk.GetArrayFromImage(sitk.ReadImage(str(img)))).all()  # why the array check cannot see it
+    shutil.rmtree(phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled")
+    _fail(rf"{img.name}: contains NaN or infinite voxels \(1 NaN, 1 inf in its float32 data; SimpleITK reads them "
+          rf"as 0\)")
+
+
+def _write_with_direction(src: Path, dst: Path, direction) -> None:
+    image = sitk.ReadImage(str(src))
+    image.SetDirection(direction)
+    sitk.WriteImage(image, str(dst))
+
+
+@pytest.mark.parametrize("direction, code", [
+    ((-1, 0, 0, 0, -1, 0, 0, 0, 1), "RAS"),  # flipped left-right and front-back
+    ((0, 1, 0, 1, 0, 0, 0, 0, 1), "PLS"),   # x and y axes swapped
+])
+def test_image_oriented_unlike_the_training_images_is_refused(phantom_workspace, direction, code):
+    img = _unlabeled_images(phantom_workspace["raw"])[0]
+    _write_with_direction(img, img, direction)
+    shutil.rmtree(phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled")
+    _fail(rf"{img.name}: orientation {code} \(direction {re.escape(str(tuple(direction)))}\) differs "
+          rf"from the training images in imagesTr \(LPS, e.g. phantom_tr_0000_0000.nii.gz: direction "
+          rf"\(1, 0, 0, 0, 1, 0, 0, 0, 1\)\).*nnU-Net does not reorient.*sitk.DICOMOrient\(image, 'LPS'\)")
+
+
+def test_slightly_oblique_image_with_the_training_orientation_is_accepted(phantom_workspace):
+    img = _unlabeled_images(phantom_workspace["raw"])[0]
+    c, s = np.cos(np.radians(5)), np.sin(np.radians(5))
+    _write_with_direction(img, img, (c, -s, 0, s, c, 0, 0, 0, 1))
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, overwrite=True, verbose=False)
+
+
+def test_orientation_code_matches_simpleitk():
+    from nnunetv2_skcdf.preprocessing.image_checks import orientation_code
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        permutation = rng.permutation(3)
+        matrix = np.eye(3)[:, permutation] * rng.choice([-1, 1], size=3)
+        direction = tuple(matrix.ravel())
+        assert orientation_code(direction) == \
+            sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)
+    assert orientation_code((0, 1, 1, 0)) == "PL"  # 2D

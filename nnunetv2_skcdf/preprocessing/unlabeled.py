@@ -11,6 +11,11 @@ Resampling, cropping and normalisation are nnU-Net's (``configuration_manager.pr
 as a labelled case (tested). Configurations that share a ``data_identifier`` (e.g. a small CPU
 configuration that inherits ``3d_fullres``) share the folder, exactly like nnU-Net's own data.
 
+Checks: besides nnU-Net's own, every file must be complete, one scalar image, free of NaN/inf (NIfTI: read
+with nibabel, as SimpleITK reads NaN as 0), 2D/3D and oriented like the training images (``image_checks``); the
+channels of a case must share one grid. Any failure of one case, also an unexpected exception, becomes a message
+naming its file(s); the other cases are still saved.
+
 Crash safety: each case is written under temporary names and renamed; the ``.pkl`` is renamed
 last and marks the case complete. Leftovers of an interrupted run (temporary files, data without
 ``.pkl``) are removed at the next start, so no half-written case is ever used.
@@ -18,16 +23,24 @@ last and marks the case complete. Leftovers of an interrupted run (temporary fil
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
-import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
+from nnunetv2_skcdf.preprocessing.image_checks import (  # noqa: F401 - check_file_complete: also imported from here
+    Orientation,
+    check_file_complete,
+    check_finite_on_disk,
+    check_one_image_per_file,
+    check_orientation,
+    read_header,
+    reader_reorients,
+    training_orientations,
+)
 from nnunetv2_skcdf.utilities.dataset_files import (
     SKCDFInputError,
     UNLABELED_IMAGES_FOLDER,
@@ -53,6 +66,13 @@ _TMP_PREFIX = ".tmp_"
 
 def unlabeled_folder_name(data_identifier: str) -> str:
     return data_identifier + UNLABELED_SUFFIX
+
+
+class TrainingImages(NamedTuple):
+    """What unlabelled images must share with the labelled ones (read once, passed to every worker)."""
+    is_2d: bool
+    #: orientation code -> an example training image; ``None`` when the plans' reader reorients every image
+    orientations: Optional[Dict[str, Orientation]]
 
 
 def plans_fingerprint(plans: dict, configuration_name: str, dataset_json: dict) -> str:
@@ -84,16 +104,23 @@ def plans_fingerprint(plans: dict, configuration_name: str, dataset_json: dict) 
 # ----------------------------------------------------------------------------------------------
 # reading one case, with the checks nnU-Net's reader only prints about
 # ----------------------------------------------------------------------------------------------
-def read_unlabeled_case(reader, files: Sequence[str]) -> Tuple[np.ndarray, dict]:
+def read_unlabeled_case(reader, files: Sequence[str],
+                        orientations: Optional[Dict[str, Orientation]] = None) -> Tuple[np.ndarray, dict]:
     """Read the channel files of one case -> (data (c, x, y, z) float32, properties).
 
-    Each channel is read on its own so that a bad file is named; channels must agree in shape and
-    spacing (as nnU-Net requires), and in origin and direction (nnU-Net only warns; without a label to
-    check the overlap against, a misaligned channel would silently corrupt training).
+    Each channel is read on its own so that a bad file is named. Before reading: complete file, one scalar image
+    per file, no NaN/inf on disk, and (``orientations``: the training images', see ``describe_training_images``)
+    oriented like the training images (``image_checks``). Channels must agree in shape and spacing (as nnU-Net
+    requires), and in origin and direction (nnU-Net only warns; without a label to check the overlap against, a
+    misaligned channel would silently corrupt training).
     """
     arrays, props = [], []
     for f in files:
         check_file_complete(f)
+        header = read_header(f)
+        check_one_image_per_file(f, header)
+        check_finite_on_disk(f)
+        check_orientation(f, header, orientations)
         try:
             arr, p = reader.read_images([f])
         except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
@@ -101,6 +128,9 @@ def read_unlabeled_case(reader, files: Sequence[str]) -> Tuple[np.ndarray, dict]
                 f"{f}: cannot be read ({type(e).__name__}: {e}). The file is truncated or not a valid image; "
                 f"re-export it or remove the case from {UNLABELED_IMAGES_FOLDER}/."
             ) from None
+        if arr.shape[0] != 1:  # readers whose header SimpleITK cannot read
+            raise SKCDFInputError(f"{f}: holds {arr.shape[0]} images (array shape {arr.shape}); nnU-Net reads one "
+                                  f"image per channel file. Save one file per channel or keep the volume you mean.")
         if not np.all(np.isfinite(arr)):
             raise SKCDFInputError(f"{f}: contains NaN or infinite intensities. Fix the image or remove the case.")
         arrays.append(arr)
@@ -109,36 +139,6 @@ def read_unlabeled_case(reader, files: Sequence[str]) -> Tuple[np.ndarray, dict]
     for f, arr, p in zip(files[1:], arrays[1:], props[1:]):
         _check_same_geometry(ref_file, ref_arr, ref_props, f, arr, p)
     return np.vstack(arrays).astype(np.float32, copy=False), ref_props
-
-
-def check_file_complete(path: str) -> None:
-    """Refuse truncated files that readers accept silently.
-
-    SimpleITK reads a truncated ``.nii.gz`` without an error and fills the missing voxels with garbage (seen
-    with SimpleITK 2.5), so gzip streams are decompressed once to their end-of-stream marker (CRC checked), and
-    an uncompressed ``.nii`` must be as long as its header says.
-    """
-    problem = None
-    if path.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                while f.read(1 << 24):
-                    pass
-        except (EOFError, OSError, zlib.error) as e:
-            problem = f"{type(e).__name__}: {e}"
-    elif path.endswith(".nii"):
-        import nibabel
-
-        try:
-            header = nibabel.load(path).header
-            needed = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-            if os.path.getsize(path) < needed:
-                problem = f"{os.path.getsize(path)} bytes on disk, the header needs {needed}"
-        except Exception as e:  # noqa: BLE001 - an unparsable header is the same user problem
-            problem = f"{type(e).__name__}: {e}"
-    if problem:
-        raise SKCDFInputError(f"{path}: cannot be read ({problem}). The file is truncated or corrupt; re-export it or "
-                              f"remove the case from {UNLABELED_IMAGES_FOLDER}/.")
 
 
 def _check_same_geometry(ref_file, ref_arr, ref_props, f, arr, p) -> None:
@@ -174,15 +174,15 @@ def check_dimensionality(data: np.ndarray, expect_2d: bool, files: Sequence[str]
 # one case: preprocess + crash-safe save (runs in worker processes)
 # ----------------------------------------------------------------------------------------------
 def preprocess_and_save_case(case_id: str, files: List[str], output_folder: str, plans: dict,
-                             configuration_name: str, dataset_json: dict, expect_2d: bool) -> str:
+                             configuration_name: str, dataset_json: dict, training: TrainingImages) -> str:
     """Preprocess one unlabelled case and write it to ``output_folder``; return ``case_id``."""
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration_name)
-    data, properties = read_unlabeled_case(pm.image_reader_writer_class(), files)
-    check_dimensionality(data, expect_2d, files)
+    data, properties = read_unlabeled_case(pm.image_reader_writer_class(), files, training.orientations)
+    check_dimensionality(data, training.is_2d, files)
     preprocessor = cm.preprocessor_class(verbose=False)
     data, seg, properties = preprocessor.run_case_npy(data, None, properties, pm, cm, dataset_json)
     data = data.astype(np.float32, copy=False)
@@ -199,10 +199,17 @@ def preprocess_and_save_case(case_id: str, files: List[str], output_folder: str,
 
 
 def _worker(args) -> Tuple[str, Optional[str]]:
+    """``(case_id, None)`` or ``(case_id, message)``: every failure of one case becomes a message naming its files,
+    so that one bad case neither aborts the pool nor costs the other cases of the run."""
+    case_id, files = args[0], args[1]
     try:
         return preprocess_and_save_case(*args), None
     except SKCDFInputError as e:
-        return args[0], str(e)
+        return case_id, str(e)
+    except Exception as e:  # noqa: BLE001 - whatever nnU-Net raises for a strange image, the user needs the file
+        return case_id, (f"{', '.join(files)}: preprocessing failed ({type(e).__name__}: {e}). Check the image "
+                         f"(open it in a viewer, compare its header with the imagesTr images), fix it or remove the "
+                         f"case from {UNLABELED_IMAGES_FOLDER}/.")
 
 
 def case_is_complete(output_folder: str, case_id: str) -> bool:
@@ -246,14 +253,18 @@ def _prepare_output_folder(folder: str, fingerprint: str, meta: dict, overwrite:
     remove_incomplete_cases(folder)
 
 
-def _labelled_images_are_2d(raw_folder: str, dataset_json: dict, plans: dict) -> bool:
-    """Read the first training image once: nnU-Net's readers return 2D images as (c, 1, x, y)."""
+def describe_training_images(raw_folder: str, dataset_json: dict, plans: dict) -> TrainingImages:
+    """Read the first training image once (nnU-Net's readers return 2D images as (c, 1, x, y)) and the headers of
+    every training image's first channel (their orientations)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    first = next(iter(get_filenames_of_train_images_and_targets(raw_folder, dict(dataset_json)).values()))
-    data, _ = PlansManager(plans).image_reader_writer_class().read_images(first["images"][:1])
-    return data.shape[1] == 1
+    cases = get_filenames_of_train_images_and_targets(raw_folder, dict(dataset_json))
+    reader_class = PlansManager(plans).image_reader_writer_class
+    data, _ = reader_class().read_images(next(iter(cases.values()))["images"][:1])
+    orientations = None if reader_reorients(reader_class) else \
+        training_orientations(cases[c]["images"][0] for c in sorted(cases))
+    return TrainingImages(data.shape[1] == 1, orientations)
 
 
 def preprocess_unlabeled(dataset, configurations: Sequence[str], plans_identifier: str = "nnUNetPlans",
@@ -283,17 +294,17 @@ def preprocess_unlabeled(dataset, configurations: Sequence[str], plans_identifie
     if clash:
         raise SKCDFInputError(f"Unlabelled case ids {clash} in {UNLABELED_IMAGES_FOLDER}/ are also training case ids "
                               f"in imagesTr/. Case ids must be unique: rename the unlabelled files.")
-    expect_2d = _labelled_images_are_2d(raw, dataset_json, plans)
+    training = describe_training_images(raw, dataset_json, plans)
     outputs = {}
     for configuration in configurations:
         outputs[configuration] = _preprocess_configuration(
-            cases, plans, plans_identifier, configuration, dataset_json, pre, expect_2d, num_processes, overwrite,
+            cases, plans, plans_identifier, configuration, dataset_json, pre, training, num_processes, overwrite,
             verbose)
     return outputs
 
 
 def _preprocess_configuration(cases: Dict[str, List[str]], plans: dict, plans_identifier: str, configuration: str,
-                              dataset_json: dict, pre: str, expect_2d: bool, num_processes: int,
+                              dataset_json: dict, pre: str, training: TrainingImages, num_processes: int,
                               overwrite: bool, verbose: bool) -> str:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -309,7 +320,7 @@ def _preprocess_configuration(cases: Dict[str, List[str]], plans: dict, plans_id
     if verbose:
         print(f"{configuration}: {len(cases)} unlabelled cases, {len(cases) - len(todo)} already done, "
               f"{len(todo)} to preprocess -> {folder}")
-    jobs = [(c, cases[c], folder, plans, configuration, dataset_json, expect_2d) for c in todo]
+    jobs = [(c, cases[c], folder, plans, configuration, dataset_json, training) for c in todo]
     errors = sorted(err for _, err in imap_with_progress(_worker, jobs, num_processes, f"Unlabelled {configuration}",
                                                          show=verbose) if err)
     if errors:
