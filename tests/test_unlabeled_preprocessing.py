@@ -1,9 +1,15 @@
 """skcdf_preprocess_unlabeled: equality with nnU-Net's own preprocessing, idempotence, crash safety, bad input."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import blosc2
@@ -319,3 +325,163 @@ def test_orientation_code_matches_simpleitk():
         assert orientation_code(direction) == \
             sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(direction)
     assert orientation_code((0, 1, 1, 0)) == "PL"  # 2D
+
+
+# ---------------------------------------------------------------------------------- issue 13: interruption, concurrency
+def _state(folder: Path) -> dict:
+    """name -> (mtime, size) of everything in ``folder``, sub-folders included."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))}
+
+
+def _leftovers(pre: Path) -> list:
+    return sorted(p.name for p in pre.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock"))
+
+
+def test_overwrite_replaces_a_folder_with_unexpected_entries(phantom_workspace):
+    """The old --overwrite deleted file by file and died on a sub-folder, leaving .pkl files without arrays."""
+    pre = phantom_workspace["preprocessed"]
+    folder = pre / "nnUNetPlans_3d_fullres_unlabeled"
+    (folder / "notes").mkdir()
+    (folder / "notes" / "readme.txt").write_text("mine")
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, overwrite=True, verbose=False)
+    assert not (folder / "notes").exists() and (folder / METADATA_FILE).is_file()
+    assert _output_cases(phantom_workspace) == sorted(p.name[:-12] for p in _unlabeled_images(phantom_workspace["raw"]))
+    assert _leftovers(pre) == []
+
+
+def test_interrupted_overwrite_leaves_the_old_folder_untouched(phantom_workspace, monkeypatch):
+    from nnunetv2_skcdf.preprocessing import unlabeled
+
+    pre = phantom_workspace["preprocessed"]
+    folder = pre / "nnUNetPlans_3d_fullres_unlabeled"
+    before = _state(folder)
+    real, calls = unlabeled.preprocess_and_save_case, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the rebuild
+        return real(*args)
+
+    monkeypatch.setattr(unlabeled, "preprocess_and_save_case", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, overwrite=True, verbose=False)
+    assert _state(folder) == before and _leftovers(pre) == []
+
+
+def test_temporary_names_are_unique_per_process(phantom_workspace, monkeypatch):
+    """Fixed names per case let two writers collide (an obscure blosc2 error); the pid makes them unique."""
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    real, names = nnUNetDatasetBlosc2.save_case, []
+    monkeypatch.setattr(nnUNetDatasetBlosc2, "save_case",
+                        staticmethod(lambda data, seg, props, out, **kw: names.append(out) or
+                                     real(data, seg, props, out, **kw)))
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, overwrite=True, verbose=False)
+    assert len(names) == 3 and all(Path(n).name.startswith(f".tmp_{os.getpid()}_") for n in names)
+
+
+def test_swap_cut_between_its_renames_is_undone_at_the_next_start(tmp_path, monkeypatch):
+    """SIGKILL after the old folder was renamed aside, before the new one was renamed in: the old one comes back."""
+    from nnunetv2_skcdf.utilities import io
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    staging = Path(io.new_staging_folder(str(folder)))
+    (staging / "new.txt").write_text("new")
+    real_rename = os.rename
+
+    def killed_at_second_rename(src, dst):
+        if Path(src) == staging:
+            raise SystemExit("killed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(io.os, "rename", killed_at_second_rename)
+    with pytest.raises(SystemExit):
+        io.swap_in_folder(str(staging), str(folder))
+    monkeypatch.setattr(io.os, "rename", real_rename)
+    assert not folder.exists()
+    io.recover_folder_swap(str(folder))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (folder / "old.txt").read_text() == "old"
+
+
+def _popen_preprocess(phantom_workspace, log: Path, *extra) -> subprocess.Popen:
+    env = {**os.environ, **phantom_workspace["env"], "nnUNet_def_n_proc": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen(["skcdf_preprocess_unlabeled", "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1",
+                             "--quiet", *extra], env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
+
+
+def test_second_run_waits_for_the_lock_of_the_first(phantom_workspace, tmp_path):
+    """Another run holds the folder's lock: a new run says so and writes nothing until the lock is free."""
+    from nnunetv2_skcdf.utilities.io import folder_lock
+
+    folder = phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    before, log = _state(folder), tmp_path / "stderr.txt"
+    with folder_lock(str(folder), "test"):
+        proc = _popen_preprocess(phantom_workspace, log, "--overwrite")
+        deadline = time.time() + 120
+        while "waiting for it to finish" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        text = log.read_text()
+        assert f"is being written by another skcdf_preprocess_unlabeled run (pid {os.getpid()}" in text, text
+        time.sleep(1)
+        assert proc.poll() is None and _state(folder) == before  # waiting, nothing written
+    assert proc.wait(timeout=300) == 0, log.read_text()
+    assert _state(folder) != before and len(_output_cases(phantom_workspace)) == 3
+
+
+_POOL_DRIVER = """
+import sys, time
+from nnunetv2_skcdf.utilities.parallel import imap_with_progress
+print("started", flush=True)
+list(imap_with_progress(time.sleep, [60, 60], 2, "sleep", show=False))
+"""
+
+
+def _spawned_children(parent: int) -> list:
+    """Pids of the multiprocessing spawn workers whose parent is ``parent`` (Linux /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        if ppid == parent and b"spawn_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux")
+def test_pool_workers_end_when_the_parent_is_killed():
+    """SIGKILL of the parent (kill -9, OOM killer): its workers must not go on and write cases."""
+    proc = subprocess.Popen([sys.executable, "-c", _POOL_DRIVER], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline, workers = time.time() + 60, []
+        while len(workers) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+            workers = _spawned_children(proc.pid)
+        assert len(workers) == 2
+        time.sleep(3)  # the workers are running their 60 s jobs
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10
+        while any(map(_alive, workers)) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, workers)), "workers outlived their killed parent"
+    finally:
+        for pid in [proc.pid] + _spawned_children(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -16,9 +16,12 @@ with nibabel, as SimpleITK reads NaN as 0), 2D/3D and oriented like the training
 channels of a case must share one grid. Any failure of one case, also an unexpected exception, becomes a message
 naming its file(s); the other cases are still saved.
 
-Crash safety: each case is written under temporary names and renamed; the ``.pkl`` is renamed
-last and marks the case complete. Leftovers of an interrupted run (temporary files, data without
-``.pkl``) are removed at the next start, so no half-written case is ever used.
+Crash safety: each case is written under temporary names (unique per process) and renamed; the ``.pkl`` is
+renamed last and marks the case complete. Leftovers of an interrupted run (temporary files, data without
+``.pkl``) are removed at the next start, so no half-written case is ever used. ``--overwrite`` builds the new
+folder aside and swaps it in at the end, so an interruption leaves the old folder or the new one, never a mix.
+One run at a time writes a folder (a lock next to it; a second run waits), and pool workers end with their
+parent, even when it is killed.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -54,7 +58,13 @@ from nnunetv2_skcdf.utilities.dataset_files import (
     raw_dataset_folder,
     training_case_ids,
 )
-from nnunetv2_skcdf.utilities.io import atomic_save_json
+from nnunetv2_skcdf.utilities.io import (
+    atomic_save_json,
+    folder_lock,
+    new_staging_folder,
+    recover_folder_swap,
+    swap_in_folder,
+)
 from nnunetv2_skcdf.utilities.parallel import imap_with_progress
 
 #: suffix of the unlabelled folder next to nnU-Net's ``<data_identifier>`` folder
@@ -189,7 +199,7 @@ def preprocess_and_save_case(case_id: str, files: List[str], output_folder: str,
     seg = seg.astype(np.int16, copy=False)
     blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)
-    tmp = join(output_folder, _TMP_PREFIX + case_id)
+    tmp = join(output_folder, f"{_TMP_PREFIX}{os.getpid()}_{case_id}")  # unique per process: never two writers
     nnUNetDatasetBlosc2.save_case(data, seg, properties, tmp, chunks=chunks, blocks=blocks,
                                   chunks_seg=chunks_seg, blocks_seg=blocks_seg)
     final = join(output_folder, case_id)
@@ -235,11 +245,10 @@ def remove_incomplete_cases(output_folder: str) -> List[str]:
 # ----------------------------------------------------------------------------------------------
 # the whole folder
 # ----------------------------------------------------------------------------------------------
-def _prepare_output_folder(folder: str, fingerprint: str, meta: dict, overwrite: bool) -> None:
+def _prepare_output_folder(folder: str, fingerprint: str, meta: dict) -> None:
+    """Create ``folder``, or check that its cases were made with these plans; write the metadata; drop leftovers of an
+    interrupted run. Called holding ``folder_lock``."""
     meta_file = join(folder, METADATA_FILE)
-    if os.path.isdir(folder) and overwrite:
-        for fname in os.listdir(folder):
-            os.remove(join(folder, fname))
     os.makedirs(folder, exist_ok=True)
     if os.path.isfile(meta_file):
         old = load_json(meta_file)
@@ -315,18 +324,37 @@ def _preprocess_configuration(cases: Dict[str, List[str]], plans: dict, plans_id
     folder = join(pre, unlabeled_folder_name(data_identifier))
     meta = {"plans_identifier": plans_identifier, "configuration": configuration,
             "data_identifier": data_identifier}
-    _prepare_output_folder(folder, plans_fingerprint(plans, configuration, dataset_json), meta, overwrite)
-    todo = [c for c in sorted(cases) if not case_is_complete(folder, c)]
-    if verbose:
-        print(f"{configuration}: {len(cases)} unlabelled cases, {len(cases) - len(todo)} already done, "
-              f"{len(todo)} to preprocess -> {folder}")
-    jobs = [(c, cases[c], folder, plans, configuration, dataset_json, training) for c in todo]
-    errors = sorted(err for _, err in imap_with_progress(_worker, jobs, num_processes, f"Unlabelled {configuration}",
-                                                         show=verbose) if err)
+    fingerprint = plans_fingerprint(plans, configuration, dataset_json)
+    # one writer per folder: a second run waits here, then finds the cases done (or redoes them with --overwrite)
+    with folder_lock(folder, "skcdf_preprocess_unlabeled"):
+        recover_folder_swap(folder)
+        # --overwrite builds the new folder aside and swaps it in at the end: an interruption leaves the old one
+        target = new_staging_folder(folder) if overwrite else folder
+        try:
+            _prepare_output_folder(target, fingerprint, meta)
+            errors = _preprocess_cases(cases, target, plans, configuration, dataset_json, training, num_processes,
+                                       verbose, shown_folder=folder)
+            if overwrite:
+                swap_in_folder(target, folder)
+        finally:
+            if overwrite and os.path.isdir(target):  # not swapped in: the old folder stays as it was
+                shutil.rmtree(target)
     if errors:
         raise SKCDFInputError(f"{len(errors)} of {len(cases)} unlabelled cases failed (the others were saved):\n"
                               + "\n".join(f"  - {e}" for e in errors))
     return folder
+
+
+def _preprocess_cases(cases: Dict[str, List[str]], folder: str, plans: dict, configuration: str, dataset_json: dict,
+                      training: TrainingImages, num_processes: int, verbose: bool, shown_folder: str) -> List[str]:
+    """Preprocess the cases not yet complete in ``folder``; return the error messages of the failed ones."""
+    todo = [c for c in sorted(cases) if not case_is_complete(folder, c)]
+    if verbose:
+        print(f"{configuration}: {len(cases)} unlabelled cases, {len(cases) - len(todo)} already done, "
+              f"{len(todo)} to preprocess -> {shown_folder}")
+    jobs = [(c, cases[c], folder, plans, configuration, dataset_json, training) for c in todo]
+    return sorted(err for _, err in imap_with_progress(_worker, jobs, num_processes, f"Unlabelled {configuration}",
+                                                       show=verbose) if err)
 
 
 def preprocess_unlabeled_entry() -> None:
