@@ -485,3 +485,14 @@ def test_pool_workers_end_when_the_parent_is_killed():
         for pid in [proc.pid] + _spawned_children(proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_unlabelled_folder_without_metadata_is_refused_at_trainer_start(planned_phantom, tmp_path):
+    from nnunetv2_skcdf.preprocessing.unlabeled import check_unlabeled_folder_is_current
+
+    pre = planned_phantom["preprocessed"]
+    plans, dataset_json = (json.loads((pre / f).read_text()) for f in ("nnUNetPlans.json", "dataset.json"))
+    check_unlabeled_folder_is_current(str(pre / "nnUNetPlans_3d_fullres_unlabeled"), plans, "3d_fullres", dataset_json)
+    with pytest.raises(SKCDFInputError, match=rf"{tmp_path}: no {METADATA_FILE}.*skcdf_preprocess_unlabeled -d "
+                                              rf"Dataset951_TinyPhantom -c 3d_fullres -p nnUNetPlans --overwrite"):
+        check_unlabeled_folder_is_current(str(tmp_path), plans, "3d_fullres", dataset_json)

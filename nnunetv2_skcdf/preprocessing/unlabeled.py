@@ -85,11 +85,12 @@ class TrainingImages(NamedTuple):
     orientations: Optional[Dict[str, Orientation]]
 
 
-def plans_fingerprint(plans: dict, configuration_name: str, dataset_json: dict) -> str:
-    """Hash of everything that determines a preprocessed image (not the patch or network).
+def plans_fingerprint_inputs(plans: dict, configuration_name: str, dataset_json: dict) -> dict:
+    """Everything that determines a preprocessed image (not the patch or network), JSON-ready.
 
-    If the plans change (new spacing, normalisation, intensity statistics), the unlabelled data on disk
-    no longer matches the labelled data and must be redone.
+    If any of it changes (new spacing, normalisation, intensity statistics), the unlabelled data on disk no longer
+    matches the labelled data and must be redone. A configuration that inherits another's data
+    (``inherits_from``, same ``data_identifier``) gets the inherited values, so it is compared like its parent.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -108,7 +109,53 @@ def plans_fingerprint(plans: dict, configuration_name: str, dataset_json: dict) 
         "reader": plans.get("image_reader_writer"),
         "channel_names": dataset_json.get("channel_names", dataset_json.get("modality")),
     }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(relevant, sort_keys=True, default=str))
+
+
+def plans_fingerprint(plans: dict, configuration_name: str, dataset_json: dict) -> str:
+    """Short hash of ``plans_fingerprint_inputs`` (stored in ``skcdf_unlabeled.json``)."""
+    relevant = plans_fingerprint_inputs(plans, configuration_name, dataset_json)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_plans_change(old: Optional[dict], new: dict) -> str:
+    """``spacing [3.0, 1.5, 1.5] -> [2.0, 1.5, 1.5]; intensity`` (long values by name only); ``''`` without the old
+    inputs (metadata written before they were stored)."""
+    if not old:
+        return ""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            shown = f"{key} {plain(a)} -> {plain(b)}"
+            changes.append(shown if len(shown) <= 120 else key)
+    return "; ".join(changes)
+
+
+def check_unlabeled_folder_is_current(folder: str, plans: dict, configuration: str, dataset_json: dict) -> None:
+    """Refuse unlabelled data made with other plans than ``configuration`` has now (trainer start).
+
+    Changing the plans and rerunning ``nnUNetv2_preprocess`` without ``skcdf_preprocess_unlabeled`` would otherwise
+    train on labelled patches at the new spacing (normalisation, ...) and unlabelled ones at the old.
+    """
+    plans_identifier, dataset = plans.get("plans_name", "nnUNetPlans"), plans.get("dataset_name", "<dataset>")
+    fix = f"skcdf_preprocess_unlabeled -d {dataset} -c {configuration} -p {plans_identifier} --overwrite"
+    meta_file = join(folder, METADATA_FILE)
+    if not os.path.isfile(meta_file):
+        raise SKCDFInputError(f"{folder}: no {METADATA_FILE}, so nothing says which plans its unlabelled images were "
+                              f"preprocessed with. Redo them: {fix}")
+    meta = load_json(meta_file)
+    fingerprint = plans_fingerprint(plans, configuration, dataset_json)
+    if meta.get("plans_fingerprint") == fingerprint:
+        return
+    change = describe_plans_change(meta.get("fingerprint_inputs"),
+                                   plans_fingerprint_inputs(plans, configuration, dataset_json)) or \
+        f"plans fingerprint {meta.get('plans_fingerprint')} -> {fingerprint}"
+    raise SKCDFInputError(
+        f"{folder}: unlabelled images preprocessed with other plans than configuration {configuration!r} of "
+        f"{plans_identifier} uses now ({change}; they were made for configuration {meta.get('configuration')!r}). "
+        f"Training would mix labelled patches preprocessed with the new plans and unlabelled ones with the old. "
+        f"Redo the unlabelled images: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,20 +292,22 @@ def remove_incomplete_cases(output_folder: str) -> List[str]:
 # ----------------------------------------------------------------------------------------------
 # the whole folder
 # ----------------------------------------------------------------------------------------------
-def _prepare_output_folder(folder: str, fingerprint: str, meta: dict) -> None:
-    """Create ``folder``, or check that its cases were made with these plans; write the metadata; drop leftovers of an
-    interrupted run. Called holding ``folder_lock``."""
+def _prepare_output_folder(folder: str, meta: dict) -> None:
+    """Create ``folder``, or check that its cases were made with these plans; write the metadata (``meta`` with its
+    fingerprint); drop leftovers of an interrupted run. Called holding ``folder_lock``."""
     meta_file = join(folder, METADATA_FILE)
     os.makedirs(folder, exist_ok=True)
     if os.path.isfile(meta_file):
         old = load_json(meta_file)
-        if old.get("plans_fingerprint") != fingerprint:
+        if old.get("plans_fingerprint") != meta["plans_fingerprint"]:
+            change = describe_plans_change(old.get("fingerprint_inputs"), meta["fingerprint_inputs"]) or \
+                f"fingerprint {old.get('plans_fingerprint')} != {meta['plans_fingerprint']}"
             raise SKCDFInputError(
-                f"{folder} was preprocessed with different plans ({old.get('plans_identifier')}, "
-                f"configuration {old.get('configuration')}, fingerprint {old.get('plans_fingerprint')} != "
-                f"{fingerprint}). The labelled data was re-planned since; rerun with --overwrite."
+                f"{folder} was preprocessed with different plans ({change}; it was made with "
+                f"{old.get('plans_identifier')}, configuration {old.get('configuration')}). The labelled data was "
+                f"re-planned since; rerun with --overwrite."
             )
-    atomic_save_json({**meta, "plans_fingerprint": fingerprint}, meta_file)
+    atomic_save_json(meta, meta_file)
     remove_incomplete_cases(folder)
 
 
@@ -323,15 +372,17 @@ def _preprocess_configuration(cases: Dict[str, List[str]], plans: dict, plans_id
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     folder = join(pre, unlabeled_folder_name(data_identifier))
     meta = {"plans_identifier": plans_identifier, "configuration": configuration,
-            "data_identifier": data_identifier}
-    fingerprint = plans_fingerprint(plans, configuration, dataset_json)
+            "data_identifier": data_identifier,
+            # what the fingerprint hashes, so that a refusal can say what changed
+            "fingerprint_inputs": plans_fingerprint_inputs(plans, configuration, dataset_json),
+            "plans_fingerprint": plans_fingerprint(plans, configuration, dataset_json)}
     # one writer per folder: a second run waits here, then finds the cases done (or redoes them with --overwrite)
     with folder_lock(folder, "skcdf_preprocess_unlabeled"):
         recover_folder_swap(folder)
         # --overwrite builds the new folder aside and swaps it in at the end: an interruption leaves the old one
         target = new_staging_folder(folder) if overwrite else folder
         try:
-            _prepare_output_folder(target, fingerprint, meta)
+            _prepare_output_folder(target, meta)
             errors = _preprocess_cases(cases, target, plans, configuration, dataset_json, training, num_processes,
                                        verbose, shown_folder=folder)
             if overwrite:
