@@ -21,6 +21,9 @@ setup(
         "dynamic-network-architectures>=0.4.4,<0.5",
         # reading/writing NIfTI with geometry (the phantom, the unlabelled image checks).
         "SimpleITK>=2.2.1",
+        # NIfTI voxels as stored: SimpleITK 2.5 reads NaN/inf as 0, so the unlabelled NaN check and the .nii
+        # truncation check read NIfTI with nibabel (already an nnunetv2 dependency; listed because we import it).
+        "nibabel",
         "blosc2>=3.3.2",
         "numpy>=1.24",
         "scipy>=1.10",

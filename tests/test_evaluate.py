@@ -302,3 +302,31 @@ def test_shape_mismatch(dataset, capsys):
     write(np.zeros((6, 12, 10), np.uint8), dataset["pred"] / "B" / "case_000.nii.gz")
     err = _error(capsys, ["-ref", str(dataset["ref"]), "-pred", str(dataset["pred"] / "B")])
     assert "shape (6, 12, 10) differs from the reference" in err
+
+
+def _write_with_geometry(labels: np.ndarray, path: Path, **geometry) -> None:
+    image = sitk.GetImageFromArray(labels.astype(np.uint8))
+    image.SetSpacing(geometry.get("spacing", SITK_SPACING))
+    image.SetOrigin(geometry.get("origin", (0.0, 0.0, 0.0)))
+    image.SetDirection(geometry.get("direction", (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    sitk.WriteImage(image, str(path))
+
+
+@pytest.mark.parametrize("geometry, message", [
+    ({"direction": (-1, 0, 0, 0, 1, 0, 0, 0, 1)},
+     r"p\.nii\.gz: direction \(-1, 0, 0, 0, 1, 0, 0, 0, 1\) differs from the reference .*r\.nii\.gz "
+     r"\(1, 0, 0, 0, 1, 0, 0, 0, 1\).*flipped or permuted"),
+    ({"origin": (0.0, 0.0, 30.0)}, r"p\.nii\.gz: origin \(0, 0, 30\) \(mm\) differs from the reference .*\(0, 0, 0\)"),
+    ({"spacing": (1.3, 0.7, 2.5)}, r"p\.nii\.gz: spacing \[2\.5, 0\.7, 1\.3\] differs from the reference .*"
+                                   r"\[3(\.0)?, 0\.7, 1\.3\] \(z, y, x order\)"),
+])
+def test_prediction_on_another_grid_is_refused(tmp_path, geometry, message):
+    """Same shape, but flipped, shifted or rescaled: the voxels do not correspond, so the metrics would be wrong."""
+    labels = _reference_cases()["case_000"]
+    _write_with_geometry(labels, tmp_path / "r.nii.gz")
+    _write_with_geometry(labels, tmp_path / "p.nii.gz", **geometry)
+    with pytest.raises(SKCDFInputError, match=message) as e:
+        evaluate_case(job(tmp_path / "r.nii.gz", tmp_path / "p.nii.gz"))
+    assert "np." not in str(e.value)  # plain numbers, not np.float64(0.7)
+    _write_with_geometry(labels, tmp_path / "p.nii.gz", origin=(0.0, 0.0, 1e-5))  # header rounding is fine
+    assert evaluate_case(job(tmp_path / "r.nii.gz", tmp_path / "p.nii.gz"))["metrics"][1]["Dice"] == 1.0

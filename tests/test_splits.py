@@ -222,6 +222,18 @@ def test_add_unlabeled_images_alone_keeps_all_training_labels(env):
     assert fold["unlabeled"] == ["u1", "u2"] and len(fold["train"]) == 4 and len(fold["val"]) == 1
 
 
+def test_add_unlabeled_images_without_imagesunlabeled_is_refused(env):
+    """The option asks for imagesUnlabeled cases: none there is an error, not a split with 0 of them added."""
+    make_dataset(env, case_ids(5))
+    with pytest.raises(SKCDFInputError, match=r"--add-unlabeled-images: .*imagesUnlabeled does not exist.*"
+                                              r"skcdf_preprocess_unlabeled.*drop --add-unlabeled-images"):
+        make_semi_supervised_splits(901, add_unlabeled_images=True)
+    (env["nnUNet_raw"] / "Dataset901_Fake" / "imagesUnlabeled").mkdir()
+    with pytest.raises(SKCDFInputError, match=r"--add-unlabeled-images: .*imagesUnlabeled is empty"):
+        make_semi_supervised_splits(901, labeled=0.5, add_unlabeled_images=True)
+    assert not splits_path(env).exists()
+
+
 def test_images_unlabeled_are_not_added_without_the_flag(env):
     make_dataset(env, case_ids(5), ["u1"])
     fold = make_semi_supervised_splits(901, labeled=0.5)[0]
@@ -302,6 +314,11 @@ def test_error_unknown_val_ids(env):
     make_dataset(env, case_ids(5))
     with pytest.raises(SKCDFInputError, match=r"--val-ids: unknown case id\(s\) nope.*imagesTr"):
         make_semi_supervised_splits(901, val_ids=["case_000", "nope"])
+
+
+def test_error_repeated_val_ids():
+    with pytest.raises(SKCDFInputError, match=r"--val-ids lists case_001 more than once: give each case once"):
+        compute_semi_supervised_splits(case_ids(5), val_ids=["case_001", "case_002", "case_001"])
 
 
 def test_error_val_id_without_label(env):
@@ -450,6 +467,14 @@ def test_error_import_test_leak(tmp_path):
     assert fold["unlabeled"] == ["0003", "0005"]
 
 
+def test_error_import_duplicate_id_in_one_list(tmp_path):
+    folder = write_lists(tmp_path / "l", "20p", ["0001", "0002", "0001"], ["0003"], ["0006"])
+    with pytest.raises(SKCDFInputError, match=r"labeled_20p.txt \(labelled\) in .* lists 0001 more than once.*"
+                                              r"remove the repeated line"):
+        compute_semi_supervised_splits([f"{i:04d}" for i in range(1, 10)],
+                                       imported=read_published_lists(str(folder), "20p"))
+
+
 def test_import_without_test_list(tmp_path):
     lists = read_published_lists(str(synthetic_lists(tmp_path / "l", test=None)), "20p")
     assert lists.test is None
@@ -549,6 +574,32 @@ def test_published_amos_20p_drop_from_unlabeled_leaves_labelled_overlap(env):
     assert "--drop-overlaps-from val resolves all" in msg
 
 
+def test_published_amos_20p_drop_from_labeled_hint_speaks_of_the_original_lists(env):
+    """After dropping from labelled only unlabelled & val overlaps are left, which dropping from unlabelled would
+    also clear, but on the original lists only --drop-overlaps-from val resolves everything."""
+    folder = shared("amos")
+    make_dataset(env, ids_of_list_folder(folder), name="Dataset903_AMOS")
+    with pytest.raises(SKCDFInputError) as e:
+        make_semi_supervised_splits(903, import_lists=str(folder), ratio="20p", drop_overlaps_from="labeled")
+    msg = str(e.value)
+    assert "17 case(s) are in two roles" in msg and "after --drop-overlaps-from labeled" in msg
+    assert "on the original lists, --drop-overlaps-from val resolves all of them" in msg
+    assert "--drop-overlaps-from unlabeled resolves" not in msg
+
+
+def test_published_amos_lists_on_a_ct_only_dataset_name_the_mri_cases(env):
+    """skcdf_convert_amos leaves out the MRI scans (ids > 500) unless --keep-mri: --id-template cannot help."""
+    folder = shared("amos")
+    ct_only = [i for i in ids_of_list_folder(folder) if int(i.split("_")[1]) <= 500]
+    make_dataset(env, ct_only, name="Dataset903_AMOS")
+    with pytest.raises(SKCDFInputError) as e:
+        make_semi_supervised_splits(903, import_lists=str(folder), ratio="20p", drop_overlaps_from="val")
+    msg = str(e.value)
+    assert "6 id(s) of labeled_20p.txt (labelled)" in msg and "amos_0" in msg
+    assert "AMOS MRI cases (ids > 500)" in msg and "skcdf_convert_amos --keep-mri" in msg
+    assert "--id-template" not in msg
+
+
 def test_published_amos_10p_is_clean(env):
     folder = shared("amos")
     make_dataset(env, ids_of_list_folder(folder), name="Dataset903_AMOS")
@@ -581,6 +632,28 @@ def test_validate_accepts_a_good_split():
 def test_validate_errors(change, message):
     with pytest.raises(SKCDFInputError, match=message):
         validate_splits([good_fold(), {**good_fold(), **change}], TRAIN, ["u1"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train": ["a", "a"]}, r"fold 1: 'train' \(labelled\) lists a more than once.*each case once"),
+    ({"unlabeled": ["c", "u1", "c"]}, r"fold 1: 'unlabeled' \(unlabelled\) lists c more than once"),
+    ({"train": ["a", 3]}, r"fold 1: 'train' must be a list of case id strings; entry 2 is 3 \(int\)"),
+    ({"val": "b"}, r"fold 1: 'val' must be a list of case id strings; got 'b' \(str\)"),
+])
+def test_validate_duplicate_and_non_string_ids(change, message):
+    with pytest.raises(SKCDFInputError, match=message):
+        validate_splits([good_fold(), {**good_fold(), **change}], TRAIN, ["u1"])
+
+
+@pytest.mark.parametrize("missing", ["train", "val"])
+def test_fold_without_train_or_val_names_the_key(tmp_path, missing):
+    fold = good_fold()
+    fold.pop(missing)
+    with pytest.raises(SKCDFInputError, match=rf"fold 1: no '{missing}' key.*nnU-Net's format"):
+        validate_splits([good_fold(), fold], TRAIN, ["u1"])
+    (tmp_path / "splits_final.json").write_text(json.dumps([good_fold(), fold]))
+    with pytest.raises(SKCDFInputError, match=rf"splits_final.json: fold 1: no '{missing}' key.*skcdf_split"):
+        load_semi_supervised_fold(str(tmp_path), 1)
 
 
 def test_validate_test_leak_and_collision_and_structure():

@@ -38,6 +38,19 @@ def test_split_without_unlabeled_key_is_refused(trainer_factory, phantom_workspa
     _start_refused(trainer_factory, r"(?s)splits_final.json has no 'unlabeled' key.*skcdf_split")
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda f: f.pop("val"), r"(?s)splits_final.json: fold 0: no 'val' key.*skcdf_split"),
+    (lambda f: f.pop("train"), r"(?s)splits_final.json: fold 0: no 'train' key.*skcdf_split"),
+    (lambda f: f["unlabeled"].append(f["unlabeled"][0]),
+     r"(?s)fold 0: 'unlabeled' \(unlabelled\) lists \S+ more than once"),
+    (lambda f: f["train"].append(7), r"fold 0: 'train' must be a list of case id strings; entry 3 is 7 \(int\)"),
+], ids=["no_val", "no_train", "repeated_id", "int_id"])
+def test_malformed_fold_is_refused_before_it_is_indexed(trainer_factory, phantom_workspace, edit, match):
+    """Missing keys were a bare KeyError; repeated ids were accepted silently."""
+    _edit_split(phantom_workspace, edit)
+    _start_refused(trainer_factory, match)
+
+
 def test_split_with_unknown_id_names_it(trainer_factory, phantom_workspace):
     _edit_split(phantom_workspace, lambda f: f["train"].append("no_such_case"))
     _start_refused(trainer_factory, r"(?s)splits_final.json: fold 0: unknown case id.*no_such_case")
@@ -54,6 +67,43 @@ def test_dataset_without_the_unlabelled_preprocessing_step(trainer_factory, phan
     shutil.rmtree(phantom_workspace["preprocessed"] / f"{trainer.configuration_manager.data_identifier}_unlabeled")
     with pytest.raises(SKCDFInputError, match=r"(?s)have no preprocessed image.*skcdf_preprocess_unlabeled"):
         trainer.on_train_start()
+
+
+def _edit_plans(phantom_workspace, edit) -> None:
+    path = phantom_workspace["preprocessed"] / "nnUNetPlans.json"
+    plans = json.loads(path.read_text())
+    edit(plans["configurations"])
+    path.write_text(json.dumps(plans))
+
+
+@pytest.mark.parametrize("configuration, edit, difference", [
+    # 3d_tiny inherits 3d_fullres and its data (data_identifier nnUNetPlans_3d_fullres): re-planned spacing there
+    ("3d_tiny", lambda c: c["3d_fullres"].update(spacing=[12.0, 7.2, 7.2]),
+     r"spacing \[10(\.0)?, 7\.2, 7\.2\] -> \[12(\.0)?, 7\.2, 7\.2\]"),
+    ("3d_tiny", lambda c: c["3d_tiny"].update(normalization_schemes=["ZScoreNormalization"]),
+     r"normalization_schemes \['CTNormalization'\] -> \['ZScoreNormalization'\]"),
+], ids=["inherited_spacing", "own_normalisation"])
+def test_stale_unlabelled_data_is_refused_at_start(trainer_factory, phantom_workspace, configuration, edit,
+                                                   difference):
+    """Plans changed (nnUNetv2_preprocess rerun) but skcdf_preprocess_unlabeled not: labelled patches at the new
+    spacing, unlabelled at the old one; refused before any data-loading worker starts."""
+    _edit_plans(phantom_workspace, edit)
+    folder = phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    _start_refused(trainer_factory, rf"(?s){folder}: unlabelled images preprocessed with other plans than "
+                                    rf"configuration '{configuration}' of nnUNetPlans uses now \({difference}; they were made for "
+                                    rf"configuration '3d_fullres'\).*"
+                                    rf"skcdf_preprocess_unlabeled -d Dataset951_TinyPhantom -c {configuration} "
+                                    rf"-p nnUNetPlans --overwrite")
+
+
+def test_unlabelled_data_redone_for_the_new_plans_is_accepted(trainer_factory, phantom_workspace):
+    from nnunetv2_skcdf.preprocessing.unlabeled import preprocess_unlabeled
+
+    _edit_plans(phantom_workspace, lambda c: c["3d_tiny"].update(normalization_schemes=["ZScoreNormalization"]))
+    preprocess_unlabeled(951, ["3d_tiny"], num_processes=1, overwrite=True, verbose=False)
+    trainer = trainer_factory()
+    trainer.on_train_start()
+    trainer.on_train_end()
 
 
 def test_class_absent_from_labelled_cases_gets_rate_one_and_is_logged(trainer_factory, monkeypatch):

@@ -53,7 +53,7 @@ from scipy.ndimage import find_objects
 from nnunetv2_skcdf.evaluation.paper_table import (STD_DDOF, canonical_organ, column_title, normalise_name,
                                                    plot_dice_per_class, write_paper_table)
 from nnunetv2_skcdf.evaluation.surface_metrics import SURFACE_METRICS, nan_metrics, surface_metrics
-from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, exit_on_input_error
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, exit_on_input_error, format_numbers, plain
 from nnunetv2_skcdf.utilities.io import atomic_output, atomic_save_json
 from nnunetv2_skcdf.utilities.parallel import imap_with_progress
 
@@ -103,20 +103,38 @@ class CaseJob:
 def read_label_map(path: str, reader_writer: type) -> Tuple[np.ndarray, np.ndarray]:
     """``(labels, spacing)``: integer label map of shape ``(Z, Y, X)`` (``(Y, X)`` for 2D images) and its spacing
     in mm in the same axis order, read with nnU-Net's reader (which reverses SimpleITK's x, y, z spacing)."""
+    labels, spacing, _ = read_label_map_and_geometry(path, reader_writer)
+    return labels, spacing
+
+
+def read_label_map_and_geometry(path: str, reader_writer: type) -> Tuple[np.ndarray, np.ndarray, Dict[str, tuple]]:
+    """``read_label_map`` plus the header's origin and direction (``header_geometry``)."""
     seg, properties = reader_writer().read_seg(path)
     seg, spacing = seg[0], np.asarray(properties["spacing"], dtype=np.float64)
     if seg.ndim == 3 and seg.shape[0] == 1:
         # nnU-Net gives 2D images a dummy first axis (spacing 999 x max); kept, it would make every voxel of a
         # one-voxel-thick object a surface voxel
         seg, spacing = seg[0], spacing[1:]
-    return _as_labels(seg, path), spacing
+    return _as_labels(seg, path), spacing, header_geometry(properties)
+
+
+def header_geometry(properties: dict) -> Dict[str, tuple]:
+    """Origin and direction as nnU-Net's reader saw them: ``sitk_stuff`` (SimpleITK readers) or the NIfTI affine
+    (nibabel readers, ``nibabel_stuff``). Empty for readers without a geometry (PNG, TIFF)."""
+    sitk_stuff = properties.get("sitk_stuff")
+    if sitk_stuff:
+        return {"origin": tuple(sitk_stuff["origin"]), "direction": tuple(sitk_stuff["direction"])}
+    nibabel_stuff = properties.get("nibabel_stuff")
+    if nibabel_stuff:
+        return {"affine": tuple(np.ravel(nibabel_stuff["original_affine"]))}
+    return {}
 
 
 def _as_labels(seg: np.ndarray, path: str) -> np.ndarray:
     """Smallest unsigned integer copy of ``seg`` (nnU-Net reads segmentations as float32)."""
     lowest, highest = seg.min(), seg.max()
     if lowest < 0:
-        raise SKCDFInputError(f"{path}: negative value {lowest}; a segmentation must hold label ids >= 0.")
+        raise SKCDFInputError(f"{path}: negative value {plain(lowest)}; a segmentation must hold label ids >= 0.")
     labels = seg.astype(np.uint8 if highest < 256 else np.uint16 if highest < 65536 else np.int64)
     if not np.array_equal(labels, seg):
         raise SKCDFInputError(f"{path}: non-integer values; expected a label map (is this a probability map?).")
@@ -131,15 +149,43 @@ def _check_labels(path: str, boxes: list, allowed: Sequence[int]) -> None:
                               f"Use the dataset.json the model was trained with (-djfile), or fix the file.")
 
 
-def _check_same_grid(job: CaseJob, ref: np.ndarray, pred: np.ndarray, ref_spacing, pred_spacing) -> None:
+#: how far a prediction's header may be from the reference's: header rounding, not another grid (the converters'
+#: image/label tolerances, ``dataset_conversion.conversion_common``)
+ORIGIN_ATOL_MM = 1e-3  # plus ORIGIN_RTOL x origin for large coordinates
+ORIGIN_RTOL = 1e-4
+DIRECTION_ATOL = 1e-4
+_GEOMETRY_PROBLEM = {
+    "direction": "the prediction's axes are flipped or permuted relative to the reference (or it belongs to another "
+                 "image)",
+    "origin": "the prediction is shifted relative to the reference (or it belongs to another image)",
+    "affine": "the prediction's NIfTI affine (orientation, origin, spacing) differs from the reference's",
+}
+
+
+def _check_same_grid(job: CaseJob, ref: np.ndarray, pred: np.ndarray, ref_spacing, pred_spacing,
+                     ref_geometry: Optional[dict] = None, pred_geometry: Optional[dict] = None) -> None:
+    """Shape, spacing, then origin and direction (when the reader has them): with any of them different, voxel i of
+    the prediction is not voxel i of the reference and every metric would be wrong."""
     if ref.shape != pred.shape:
         raise SKCDFInputError(f"{job.prediction_file}: shape {pred.shape} differs from the reference "
                               f"{job.reference_file} {ref.shape}. Predictions must be on the reference grid "
                               f"(nnU-Net's predictions are; resample others to the reference image).")
     if not np.allclose(ref_spacing, pred_spacing, rtol=1e-3, atol=1e-5):
-        raise SKCDFInputError(f"{job.prediction_file}: spacing {list(pred_spacing)} differs from the reference "
-                              f"{job.reference_file} {list(ref_spacing)} (z, y, x order). Copy the reference "
-                              f"geometry into the prediction or resample it.")
+        raise SKCDFInputError(f"{job.prediction_file}: spacing {plain(list(pred_spacing))} differs from the "
+                              f"reference {job.reference_file} {plain(list(ref_spacing))} (z, y, x order). Copy the "
+                              f"reference geometry into the prediction or resample it.")
+    ref_geometry, pred_geometry = ref_geometry or {}, pred_geometry or {}
+    for key in ("direction", "origin", "affine"):
+        a, b = ref_geometry.get(key), pred_geometry.get(key)
+        rtol, atol = (0.0, DIRECTION_ATOL) if key == "direction" else (ORIGIN_RTOL, ORIGIN_ATOL_MM)
+        if a is not None and b is not None and not np.allclose(b, a, rtol=rtol, atol=atol):
+            unit = " (mm)" if key == "origin" else ""
+            raise SKCDFInputError(
+                f"{job.prediction_file}: {key} {format_numbers(b)}{unit} differs from the reference "
+                f"{job.reference_file} {format_numbers(a)}: {_GEOMETRY_PROBLEM[key]}, so its voxels do not "
+                f"correspond. Predict from the image that belongs to this reference (nnU-Net's predictions keep the "
+                f"image's geometry), or, if the voxels do correspond, copy the reference geometry into the "
+                f"prediction (SimpleITK: prediction.CopyInformation(reference)).")
 
 
 def region_box(region: Region, ref_boxes: list, pred_boxes: list, shape: Tuple[int, ...],
@@ -197,9 +243,9 @@ def region_metrics(job: CaseJob, region: Region, ref: np.ndarray, pred: np.ndarr
 def evaluate_case(job: CaseJob) -> dict:
     """One case in nnU-Net's ``compute_metrics`` layout: ``{'reference_file', 'prediction_file', 'metrics':
     {region: {metric: value}}}``. Bounding boxes of all labels come from one ``find_objects`` pass per image."""
-    ref, ref_spacing = read_label_map(job.reference_file, job.reader_writer)
-    pred, pred_spacing = read_label_map(job.prediction_file, job.reader_writer)
-    _check_same_grid(job, ref, pred, ref_spacing, pred_spacing)
+    ref, ref_spacing, ref_geometry = read_label_map_and_geometry(job.reference_file, job.reader_writer)
+    pred, pred_spacing, pred_geometry = read_label_map_and_geometry(job.prediction_file, job.reader_writer)
+    _check_same_grid(job, ref, pred, ref_spacing, pred_spacing, ref_geometry, pred_geometry)
     ref_boxes, pred_boxes = find_objects(ref), find_objects(pred)
     _check_labels(job.reference_file, ref_boxes, job.allowed_labels)
     _check_labels(job.prediction_file, pred_boxes, job.allowed_labels)

@@ -11,35 +11,60 @@ Resampling, cropping and normalisation are nnU-Net's (``configuration_manager.pr
 as a labelled case (tested). Configurations that share a ``data_identifier`` (e.g. a small CPU
 configuration that inherits ``3d_fullres``) share the folder, exactly like nnU-Net's own data.
 
-Crash safety: each case is written under temporary names and renamed; the ``.pkl`` is renamed
-last and marks the case complete. Leftovers of an interrupted run (temporary files, data without
-``.pkl``) are removed at the next start, so no half-written case is ever used.
+Checks: besides nnU-Net's own, every file must be complete, one scalar image, free of NaN/inf (NIfTI: read
+with nibabel, as SimpleITK reads NaN as 0), 2D/3D and oriented like the training images (``image_checks``); the
+channels of a case must share one grid. Any failure of one case, also an unexpected exception, becomes a message
+naming its file(s); the other cases are still saved.
+
+Crash safety: each case is written under temporary names (unique per process) and renamed; the ``.pkl`` is
+renamed last and marks the case complete. Leftovers of an interrupted run (temporary files, data without
+``.pkl``) are removed at the next start, so no half-written case is ever used. ``--overwrite`` builds the new
+folder aside and swaps it in at the end, so an interruption leaves the old folder or the new one, never a mix.
+One run at a time writes a folder (a lock next to it; a second run waits), and pool workers end with their
+parent, even when it is killed.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
-import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+import shutil
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
+from nnunetv2_skcdf.preprocessing.image_checks import (  # noqa: F401 - check_file_complete: also imported from here
+    Orientation,
+    check_file_complete,
+    check_finite_on_disk,
+    check_one_image_per_file,
+    check_orientation,
+    read_header,
+    reader_reorients,
+    training_orientations,
+)
 from nnunetv2_skcdf.utilities.dataset_files import (
     SKCDFInputError,
     UNLABELED_IMAGES_FOLDER,
     dataset_name,
     exit_on_input_error,
+    format_numbers,
     list_unlabeled_cases,
     load_dataset_json,
+    plain,
     preprocessed_dataset_folder,
     raw_dataset_folder,
     training_case_ids,
 )
-from nnunetv2_skcdf.utilities.io import atomic_save_json
+from nnunetv2_skcdf.utilities.io import (
+    atomic_save_json,
+    folder_lock,
+    new_staging_folder,
+    recover_folder_swap,
+    swap_in_folder,
+)
 from nnunetv2_skcdf.utilities.parallel import imap_with_progress
 
 #: suffix of the unlabelled folder next to nnU-Net's ``<data_identifier>`` folder
@@ -53,11 +78,19 @@ def unlabeled_folder_name(data_identifier: str) -> str:
     return data_identifier + UNLABELED_SUFFIX
 
 
-def plans_fingerprint(plans: dict, configuration_name: str, dataset_json: dict) -> str:
-    """Hash of everything that determines a preprocessed image (not the patch or network).
+class TrainingImages(NamedTuple):
+    """What unlabelled images must share with the labelled ones (read once, passed to every worker)."""
+    is_2d: bool
+    #: orientation code -> an example training image; ``None`` when the plans' reader reorients every image
+    orientations: Optional[Dict[str, Orientation]]
 
-    If the plans change (new spacing, normalisation, intensity statistics), the unlabelled data on disk
-    no longer matches the labelled data and must be redone.
+
+def plans_fingerprint_inputs(plans: dict, configuration_name: str, dataset_json: dict) -> dict:
+    """Everything that determines a preprocessed image (not the patch or network), JSON-ready.
+
+    If any of it changes (new spacing, normalisation, intensity statistics), the unlabelled data on disk no longer
+    matches the labelled data and must be redone. A configuration that inherits another's data
+    (``inherits_from``, same ``data_identifier``) gets the inherited values, so it is compared like its parent.
     """
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -76,22 +109,75 @@ def plans_fingerprint(plans: dict, configuration_name: str, dataset_json: dict) 
         "reader": plans.get("image_reader_writer"),
         "channel_names": dataset_json.get("channel_names", dataset_json.get("modality")),
     }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json.loads(json.dumps(relevant, sort_keys=True, default=str))
+
+
+def plans_fingerprint(plans: dict, configuration_name: str, dataset_json: dict) -> str:
+    """Short hash of ``plans_fingerprint_inputs`` (stored in ``skcdf_unlabeled.json``)."""
+    relevant = plans_fingerprint_inputs(plans, configuration_name, dataset_json)
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_plans_change(old: Optional[dict], new: dict) -> str:
+    """``spacing [3.0, 1.5, 1.5] -> [2.0, 1.5, 1.5]; intensity`` (long values by name only); ``''`` without the old
+    inputs (metadata written before they were stored)."""
+    if not old:
+        return ""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            shown = f"{key} {plain(a)} -> {plain(b)}"
+            changes.append(shown if len(shown) <= 120 else key)
+    return "; ".join(changes)
+
+
+def check_unlabeled_folder_is_current(folder: str, plans: dict, configuration: str, dataset_json: dict) -> None:
+    """Refuse unlabelled data made with other plans than ``configuration`` has now (trainer start).
+
+    Changing the plans and rerunning ``nnUNetv2_preprocess`` without ``skcdf_preprocess_unlabeled`` would otherwise
+    train on labelled patches at the new spacing (normalisation, ...) and unlabelled ones at the old.
+    """
+    plans_identifier, dataset = plans.get("plans_name", "nnUNetPlans"), plans.get("dataset_name", "<dataset>")
+    fix = f"skcdf_preprocess_unlabeled -d {dataset} -c {configuration} -p {plans_identifier} --overwrite"
+    meta_file = join(folder, METADATA_FILE)
+    if not os.path.isfile(meta_file):
+        raise SKCDFInputError(f"{folder}: no {METADATA_FILE}, so nothing says which plans its unlabelled images were "
+                              f"preprocessed with. Redo them: {fix}")
+    meta = load_json(meta_file)
+    fingerprint = plans_fingerprint(plans, configuration, dataset_json)
+    if meta.get("plans_fingerprint") == fingerprint:
+        return
+    change = describe_plans_change(meta.get("fingerprint_inputs"),
+                                   plans_fingerprint_inputs(plans, configuration, dataset_json)) or \
+        f"plans fingerprint {meta.get('plans_fingerprint')} -> {fingerprint}"
+    raise SKCDFInputError(
+        f"{folder}: unlabelled images preprocessed with other plans than configuration {configuration!r} of "
+        f"{plans_identifier} uses now ({change}; they were made for configuration {meta.get('configuration')!r}). "
+        f"Training would mix labelled patches preprocessed with the new plans and unlabelled ones with the old. "
+        f"Redo the unlabelled images: {fix}")
 
 
 # ----------------------------------------------------------------------------------------------
 # reading one case, with the checks nnU-Net's reader only prints about
 # ----------------------------------------------------------------------------------------------
-def read_unlabeled_case(reader, files: Sequence[str]) -> Tuple[np.ndarray, dict]:
+def read_unlabeled_case(reader, files: Sequence[str],
+                        orientations: Optional[Dict[str, Orientation]] = None) -> Tuple[np.ndarray, dict]:
     """Read the channel files of one case -> (data (c, x, y, z) float32, properties).
 
-    Each channel is read on its own so that a bad file is named; channels must agree in shape and
-    spacing (as nnU-Net requires), and in origin and direction (nnU-Net only warns; without a label to
-    check the overlap against, a misaligned channel would silently corrupt training).
+    Each channel is read on its own so that a bad file is named. Before reading: complete file, one scalar image
+    per file, no NaN/inf on disk, and (``orientations``: the training images', see ``describe_training_images``)
+    oriented like the training images (``image_checks``). Channels must agree in shape and spacing (as nnU-Net
+    requires), and in origin and direction (nnU-Net only warns; without a label to check the overlap against, a
+    misaligned channel would silently corrupt training).
     """
     arrays, props = [], []
     for f in files:
         check_file_complete(f)
+        header = read_header(f)
+        check_one_image_per_file(f, header)
+        check_finite_on_disk(f)
+        check_orientation(f, header, orientations)
         try:
             arr, p = reader.read_images([f])
         except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
@@ -99,6 +185,9 @@ def read_unlabeled_case(reader, files: Sequence[str]) -> Tuple[np.ndarray, dict]
                 f"{f}: cannot be read ({type(e).__name__}: {e}). The file is truncated or not a valid image; "
                 f"re-export it or remove the case from {UNLABELED_IMAGES_FOLDER}/."
             ) from None
+        if arr.shape[0] != 1:  # readers whose header SimpleITK cannot read
+            raise SKCDFInputError(f"{f}: holds {arr.shape[0]} images (array shape {arr.shape}); nnU-Net reads one "
+                                  f"image per channel file. Save one file per channel or keep the volume you mean.")
         if not np.all(np.isfinite(arr)):
             raise SKCDFInputError(f"{f}: contains NaN or infinite intensities. Fix the image or remove the case.")
         arrays.append(arr)
@@ -109,46 +198,16 @@ def read_unlabeled_case(reader, files: Sequence[str]) -> Tuple[np.ndarray, dict]
     return np.vstack(arrays).astype(np.float32, copy=False), ref_props
 
 
-def check_file_complete(path: str) -> None:
-    """Refuse truncated files that readers accept silently.
-
-    SimpleITK reads a truncated ``.nii.gz`` without an error and fills the missing voxels with garbage (seen
-    with SimpleITK 2.5), so gzip streams are decompressed once to their end-of-stream marker (CRC checked), and
-    an uncompressed ``.nii`` must be as long as its header says.
-    """
-    problem = None
-    if path.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                while f.read(1 << 24):
-                    pass
-        except (EOFError, OSError, zlib.error) as e:
-            problem = f"{type(e).__name__}: {e}"
-    elif path.endswith(".nii"):
-        import nibabel
-
-        try:
-            header = nibabel.load(path).header
-            needed = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-            if os.path.getsize(path) < needed:
-                problem = f"{os.path.getsize(path)} bytes on disk, the header needs {needed}"
-        except Exception as e:  # noqa: BLE001 - an unparsable header is the same user problem
-            problem = f"{type(e).__name__}: {e}"
-    if problem:
-        raise SKCDFInputError(f"{path}: cannot be read ({problem}). The file is truncated or corrupt; re-export it or "
-                              f"remove the case from {UNLABELED_IMAGES_FOLDER}/.")
-
-
 def _check_same_geometry(ref_file, ref_arr, ref_props, f, arr, p) -> None:
     problems = []
     if arr.shape[1:] != ref_arr.shape[1:]:
         problems.append(f"shape {arr.shape[1:]} vs {ref_arr.shape[1:]}")
     if not np.allclose(p["spacing"], ref_props["spacing"], rtol=1e-5, atol=1e-6):
-        problems.append(f"spacing {p['spacing']} vs {ref_props['spacing']}")
+        problems.append(f"spacing {plain(list(p['spacing']))} vs {plain(list(ref_props['spacing']))}")
     for key in ("origin", "direction"):
         a, b = p.get("sitk_stuff", {}).get(key), ref_props.get("sitk_stuff", {}).get(key)
         if a is not None and b is not None and not np.allclose(a, b, atol=1e-3):
-            problems.append(f"{key} {tuple(a)} vs {tuple(b)}")
+            problems.append(f"{key} {format_numbers(a)} vs {format_numbers(b)}")
     if problems:
         raise SKCDFInputError(
             f"{f}: geometry does not match the first channel {os.path.basename(ref_file)} ("
@@ -172,22 +231,22 @@ def check_dimensionality(data: np.ndarray, expect_2d: bool, files: Sequence[str]
 # one case: preprocess + crash-safe save (runs in worker processes)
 # ----------------------------------------------------------------------------------------------
 def preprocess_and_save_case(case_id: str, files: List[str], output_folder: str, plans: dict,
-                             configuration_name: str, dataset_json: dict, expect_2d: bool) -> str:
+                             configuration_name: str, dataset_json: dict, training: TrainingImages) -> str:
     """Preprocess one unlabelled case and write it to ``output_folder``; return ``case_id``."""
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration_name)
-    data, properties = read_unlabeled_case(pm.image_reader_writer_class(), files)
-    check_dimensionality(data, expect_2d, files)
+    data, properties = read_unlabeled_case(pm.image_reader_writer_class(), files, training.orientations)
+    check_dimensionality(data, training.is_2d, files)
     preprocessor = cm.preprocessor_class(verbose=False)
     data, seg, properties = preprocessor.run_case_npy(data, None, properties, pm, cm, dataset_json)
     data = data.astype(np.float32, copy=False)
     seg = seg.astype(np.int16, copy=False)
     blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)
-    tmp = join(output_folder, _TMP_PREFIX + case_id)
+    tmp = join(output_folder, f"{_TMP_PREFIX}{os.getpid()}_{case_id}")  # unique per process: never two writers
     nnUNetDatasetBlosc2.save_case(data, seg, properties, tmp, chunks=chunks, blocks=blocks,
                                   chunks_seg=chunks_seg, blocks_seg=blocks_seg)
     final = join(output_folder, case_id)
@@ -197,10 +256,17 @@ def preprocess_and_save_case(case_id: str, files: List[str], output_folder: str,
 
 
 def _worker(args) -> Tuple[str, Optional[str]]:
+    """``(case_id, None)`` or ``(case_id, message)``: every failure of one case becomes a message naming its files,
+    so that one bad case neither aborts the pool nor costs the other cases of the run."""
+    case_id, files = args[0], args[1]
     try:
         return preprocess_and_save_case(*args), None
     except SKCDFInputError as e:
-        return args[0], str(e)
+        return case_id, str(e)
+    except Exception as e:  # noqa: BLE001 - whatever nnU-Net raises for a strange image, the user needs the file
+        return case_id, (f"{', '.join(files)}: preprocessing failed ({type(e).__name__}: {e}). Check the image "
+                         f"(open it in a viewer, compare its header with the imagesTr images), fix it or remove the "
+                         f"case from {UNLABELED_IMAGES_FOLDER}/.")
 
 
 def case_is_complete(output_folder: str, case_id: str) -> bool:
@@ -226,32 +292,37 @@ def remove_incomplete_cases(output_folder: str) -> List[str]:
 # ----------------------------------------------------------------------------------------------
 # the whole folder
 # ----------------------------------------------------------------------------------------------
-def _prepare_output_folder(folder: str, fingerprint: str, meta: dict, overwrite: bool) -> None:
+def _prepare_output_folder(folder: str, meta: dict) -> None:
+    """Create ``folder``, or check that its cases were made with these plans; write the metadata (``meta`` with its
+    fingerprint); drop leftovers of an interrupted run. Called holding ``folder_lock``."""
     meta_file = join(folder, METADATA_FILE)
-    if os.path.isdir(folder) and overwrite:
-        for fname in os.listdir(folder):
-            os.remove(join(folder, fname))
     os.makedirs(folder, exist_ok=True)
     if os.path.isfile(meta_file):
         old = load_json(meta_file)
-        if old.get("plans_fingerprint") != fingerprint:
+        if old.get("plans_fingerprint") != meta["plans_fingerprint"]:
+            change = describe_plans_change(old.get("fingerprint_inputs"), meta["fingerprint_inputs"]) or \
+                f"fingerprint {old.get('plans_fingerprint')} != {meta['plans_fingerprint']}"
             raise SKCDFInputError(
-                f"{folder} was preprocessed with different plans ({old.get('plans_identifier')}, "
-                f"configuration {old.get('configuration')}, fingerprint {old.get('plans_fingerprint')} != "
-                f"{fingerprint}). The labelled data was re-planned since; rerun with --overwrite."
+                f"{folder} was preprocessed with different plans ({change}; it was made with "
+                f"{old.get('plans_identifier')}, configuration {old.get('configuration')}). The labelled data was "
+                f"re-planned since; rerun with --overwrite."
             )
-    atomic_save_json({**meta, "plans_fingerprint": fingerprint}, meta_file)
+    atomic_save_json(meta, meta_file)
     remove_incomplete_cases(folder)
 
 
-def _labelled_images_are_2d(raw_folder: str, dataset_json: dict, plans: dict) -> bool:
-    """Read the first training image once: nnU-Net's readers return 2D images as (c, 1, x, y)."""
+def describe_training_images(raw_folder: str, dataset_json: dict, plans: dict) -> TrainingImages:
+    """Read the first training image once (nnU-Net's readers return 2D images as (c, 1, x, y)) and the headers of
+    every training image's first channel (their orientations)."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    first = next(iter(get_filenames_of_train_images_and_targets(raw_folder, dict(dataset_json)).values()))
-    data, _ = PlansManager(plans).image_reader_writer_class().read_images(first["images"][:1])
-    return data.shape[1] == 1
+    cases = get_filenames_of_train_images_and_targets(raw_folder, dict(dataset_json))
+    reader_class = PlansManager(plans).image_reader_writer_class
+    data, _ = reader_class().read_images(next(iter(cases.values()))["images"][:1])
+    orientations = None if reader_reorients(reader_class) else \
+        training_orientations(cases[c]["images"][0] for c in sorted(cases))
+    return TrainingImages(data.shape[1] == 1, orientations)
 
 
 def preprocess_unlabeled(dataset, configurations: Sequence[str], plans_identifier: str = "nnUNetPlans",
@@ -281,17 +352,17 @@ def preprocess_unlabeled(dataset, configurations: Sequence[str], plans_identifie
     if clash:
         raise SKCDFInputError(f"Unlabelled case ids {clash} in {UNLABELED_IMAGES_FOLDER}/ are also training case ids "
                               f"in imagesTr/. Case ids must be unique: rename the unlabelled files.")
-    expect_2d = _labelled_images_are_2d(raw, dataset_json, plans)
+    training = describe_training_images(raw, dataset_json, plans)
     outputs = {}
     for configuration in configurations:
         outputs[configuration] = _preprocess_configuration(
-            cases, plans, plans_identifier, configuration, dataset_json, pre, expect_2d, num_processes, overwrite,
+            cases, plans, plans_identifier, configuration, dataset_json, pre, training, num_processes, overwrite,
             verbose)
     return outputs
 
 
 def _preprocess_configuration(cases: Dict[str, List[str]], plans: dict, plans_identifier: str, configuration: str,
-                              dataset_json: dict, pre: str, expect_2d: bool, num_processes: int,
+                              dataset_json: dict, pre: str, training: TrainingImages, num_processes: int,
                               overwrite: bool, verbose: bool) -> str:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -301,19 +372,40 @@ def _preprocess_configuration(cases: Dict[str, List[str]], plans: dict, plans_id
     data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     folder = join(pre, unlabeled_folder_name(data_identifier))
     meta = {"plans_identifier": plans_identifier, "configuration": configuration,
-            "data_identifier": data_identifier}
-    _prepare_output_folder(folder, plans_fingerprint(plans, configuration, dataset_json), meta, overwrite)
-    todo = [c for c in sorted(cases) if not case_is_complete(folder, c)]
-    if verbose:
-        print(f"{configuration}: {len(cases)} unlabelled cases, {len(cases) - len(todo)} already done, "
-              f"{len(todo)} to preprocess -> {folder}")
-    jobs = [(c, cases[c], folder, plans, configuration, dataset_json, expect_2d) for c in todo]
-    errors = sorted(err for _, err in imap_with_progress(_worker, jobs, num_processes, f"Unlabelled {configuration}",
-                                                         show=verbose) if err)
+            "data_identifier": data_identifier,
+            # what the fingerprint hashes, so that a refusal can say what changed
+            "fingerprint_inputs": plans_fingerprint_inputs(plans, configuration, dataset_json),
+            "plans_fingerprint": plans_fingerprint(plans, configuration, dataset_json)}
+    # one writer per folder: a second run waits here, then finds the cases done (or redoes them with --overwrite)
+    with folder_lock(folder, "skcdf_preprocess_unlabeled"):
+        recover_folder_swap(folder)
+        # --overwrite builds the new folder aside and swaps it in at the end: an interruption leaves the old one
+        target = new_staging_folder(folder) if overwrite else folder
+        try:
+            _prepare_output_folder(target, meta)
+            errors = _preprocess_cases(cases, target, plans, configuration, dataset_json, training, num_processes,
+                                       verbose, shown_folder=folder)
+            if overwrite:
+                swap_in_folder(target, folder)
+        finally:
+            if overwrite and os.path.isdir(target):  # not swapped in: the old folder stays as it was
+                shutil.rmtree(target)
     if errors:
         raise SKCDFInputError(f"{len(errors)} of {len(cases)} unlabelled cases failed (the others were saved):\n"
                               + "\n".join(f"  - {e}" for e in errors))
     return folder
+
+
+def _preprocess_cases(cases: Dict[str, List[str]], folder: str, plans: dict, configuration: str, dataset_json: dict,
+                      training: TrainingImages, num_processes: int, verbose: bool, shown_folder: str) -> List[str]:
+    """Preprocess the cases not yet complete in ``folder``; return the error messages of the failed ones."""
+    todo = [c for c in sorted(cases) if not case_is_complete(folder, c)]
+    if verbose:
+        print(f"{configuration}: {len(cases)} unlabelled cases, {len(cases) - len(todo)} already done, "
+              f"{len(todo)} to preprocess -> {shown_folder}")
+    jobs = [(c, cases[c], folder, plans, configuration, dataset_json, training) for c in todo]
+    return sorted(err for _, err in imap_with_progress(_worker, jobs, num_processes, f"Unlabelled {configuration}",
+                                                       show=verbose) if err)
 
 
 def preprocess_unlabeled_entry() -> None:

@@ -105,6 +105,20 @@ def read_published_lists(folder: str, ratio: str | int) -> PublishedLists:
     return PublishedLists(folder=folder, ratio=ratio, test=test, **lists)
 
 
+#: AMOS numbers its CT scans 1..500 and its MRI scans 501..600 (``skcdf_convert_amos`` keeps MRI only on request)
+AMOS_CT_MAX_ID = 500
+_AMOS_ID = re.compile(r"(?:amos_)?(\d+)")
+
+
+def amos_mri_ids(list_ids: Sequence[str], dataset_ids: Sequence[str]) -> List[str]:
+    """The AMOS MRI ids (number > 500) among ``list_ids`` when the dataset is an AMOS conversion without any MRI case;
+    ``[]`` otherwise."""
+    numbers = [int(m[1]) for m in map(_AMOS_ID.fullmatch, dataset_ids) if m]
+    if not any(i.startswith("amos_") for i in dataset_ids) or any(n > AMOS_CT_MAX_ID for n in numbers):
+        return []
+    return [i for i in list_ids if (m := _AMOS_ID.fullmatch(i)) and int(m[1]) > AMOS_CT_MAX_ID]
+
+
 def _common_prefix(ids: Sequence[str]) -> str:
     """Shared prefix of the case ids without trailing digits (``case0001``, ``case0012`` -> ``case``)."""
     return os.path.commonprefix(list(ids)).rstrip("0123456789") if ids else ""
@@ -147,6 +161,16 @@ class IdMapper:
         suffix = "_" + list_id
         return sorted({c for c in self.known if c.endswith(suffix) or c == self.prefix + list_id})
 
+    def _refuse_missing_amos_mri(self, missing: Sequence[str], source: str) -> None:
+        """Missing ids that are all AMOS MRI cases of a CT-only conversion: the fix is the conversion, not a template."""
+        mri = amos_mri_ids(missing, self.known)
+        if mri and len(mri) == len(missing):
+            raise SKCDFInputError(
+                f"{len(missing)} id(s) of {source} match no case of the dataset: {format_ids(missing)}. These are AMOS "
+                f"MRI cases (ids > {AMOS_CT_MAX_ID}), which are not in the dataset: skcdf_convert_amos leaves them out "
+                f"unless --keep-mri. Convert AMOS again with skcdf_convert_amos --keep-mri to use the published lists "
+                f"as they are, or remove these ids from the list.")
+
     def map(self, ids: Sequence[str], source: str, ignore_missing: bool = False) -> List[str]:
         """Map every id of one list; all problems of the list are reported in one error.
 
@@ -171,12 +195,16 @@ class IdMapper:
                 f"explicitly with --id-template, e.g. --id-template '{_suggest_template(self.known)}'."
             )
         if missing and not ignore_missing:
+            self._refuse_missing_amos_mri(missing, source)
             how = (f"--id-template {self.template!r} maps them to "
                    f"{format_ids(_apply_template(self.template, i) for i in missing[:5])}, which are not cases"
                    if self.template is not None else "no exact, '*_<id>' or prefix match")
+            mri = amos_mri_ids(missing, self.known)
             raise SKCDFInputError(
                 f"{len(missing)} id(s) of {source} match no case of the dataset ({how}): {format_ids(missing)}. "
                 f"Dataset case ids look like {format_ids(self.known[:3])}. Give the mapping with --id-template, "
                 f"e.g. --id-template '{_suggest_template(self.known)}', or fix the list."
+                + (f" ({len(mri)} of them are AMOS MRI cases, ids > {AMOS_CT_MAX_ID}: convert AMOS with "
+                   f"skcdf_convert_amos --keep-mri to have them.)" if mri else "")
             )
         return mapped

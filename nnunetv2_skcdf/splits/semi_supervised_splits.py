@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
@@ -29,11 +30,13 @@ from nnunetv2_skcdf.splits.published_lists import (
     read_published_lists,
 )
 from nnunetv2_skcdf.utilities.dataset_files import (
+    UNLABELED_IMAGES_FOLDER,
     SKCDFInputError,
     dataset_name,
     exit_on_input_error,
     list_unlabeled_cases,
     load_dataset_json,
+    plain,
     preprocessed_dataset_folder,
     raw_dataset_folder,
     training_case_ids,
@@ -120,7 +123,10 @@ def select_val(training_ids: Sequence[str], val: Amount, val_ids: Optional[Seque
     A fraction keeps at least one case when there are >= 2 training cases (so validation exists).
     """
     if val_ids is not None:
-        chosen = sorted(dict.fromkeys(val_ids))
+        repeated = sorted(c for c, n in Counter(val_ids).items() if n > 1)
+        if repeated:
+            raise SKCDFInputError(f"--val-ids lists {format_ids(repeated)} more than once: give each case once.")
+        chosen = sorted(val_ids)
         _check_training_ids(chosen, "--val-ids", set(training_ids), set(unlabeled_image_ids))
         return chosen
     n = len(training_ids)
@@ -212,10 +218,13 @@ def _leaks(roles: Dict[str, Sequence[str]], test_ids: Sequence[str]) -> Dict[str
 
 def _import_fix_hint(lists: PublishedLists, roles: Dict[str, List[str]], test_ids: Sequence[str],
                      drop_from: Optional[str]) -> str:
+    """The fix for overlaps and leaks, worked out on the lists as published (``roles`` before any
+    ``--drop-overlaps-from``): what dropping from one role leaves over is no guide to which role to drop from."""
     fixers = _resolving_roles(_role_overlaps(roles), _leaks(roles, test_ids))
-    where = ("; ".join(f"--drop-overlaps-from {r} resolves all of them (removes the shared ids from {r})"
-                       for r in fixers) if fixers else
-             "no single --drop-overlaps-from role resolves all of them")
+    on = "on the original lists, " if drop_from else ""
+    where = (on + "; ".join(f"--drop-overlaps-from {r} resolves all of them (removes the shared ids from {r})"
+                            for r in fixers) if fixers else
+             f"{on}no single --drop-overlaps-from role resolves all of them")
     already = f" (after --drop-overlaps-from {drop_from})" if drop_from else ""
     files = ", ".join(lists.file_of(r) for r in ("labeled", "unlabeled", "val", "test"))
     return f"The published lists in {lists.folder} ({files}) are defective{already}: {where}; or fix the list files."
@@ -232,7 +241,12 @@ def import_roles(lists: PublishedLists, training_ids: Sequence[str], unlabeled_i
                      f"imagesUnlabeled) in {where}",
         "val": f"{lists.file_of('val')} (validation) in {where}",
     }
-    roles = {r: list(dict.fromkeys(mapper.map(getattr(lists, r), sources[r]))) for r in ROLES}
+    roles = {r: mapper.map(getattr(lists, r), sources[r]) for r in ROLES}
+    for r, ids in roles.items():
+        repeated = sorted(c for c, n in Counter(ids).items() if n > 1)
+        if repeated:
+            raise SKCDFInputError(f"{sources[r]} lists {format_ids(repeated)} more than once. A list names each case "
+                                  f"once: remove the repeated line(s).")
     # test cases need not be in the dataset (often they have no labels there): only those that are can leak
     test = mapper.map(lists.test, f"{lists.file_of('test')} in {where}", ignore_missing=True) if lists.test else []
     return roles, test
@@ -245,16 +259,42 @@ def _check_fold_structure(splits: object) -> None:
     if not isinstance(splits, list) or not splits:
         raise SKCDFInputError(f"A split file must hold a non-empty list of folds, got {type(splits).__name__}.")
     for i, fold in enumerate(splits):
-        if not isinstance(fold, dict) or "train" not in fold or "val" not in fold:
-            raise SKCDFInputError(f"fold {i}: each fold must be a dict with 'train' and 'val' (nnU-Net's format).")
-        if "unlabeled" not in fold:
-            raise SKCDFInputError(
-                f"fold {i} has no 'unlabeled' key: the split was not made with skcdf_split (it may be nnU-Net's "
-                f"own 5-fold cross-validation split). {MAKE_ONE_HINT}"
-            )
-        for key in ("train", "val", "unlabeled"):
-            if not isinstance(fold[key], list) or not all(isinstance(c, str) for c in fold[key]):
-                raise SKCDFInputError(f"fold {i}: '{key}' must be a list of case id strings.")
+        check_fold_entry(i, fold)
+
+
+#: what each key of a fold holds, for messages
+KEY_ROLES = {"train": "labelled", "val": "validation", "unlabeled": "unlabelled"}
+
+
+def check_fold_entry(i: int, fold: object) -> None:
+    """One fold's structure: a dict with 'train', 'val' (nnU-Net's keys) and 'unlabeled', each a list of case id
+    strings without repeats. Runs before anything indexes the fold, so a broken fold is a message, not a KeyError."""
+    if not isinstance(fold, dict):
+        raise SKCDFInputError(f"fold {i}: each fold must be a dict with 'train' and 'val' (nnU-Net's format) and "
+                              f"'unlabeled', got {type(fold).__name__}.")
+    for key in ("train", "val"):
+        if key not in fold:
+            raise SKCDFInputError(f"fold {i}: no '{key}' key; each fold must be a dict with 'train' and 'val' "
+                                  f"(nnU-Net's format) and 'unlabeled'.")
+    if "unlabeled" not in fold:
+        raise SKCDFInputError(
+            f"fold {i} has no 'unlabeled' key: the split was not made with skcdf_split (it may be nnU-Net's "
+            f"own 5-fold cross-validation split). {MAKE_ONE_HINT}"
+        )
+    for key in ("train", "val", "unlabeled"):
+        ids = fold[key]
+        if not isinstance(ids, list):
+            raise SKCDFInputError(f"fold {i}: '{key}' must be a list of case id strings; got {plain(ids)!r} "
+                                  f"({type(ids).__name__}).")
+        for position, case in enumerate(ids, 1):
+            if not isinstance(case, str):
+                raise SKCDFInputError(f"fold {i}: '{key}' must be a list of case id strings; entry {position} is "
+                                      f"{plain(case)!r} ({type(case).__name__}). Write ids as strings, e.g. "
+                                      f"\"case_003\".")
+        repeated = sorted(c for c, n in Counter(ids).items() if n > 1)
+        if repeated:
+            raise SKCDFInputError(f"fold {i}: '{key}' ({KEY_ROLES[key]}) lists {format_ids(repeated)} more than "
+                                  f"once. A fold lists each case once: remove the repeated entries.")
 
 
 def _check_fold_ids(i: int, fold: Fold, training: Set[str], unlabeled_images: Set[str]) -> None:
@@ -373,9 +413,11 @@ def _check_option_combinations(labeled: Optional[Amount], val_ids: Optional[Sequ
 
 
 def _imported_fold(imported: PublishedLists, training_ids: Sequence[str], unlabeled_image_ids: Sequence[str],
-                   id_template: Optional[str], drop_overlaps_from: Optional[str]) -> Tuple[Fold, List[str], List[str]]:
-    """One fold from published lists; returns (fold, mapped test ids, notes)."""
+                   id_template: Optional[str], drop_overlaps_from: Optional[str]
+                   ) -> Tuple[Fold, List[str], List[str], str]:
+    """One fold from published lists; returns (fold, mapped test ids, notes, the fix hint for what is left)."""
     roles, test = import_roles(imported, training_ids, unlabeled_image_ids, id_template)
+    hint = _import_fix_hint(imported, roles, test, drop_overlaps_from)
     notes = []
     if drop_overlaps_from is not None:
         roles, notes = drop_overlaps(roles, drop_overlaps_from, test)
@@ -385,7 +427,7 @@ def _imported_fold(imported: PublishedLists, training_ids: Sequence[str], unlabe
     if unused or in_test:
         notes.append(f"Not used: {len(unused)} training case(s) in none of the imported lists, {len(in_test)} "
                      f"test.txt case(s).")
-    return fold, test, notes
+    return fold, test, notes, hint
 
 
 def _sampled_fold(training_ids: Sequence[str], val_cases: Sequence[str], labeled: Optional[Amount],
@@ -430,9 +472,8 @@ def compute_semi_supervised_splits(
     test: List[str] = []
     hint = "Fix the split options."
     if imported is not None:
-        fold, test, notes = _imported_fold(imported, training_ids, unlabeled_image_ids, id_template,
-                                           drop_overlaps_from)
-        hint = _import_fix_hint(imported, {r: fold[ROLE_KEYS[r]] for r in ROLES}, test, drop_overlaps_from)
+        fold, test, notes, hint = _imported_fold(imported, training_ids, unlabeled_image_ids, id_template,
+                                                 drop_overlaps_from)
         result = [fold] * folds
     else:
         val_cases = select_val(training_ids, val, val_ids, seed, unlabeled_image_ids)
@@ -474,6 +515,16 @@ def _write_splits(folds: List[Fold], path: str, overwrite: bool) -> None:
     atomic_save_json(folds, path)
 
 
+def _refuse_nothing_to_add(raw: str, file_ending: str) -> None:
+    """--add-unlabeled-images asked for imagesUnlabeled cases: a split silently without them is not what was meant."""
+    folder = os.path.join(raw, UNLABELED_IMAGES_FOLDER)
+    state = "is empty" if os.path.isdir(folder) else "does not exist"
+    raise SKCDFInputError(
+        f"--add-unlabeled-images: {folder} {state}, so there are no unlabelled images to add. Put the images there "
+        f"(nnU-Net's channel naming, e.g. case_0000{file_ending}) and run skcdf_preprocess_unlabeled, or drop "
+        f"--add-unlabeled-images.")
+
+
 def build_split_report(
     dataset: Union[int, str],
     labeled: Optional[Amount] = None,
@@ -497,6 +548,8 @@ def build_split_report(
     dataset_json = load_dataset_json(raw)
     training_ids = training_case_ids(raw, dataset_json)
     unlabeled_image_ids = sorted(list_unlabeled_cases(raw, dataset_json))
+    if add_unlabeled_images and not unlabeled_image_ids:
+        _refuse_nothing_to_add(raw, dataset_json["file_ending"])
     imported = read_published_lists(import_lists, ratio) if import_lists is not None else None
     result = compute_semi_supervised_splits(
         training_ids, unlabeled_image_ids, labeled=labeled, val=val, val_ids=val_ids, imported=imported,
@@ -579,6 +632,10 @@ def load_semi_supervised_fold(preprocessed_folder: str,
             f"fold {index} of {path} has no 'unlabeled' key: the split was not made with skcdf_split (it may be "
             f"nnU-Net's own 5-fold cross-validation split). {MAKE_ONE_HINT}"
         )
+    try:
+        check_fold_entry(index, entry)
+    except SKCDFInputError as e:
+        raise SKCDFInputError(f"{path}: {e} Fix the file, or make it anew: {MAKE_ONE_HINT}") from None
     return list(entry["train"]), list(entry["val"]), list(entry["unlabeled"])
 
 

@@ -11,6 +11,7 @@ import sys
 from contextlib import contextmanager
 from typing import Dict, List, Union
 
+import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isdir, join, load_json
 
 #: Folder inside ``nnUNet_raw/DatasetNNN_X`` that holds unlabelled images (stock nnU-Net ignores it).
@@ -30,6 +31,30 @@ def exit_on_input_error():
     except SKCDFInputError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def plain(value):
+    """``value`` for a message: numpy scalars and arrays become Python numbers and lists (numpy 2 prints
+    ``np.float64(0.7)`` inside lists and tuples), floats are rounded to 6 significant digits (a spacing of 0.7 stored
+    as float32 is 0.699999988) and -0.0 becomes 0.0. Containers keep their type."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(f"{float(value):.6g}") + 0.0
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    return value
+
+
+def format_numbers(values) -> str:
+    """``(1, 0, -0.5)``: a geometry vector for a message, integers without ``.0``."""
+    return "(" + ", ".join(f"{plain(float(v)):.6g}" for v in np.ravel(values)) + ")"
 
 
 def _env_folder(var: str) -> str:

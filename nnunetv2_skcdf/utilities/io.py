@@ -2,15 +2,18 @@
 
 ``os.replace`` is atomic on POSIX and Windows when source and target are on the same file system,
 so a reader (or a resumed run) sees either the old complete file or the new complete file, never a
-half-written one.
+half-written one. Whole folders: built aside and swapped in (``new_staging_folder``, ``swap_in_folder``,
+``recover_folder_swap``), written by one process at a time (``folder_lock``).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, List
 
 
 @contextmanager
@@ -42,3 +45,80 @@ def atomic_save_json(obj, path: str, indent: int = 2) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=indent)
             f.write("\n")
+
+
+# ------------------------------------------------------------------------------------- whole folders, one writer
+@contextmanager
+def folder_lock(folder: str, command: str) -> Iterator[None]:
+    """Hold an exclusive lock for writing ``folder`` (``fcntl.flock`` on ``<parent>/.<name>.lock``).
+
+    The lock file sits in the parent because ``folder`` itself may be swapped (``swap_in_folder``). A second process
+    waits, saying which process holds the lock; the kernel releases a lock when its holder ends, even by SIGKILL, so
+    no stale lock survives a crash. (No ``fcntl`` on Windows: there the lock is skipped.)
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    parent, name = os.path.split(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".{name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            print(f"{folder} is being written by another {command} run (pid {holder}, lock {path}); waiting for it "
+                  f"to finish ...", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _aside(folder: str, kind: str, pid: int | None = None) -> str:
+    parent, name = os.path.split(os.path.abspath(folder))
+    return os.path.join(parent, f".{name}.{kind}-{os.getpid() if pid is None else pid}")
+
+
+def new_staging_folder(folder: str) -> str:
+    """An empty folder next to ``folder`` in which to build its replacement (then ``swap_in_folder``)."""
+    staging = _aside(folder, "new")
+    if os.path.isdir(staging):
+        shutil.rmtree(staging)
+    os.makedirs(staging)
+    return staging
+
+
+def swap_in_folder(staging: str, folder: str) -> None:
+    """Replace ``folder`` by the complete ``staging``: rename the old folder aside, rename ``staging`` in, delete the
+    old one. A crash between the two renames leaves the old folder aside, which ``recover_folder_swap`` puts back, so
+    any interruption ends in either the old or the new folder, never in a mix."""
+    old = _aside(folder, "old")
+    if os.path.isdir(folder):
+        os.rename(folder, old)
+    os.rename(staging, folder)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+
+
+def recover_folder_swap(folder: str) -> List[str]:
+    """Undo what an interrupted build or swap left next to ``folder`` (call it holding ``folder_lock``): an old folder
+    renamed aside goes back if ``folder`` is missing; staging folders and other leftovers are deleted. Returns the
+    paths removed or restored."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        return []
+    leftovers = sorted(os.path.join(parent, f) for f in os.listdir(parent)
+                       if f.startswith((f".{name}.new-", f".{name}.old-")))
+    olds = [p for p in leftovers if os.path.basename(p).startswith(f".{name}.old-")]
+    if not os.path.isdir(folder) and olds:
+        os.rename(olds[-1], folder)
+    for path in leftovers:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+    return leftovers

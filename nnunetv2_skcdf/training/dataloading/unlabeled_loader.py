@@ -8,6 +8,7 @@ rank for multi-GPU training. Batches are ``{'data': (B, C, *patch) float32, 'key
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -16,8 +17,14 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from batchgenerators.utilities.file_and_folder_operations import join
 from threadpoolctl import threadpool_limits
 
+from nnunetv2_skcdf.preprocessing.unlabeled import (
+    case_is_complete,
+    check_unlabeled_folder_is_current,
+    unlabeled_folder_name,
+)
 from nnunetv2_skcdf.training.dataloading.unlabeled_dataset import (
     nnUNetDatasetUnlabeled,
     resolve_unlabeled_sources,
@@ -101,6 +108,7 @@ def get_unlabeled_dataloader(trainer, unlabeled_ids: Sequence[str], batch_size: 
             "labels of the other training cases) or put images into imagesUnlabeled/, run "
             "'skcdf_preprocess_unlabeled' and 'skcdf_split ... --add-unlabeled-images'.")
     cm = trainer.configuration_manager
+    check_unlabeled_data_is_current(trainer, unlabeled_ids)
     sources = resolve_unlabeled_sources(trainer.preprocessed_dataset_folder_base, cm.data_identifier,
                                         shard_identifiers(unlabeled_ids, rank, world_size))
     rotation, dummy_2d, initial_patch_size, mirror_axes = \
@@ -111,6 +119,16 @@ def get_unlabeled_dataloader(trainer, unlabeled_ids: Sequence[str], batch_size: 
                                        transforms=transforms, use_mask_for_norm=cm.use_mask_for_norm)
     return wrap_in_augmenter(loader, get_allowed_n_proc_DA() if num_processes is None else num_processes,
                              pin_memory=trainer.device.type == "cuda")
+
+
+def check_unlabeled_data_is_current(trainer, unlabeled_ids: Sequence[str]) -> None:
+    """Refuse ``imagesUnlabeled`` data preprocessed with other plans than the trainer's configuration (stale after a
+    re-planning). Checked on the whole split, before sharding, so that every DDP rank refuses alike."""
+    folder = join(trainer.preprocessed_dataset_folder_base,
+                  unlabeled_folder_name(trainer.configuration_manager.data_identifier))
+    if os.path.isdir(folder) and any(case_is_complete(folder, i) for i in unlabeled_ids):
+        check_unlabeled_folder_is_current(folder, trainer.plans_manager.plans, trainer.configuration_name,
+                                          trainer.dataset_json)
 
 
 def wrap_in_augmenter(loader, num_processes: int, pin_memory: bool = False):
