@@ -25,6 +25,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = 950
+#: where the speed scripts write their JSON / profiler tables and the Markdown sections; the environment can
+#: point them elsewhere (benchmarks/gpu_realistic.sh: straight into the device machine's $OUT; its CPU dry run:
+#: a scratch folder, so that no dry-run number reaches the committed files)
+RESULTS = Path(os.environ.get("SKCDF_RESULTS_DIR") or REPO / "benchmarks" / "results")
+BENCHMARKS_MD = Path(os.environ.get("SKCDF_BENCHMARKS_MD") or REPO / "BENCHMARKS.md")
 
 
 def machine() -> str:
@@ -120,8 +125,9 @@ def loader_throughput(num_processes: int, num_batches: int) -> dict:
 
 
 def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section ``name`` of BENCHMARKS.md, delimited by HTML comments."""
-    md = REPO / "BENCHMARKS.md"
+    """Replace (or append) the section ``name`` of BENCHMARKS.md (``$SKCDF_BENCHMARKS_MD`` if set), delimited by
+    HTML comments."""
+    md = BENCHMARKS_MD
     text = md.read_text() if md.exists() else "# Benchmarks\n\nFigures written by the scripts in `benchmarks/`.\n"
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     section = f"{start}\n{body}\n{end}"

@@ -6,11 +6,25 @@
 #   2. predict_speed.py (untrained networks, nnU-Net's predictor, 6 test cases x 2 repeats),
 #   3. train_step_speed.py again with torch.compile (nnU-Net's default on CUDA), time permitting.
 # GPU_CHECKS=step stops after 1; GPU_CHECKS=profile runs benchmarks/profile_train_step.py instead (where the iteration time goes).
+# GPU_CHECKS=realistic runs benchmarks/gpu_realistic.sh instead (issue 12: Synapse-like patch size; its header
+# has the stages and time estimates); SKCDF_GPU_DRYRUN=1 there is its CPU dry run (no wheels installed: run it
+# with the venv's bin/ on PATH and the repo on PYTHONPATH).
 # Results (JSON + BENCHMARKS.md with the new sections) go to $OUT (or ./gpu_out).
 set -uo pipefail
 OUT="${OUT:-$PWD/gpu_out}"; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+if [ "${SKCDF_GPU_DRYRUN:-0}" != 1 ]; then
+  t=$SECONDS
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
+  echo "wheels installed: $((SECONDS - t)) s"
+fi
+export PYTHONUNBUFFERED=1
+if [ "${GPU_CHECKS:-all}" = "realistic" ]; then
+  # the budget of gpu_realistic.sh is what is left of the run's 600 s (SKCDF_GPU_BUDGET_S overrides)
+  export SKCDF_GPU_BUDGET_S="${SKCDF_GPU_BUDGET_S:-$((580 - SECONDS))}"
+  exec bash benchmarks/gpu_realistic.sh
+fi
+[ "${SKCDF_GPU_DRYRUN:-0}" != 1 ] || { echo "SKCDF_GPU_DRYRUN=1 exists for GPU_CHECKS=realistic only"; exit 1; }
 export nnUNet_raw=/tmp/skcdf/raw nnUNet_preprocessed=/tmp/skcdf/pre nnUNet_results=/tmp/skcdf/res nnUNet_def_n_proc=8
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 export nnUNet_extTrainer="$(skcdf_trainer_path)"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_pipeline import REPO, device_name, machine, write_section  # noqa: E402
+from data_pipeline import RESULTS, device_name, machine, write_section  # noqa: E402
 
 
 def trained_predictor(folder: str, fold: int, device):
@@ -36,7 +36,7 @@ def trained_predictor(folder: str, fold: int, device):
     return predictor
 
 
-def untrained_predictor(dataset: str, configuration: str, trainer_name: str, device):
+def untrained_predictor(dataset: str, configuration: str, trainer_name: str, device, plans: str = "nnUNetPlans"):
     """nnU-Net's predictor around a freshly initialised network of ``trainer_name`` (speed does not depend on
     the weights)."""
     import torch
@@ -49,7 +49,7 @@ def untrained_predictor(dataset: str, configuration: str, trainer_name: str, dev
     from nnunetv2.paths import nnUNet_preprocessed
 
     folder = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset)
-    plans, dataset_json = load_json(str(folder / "nnUNetPlans.json")), load_json(str(folder / "dataset.json"))
+    plans, dataset_json = load_json(str(folder / f"{plans}.json")), load_json(str(folder / "dataset.json"))
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)
     trainer = recursive_find_trainer_class_by_name(trainer_name)
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--untrained", action="store_true")
     parser.add_argument("-d", "--dataset")
     parser.add_argument("-c", "--configuration")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (--untrained)")
     parser.add_argument("--trainers", nargs=2, default=["nnUNetTrainer", "SKCDFTrainer"])
     parser.add_argument("--images", required=True)
     parser.add_argument("--device", default="cpu")
@@ -87,7 +88,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args.untrained:
         names = args.trainers
-        predictors = [untrained_predictor(args.dataset, args.configuration, t, device) for t in names]
+        predictors = [untrained_predictor(args.dataset, args.configuration, t, device, args.plans) for t in names]
     else:
         names = [Path(f).name.split("__")[0] for f in args.model_folders]
         predictors = [trained_predictor(f, args.fold, device) for f in args.model_folders]
@@ -115,7 +116,8 @@ def main() -> None:
                "mirroring_axes": [list(p.allowed_mirroring_axes or []) for p in predictors]}
     print(json.dumps({k: v for k, v in results.items() if k != "times"}, indent=2))
     tag = f"{args.device}{args.tag}"
-    (REPO / "benchmarks" / "results" / f"predict_speed_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"predict_speed_{tag}.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = "\n".join(f"| {n} | {s['median_s']:.3f} | {s['min_s']:.3f}-{s['max_s']:.3f} |" for n, s in summary.items())
     write_section(f"predict_speed_{tag}", f"""## Inference time per case, {card} (`benchmarks/predict_speed.py`)
 

@@ -1,8 +1,9 @@
 """Where a training iteration's time goes: PyTorch profiler tables of ``train_step`` for nnUNetTrainer and
 SKCDFTrainer on the same plans, plus the time spent waiting for the labelled and unlabelled batches.
-Prints and writes ``benchmarks/results/profile_train_step_<device>.txt`` (a diagnosis, not a benchmark table).
+Prints and writes ``benchmarks/results/profile_train_step_<device><tag>.txt`` (a diagnosis, not a benchmark
+table), ending with one summary line per trainer: wall and summed device (or CPU) self time per iteration.
 
-    python benchmarks/profile_train_step.py -d 950 -c 3d_cpu [--device cpu] [--steps 10]
+    python benchmarks/profile_train_step.py -d 950 -c 3d_cpu [-p nnUNetPlans] [--device cpu] [--steps 10]
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_pipeline import REPO, machine  # noqa: E402
+from data_pipeline import RESULTS, machine  # noqa: E402
 
 
 class _TimedLoader:
@@ -34,14 +35,28 @@ class _TimedLoader:
         return getattr(self.loader, name)
 
 
-def profile(trainer_name: str, args) -> str:
+def _busy_ms(averages, device_type: str) -> float:
+    """Summed self time of the profiled events in ms: on a GPU those that ran on it (kernels, copies; what the
+    table's footer 'Self CUDA time total' adds up), else the CPU ops' self time (footer 'Self CPU time total')."""
+    from torch.autograd import DeviceType
+
+    if device_type != "cuda":
+        return sum(e.self_cpu_time_total for e in averages) / 1000
+    try:
+        return sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+                   for e in averages if e.device_type != DeviceType.CPU) / 1000
+    except Exception:  # a profiler API change must not cost the tables: the footer still has the total
+        return float("nan")
+
+
+def profile(trainer_name: str, args) -> tuple:
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     device = torch.device(args.device)
-    trainer = get_trainer_from_args(args.dataset, args.configuration, 0, trainer_name, device=device)
+    trainer = get_trainer_from_args(args.dataset, args.configuration, 0, trainer_name, args.plans, device=device)
     trainer.on_train_start()
     try:
         trainer.on_train_epoch_start()
@@ -64,12 +79,15 @@ def profile(trainer_name: str, args) -> str:
             sync()
         wall = (time.perf_counter() - t0) / args.steps
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60)
+        averages = prof.key_averages()
+        table = averages.table(sort_by=sort, row_limit=args.rows, max_name_column_width=60)
+        busy_ms = _busy_ms(averages, device.type) / args.steps
         waits = f"labelled batch wait {1000 * statistics.median(labelled.seconds):.1f} ms"
         if unlabelled:
             waits += f", unlabelled batch wait {1000 * statistics.median(unlabelled.seconds):.1f} ms (inside train_step)"
-        return (f"### {trainer_name}: {1000 * wall:.1f} ms per iteration under the profiler (profiler overhead "
+        text = (f"### {trainer_name}: {1000 * wall:.1f} ms per iteration under the profiler (profiler overhead "
                 f"included); {waits}\n\n{table}\n")
+        return text, {"wall_ms": 1000 * wall, "busy_ms": busy_ms}
     finally:
         trainer.on_train_end()
 
@@ -78,6 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", default="950")
     parser.add_argument("-c", "--configuration", default="3d_cpu")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    parser.add_argument("--tag", default="", help="suffix of the output file (e.g. _realistic)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -92,11 +112,22 @@ def main() -> None:
         os.environ.setdefault("nnUNet_n_proc_DA", "0")
     report = io.StringIO()
     report.write(f"# train_step profile, {args.device}: {' '.join(sys.argv[1:])}\n{machine()}\n\n")
+    figures = {}
     for name in args.trainers:
-        report.write(profile(name, args))
+        text, figures[name] = profile(name, args)
+        report.write(text)
+    unit = "device kernel+copy" if args.device == "cuda" else "CPU"
+    for name, f in figures.items():
+        report.write(f"SUMMARY {name}: wall {f['wall_ms']:.1f} ms/iteration, {unit} self time "
+                     f"{f['busy_ms']:.1f} ms/iteration\n")
+    if len(figures) == 2:
+        (a, fa), (b, fb) = figures.items()
+        report.write(f"SUMMARY ratio {b} / {a}: wall {fb['wall_ms'] / fa['wall_ms']:.2f}x, {unit} time "
+                     f"{fb['busy_ms'] / fa['busy_ms']:.2f}x\n")
     text = report.getvalue()
     print(text)
-    out = REPO / "benchmarks" / "results" / f"profile_train_step_{args.device}.txt"
+    out = RESULTS / f"profile_train_step_{args.device}{args.tag}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
 
 

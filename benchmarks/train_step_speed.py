@@ -6,7 +6,7 @@ steps. Prints median and spread per trainer and the ratio, writes ``benchmarks/r
 and a section of ``BENCHMARKS.md``. Needs a planned dataset with a split and preprocessed unlabelled data
 (``run_demo.sh`` makes one), e.g.
 
-    python benchmarks/train_step_speed.py -d 950 -c 3d_cpu [--repeats 3] [--steps 20] [--device cpu]
+    python benchmarks/train_step_speed.py -d 950 -c 3d_cpu [-p nnUNetPlans] [--repeats 3] [--steps 20] [--device cpu]
 """
 from __future__ import annotations
 
@@ -21,19 +21,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_pipeline import REPO, device_name, machine, write_section  # noqa: E402
+from data_pipeline import RESULTS, device_name, machine, write_section  # noqa: E402
 
 TRAINERS = ("nnUNetTrainer", "SKCDFTrainer")
 
 
-def child(dataset: str, configuration: str, trainer_name: str, steps: int, warmup: int, device: str) -> dict:
+def child(dataset: str, configuration: str, trainer_name: str, steps: int, warmup: int, device: str,
+          plans: str = "nnUNetPlans") -> dict:
     """Runs in a fresh process: build the trainer like nnUNetv2_train does, time train_step."""
     import resource
 
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
-    trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, device=torch.device(device))
+    trainer = get_trainer_from_args(dataset, configuration, 0, trainer_name, plans, device=torch.device(device))
     trainer.on_train_start()
     try:
         trainer.on_train_epoch_start()
@@ -60,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", default="950")
     parser.add_argument("-c", "--configuration", default="3d_cpu")
+    parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (e.g. nnUNetResEncUNetMPlans)")
     parser.add_argument("--repeats", type=int, default=3, help="processes per trainer, interleaved")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -69,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.dataset, args.configuration, args.child, args.steps, args.warmup,
-                                           args.device)))
+                                           args.device, args.plans)))
         return
     from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
 
@@ -83,9 +85,12 @@ def main() -> None:
     runs = {t: [] for t in TRAINERS}
     for _ in range(args.repeats):
         for trainer in TRAINERS:
-            out = subprocess.run([sys.executable, __file__, "-d", args.dataset, "-c", args.configuration, "--steps",
+            out = subprocess.run([sys.executable, __file__, "-d", args.dataset, "-c", args.configuration, "-p",
+                                  args.plans, "--steps",
                                   str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-                                  "--child", trainer], env=env, capture_output=True, text=True, check=True)
+                                  "--child", trainer], env=env, capture_output=True, text=True)
+            if out.returncode:  # show why (the device machine gives one try): the end of the child's output
+                sys.exit(f"{trainer} process failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-6000:]}")
             line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
             runs[trainer].append(json.loads(line[len("RESULT "):]))
             print(runs[trainer][-1])
@@ -94,7 +99,7 @@ def main() -> None:
                    "peak_mb": max(r["peak_mb"] for r in runs[t])} for t in TRAINERS}
     base, ours = summary[TRAINERS[0]], summary[TRAINERS[1]]
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "device": args.device,
-               "dataset": args.dataset, "configuration": args.configuration,
+               "dataset": args.dataset, "configuration": args.configuration, "plans": args.plans,
                "batch_size": runs[TRAINERS[0]][0]["batch_size"], "patch_size": runs[TRAINERS[0]][0]["patch_size"],
                "steps": args.steps, "repeats": args.repeats, "runs": runs, "summary": summary,
                "time_ratio": ours["median_s"] / base["median_s"], "memory_ratio": ours["peak_mb"] / base["peak_mb"]}
@@ -102,8 +107,8 @@ def main() -> None:
     tag = f"{args.device}{args.tag}"
     results["device_name"] = device_name(args.device)
     results["compile"] = env["nnUNet_compile"]
-    out = REPO / "benchmarks" / "results" / f"train_step_speed_{tag}.json"
-    out.parent.mkdir(exist_ok=True)
+    out = RESULTS / f"train_step_speed_{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     unit = "peak CUDA memory allocated" if args.device == "cuda" else "peak RSS of the process"
     rows = "\n".join(f"| {t} | {s['median_s']:.3f} | {s['spread_s'][0]:.3f}-{s['spread_s'][1]:.3f} | "
@@ -112,7 +117,7 @@ def main() -> None:
 
 Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
 
-Dataset {args.dataset}, configuration `{args.configuration}` (patch {results['patch_size']}, batch
+Dataset {args.dataset}, plans `{args.plans}`, configuration `{args.configuration}` (patch {results['patch_size']}, batch
 {results['batch_size']} labelled patches, SKCDF as many unlabelled ones), {args.repeats} interleaved
 processes per trainer x {args.steps} timed iterations (batch fetch + `train_step`, as nnU-Net's loop runs them)
 after {args.warmup} warm-up iterations; torch.compile: {results['compile']}; memory = {unit}.
