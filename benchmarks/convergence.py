@@ -1,0 +1,297 @@
+"""Accuracy at convergence: SKCDF against a properly trained nnU-Net, with learning curves and diagnostics.
+
+Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_trainers.py``):
+  a  labelled-only ``nnUNetTrainer`` on the 20 % labelled split (folds 0-2: 3 runs of one split)
+  b  ``SKCDFTrainer`` on the same split, with the hidden-label training cases and imagesUnlabeled as unlabelled
+  c  ``nnUNetTrainer`` with every training case labelled (folds 3-5: the upper bound)
+  d  SKCDF with the reference code's masking (``_multiplyMask``)
+  e1, e2  SKCDF ``_noSKC`` and ``_noABC`` (final budget only)
+Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
+  prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
+            images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
+  train     ``nnUNetv2_train --c``, snapshots at ``--points`` evenly spaced epochs
+  curves    every snapshot evaluated in a child process (``convergence_eval.py``): test-set Dice per organ,
+            and for SKCDF arms D_l's predictions of the hidden-label training cases (the source of the pseudo
+            labels) against their hidden labels, and predicted vs true class fractions
+  final     stock ``nnUNetv2_predict`` of the final checkpoint + ``skcdf_evaluate`` (Dice, ASD, NSD, missed /
+            spurious organs)
+  store     the run's result -> ``benchmarks/results/convergence/<arm>_fold<f>.json`` (curve, final per-case
+            metrics, lambda(t), keep-rates, pseudo-label fractions, budget, commit). These files are committed:
+            the work folder does not outlive a session here, the store does, and a run already stored with this
+            budget is not trained again. The phantom and the split are deterministic, so every session trains
+            on the same data.
+  report    (after the runs) ``benchmarks/results/convergence.json``, PNGs and the BENCHMARKS.md section from the
+            store; missing runs are reported as such (status: partial).
+
+    python benchmarks/convergence.py [--iterations 4000] [--points 8] [--arms a c b d e1 e2] [--runs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from data_pipeline import REPO, machine, sh  # noqa: E402
+from trainers.convergence_trainers import ITERATIONS_PER_EPOCH  # noqa: E402
+
+CONFIG = "3d_cpu"
+RESULTS = REPO / "benchmarks" / "results"
+STORE = RESULTS / "convergence"
+#: the four organs with the smallest voxel fraction in the phantom (BENCHMARKS.md, data pipeline section)
+SMALLEST = ("LAG", "RAG", "PSV", "Es")
+LABELLED_FOLDS, ALL_LABELLED_FOLDS = (0, 1, 2), (3, 4, 5)
+
+
+@dataclass(frozen=True)
+class Arm:
+    key: str
+    name: str
+    trainer: str
+    all_labelled: bool = False
+    skcdf: bool = True
+    ablation: bool = False  # one run unless --ablation-runs says otherwise
+
+    def folds(self, runs: int) -> Tuple[int, ...]:
+        return (ALL_LABELLED_FOLDS if self.all_labelled else LABELLED_FOLDS)[:runs]
+
+
+ARMS = {a.key: a for a in (
+    Arm("a", "nnU-Net (labelled only)", "nnUNetTrainer_conv", skcdf=False),
+    Arm("b", "SKCDF", "SKCDFTrainer_conv"),
+    Arm("c", "nnU-Net (all labelled)", "nnUNetTrainer_conv", all_labelled=True, skcdf=False),
+    Arm("d", "SKCDF multiply mask", "SKCDFTrainer_multiplyMask_conv", ablation=True),
+    Arm("e1", "SKCDF w/o SKC", "SKCDFTrainer_noSKC_conv", ablation=True),
+    Arm("e2", "SKCDF w/o ABC", "SKCDFTrainer_noABC_conv", ablation=True),
+)}
+CURVE_ARMS = ("a", "b", "c", "d")
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def environment(work: Path, budget: dict, np_: str) -> dict:
+    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
+
+    env = {**os.environ, "nnUNet_compile": "false", "nnUNet_def_n_proc": np_,
+           "nnUNet_extTrainer": os.pathsep.join((trainer_folder(), str(REPO / "benchmarks" / "trainers"))),
+           "SKCDF_CONV_EPOCHS": str(budget["epochs"]),
+           "SKCDF_CONV_SNAPSHOTS": ",".join(map(str, budget["snapshot_epochs"]))}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[var] = str(work / var)
+        Path(env[var]).mkdir(parents=True, exist_ok=True)
+    return env
+
+
+def fixed_budget(work: Path, iterations: int, points: int) -> dict:
+    """The budget of this work folder: written at the first run, refused if a later run asks for another
+    (the snapshots and the schedule of finished runs would no longer match)."""
+    epochs = max(1, round(iterations / ITERATIONS_PER_EPOCH))
+    wanted = {"iterations": epochs * ITERATIONS_PER_EPOCH, "epochs": epochs,
+              "snapshot_epochs": sorted({max(1, round(k * epochs / points)) for k in range(1, points + 1)})}
+    path = work / "budget.json"
+    if path.exists():
+        fixed = json.loads(path.read_text())
+        if fixed != wanted:
+            raise SystemExit(f"{path} holds another budget ({fixed['iterations']} iterations, snapshots "
+                             f"{fixed['snapshot_epochs']}); rerun with the same --iterations/--points or use "
+                             f"another --work folder.")
+        return fixed
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(wanted, indent=2) + "\n")
+    return wanted
+
+
+def prepare(dataset: str, env: dict, log: Path, np_: str, args) -> Path:
+    raw, pre = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
+    found = list(raw.glob(f"Dataset{dataset}_*"))
+    if found and (pre / found[0].name / "convergence_split_done").exists():
+        return found[0]
+    sh(["skcdf_make_phantom", "-d", dataset, "-n", "Convergence", "--num-train", str(args.num_train),
+        "--num-unlabeled", str(args.num_unlabeled), "--num-test", str(args.num_test), "-np", np_, "--overwrite",
+        "--no-progress"], env, log)
+    sh(["nnUNetv2_plan_and_preprocess", "-d", dataset, "-c", "3d_fullres", "-np", np_, "-npfp", np_], env, log)
+    sh(["skcdf_split", "-d", dataset, "--labeled", str(args.labeled), "--val", str(args.val),
+        "--add-unlabeled-images", "--folds", "3", "--fold-mode", "repeat", "--overwrite"], env, log)
+    name = next(raw.glob(f"Dataset{dataset}_*")).name
+    add_all_labelled_folds(pre / name, raw / name)
+    sh(["skcdf_preprocess_unlabeled", "-d", dataset, "-c", "3d_fullres", "-np", np_], env, log)
+    sh(["skcdf_add_cpu_config", "-d", dataset, "--overwrite"], env, log)
+    (pre / name / "convergence_split_done").touch()
+    return raw / name
+
+
+def add_all_labelled_folds(pre: Path, raw: Path) -> None:
+    """Folds 3-5 = folds 0-2 with every training case labelled (the hidden-label cases join 'train'), the same
+    validation cases, no unlabelled cases: the upper bound (c) on the same data."""
+    from nnunetv2_skcdf.utilities.io import atomic_save_json
+
+    path = pre / "splits_final.json"
+    splits = json.loads(path.read_text())[:3]
+    training = {p.name[: -len(".nii.gz")] for p in (raw / "labelsTr").glob("*.nii.gz")}
+    extra = [{"train": sorted(f["train"] + [c for c in f["unlabeled"] if c in training]), "val": f["val"],
+              "unlabeled": []} for f in splits]
+    atomic_save_json(splits + extra, str(path))
+
+
+def hidden_label_cases(pre: Path, raw: Path) -> List[str]:
+    fold = json.loads((pre / "splits_final.json").read_text())[0]
+    training = {p.name[: -len(".nii.gz")] for p in (raw / "labelsTr").glob("*.nii.gz")}
+    return sorted(c for c in fold["unlabeled"] if c in training)
+
+
+# ---------------------------------------------------------------------------------------------- train / predict
+def model_folder(env: dict, raw: Path, arm: Arm) -> Path:
+    return Path(env["nnUNet_results"]) / raw.name / f"{arm.trainer}__nnUNetPlans__{CONFIG}"
+
+
+def train(dataset: str, arm: Arm, fold: int, raw: Path, env: dict, log: Path) -> None:
+    if not (model_folder(env, raw, arm) / f"fold_{fold}" / "checkpoint_final.pth").exists():
+        sh(["nnUNetv2_train", dataset, CONFIG, str(fold), "-tr", arm.trainer, "-device", "cpu", "--c"],
+           {**env, "nnUNet_n_proc_DA": "0"}, log)
+
+
+def predict_final(dataset: str, arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path) -> Path:
+    pred = work / "predictions" / f"{arm.key}_fold{fold}"
+    if not (pred / "done").exists():
+        sh(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", dataset, "-c", CONFIG, "-f",
+            str(fold), "-tr", arm.trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env, log)
+        (pred / "done").touch()
+    return pred
+
+
+def schedule(arms: List[str], runs: int, ablation_runs: int) -> List[Tuple[Arm, int]]:
+    """Run-major: every run of the main arms before the next run, ablations last; a benchmark cut short
+    still compares (a), (b) and (c) over the runs it finished."""
+    main = [ARMS[k] for k in arms if not ARMS[k].ablation]
+    ablations = [ARMS[k] for k in arms if ARMS[k].ablation]
+    order = [(arm, arm.folds(runs)[r]) for r in range(runs) for arm in main]
+    return order + [(arm, fold) for arm in ablations for fold in arm.folds(ablation_runs)]
+
+
+def curves(arm: Arm, fold: int, raw: Path, env: dict, work: Path, budget: dict, hidden: List[str]) -> None:
+    """Snapshot evaluation in a child process (its own nnU-Net environment), cached per snapshot."""
+    out = work / "curves" / f"{arm.key}_fold{fold}.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "convergence_eval.py"), "--model",
+           str(model_folder(env, raw, arm)), "--fold", str(fold), "--raw", str(raw), "--out", str(out),
+           "--epochs", ",".join(map(str, budget["snapshot_epochs"])), "--final-epoch", str(budget["epochs"])]
+    if arm.skcdf:
+        cmd += ["--hidden", *hidden]
+    subprocess.run(cmd, env=env, check=True)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-d", "--dataset", default="962")
+    parser.add_argument("--iterations", type=int, default=4000, help="training iterations of every arm")
+    parser.add_argument("--points", type=int, default=8, help="snapshots for the learning curves")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--runs", type=int, default=3, help="runs of the main arms a, b, c")
+    parser.add_argument("--ablation-runs", type=int, default=1)
+    parser.add_argument("--num-train", type=int, default=24)
+    parser.add_argument("--num-unlabeled", type=int, default=12)
+    parser.add_argument("--num-test", type=int, default=8)
+    parser.add_argument("--labeled", default="4", help="labelled cases (count or fraction of the non-val ones)")
+    parser.add_argument("--val", default="4")
+    parser.add_argument("--stages", nargs="+", default=["train", "curves", "final", "report"],
+                        choices=["train", "curves", "final", "report"])
+    parser.add_argument("--work", default=str(REPO / "skcdf_data" / "convergence"))
+    parser.add_argument("-np", default="2")
+    parser.add_argument("--threads", type=int, help="torch threads of each training (default: all cores, as "
+                        "nnU-Net; 1 when other jobs share the machine: contended 2-thread barriers are 5-10x slower)")
+    args = parser.parse_args()
+
+    work = Path(args.work)
+    budget = fixed_budget(work, args.iterations, args.points)
+    env = environment(work, budget, args.np)
+    if args.threads:
+        env["SKCDF_CONV_THREADS"] = str(args.threads)
+    log = work / "convergence.log"
+    t0 = time.perf_counter()
+    raw = prepare(args.dataset, env, log, args.np, args)
+    pre = Path(env["nnUNet_preprocessed"]) / raw.name
+    hidden = hidden_label_cases(pre, raw)
+    for arm, fold in schedule(args.arms, args.runs, args.ablation_runs):
+        if stored(arm, fold, budget):
+            print(f"{arm.key} ({arm.name}) fold {fold}: stored in {STORE.name}/", flush=True)
+            continue
+        if "train" in args.stages:
+            train(args.dataset, arm, fold, raw, env, log)
+        if not (model_folder(env, raw, arm) / f"fold_{fold}" / "checkpoint_final.pth").exists():
+            print(f"{arm.key} fold {fold}: not trained yet", flush=True)
+            continue
+        if "curves" in args.stages and arm.key in CURVE_ARMS:
+            curves(arm, fold, raw, env, work, budget, hidden)
+        if "final" in args.stages:
+            predict_final(args.dataset, arm, fold, raw, work, env, log)
+        if {"curves", "final"} <= set(args.stages):
+            store_run(arm, fold, raw, work, env, log, budget, args.np)
+            print(f"{arm.key} ({arm.name}) fold {fold}: done and stored", flush=True)
+    if "report" in args.stages:
+        from convergence_report import report
+
+        report(args, budget, load_store(budget), raw, work, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- the store
+def store_file(arm: Arm, fold: int) -> Path:
+    return STORE / f"{arm.key}_fold{fold}.json"
+
+
+def stored(arm: Arm, fold: int, budget: dict) -> bool:
+    path = store_file(arm, fold)
+    return path.exists() and json.loads(path.read_text())["budget"] == budget
+
+
+def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, budget: dict, np_: str) -> None:
+    """One finished run -> its store file (atomic): what the report needs, without the checkpoints."""
+    import torch
+
+    from convergence_report import commit
+    from nnunetv2_skcdf.utilities.io import atomic_save_json
+
+    fold_dir = model_folder(env, raw, arm) / f"fold_{fold}"
+    evaluation = work / "evaluation_runs" / f"{arm.key}_fold{fold}"
+    if not (evaluation / "summary.json").exists():
+        sh(["skcdf_evaluate", "-ref", str(raw / "labelsTs"), "-pred", str(work / "predictions" / f"{arm.key}_fold{fold}"),
+            "-o", str(evaluation), "-np", np_], env, log)
+    checkpoint = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    logging = checkpoint["logging"]
+    log_text = "\n".join(p.read_text() for p in sorted(fold_dir.glob("training_log_*.txt")))
+    rates = re.findall(r"SKCDF class keep-rates: (\[[^\]]*\])", log_text)
+    epoch_s = np.array(logging["epoch_end_timestamps"]) - np.array(logging["epoch_start_timestamps"])
+    curve = work / "curves" / f"{arm.key}_fold{fold}.json"
+    STORE.mkdir(parents=True, exist_ok=True)
+    atomic_save_json({
+        "arm": arm.key, "name": arm.name, "trainer": arm.trainer, "fold": fold, "budget": budget,
+        "commit": commit(), "date": datetime.date.today().isoformat(), "machine": machine(),
+        "train_epoch_s_median": float(np.median(epoch_s)),
+        "curve": json.loads(curve.read_text()) if curve.exists() else None,
+        "final_summary": json.loads((evaluation / "summary.json").read_text()),
+        "lambda": [float(x) for x in logging.get("consistency_weight", [])],
+        "train_pseudo_fractions": logging.get("pseudo_label_fractions", []),
+        "keep_rates": json.loads(rates[-1]) if rates else None,
+        "prediction_folder": str(work / "predictions" / f"{arm.key}_fold{fold}")}, str(store_file(arm, fold)))
+
+
+def load_store(budget: dict) -> Dict[str, list]:
+    """{arm: [stored run, ...]} of this budget, folds in order."""
+    runs: Dict[str, list] = {}
+    for path in sorted(STORE.glob("*_fold*.json")):
+        run = json.loads(path.read_text())
+        if run["budget"] == budget:
+            runs.setdefault(run["arm"], []).append(run)
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Learning-curve points of one trained run of ``benchmarks/convergence.py`` (benchmark side only).
+
+For every snapshot ``checkpoint_ep<E>.pth`` (and ``checkpoint_final.pth``) of a model folder's fold:
+- the test cases (imagesTs/labelsTs), preprocessed once with the model's plans by nnU-Net's own preprocessor,
+  predicted with nnU-Net's sliding window (no mirroring) -> Dice per class on the preprocessed grid. The
+  curves use this grid (no resampling back to the original images: the cost of 8 curve points per run);
+  the final table of the benchmark is computed with the stock ``nnUNetv2_predict`` + ``skcdf_evaluate``;
+- for SKCDF models (``--hidden``): the hidden-label training cases predicted by ``D_l`` (the decoder whose
+  outputs become the pseudo labels), Dice per class against their hidden labels, and the class fractions of
+  those predictions against the true ones. In training the pseudo labels come from ``D_l`` in cross mode on
+  augmented patches next to a labelled batch; here ``D_l`` runs in self mode on whole cases (sliding window),
+  a reproducible proxy for the pseudo labels' quality, read from the hidden labels the trainer never sees.
+Results are cached per snapshot in ``--out`` (JSON, written atomically), so a rerun only adds new points.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trainers.convergence_trainers import snapshot_name  # noqa: E402
+
+
+class LabelledDecoderView(nn.Module):
+    """An SKCDF network's inference path through ``D_l`` instead of ``D_u``: encoder -> SKC(self) -> D_l -> H_l."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = self.net.encoder(x)
+        main, _ = self.net.decoder_l(self.net._with_bottleneck(skips, self.net.skc(skips[-1], mode="self")))
+        return main
+
+
+def preprocessed(cases: List[Tuple[str, List[str], str]], predictor, cache: Path) -> Dict[str, tuple]:
+    """{case: (data (C, *S) float32, seg (*S) int16)} with nnU-Net's preprocessor (cached as .npz)."""
+    pre = predictor.configuration_manager.preprocessor_class(verbose=False)
+    out = {}
+    cache.mkdir(parents=True, exist_ok=True)
+    for case, images, label in cases:
+        path = cache / f"{case}.npz"
+        if not path.exists():
+            data, seg, _ = pre.run_case(images, label, predictor.plans_manager, predictor.configuration_manager,
+                                        predictor.dataset_json)
+            tmp = cache / f".{case}.{os.getpid()}.npz"
+            np.savez_compressed(tmp, data=data.astype(np.float32), seg=np.maximum(seg[0], 0).astype(np.int16))
+            os.replace(tmp, path)
+        with np.load(path) as z:
+            out[case] = (z["data"], z["seg"])
+    return out
+
+
+def predict(predictor, data: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        logits = predictor.predict_sliding_window_return_logits(torch.from_numpy(data))
+    return logits.argmax(0).cpu().numpy().astype(np.int16)
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, classes: List[int]) -> Dict[str, float]:
+    """Dice per class (NaN where the class is absent from both)."""
+    out = {}
+    for c in classes:
+        p, r = pred == c, ref == c
+        denominator = int(p.sum()) + int(r.sum())
+        out[str(c)] = float("nan") if denominator == 0 else 2.0 * int((p & r).sum()) / denominator
+    return out
+
+
+def mean_over_cases(per_case: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    classes = next(iter(per_case.values())).keys()
+    return {c: float(np.nanmean([d[c] for d in per_case.values()])) for c in classes}
+
+
+def fractions(segs: List[np.ndarray], num_classes: int) -> List[float]:
+    counts = sum(np.bincount(s.ravel(), minlength=num_classes) for s in segs)
+    return (counts / counts.sum()).tolist()
+
+
+def evaluate_snapshot(predictor, test: dict, hidden: dict, classes: List[int], num_classes: int) -> dict:
+    net = predictor.network
+    point = {"test_dice": mean_over_cases({c: dice_per_class(predict(predictor, d), s, classes)
+                                           for c, (d, s) in test.items()})}
+    if hidden:
+        predictor.network = LabelledDecoderView(net)
+        preds = {c: predict(predictor, d) for c, (d, _) in hidden.items()}
+        predictor.network = net
+        point["pseudo_dice"] = mean_over_cases({c: dice_per_class(preds[c], hidden[c][1], classes) for c in preds})
+        point["pseudo_fractions"] = fractions(list(preds.values()), num_classes)
+        point["true_fractions"] = fractions([s for _, s in hidden.values()], num_classes)
+    return point
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder TRAINER__PLANS__CONFIG")
+    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--raw", required=True, help="the raw dataset folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--epochs", required=True, help="comma-separated snapshot epochs")
+    parser.add_argument("--final-epoch", type=int, required=True)
+    parser.add_argument("--hidden", nargs="*", default=[], help="hidden-label training cases (SKCDF models)")
+    args = parser.parse_args()
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out, raw, fold_dir = Path(args.out), Path(args.raw), Path(args.model) / f"fold_{args.fold}"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    epochs = [int(e) for e in args.epochs.split(",")]
+    names = {e: "checkpoint_final.pth" if e == args.final_epoch else snapshot_name(e) for e in epochs}
+    available = [e for e in epochs if (fold_dir / names[e]).exists()]
+    if not available:
+        raise SystemExit(f"{fold_dir}: no snapshot yet")
+    # the network and plans from the first snapshot; each snapshot's weights are loaded below
+    predictor.initialize_from_trained_model_folder(args.model, (args.fold,), names[available[0]])
+    labels = predictor.plans_manager.get_label_manager(predictor.dataset_json)
+    classes = [c for c in labels.all_labels if c != 0]
+    ending = predictor.dataset_json["file_ending"]
+
+    def listed(images: str, labels_dir: str, ids: List[str]):
+        return [(c, [str(raw / images / f"{c}_0000{ending}")], str(raw / labels_dir / f"{c}{ending}")) for c in ids]
+
+    test_ids = sorted(p.name[: -len(ending)] for p in (raw / "labelsTs").glob(f"*{ending}"))
+    cache = out.parent / "preprocessed_cache"
+    test = preprocessed(listed("imagesTs", "labelsTs", test_ids), predictor, cache)
+    hidden = preprocessed(listed("imagesTr", "labelsTr", args.hidden), predictor, cache) if args.hidden else {}
+    for epoch in available:
+        if str(epoch) in results:
+            continue
+        checkpoint = torch.load(fold_dir / names[epoch], map_location="cpu", weights_only=False)
+        predictor.network.load_state_dict(checkpoint["network_weights"])
+        predictor.network.eval()
+        results[str(epoch)] = evaluate_snapshot(predictor, test, hidden, classes, labels.num_segmentation_heads)
+        tmp = out.with_suffix(f".tmp{os.getpid()}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        os.replace(tmp, out)
+        print(f"{fold_dir}: epoch {epoch}: test mean Dice "
+              f"{100 * np.nanmean(list(results[str(epoch)]['test_dice'].values())):.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

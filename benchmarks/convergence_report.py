@@ -1,0 +1,324 @@
+"""Report of ``benchmarks/convergence.py``: learning curves, plateau check, final paper table, goals, diagnostics.
+
+Works on whatever is finished: arms or runs still missing are listed as such in the JSON and the BENCHMARKS.md
+section (``status: partial``), never silently left out.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from data_pipeline import machine, write_section
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PLATEAU_POINTS = 1.0  # the last quarter of the budget must add less than this many mean Dice points to (a), (c)
+
+
+# ---------------------------------------------------------------------------------------------- class names
+def class_titles(dataset_json: dict) -> Dict[str, str]:
+    from nnunetv2_skcdf.evaluation.paper_table import column_title
+
+    return {str(v): column_title(k) for k, v in dataset_json["labels"].items() if int(v) != 0}
+
+
+def _mean(d: Dict[str, float], keys=None) -> float:
+    values = [v for k, v in d.items() if keys is None or k in keys]
+    return 100 * float(np.nanmean(values)) if values else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------- curves
+def curve_table(runs: Dict[str, list], small_keys: List[str]) -> Dict[str, dict]:
+    """{arm: {'iterations': [...], 'mean': [[run values] per point], 'small': [...]}} from the stored runs."""
+    from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
+
+    out = {}
+    for key, stored in sorted(runs.items()):
+        curves = [r["curve"] for r in stored if r.get("curve")]
+        if not curves:
+            continue
+        epochs = sorted(set.intersection(*(set(map(int, c)) for c in curves)))
+        out[key] = {"name": stored[0]["name"], "runs": len(curves),
+                    "iterations": [e * ITERATIONS_PER_EPOCH for e in epochs],
+                    "mean": [[_mean(c[str(e)]["test_dice"]) for c in curves] for e in epochs],
+                    "small": [[_mean(c[str(e)]["test_dice"], small_keys) for c in curves] for e in epochs]}
+    return out
+
+
+def plateau(curve: dict) -> Optional[dict]:
+    """Mean Dice gained over the last quarter of the budget (snapshot nearest 75 % -> final), mean over runs."""
+    its = curve["iterations"]
+    if len(its) < 2 or its[-1] == 0:
+        return None
+    i75 = int(np.argmin([abs(i - 0.75 * its[-1]) for i in its]))
+    gain = float(np.mean(curve["mean"][-1]) - np.mean(curve["mean"][i75]))
+    return {"from_iteration": its[i75], "to_iteration": its[-1], "gain": gain, "met": gain < PLATEAU_POINTS}
+
+
+def plot_curves(curves: Dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, field, title in ((axes[0], "mean", "test mean Dice (13 organs)"),
+                             (axes[1], "small", "test Dice, 4 smallest organs (LAG, RAG, PSV, Es)")):
+        for key, c in curves.items():
+            values = np.array(c[field])
+            mean, std = values.mean(1), values.std(1)
+            ax.plot(c["iterations"], mean, marker="o", label=f"({key}) {c['name']} [{c['runs']} run(s)]")
+            ax.fill_between(c["iterations"], mean - std, mean + std, alpha=0.2)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("Dice (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics
+def skcdf_diagnostics(runs: Dict[str, list], titles: Dict[str, str]) -> dict:
+    """Per SKCDF arm (its first stored run): pseudo-label (D_l) Dice per organ over training, predicted vs true
+    class fractions, lambda(t) and the keep-rates."""
+    out = {}
+    for key, stored in sorted(runs.items()):
+        run = next((r for r in stored if r.get("curve") and any("pseudo_dice" in p for p in r["curve"].values())),
+                   None)
+        if run is None:
+            continue
+        epochs = sorted(map(int, run["curve"]))
+        last = run["curve"][str(epochs[-1])]
+        out[key] = {"fold": run["fold"], "epochs": epochs,
+                    "pseudo_dice": {titles[c]: [100 * run["curve"][str(e)]["pseudo_dice"][c] for e in epochs]
+                                    for c in titles},
+                    "pseudo_fractions_final": last["pseudo_fractions"], "true_fractions": last["true_fractions"],
+                    "train_pseudo_fractions_last_epoch": (run["train_pseudo_fractions"] or [None])[-1],
+                    "lambda": run["lambda"], "keep_rates": run["keep_rates"]}
+    return out
+
+
+def plot_diagnostics(diag: dict, titles: Dict[str, str], iterations_per_epoch: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(diag), 3, figsize=(16, 4.2 * len(diag)), squeeze=False)
+    names = ["bg", *titles.values()]
+    for row, (key, d) in zip(axes, diag.items()):
+        its = [e * iterations_per_epoch for e in d["epochs"]]
+        for organ, values in d["pseudo_dice"].items():
+            row[0].plot(its, values, label=organ)
+        row[0].set_title(f"({key}) D_l on hidden-label cases: Dice per organ")
+        row[0].set_xlabel("iteration")
+        row[0].legend(fontsize=6, ncol=2)
+        x = np.arange(len(names))
+        row[1].bar(x - 0.2, 100 * np.array(d["true_fractions"]), 0.4, label="true (hidden labels)")
+        row[1].bar(x + 0.2, 100 * np.array(d["pseudo_fractions_final"]), 0.4, label="D_l predicted (final)")
+        row[1].set_yscale("log")
+        row[1].set_xticks(x, names, rotation=90, fontsize=7)
+        row[1].set_title("class fractions (%)")
+        row[1].legend(fontsize=7)
+        epochs = np.arange(len(d["lambda"]))
+        row[2].plot(epochs * iterations_per_epoch, d["lambda"], color="k", label="lambda(t)")
+        row[2].set_xlabel("iteration")
+        row[2].set_title("lambda(t) and annealed keep-rates r'(t) (unlabelled)")
+        if d["keep_rates"]:
+            twin = row[2].twinx()
+            t = epochs / max(len(epochs), 1)
+            for c, r in enumerate(d["keep_rates"][1:], start=1):
+                twin.plot(epochs * iterations_per_epoch, 1 - t * (1 - r), lw=0.8, alpha=0.7)
+            twin.set_yscale("log")
+            twin.set_ylabel("keep-rate")
+        row[2].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_overlay(preds: Dict[str, Path], names: Dict[str, str], raw: Path, summaries: Dict[str, dict],
+                 path: Path) -> List[str]:
+    """Per arm, its median test case (by that arm's mean Dice, first run): the axial slice with the most
+    reference organs; columns image, reference, then every arm's prediction of that case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    def read(p):
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
+
+    medians = {}
+    for key, summary in summaries.items():
+        per_case = sorted((np.nanmean([m["Dice"] for k, m in c["metrics"].items()]),
+                           Path(c["reference_file"]).name) for c in summary["metric_per_case"])
+        medians[key] = per_case[len(per_case) // 2][1]
+    fig, axes = plt.subplots(len(medians), 2 + len(preds), figsize=(2.6 * (2 + len(preds)), 2.8 * len(medians)),
+                             squeeze=False)
+    lines = []
+    for row, (key, case) in zip(axes, medians.items()):
+        ref = read(raw / "labelsTs" / case)
+        z = int(np.argmax([len(np.unique(s)) for s in ref]))
+        image = read(raw / "imagesTs" / case.replace(".nii.gz", "_0000.nii.gz"))[z]
+        panels = [("image", None), ("reference", ref[z])] + [(f"({k}) {names[k]}", read(p / case)[z])
+                                                            for k, p in preds.items()]
+        for ax, (title, seg) in zip(row, panels):
+            ax.imshow(image, cmap="gray", vmin=-200, vmax=300)
+            if seg is not None:
+                ax.imshow(np.ma.masked_equal(seg, 0), cmap="tab20", vmin=0, vmax=19, alpha=0.55,
+                          interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+            ax.axis("off")
+        row[0].set_ylabel(f"median case of ({key})")
+        row[0].set_title(f"({key}) median: {case}, z={z}", fontsize=7)
+        lines.append(f"({key}): {case}, slice {z}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- final table
+def final_table(runs: Dict[str, list], dataset_json: dict) -> Optional[dict]:
+    """skcdf_evaluate's aggregate and paper table over the stored runs' final per-case metrics (the same
+    functions ``skcdf_evaluate`` uses over several prediction folders)."""
+    from nnunetv2_skcdf.evaluation.evaluate import aggregate_runs, label_names
+    from nnunetv2_skcdf.evaluation.paper_table import column_title, paper_table
+
+    from convergence import ARMS
+
+    ordered = [r for k in ARMS for r in runs.get(k, [])]
+    if not ordered:
+        return None
+    names = label_names(dataset_json)
+    keys = [k for k in ordered[0]["final_summary"]["mean"] if k != "0"]
+    class_info = [{"key": k, "name": names.get(k, k), "column": column_title(names.get(k, k))} for k in keys]
+    settings = {"rules": "nnunet", "units": "mm"}
+    aggregate = aggregate_runs([{"method": r["name"], "pred_folder": r["prediction_folder"], "output_folder": "",
+                                 "summary": r["final_summary"]} for r in ordered], class_info, settings)
+    return {"table": paper_table(aggregate).strip(), "aggregate": aggregate}
+
+
+def goals(aggregate: dict, arms: dict, small: List[str]) -> dict:
+    """The issue's goals at the plateau, from skcdf_evaluate's aggregate (Dice in points, ASD mm, NSD %)."""
+    by = {m["name"]: m for m in aggregate["methods"]}
+    a, b, c = (by.get(arms[k].name) for k in ("a", "b", "c"))
+    if a is None or b is None:
+        return {"status": "needs arms (a) and (b)"}
+    keys = [cl["key"] for cl in aggregate["classes"] if cl["column"] in small]
+
+    def avg(m, metric):
+        return m["average"][metric]["mean"]
+
+    def small_dice(m):
+        return 100 * float(np.mean([m["per_class"][k]["Dice"]["mean"] for k in keys]))
+
+    out = {"mean_dice": {"a": 100 * avg(a, "Dice"), "b": 100 * avg(b, "Dice")},
+           "gain_mean": 100 * (avg(b, "Dice") - avg(a, "Dice")), "gain_small": small_dice(b) - small_dice(a),
+           "asd": {"a": avg(a, "ASD"), "b": avg(b, "ASD")}, "nsd": {"a": 100 * avg(a, "NSD"), "b": 100 * avg(b, "NSD")}}
+    out["goal_gain_mean_5"] = out["gain_mean"] >= 5
+    out["goal_gain_small_10"] = out["gain_small"] >= 10
+    out["goal_asd_nsd_not_worse"] = out["asd"]["b"] <= out["asd"]["a"] and out["nsd"]["b"] >= out["nsd"]["a"]
+    if c is not None:
+        gap = avg(c, "Dice") - avg(a, "Dice")
+        out["mean_dice"]["c"] = 100 * avg(c, "Dice")
+        out["gap_closed"] = (avg(b, "Dice") - avg(a, "Dice")) / gap if gap > 0 else float("nan")
+        out["goal_gap_closed_40pct"] = bool(out["gap_closed"] >= 0.4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- report
+def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wall_s: float) -> None:
+    from convergence import ARMS, SMALLEST
+    from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
+
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    titles = class_titles(dataset_json)
+    small_keys = [k for k, t in titles.items() if t in SMALLEST]
+    curves = curve_table(runs, small_keys)
+    plateaus = {k: plateau(c) for k, c in curves.items()}
+    RESULTS.mkdir(exist_ok=True)
+    figures = {}
+    if curves:
+        figures["curves"] = RESULTS / "convergence_curves.png"
+        plot_curves(curves, figures["curves"])
+    diag = skcdf_diagnostics(runs, titles)
+    if diag:
+        figures["diagnostics"] = RESULTS / "convergence_diagnostics.png"
+        plot_diagnostics(diag, titles, ITERATIONS_PER_EPOCH, figures["diagnostics"])
+    final = final_table(runs, dataset_json)
+    goal = goals(final["aggregate"], ARMS, list(SMALLEST)) if final else {}
+    overlay_lines = []
+    local = {k: r[0] for k, r in runs.items() if Path(r[0]["prediction_folder"]).is_dir()}
+    if local:  # the predictions live in the work folder of the session that made them
+        figures["overlay"] = RESULTS / "convergence_overlay.png"
+        overlay_lines = plot_overlay({k: Path(r["prediction_folder"]) for k, r in local.items()},
+                                     {k: r["name"] for k, r in local.items()}, raw,
+                                     {k: r["final_summary"] for k, r in local.items()}, figures["overlay"])
+    expected = {k: len(a.folds(args.ablation_runs if a.ablation else args.runs)) for k, a in ARMS.items()}
+    missing = {k: n - len(runs.get(k, [])) for k, n in expected.items() if n > len(runs.get(k, []))}
+    results = {"date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit(),
+               "command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]), "budget": budget,
+               "status": "partial" if missing else "complete", "missing_runs": missing,
+               "stored_runs": {k: [(r["fold"], r["commit"], r["date"]) for r in v] for k, v in runs.items()},
+               "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
+               "curves": curves, "plateau": plateaus, "goals": goal, "diagnostics": diag,
+               "final_table": final["table"] if final else None, "overlay": overlay_lines}
+    (RESULTS / "convergence.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(json.dumps({k: results[k] for k in ("status", "missing_runs", "plateau", "goals")}, indent=1, default=str))
+    write_section("convergence", markdown(results, figures))
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def markdown(r: dict, figures: dict) -> str:
+    rows = []
+    for key, c in r["curves"].items():
+        p = r["plateau"].get(key)
+        rows.append(f"| ({key}) {c['name']} | {c['runs']} | {np.mean(c['mean'][-1]):.1f} ± {np.std(c['mean'][-1]):.1f}"
+                    f" | {np.mean(c['small'][-1]):.1f} | " + (f"{p['gain']:+.2f} ({p['from_iteration']}->"
+                                                                f"{p['to_iteration']})" if p else "n/a") + " |")
+    curve_rows = "\n".join(rows)
+    its = ", ".join(str(i) for i in next(iter(r["curves"].values()))["iterations"]) if r["curves"] else "-"
+    pics = "\n".join(f"![{k}](benchmarks/results/{Path(v).name})" for k, v in figures.items())
+    g = r["goals"]
+    goal_text = json.dumps(g, indent=1, default=lambda x: round(x, 2) if isinstance(x, float) else str(x)) \
+        if g else "no final table yet"
+    return f"""## Accuracy at convergence (`benchmarks/convergence.py`) — status: **{r['status']}**
+
+Command: `{r['command']}` — {r['date']} — commit {r['commit']} — {r['machine']}.
+Runs stored in `benchmarks/results/convergence/` (arm: fold, commit, date): {r['stored_runs'] or 'none'}.
+Runs still missing: {r['missing_runs'] or 'none'}. Median training epoch (50 iterations): {r['train_epoch_s_median']} s.
+
+Budget: {r['budget']['iterations']} iterations per arm (epochs of 50, nnU-Net's poly schedule over the budget),
+curve points at iterations {its}. Test-set Dice in these curves: nnU-Net sliding window on the preprocessed grid
+(`convergence_eval.py`); the final table below: stock `nnUNetv2_predict` + `skcdf_evaluate`.
+Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean Dice point to (a) and (c).
+
+| arm | runs | final mean Dice | final 4 smallest | last-quarter gain (plateau) |
+|---|---|---|---|---|
+{curve_rows}
+
+{pics}
+
+{r['final_table'] or ''}
+
+Goals (b vs a, gap (a)->(c)):
+```
+{goal_text}
+```"""

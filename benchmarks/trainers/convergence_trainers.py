@@ -1,0 +1,70 @@
+"""Trainers of ``benchmarks/convergence.py``: the same budget for every arm, snapshots for the learning curves.
+
+Every trainer trains ``SKCDF_CONV_EPOCHS`` epochs of 50 iterations (the benchmark sets the variable and records
+it; a resumed run refuses another budget) and keeps ``checkpoint_ep<E>.pth`` after the epochs listed in
+``SKCDF_CONV_SNAPSHOTS`` (comma-separated completed-epoch counts), from which the benchmark computes the
+learning curves. Otherwise each is its parent, unchanged: nnU-Net's optimiser, schedule (poly decay over the
+budget), patch, batch, augmentation; no mirroring (the phantom has left/right organs, and the 8x test-time
+mirroring is unaffordable on 2 cores); nnU-Net's final validation is skipped (the separate test set is
+evaluated instead). Hidden labels are never read here: the diagnostics live in the benchmark script.
+"""
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
+from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import (
+    SKCDFTrainer_multiplyMask,
+    SKCDFTrainer_noABC,
+    SKCDFTrainer_noSKC,
+)
+from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
+
+ITERATIONS_PER_EPOCH = 50
+
+
+def snapshot_name(epochs_done: int) -> str:
+    return f"checkpoint_ep{epochs_done:04d}.pth"
+
+
+class _ConvergenceBudget(NoMirroringMixin):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = int(os.environ["SKCDF_CONV_EPOCHS"])
+        self.snapshots = {int(e) for e in os.environ["SKCDF_CONV_SNAPSHOTS"].split(",")}
+        self.num_iterations_per_epoch = ITERATIONS_PER_EPOCH
+        self.num_val_iterations_per_epoch = 5
+        self.save_every = 1  # a benchmark interrupted at any epoch resumes there (--c)
+        if os.environ.get("SKCDF_CONV_THREADS"):  # nnU-Net's run_training sets all cores; a shared machine needs
+            torch.set_num_threads(int(os.environ["SKCDF_CONV_THREADS"]))  # fewer (2-thread barriers starve)
+
+    def on_epoch_end(self):
+        epochs_done = self.current_epoch + 1
+        if epochs_done in self.snapshots:  # before nnU-Net's bookkeeping, as its own checkpoint_latest
+            self.save_checkpoint(os.path.join(self.output_folder, snapshot_name(epochs_done)))
+        super().on_epoch_end()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("convergence benchmark: final validation skipped (the test set is evaluated instead)")
+
+
+class nnUNetTrainer_conv(_ConvergenceBudget, nnUNetTrainer):
+    pass
+
+
+class SKCDFTrainer_conv(_ConvergenceBudget, SKCDFTrainer):
+    pass
+
+
+class SKCDFTrainer_multiplyMask_conv(_ConvergenceBudget, SKCDFTrainer_multiplyMask):
+    pass
+
+
+class SKCDFTrainer_noSKC_conv(_ConvergenceBudget, SKCDFTrainer_noSKC):
+    pass
+
+
+class SKCDFTrainer_noABC_conv(_ConvergenceBudget, SKCDFTrainer_noABC):
+    pass
