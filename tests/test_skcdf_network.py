@@ -225,3 +225,49 @@ def test_split_decoder_pass_equals_one_joint_2b_pass(tiny_plans):
     assert len(g_split) == len(g_ref)
     for a, b in zip(g_split, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # summation order differs
+
+
+# ---------------------------------------------------------------------------------------- unequal halves
+def test_unequal_halves_split_at_the_labelled_batch_size(tiny_plans):
+    """B_l = 2 labelled, B_u = 3 unlabelled: the SKC module and D_l split the batch at B_l. Outputs equal one joint
+    5-sample pass with the split point given explicitly; labelled outputs read the unlabelled samples as a set
+    (permuting them changes nothing for the labelled half and permutes the unlabelled half), which fails if any
+    unlabelled sample were taken for a labelled one; shapes follow each half."""
+    net, cm = build(tiny_plans)
+    net.eval()
+    x_l, x_u = torch.randn(2, 1, *cm.patch_size), torch.randn(3, 1, *cm.patch_size)
+    with torch.no_grad():
+        out = net.forward_labelled(x_l, x_u)
+        skips = net.encoder(torch.cat((x_l, x_u), 0))
+        main, balanced = net.decoder_l([*skips[:-1], net.skc(skips[-1], mode="cross", n_labelled=2)])
+        permuted = net.forward_labelled(x_l, x_u[[2, 0, 1]])
+        q, _ = net.forward_unlabelled(out.features_u)
+    assert out.main[0].shape[0] == out.balanced[0].shape[0] == 2 and out.main_u[0].shape[0] == 3
+    assert all(f.shape[0] == 3 for f in out.features_u) and q[0].shape[0] == 3
+    for got, joint, half in ((out.main, main, slice(0, 2)), (out.balanced, balanced, slice(0, 2)),
+                             (out.main_u, main, slice(2, 5)), (out.balanced_u, balanced, slice(2, 5))):
+        for a, b in zip(got, joint):
+            torch.testing.assert_close(a, b[half], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(permuted.main[0], out.main[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(permuted.main_u[0], out.main_u[0][[2, 0, 1]], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the labelled half does read the unlabelled samples (cross mode)
+        assert (net.forward_labelled(x_l, 2 * x_u + 1).main[0] - out.main[0]).abs().max() > 1e-4
+
+
+def test_unequal_halves_gradients(tiny_plans):
+    """B_l = 2, B_u = 3: L_sup reaches x_l and every labelled-path part, never x_u (the attention reads the
+    unlabelled half detached) nor D_u; L_u reaches x_u, never D_l."""
+    net, cm = build(tiny_plans)
+    net.train()
+    x_l = torch.randn(2, 1, *cm.patch_size, requires_grad=True)
+    x_u = torch.randn(3, 1, *cm.patch_size, requires_grad=True)
+    out = net(x_l, x_u)
+    l_sup = sum(p.square().mean() for p in out.main) + sum(p.square().mean() for p in out.balanced)
+    l_sup.backward(retain_graph=True)
+    assert x_u.grad is None or x_u.grad.abs().sum() == 0
+    assert all(x_l.grad[i].abs().sum() > 0 for i in range(2))
+    assert not _has_grad(net.decoder_u) and _has_grad(net.decoder_l) and _has_grad(net.skc)
+    net.zero_grad()
+    x_l.grad = None
+    (sum(q.square().mean() for q in out.unlabelled_main)).backward()
+    assert all(x_u.grad[i].abs().sum() > 0 for i in range(3)) and not _has_grad(net.decoder_l)

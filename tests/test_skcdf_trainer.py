@@ -86,3 +86,22 @@ def test_region_datasets_are_refused(trainer_factory, phantom_workspace):
     dataset_json["regions_class_order"] = [1, 2]
     with pytest.raises(ValueError, match="region-based training"):
         SKCDFTrainer(plans, "3d_tiny", 0, dataset_json, device=torch.device("cpu"))
+
+
+def test_unequal_labelled_and_unlabelled_batches_train(trainer_factory):
+    """unlabeled_batch_size 3 beside the plans' 2 labelled patches: two steps train, and the pseudo labels
+    cover exactly the 3 unlabelled patches (the network split the batch at B_l = 2)."""
+    trainer = trainer_factory()
+    trainer.unlabeled_batch_size = 3
+    trainer.on_train_start()
+    try:
+        assert trainer.batch_size == 2
+        trainer.on_train_epoch_start()
+        patch_voxels = int(np.prod(trainer.configuration_manager.patch_size))
+        for _ in range(2):
+            out = trainer.train_step(next(trainer.dataloader_train))
+            assert np.isfinite(out["loss"]) and np.isfinite(out["l_sup"]) and np.isfinite(out["l_u"])
+            assert out["pseudo_histogram"].sum() == 3 * patch_voxels
+        assert trainer.nonfinite_in_a_row == 0
+    finally:
+        trainer.on_train_end()

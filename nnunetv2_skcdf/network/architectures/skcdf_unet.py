@@ -6,15 +6,18 @@ initialisation is nnU-Net's), its encoder is shared, its decoder becomes ``D_l``
 configured, independently initialised decoder becomes ``D_u``. Each decoder has a main head ``H`` (nnU-Net's
 ``seg_layers``) and a balanced head ``H_b`` at every deep-supervision scale.
 
-Paths (B labelled, B unlabelled samples; lists are nnU-Net's deep-supervision order, full resolution first):
+Paths (B_l labelled, B_u unlabelled samples, ``B_l != B_u`` allowed; lists are nnU-Net's deep-supervision order,
+full resolution first):
 - ``forward(x_l, x_u)``: one training step's whole forward (``forward_labelled`` then ``forward_unlabelled``) as
   a single call, so that DDP (one forward per backward, gradient hooks armed in ``forward``) and
   ``torch.compile`` wrap all of it -> ``TrainingPass``.
 - ``forward(x)``: inference -- encoder -> SKC(self) -> D_u -> H_u. A tensor (N, C, *patch) when deep
   supervision is off (what nnU-Net's predictor expects), the list of scales when it is on (online validation).
-- ``forward_labelled(x_l, x_u)``: encoder on [x_l; x_u] -> SKC(cross) -> D_l -> ``LabelledPass``: (P, P_b) of the
-  labelled half with their graph, (P, P_b) of the unlabelled half without graph (they only make pseudo labels),
-  and the encoder features of the unlabelled half for ``forward_unlabelled``.
+- ``forward_labelled(x_l, x_u)``: encoder on [x_l; x_u] -> SKC(cross, split at B_l) -> D_l -> ``LabelledPass``:
+  (P, P_b) of the labelled half with their graph, (P, P_b) of the unlabelled half without graph (they only make
+  pseudo labels), and the encoder features of the unlabelled half for ``forward_unlabelled``. The split point
+  B_l = ``len(x_l)`` is passed explicitly to the SKC module and used for the decoders, so both see the same
+  halves whatever their sizes.
 - ``forward_unlabelled(features_u)``: SKC(self) -> D_u -> (Q, Q_b).
 
 The SKC global block's kernel equals the bottleneck size, so the network takes exactly the plans' patch size
@@ -36,12 +39,12 @@ Outputs = Union[torch.Tensor, List[torch.Tensor]]
 
 
 class LabelledPass(NamedTuple):
-    """Outputs of ``SKCDFUNet.forward_labelled`` for B labelled + B unlabelled samples (each a tensor or a list
-    of deep-supervision scales, full resolution first)."""
-    main: Outputs                  # P[:B], D_l main head on the labelled half, with graph (L_sup)
-    balanced: Optional[Outputs]    # P_b[:B], D_l balanced head on the labelled half, with graph (L_sup)
-    main_u: Outputs                # P[B:], D_l main head on the unlabelled half, no graph (pseudo labels p)
-    balanced_u: Optional[Outputs]  # P_b[B:], D_l balanced head, unlabelled half, no graph (pseudo labels p_b)
+    """Outputs of ``SKCDFUNet.forward_labelled`` for B_l labelled + B_u unlabelled samples (each a tensor or a
+    list of deep-supervision scales, full resolution first)."""
+    main: Outputs                  # P[:B_l], D_l main head on the labelled half, with graph (L_sup)
+    balanced: Optional[Outputs]    # P_b[:B_l], D_l balanced head on the labelled half, with graph (L_sup)
+    main_u: Outputs                # P[B_l:], D_l main head on the unlabelled half, no graph (pseudo labels p)
+    balanced_u: Optional[Outputs]  # P_b[B_l:], D_l balanced head, unlabelled half, no graph (pseudo labels p_b)
     features_u: List[torch.Tensor]  # encoder outputs of x_u, with graph (input of forward_unlabelled)
 
 
@@ -82,7 +85,7 @@ class DecoderWithBalancedHeads(nn.Module):
 class PlainBottleneck(nn.Module):
     """The no-SKC ablation: the bottleneck features pass unchanged, ``(N, K, *S) -> (N, K, *S)``, any mode."""
 
-    def forward(self, z: torch.Tensor, mode: str = "self") -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mode: str = "self", n_labelled: Optional[int] = None) -> torch.Tensor:
         return z
 
 
@@ -129,16 +132,17 @@ class SKCDFUNet(nn.Module):
         return main
 
     def forward_labelled(self, x_l: torch.Tensor, x_u: torch.Tensor) -> LabelledPass:
-        """Labelled ("complementarity") pass of B labelled and B unlabelled samples, see ``LabelledPass``.
+        """Labelled ("complementarity") pass of B_l labelled and B_u unlabelled samples, see ``LabelledPass``.
 
         D_l's outputs for the unlabelled half only become pseudo labels (argmax, no gradient), so that half goes
-        through D_l without a graph: the same values and the same gradients as one 2B-sample decoder pass
-        (D_l's per-sample instance norms do not mix samples), without storing activations or running a
-        backward pass for B samples that would only receive zero gradient."""
+        through D_l without a graph: the same values and the same gradients as one (B_l + B_u)-sample decoder
+        pass (D_l's per-sample instance norms do not mix samples), without storing activations or running a
+        backward pass for B_u samples that would only receive zero gradient."""
         b = x_l.shape[0]
         skips = self.encoder(torch.cat((x_l, x_u), 0))
-        decoder_input = self._with_bottleneck(skips, self.skc(skips[-1], mode=self.labelled_attention_mode))
-        if self._decoder_mixes_samples:  # batch norm: its statistics need the joint 2B batch
+        bottleneck = self.skc(skips[-1], mode=self.labelled_attention_mode, n_labelled=b)
+        decoder_input = self._with_bottleneck(skips, bottleneck)
+        if self._decoder_mixes_samples:  # batch norm: its statistics need the joint batch
             main, balanced = self.decoder_l(decoder_input)
             main, main_u = _split(main, b)
             balanced, balanced_u = _split(balanced, b)
@@ -255,7 +259,7 @@ def build_skcdf_unet(arch_class_name: str, arch_kwargs: dict, arch_kwargs_req_im
                      skc_heads: int = 2, skc_window=None, skc_order: str = "local_global",
                      skc_dropout: float = 0.1, skc_attention_dropout: float = 0.0, skc_enabled: bool = True,
                      balanced_heads: bool = True, decoupled: bool = True,
-                     labelled_attention_mode: str = "cross") -> SKCDFUNet:
+                     labelled_attention_mode: str = "cross", skc_self_heads: str = "joint") -> SKCDFUNet:
     """SKCDF U-Net from a plans configuration's architecture block (the keyword options after ``skc_dropout``
     select the ablations, see ``SKCDFUNet``)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -279,5 +283,5 @@ def build_skcdf_unet(arch_class_name: str, arch_kwargs: dict, arch_kwargs_req_im
     if skc_enabled:
         skc = SKCModule(encoder.output_channels[-1], bottleneck_size(patch_size, encoder.strides),
                         heads=skc_heads, window=skc_window, dropout=skc_dropout, order=skc_order,
-                        attention_dropout=skc_attention_dropout)
+                        attention_dropout=skc_attention_dropout, self_heads=skc_self_heads)
     return SKCDFUNet(encoder, decoder_l, decoder_u, skc, num_classes, labelled_attention_mode)

@@ -39,10 +39,11 @@ from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 class SKCDFTrainer(nnUNetTrainer):
     # --- architecture (class attributes: build_network_architecture is called on the class by the predictor) ---
     skc_heads: int = 2               # attention heads h of the SKC module (reference: 2)
-    skc_window = None                # local window per axis; None = largest divisor of the bottleneck size <= 2
+    skc_window = None                # local window per axis; None = 2 (reference; 1 on size-1 axes), masked padding
     skc_order: str = "local_global"  # "local_global" (paper), "global_local" / "parallel" (ablations)
     skc_dropout: float = 0.1         # dropout of the attention output (specification)
     skc_attention_dropout: float = 0.0  # dropout of the attention weights (reference code: 0.1)
+    skc_self_heads: str = "joint"    # self-mode scores: one hK x hK matrix, or "per_head" (reference code: h of K x K)
     # --- ablations (variants/ablation): each switches off one part of the method ---
     skc_enabled: bool = True         # False: plain bottleneck, no SKC module
     labelled_attention_mode: str = "cross"  # "self": self- instead of cross-attention in the labelled pass
@@ -82,7 +83,8 @@ class SKCDFTrainer(nnUNetTrainer):
                                 skc_order=cls.skc_order, skc_dropout=cls.skc_dropout,
                                 skc_attention_dropout=cls.skc_attention_dropout, skc_enabled=cls.skc_enabled,
                                 balanced_heads=cls.balanced_heads, decoupled=cls.decoupled,
-                                labelled_attention_mode=cls.labelled_attention_mode)
+                                labelled_attention_mode=cls.labelled_attention_mode,
+                                skc_self_heads=cls.skc_self_heads)
 
     def _net(self) -> SKCDFUNet:
         """The SKCDFUNet behind DDP / torch.compile wrappers."""

@@ -33,6 +33,12 @@ class SKCDFTrainer_parallelSKC(SKCDFTrainer):
     skc_order = "parallel"
 
 
+class SKCDFTrainer_perHeadSelf(SKCDFTrainer):
+    """The reference code's self mode (unlabelled pass, inference): h separate K x K score matrices, each
+    normalised and softmaxed on its own, instead of one joint hK x hK matrix (cross mode stays joint)."""
+    skc_self_heads = "per_head"
+
+
 class SKCDFTrainer_attnDropout(SKCDFTrainer):
     """The reference code's extra dropout (0.1) on the attention weights."""
     skc_attention_dropout = 0.1
