@@ -18,6 +18,7 @@ EXPECTED = {
     "SKCDFTrainer_parallelSKC": {"skc_order": "parallel"},
     "SKCDFTrainer_attnDropout": {"skc_attention_dropout": 0.1},
     "SKCDFTrainer_perHeadSelf": {"skc_self_heads": "per_head"},
+    "SKCDFTrainer_divisorWindow": {"skc_window": "divisor"},
     "SKCDFTrainer_noABC": {"balanced_heads": False},
     "SKCDFTrainer_multiplyMask": {"masking": "multiply"},
     "SKCDFTrainer_noDecoupling": {"decoupled": False},

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,3 +272,30 @@ def test_unequal_halves_gradients(tiny_plans):
     x_l.grad = None
     (sum(q.square().mean() for q in out.unlabelled_main)).backward()
     assert all(x_u.grad[i].abs().sum() > 0 for i in range(3)) and not _has_grad(net.decoder_l)
+
+
+# ---------------------------------------------------------------------------------------- window of old checkpoints
+def test_checkpoint_with_the_old_window_rule_loads_into_a_rebuilt_local_block(tiny_plans):
+    """Before 0.3 the local window divided the bottleneck ((1, 1, 2) on 3 x 5 x 6); today's network pads to
+    (2, 2, 2). Loading such a checkpoint rebuilds the local block with its window: same outputs as the network
+    it was trained in."""
+    from nnunetv2_skcdf.network.architectures.skcdf_unet import build_skcdf_unet
+
+    cm = tiny_plans.get_configuration("3d_tiny")
+    arch = cm.configuration["architecture"]
+    total = [int(x) for x in np.prod(np.array(arch["arch_kwargs"]["strides"]), axis=0)]
+    patch = [b * t for b, t in zip((3, 5, 6), total)]
+
+    def make(**kwargs):
+        return build_skcdf_unet(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1,
+                                NUM_CLASSES, patch, False, **kwargs).eval()
+
+    old, new = make(skc_window="divisor"), make()
+    assert old.skc.local_block.window == (1, 1, 2) and new.skc.local_block.window == (2, 2, 2)
+    with pytest.warns(UserWarning, match="rebuilt with the checkpoint's window"):
+        new.load_state_dict(old.state_dict())
+    assert new.skc.local_block.window == (1, 1, 2) and not new.skc.local_block.training
+    x = torch.randn(1, 1, *patch)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), old(x))
+

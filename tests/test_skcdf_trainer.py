@@ -105,3 +105,17 @@ def test_unequal_labelled_and_unlabelled_batches_train(trainer_factory):
         assert trainer.nonfinite_in_a_row == 0
     finally:
         trainer.on_train_end()
+
+
+def test_resuming_a_checkpoint_with_another_local_window_is_refused(trainer_factory):
+    """A network whose local block was rebuilt for an old checkpoint's window (SKCDFUNet.load_state_dict) may
+    predict, but training it on would leave that block outside the optimiser: on_train_start refuses, naming the
+    fix, before any loader starts."""
+    from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
+
+    trainer = trainer_factory()
+    trainer.initialize()
+    trainer._net().skc.set_local_window((1, 2, 2))  # what loading a pre-0.3 checkpoint does on an odd bottleneck
+    with pytest.raises(SKCDFInputError, match="SKCDFTrainer_divisorWindow --c"):
+        trainer.on_train_start()
+    assert trainer.dataloader_unlabeled is None

@@ -26,6 +26,8 @@ The SKC global block's kernel equals the bottleneck size, so the network takes e
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -36,6 +38,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from nnunetv2_skcdf.network.building_blocks.skc import SKCModule
 
 Outputs = Union[torch.Tensor, List[torch.Tensor]]
+#: the local token learner's weight (P, 1, *window): its kernel is the local window
+LOCAL_WINDOW_KEY = "skc.local_block.token_learner.proj.weight"
 
 
 class LabelledPass(NamedTuple):
@@ -166,7 +170,11 @@ class SKCDFUNet(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` with a clear message when the checkpoint belongs to another dataset,
-        configuration or SKCDF variant (PyTorch's own message lists tensor sizes only)."""
+        configuration or SKCDF variant (PyTorch's own message lists tensor sizes only). A checkpoint whose local
+        SKC window differs from this network's (trained before 0.3, when windows had to divide the bottleneck)
+        is loaded into a local block rebuilt with the checkpoint's window, so old model folders still predict
+        and validate; the trainer refuses to resume training such a network (``SKCDFTrainer.on_train_start``)."""
+        self._adopt_checkpoint_window(state_dict)
         mismatch = _first_mismatch(self.state_dict(), state_dict) if strict else None
         if mismatch:
             raise RuntimeError(
@@ -175,6 +183,21 @@ class SKCDFUNet(nn.Module):
                 f"with the model folder of the dataset you give to -d (nnUNet_results/DatasetXXX/"
                 f"<trainer>__<plans>__<configuration>), or retrain on this dataset.")
         return super().load_state_dict(state_dict, strict, assign)
+
+    def _adopt_checkpoint_window(self, state_dict) -> None:
+        """Rebuild the local SKC block with the window of the checkpoint's local token learner, if it differs
+        (its kernel is the window: weight (P, 1, *w))."""
+        weight = state_dict.get(LOCAL_WINDOW_KEY)
+        if not isinstance(self.skc, SKCModule) or weight is None or weight.ndim != 2 + len(self.skc.spatial_size):
+            return
+        window = tuple(weight.shape[2:])
+        if window != self.skc.local_block.window and weight.shape[0] == math.prod(window) \
+                and all(w <= s for w, s in zip(window, self.skc.spatial_size)):
+            warnings.warn(f"the checkpoint's local SKC window is {list(window)}, not the "
+                          f"{list(self.skc.local_block.window)} this trainer builds for the bottleneck "
+                          f"{list(self.skc.spatial_size)} (a checkpoint trained before 0.3): the local block is "
+                          f"rebuilt with the checkpoint's window")
+            self.skc.set_local_window(window)
 
     # -------------------------------------------------------------------------------------------- training helpers
     @property

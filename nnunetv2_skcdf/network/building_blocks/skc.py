@@ -30,7 +30,9 @@ different module). So unless given, the window is the reference's 2 on every axi
 axis of size 1, where a window of 2 would be half padding everywhere), and the bottleneck is padded at the
 far end of each axis up to a multiple of the window, then cropped after the block: ``5 x 7 x 6 -> 6 x 8 x 6``,
 ``T = 3 * 4 * 3`` windows of 8 tokens. An explicit window (``window=``, the trainer's ``skc_window``) may be any
-size from 1 to ``S`` per axis and is padded the same way; ``divisor_window`` is the old no-padding rule.
+size from 1 to ``S`` per axis and is padded the same way; ``window="divisor"`` selects the rule used before
+padding existed (``divisor_window``: the largest divisor of ``S`` that is ``<= 2`` per axis, never padded), which
+the checkpoints of that time need.
 
 Padding is masked so that it does not change what the real positions compute. Every window keeps at least
 one real position per axis (padding < ``w``), and token ``p`` of a window is the entry that the inverse map
@@ -93,7 +95,7 @@ from nnunetv2_skcdf.network.building_blocks.channel_attention import (
     detach_unlabeled_half,
 )
 
-Window = Union[int, Sequence[int]]
+Window = Union[int, Sequence[int], str]  # str: "divisor" (the rule before padding)
 KINDS = ("local", "global")
 ORDERS = ("local_global", "global_local", "parallel")
 #: LayerNorm eps of the reference
@@ -143,10 +145,15 @@ def divisor_window(spatial_size: Sequence[int], preferred: Window = REFERENCE_WI
 
 
 def resolve_window(spatial_size: Sequence[int], window: Optional[Window] = None) -> Tuple[int, ...]:
-    """``window`` per axis (``None``: ``choose_window``); raises ValueError naming the axis where it exceeds S."""
+    """``window`` per axis (``None``: ``choose_window``; ``"divisor"``: ``divisor_window``); raises ValueError
+    naming the axis where it exceeds S."""
     size = check_spatial_size(spatial_size)
     if window is None:
         return choose_window(size)
+    if isinstance(window, str):
+        if window != "divisor":
+            raise ValueError(f"window must be None, 'divisor' or positive ints, got {window!r}")
+        return divisor_window(size)
     win = _per_axis(window, len(size), "window")
     for axis, (s, w) in enumerate(zip(size, win)):
         if w > s:
@@ -272,6 +279,9 @@ class SKCBlock(nn.Module):
                  dropout: float = 0.1, kind: str = "local", learned_inverse: bool = True,
                  attention_dropout: float = 0.0, self_heads: str = "joint"):
         super().__init__()
+        self.config = dict(channels=channels, spatial_size=spatial_size, window=window, heads=heads, dropout=dropout,
+                           kind=kind, learned_inverse=learned_inverse, attention_dropout=attention_dropout,
+                           self_heads=self_heads)  # to rebuild it with another window (SKCModule.set_local_window)
         self.channels, self.spatial_size, self.kind = channels, check_spatial_size(spatial_size), kind
         self.window = self._window(kind, self.spatial_size, window)
         self.padded_size = padded_size(self.spatial_size, self.window)
@@ -364,7 +374,7 @@ class SKCModule(nn.Module):
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        self.order = order
+        self.order, self.spatial_size = order, check_spatial_size(spatial_size)
         # fixed attribute names whatever the order, so state dicts of all orders have the same keys
         blocks = {kind: SKCBlock(channels, spatial_size, window if kind == "local" else None, heads, dropout, kind,
                                  learned_inverse, attention_dropout, self_heads) for kind in ("local", "global")}
@@ -382,6 +392,14 @@ class SKCModule(nn.Module):
     def reset_parameters(self) -> None:
         self.local_block.reset_parameters()
         self.global_block.reset_parameters()
+
+    def set_local_window(self, window: Window) -> None:
+        """Rebuild the local block with another window (new parameters, same device, dtype and train/eval mode),
+        e.g. to load a checkpoint trained with it. Parameters handed to an optimiser before are no longer used."""
+        old = self.local_block
+        reference = next(old.parameters())
+        new = SKCBlock(**{**old.config, "window": window}).to(device=reference.device, dtype=reference.dtype)
+        self.local_block = new.train(old.training)
 
     def extra_repr(self) -> str:
         return f"order={self.order}"

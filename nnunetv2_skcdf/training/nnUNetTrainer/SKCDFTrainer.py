@@ -29,6 +29,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet, build_skcdf_unet
+from nnunetv2_skcdf.network.building_blocks.skc import SKCModule, resolve_window
 from nnunetv2_skcdf.splits.semi_supervised_splits import load_semi_supervised_fold, validate_splits
 from nnunetv2_skcdf.training import skcdf_components as C
 from nnunetv2_skcdf.training.dataloading.unlabeled_loader import get_unlabeled_dataloader
@@ -39,7 +40,8 @@ from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 class SKCDFTrainer(nnUNetTrainer):
     # --- architecture (class attributes: build_network_architecture is called on the class by the predictor) ---
     skc_heads: int = 2               # attention heads h of the SKC module (reference: 2)
-    skc_window = None                # local window per axis; None = 2 (reference; 1 on size-1 axes), masked padding
+    skc_window = None                # local window; None = 2 per axis (1 on size-1 axes), masked padding; "divisor":
+                                     # largest divisor of the bottleneck <= 2 per axis, no padding (before 0.3)
     skc_order: str = "local_global"  # "local_global" (paper), "global_local" / "parallel" (ablations)
     skc_dropout: float = 0.1         # dropout of the attention output (specification)
     skc_attention_dropout: float = 0.0  # dropout of the attention weights (reference code: 0.1)
@@ -138,9 +140,29 @@ class SKCDFTrainer(nnUNetTrainer):
                                         rank=rank, world_size=world)
 
     def on_train_start(self):
+        if self.was_initialized:  # network built before: maybe loaded from a checkpoint (--c)
+            self._refuse_adopted_window()
         super().on_train_start()
         self._remove_stale_checkpoint_temporaries()
         self._init_class_keep_rates()
+
+    def _refuse_adopted_window(self) -> None:
+        """A checkpoint trained with another local SKC window (before 0.3 windows had to divide the bottleneck) is
+        loaded into a rebuilt local block (``SKCDFUNet.load_state_dict``): fine for prediction and validation,
+        but the optimiser holds the replaced parameters, so training on would leave the local block untrained."""
+        skc = self._net().skc
+        if not isinstance(skc, SKCModule):
+            return
+        built = resolve_window(skc.spatial_size, self.skc_window)
+        if skc.local_block.window != built:
+            raise SKCDFInputError(
+                f"the checkpoint being resumed has the local SKC window {list(skc.local_block.window)}; "
+                f"{type(self).__name__} builds {list(built)} for the bottleneck {list(skc.spatial_size)} (since 0.3 "
+                f"the reference's 2 per axis, padded; before, the largest divisor <= 2). Resume it with the old rule: "
+                f"rename the model folder {type(self).__name__}__<plans>__<configuration> to "
+                f"SKCDFTrainer_divisorWindow__<plans>__<configuration> and run nnUNetv2_train ... "
+                f"-tr SKCDFTrainer_divisorWindow --c (for another variant: a subclass of it with skc_window = 'divisor'), "
+                f"or start a new run.")
 
     def _remove_stale_checkpoint_temporaries(self) -> None:
         """Temporary checkpoint files of a run killed while saving (the checkpoints themselves are intact)."""
