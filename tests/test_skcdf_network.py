@@ -299,3 +299,42 @@ def test_checkpoint_with_the_old_window_rule_loads_into_a_rebuilt_local_block(ti
     with torch.no_grad():
         torch.testing.assert_close(new(x), old(x))
 
+
+# ---------------------------------------------------------------------------------------- EMA list cache
+def test_ema_lists_are_cached_and_follow_parameter_replacement(tiny_plans):
+    """ema_update builds its tensor lists once; after optimiser steps it still equals the lists built afresh,
+    and after .to() (new tensors), a deep copy, or load_state_dict(assign=True) it moves the network's current
+    parameters, never stale ones."""
+    from nnunetv2_skcdf.network.architectures.skcdf_unet import ema_pairs
+
+    net, _ = build(tiny_plans)
+    net.ema_update(0.9)
+    steps = net._ema_steps(True)
+    assert net._ema_steps(True) is steps and len(steps) == 3
+
+    def moved_like_uncached(model, m=0.9):
+        """one EMA step == the three lerps on freshly matched lists, applied to a copy"""
+        expected = copy.deepcopy(model)
+        for target, source in ((expected.decoder_l.seg_layers, expected.decoder_l.balanced_seg_layers),
+                               (expected.decoder_u, expected.decoder_l),
+                               (expected.decoder_u.seg_layers, expected.decoder_u.balanced_seg_layers)):
+            with torch.no_grad():
+                torch._foreach_lerp_(*ema_pairs(target, source), 1 - m)
+        model.ema_update(m)
+        for (name, a), b in zip(model.state_dict().items(), expected.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # in place: the cached lists see it
+    moved_like_uncached(net)
+    net.double()  # new tensors: the cache must be rebuilt
+    assert not net._ema_cache
+    moved_like_uncached(net)
+    twin = copy.deepcopy(net)
+    before = net.decoder_u.stages[0].convs[0].conv.weight.detach().clone()
+    moved_like_uncached(twin)
+    assert torch.equal(net.decoder_u.stages[0].convs[0].conv.weight, before)  # the copy moved its own tensors
+    net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+    moved_like_uncached(net)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -124,6 +124,8 @@ class SKCDFUNet(nn.Module):
         # voxels per class of the labelled training cases (the keep-rates' source), filled once by the trainer;
         # a buffer so that every checkpoint carries it
         self.register_buffer("class_voxel_counts", torch.zeros(num_classes, dtype=torch.long))
+        # ema_update's tensor lists per couple_decoders flag, built on first use (see _ema_steps)
+        self._ema_cache: Dict[bool, List[Tuple[List[torch.Tensor], List[torch.Tensor]]]] = {}
 
     # -------------------------------------------------------------------------------------------- paths
     def forward(self, x: torch.Tensor, x_u: Optional[torch.Tensor] = None) -> Union[Outputs, TrainingPass]:
@@ -175,6 +177,7 @@ class SKCDFUNet(nn.Module):
         is loaded into a local block rebuilt with the checkpoint's window, so old model folders still predict
         and validate; the trainer refuses to resume training such a network (``SKCDFTrainer.on_train_start``)."""
         self._adopt_checkpoint_window(state_dict)
+        self._ema_cache = {}  # assign=True puts the checkpoint's tensors in place of the cached ones
         mismatch = _first_mismatch(self.state_dict(), state_dict) if strict else None
         if mismatch:
             raise RuntimeError(
@@ -218,13 +221,31 @@ class SKCDFUNet(nn.Module):
         3. H_u <- m H_u + (1-m) H_u_b.
         Steps 1 and 3 need balanced heads; step 2 needs two decoders and ``couple_decoders`` (False: the
         no-EMA-coupling ablation)."""
-        weight = 1.0 - momentum
-        if self.decoder_l.has_balanced_heads:
-            _lerp(self.decoder_l.seg_layers, self.decoder_l.balanced_seg_layers, weight)
-        if self.decoupled and couple_decoders:
-            _lerp(self.decoder_u, self.decoder_l, weight)
-        if self.decoupled and self.decoder_u.has_balanced_heads:
-            _lerp(self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers, weight)
+        for targets, sources in self._ema_steps(couple_decoders):  # in order: each step reads the previous one's
+            torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+
+    def _ema_steps(self, couple_decoders: bool) -> List[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """(targets, sources) tensor lists of ema_update's steps. Matching ~100 parameters and buffers by name
+        walks the module tree (measured in benchmarks/ema_host_time.py), so the lists are built once and kept:
+        parameters stay the same objects while training (optimisers, DDP and load_state_dict update them in
+        place); ``_apply`` (``.to()``, ``.cuda()``, ...) and ``load_state_dict`` may replace them and clear the
+        cache. The lists hold the tensors themselves (not ``.data`` views), so a deep copy of the network maps
+        them onto its own copies."""
+        key = bool(couple_decoders)
+        if key not in self._ema_cache:
+            steps = []
+            if self.decoder_l.has_balanced_heads:
+                steps.append(ema_pairs(self.decoder_l.seg_layers, self.decoder_l.balanced_seg_layers))
+            if self.decoupled and couple_decoders:
+                steps.append(ema_pairs(self.decoder_u, self.decoder_l))
+            if self.decoupled and self.decoder_u.has_balanced_heads:
+                steps.append(ema_pairs(self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers))
+            self._ema_cache[key] = steps
+        return self._ema_cache[key]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._ema_cache = {}  # .to() / .cuda() / .half() may put new tensors in place of the cached ones
+        return super()._apply(fn, *args, **kwargs)
 
 
 def _first_mismatch(own: dict, other: dict) -> Optional[str]:
@@ -258,15 +279,15 @@ def _detach(x: Optional[Outputs]) -> Optional[Outputs]:
     return [i.detach() for i in x] if isinstance(x, (list, tuple)) else x.detach()
 
 
-def _lerp(target: nn.Module, source: nn.Module, weight: float) -> None:
-    """target <- target + weight * (source - target) for every parameter and floating buffer, matched by name,
-    with one fused ``_foreach_lerp_`` (no per-tensor Python kernel launches)."""
+def ema_pairs(target: nn.Module, source: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Every floating parameter and buffer of ``target`` and its namesake in ``source``: the arguments of one
+    fused ``_foreach_lerp_`` (target <- target + w (source - target), no per-tensor Python kernel launches)."""
     t = {**dict(target.named_parameters()), **dict(target.named_buffers())}
     s = {**dict(source.named_parameters()), **dict(source.named_buffers())}
     if t.keys() != s.keys():
         raise RuntimeError("EMA between modules of different structure")
     keys = [k for k in t if t[k].is_floating_point()]
-    torch._foreach_lerp_([t[k].data for k in keys], [s[k].data for k in keys], weight)
+    return [t[k] for k in keys], [s[k] for k in keys]
 
 
 def bottleneck_size(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> List[int]:
