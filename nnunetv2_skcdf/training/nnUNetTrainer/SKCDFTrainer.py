@@ -310,11 +310,23 @@ class SKCDFTrainer(nnUNetTrainer):
             histogram = np.sum([g[2] for g in gathered], axis=0)
         fractions = (histogram / max(histogram.sum(), 1)).tolist()
         lam = self._consistency_weight()
-        for key, value in (("train_l_sup", l_sup), ("train_l_u", l_u), ("consistency_weight", lam),
-                           ("pseudo_label_fractions", fractions)):
+        for key, value in (("train_l_sup", l_sup), ("train_l_u", l_u), ("consistency_weight", lam)):
             self.logger.log(key, value, self.current_epoch)
+        self._log_pseudo_label_fractions(fractions)
         self.print_to_log_file(f"L_sup {l_sup:.4f}  L_u {l_u:.4f}  lambda {lam:.4f}")
         self.print_to_log_file("pseudo-label class fractions (%)", [round(100 * f, 3) for f in fractions])
+
+    def _log_pseudo_label_fractions(self, fractions: List[float]) -> None:
+        """The local logger keeps the list (checkpoints, ``--c``); the other loggers of nnU-Net's MetaLogger (W&B
+        with ``nnUNet_wandb_enabled=1``) get one curve per class, ``pseudo_label_fractions/<label name>``.
+        MetaLogger would expand the list itself as ``class_1, class_2, ...``, which suits its foreground-only
+        Dice lists, but here index 0 is the background: ``class_1`` would name the background and ``class_7``
+        the liver (label 6)."""
+        self.logger.local_logger.log("pseudo_label_fractions", fractions, self.current_epoch)
+        names = {int(v): k for k, v in self.dataset_json["labels"].items()}  # classes, not regions (refused)
+        for logger in self.logger.loggers:
+            for label, value in enumerate(fractions):
+                logger.log(f"pseudo_label_fractions/{names.get(label, label)}", value, self.current_epoch)
 
 
 # ---------------------------------------------------------------------------------------------- list helpers
