@@ -1,4 +1,4 @@
-"""Host time of SKCDFUNet.ema_update: tensor lists matched by name at every step (the code before 0.3) vs built
+"""Host time of SKCDFUNet.ema_update: tensor lists matched by name at every step (release 0.2) vs built
 once and cached, side by side (A B A B ... in one process) on a network built from real plans.
 
 Prints and writes ``benchmarks/results/ema_host_time_<device>.json`` and a section of ``BENCHMARKS.md``:
@@ -113,7 +113,7 @@ Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — 
 
 SKCDF network of dataset {args.dataset}{' (' + args.dataset_note + ')' if args.dataset_note else ''} `{args.configuration}` ({args.plans}, patch {patch}; {results['decoder_parameters']:,}
 parameters per decoder; {results['tensors_per_step']} tensors in the three EMA steps), {args.repeats} interleaved
-calls per variant, medians. "uncached" matches the tensors by name at every call (before 0.3), "cached" builds
+calls per variant, medians. "uncached" matches the tensors by name at every call (release 0.2), "cached" builds
 the lists once; the "lists only" rows are that matching alone, the host work the cache removes.
 
 | variant | median ms per step |

@@ -276,7 +276,7 @@ def test_unequal_halves_gradients(tiny_plans):
 
 # ---------------------------------------------------------------------------------------- window of old checkpoints
 def test_checkpoint_with_the_old_window_rule_loads_into_a_rebuilt_local_block(tiny_plans):
-    """Before 0.3 the local window divided the bottleneck ((1, 1, 2) on 3 x 5 x 6); today's network pads to
+    """Up to release 0.2 the local window divided the bottleneck ((1, 1, 2) on 3 x 5 x 6); today's network pads to
     (2, 2, 2). Loading such a checkpoint rebuilds the local block with its window: same outputs as the network
     it was trained in."""
     from nnunetv2_skcdf.network.architectures.skcdf_unet import build_skcdf_unet

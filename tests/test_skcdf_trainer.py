@@ -116,7 +116,7 @@ def test_resuming_a_checkpoint_with_another_local_window_is_refused(trainer_fact
 
     trainer = trainer_factory()
     trainer.initialize()
-    trainer._net().skc.set_local_window((1, 2, 2))  # what loading a pre-0.3 checkpoint does on an odd bottleneck
+    trainer._net().skc.set_local_window((1, 2, 2))  # what loading a release-0.2 checkpoint does on an odd bottleneck
     with pytest.raises(SKCDFInputError, match="SKCDFTrainer_divisorWindow --c"):
         trainer.on_train_start()
     assert trainer.dataloader_unlabeled is None

@@ -173,9 +173,9 @@ class SKCDFUNet(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` with a clear message when the checkpoint belongs to another dataset,
         configuration or SKCDF variant (PyTorch's own message lists tensor sizes only). A checkpoint whose local
-        SKC window differs from this network's (trained before 0.3, when windows had to divide the bottleneck)
-        is loaded into a local block rebuilt with the checkpoint's window, so old model folders still predict
-        and validate; the trainer refuses to resume training such a network (``SKCDFTrainer.on_train_start``)."""
+        SKC window differs from this network's (trained with release 0.2 or older, when windows had to divide the
+        bottleneck) is loaded into a local block rebuilt with the checkpoint's window, so old model folders still
+        predict and validate; the trainer refuses to resume training such a network (``on_train_start``)."""
         self._adopt_checkpoint_window(state_dict)
         self._ema_cache = {}  # assign=True puts the checkpoint's tensors in place of the cached ones
         mismatch = _first_mismatch(self.state_dict(), state_dict) if strict else None
@@ -198,7 +198,7 @@ class SKCDFUNet(nn.Module):
                 and all(w <= s for w, s in zip(window, self.skc.spatial_size)):
             warnings.warn(f"the checkpoint's local SKC window is {list(window)}, not the "
                           f"{list(self.skc.local_block.window)} this trainer builds for the bottleneck "
-                          f"{list(self.skc.spatial_size)} (a checkpoint trained before 0.3): the local block is "
+                          f"{list(self.skc.spatial_size)} (a checkpoint of release 0.2 or older): the local block is "
                           f"rebuilt with the checkpoint's window")
             self.skc.set_local_window(window)
 

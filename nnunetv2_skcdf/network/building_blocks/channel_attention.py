@@ -47,7 +47,8 @@ of every score ``Q K^T`` by zeroing their keys, so the scores, their InstanceNor
 masked keys) and hence the attention weights of every real token are those of the real tokens alone. A token's
 output ``(A V)_l`` reads only its own values ``V_l``, so masked tokens need no other treatment here.
 
-Dropout: the specification applies dropout (0.1) to the output projection. The reference code also drops
+Dropout: the specification applies dropout (0.1) to the output projection, here in every mode and head form
+(the reference's local block skips it in self mode, its global block does not). The reference code also drops
 attention weights; that is ``attention_dropout`` (default 0), which on CPU also rules out the fused kernel.
 
 Cross mode: every labelled query attends to the keys/values of *all* unlabelled samples of the batch,

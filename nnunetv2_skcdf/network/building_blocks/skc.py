@@ -49,8 +49,11 @@ computes on the window ``R`` alone, with every kernel restricted to ``R``:
   only; a token's output reads only its own values, so the real outputs do not see padded values either;
 - inverse map: padded tokens are zeroed before it (a learned inverse could otherwise write them onto real
   positions), then the padded positions are cropped; the 1x1 convolution acts per position.
-Cost: the local block works on ``prod(S') / prod(S)`` times the positions (``6*8*6 / 5*7*6`` = 1.37 on the
-Synapse-like plan); the measured training-step cost is in the README. Where ``S`` is a multiple of the window
+Cost: the padded map has ``prod(S') / prod(S)`` times the positions (``6*8*6 / 5*7*6`` = 1.37 on the
+Synapse-like plan), but the attention -- the block's main cost -- forms one ``hK x M`` score matrix per window,
+and the reference window makes fewer windows than the old rule (36 of 8 tokens instead of 105 of 2 on
+``5 x 7 x 6``): the module is faster, not slower (measured in ``benchmarks/skc_window_cost.py``; figures in the
+README). Where ``S`` is a multiple of the window
 nothing is padded or masked, and the block runs exactly the operations it ran before padding existed
 (bit-identical results, tested on ``4 x 8 x 8``). The global block always works on the whole unpadded map.
 

@@ -41,7 +41,7 @@ class SKCDFTrainer(nnUNetTrainer):
     # --- architecture (class attributes: build_network_architecture is called on the class by the predictor) ---
     skc_heads: int = 2               # attention heads h of the SKC module (reference: 2)
     skc_window = None                # local window; None = 2 per axis (1 on size-1 axes), masked padding; "divisor":
-                                     # largest divisor of the bottleneck <= 2 per axis, no padding (before 0.3)
+                                     # largest divisor of the bottleneck <= 2 per axis, no padding (releases <= 0.2)
     skc_order: str = "local_global"  # "local_global" (paper), "global_local" / "parallel" (ablations)
     skc_dropout: float = 0.1         # dropout of the attention output (specification)
     skc_attention_dropout: float = 0.0  # dropout of the attention weights (reference code: 0.1)
@@ -147,9 +147,9 @@ class SKCDFTrainer(nnUNetTrainer):
         self._init_class_keep_rates()
 
     def _refuse_adopted_window(self) -> None:
-        """A checkpoint trained with another local SKC window (before 0.3 windows had to divide the bottleneck) is
-        loaded into a rebuilt local block (``SKCDFUNet.load_state_dict``): fine for prediction and validation,
-        but the optimiser holds the replaced parameters, so training on would leave the local block untrained."""
+        """A checkpoint trained with another local SKC window (up to release 0.2 windows had to divide the
+        bottleneck) is loaded into a rebuilt local block (``SKCDFUNet.load_state_dict``): fine for prediction and
+        validation, but the optimiser holds the replaced parameters, so training on would leave it untrained."""
         skc = self._net().skc
         if not isinstance(skc, SKCModule):
             return
@@ -157,12 +157,12 @@ class SKCDFTrainer(nnUNetTrainer):
         if skc.local_block.window != built:
             raise SKCDFInputError(
                 f"the checkpoint being resumed has the local SKC window {list(skc.local_block.window)}; "
-                f"{type(self).__name__} builds {list(built)} for the bottleneck {list(skc.spatial_size)} (since 0.3 "
-                f"the reference's 2 per axis, padded; before, the largest divisor <= 2). Resume it with the old rule: "
-                f"rename the model folder {type(self).__name__}__<plans>__<configuration> to "
+                f"{type(self).__name__} builds {list(built)} for the bottleneck {list(skc.spatial_size)} (now the "
+                f"reference's 2 per axis, padded; up to release 0.2 the largest divisor <= 2). Resume it with the "
+                f"old rule: rename the model folder {type(self).__name__}__<plans>__<configuration> to "
                 f"SKCDFTrainer_divisorWindow__<plans>__<configuration> and run nnUNetv2_train ... "
-                f"-tr SKCDFTrainer_divisorWindow --c (for another variant: a subclass of it with skc_window = 'divisor'), "
-                f"or start a new run.")
+                f"-tr SKCDFTrainer_divisorWindow --c (for another variant: a subclass of it with "
+                f"skc_window = 'divisor'), or start a new run.")
 
     def _remove_stale_checkpoint_temporaries(self) -> None:
         """Temporary checkpoint files of a run killed while saving (the checkpoints themselves are intact)."""
