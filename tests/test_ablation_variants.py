@@ -17,6 +17,8 @@ EXPECTED = {
     "SKCDFTrainer_globalLocal": {"skc_order": "global_local"},
     "SKCDFTrainer_parallelSKC": {"skc_order": "parallel"},
     "SKCDFTrainer_attnDropout": {"skc_attention_dropout": 0.1},
+    "SKCDFTrainer_perHeadSelf": {"skc_self_heads": "per_head"},
+    "SKCDFTrainer_divisorWindow": {"skc_window": "divisor"},
     "SKCDFTrainer_noABC": {"balanced_heads": False},
     "SKCDFTrainer_multiplyMask": {"masking": "multiply"},
     "SKCDFTrainer_noDecoupling": {"decoupled": False},
@@ -29,8 +31,8 @@ EXPECTED = {
     "SKCDFTrainer_ema09": {"ema_momentum": 0.9},
     "SKCDFTrainer_ema0999": {"ema_momentum": 0.999},
 }
-SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_heads",
-            "skc_window", "skc_dropout", "balanced_heads", "decoupled", "masking", "ema_couple_decoders",
+SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_self_heads",
+            "skc_heads", "skc_window", "skc_dropout", "balanced_heads", "decoupled", "masking", "ema_couple_decoders",
             "consistency_weight", "rampup_epochs", "ema_momentum", "num_epochs", "unlabeled_batch_size")
 
 
@@ -130,6 +132,11 @@ def _check_network(name, full, net):
         assert net.skc.order == EXPECTED[name]["skc_order"]
     if name == "SKCDFTrainer_attnDropout":
         assert net.skc.local_block.attention.attention_dropout == 0.1
+    if name == "SKCDFTrainer_perHeadSelf":  # the reference's grouping per block (channel_attention docstring)
+        local, glob = net.skc.local_block.attention, net.skc.global_block.attention
+        assert (local.self_heads, local.head_grouping, glob.self_heads, glob.head_grouping) == \
+            ("per_head", "strided", "per_head", "blocked")
+        assert full.skc.local_block.attention.self_heads == "joint"
 
 
 def test_self_attention_variant_keeps_labelled_outputs_independent_of_unlabelled(trainer_factory):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,115 @@ def test_split_decoder_pass_equals_one_joint_2b_pass(tiny_plans):
     assert len(g_split) == len(g_ref)
     for a, b in zip(g_split, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # summation order differs
+
+
+# ---------------------------------------------------------------------------------------- unequal halves
+def test_unequal_halves_split_at_the_labelled_batch_size(tiny_plans):
+    """B_l = 2 labelled, B_u = 3 unlabelled: the SKC module and D_l split the batch at B_l. Outputs equal one joint
+    5-sample pass with the split point given explicitly; labelled outputs read the unlabelled samples as a set
+    (permuting them changes nothing for the labelled half and permutes the unlabelled half), which fails if any
+    unlabelled sample were taken for a labelled one; shapes follow each half."""
+    net, cm = build(tiny_plans)
+    net.eval()
+    x_l, x_u = torch.randn(2, 1, *cm.patch_size), torch.randn(3, 1, *cm.patch_size)
+    with torch.no_grad():
+        out = net.forward_labelled(x_l, x_u)
+        skips = net.encoder(torch.cat((x_l, x_u), 0))
+        main, balanced = net.decoder_l([*skips[:-1], net.skc(skips[-1], mode="cross", n_labelled=2)])
+        permuted = net.forward_labelled(x_l, x_u[[2, 0, 1]])
+        q, _ = net.forward_unlabelled(out.features_u)
+    assert out.main[0].shape[0] == out.balanced[0].shape[0] == 2 and out.main_u[0].shape[0] == 3
+    assert all(f.shape[0] == 3 for f in out.features_u) and q[0].shape[0] == 3
+    for got, joint, half in ((out.main, main, slice(0, 2)), (out.balanced, balanced, slice(0, 2)),
+                             (out.main_u, main, slice(2, 5)), (out.balanced_u, balanced, slice(2, 5))):
+        for a, b in zip(got, joint):
+            torch.testing.assert_close(a, b[half], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(permuted.main[0], out.main[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(permuted.main_u[0], out.main_u[0][[2, 0, 1]], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # the labelled half does read the unlabelled samples (cross mode)
+        assert (net.forward_labelled(x_l, 2 * x_u + 1).main[0] - out.main[0]).abs().max() > 1e-4
+
+
+def test_unequal_halves_gradients(tiny_plans):
+    """B_l = 2, B_u = 3: L_sup reaches x_l and every labelled-path part, never x_u (the attention reads the
+    unlabelled half detached) nor D_u; L_u reaches x_u, never D_l."""
+    net, cm = build(tiny_plans)
+    net.train()
+    x_l = torch.randn(2, 1, *cm.patch_size, requires_grad=True)
+    x_u = torch.randn(3, 1, *cm.patch_size, requires_grad=True)
+    out = net(x_l, x_u)
+    l_sup = sum(p.square().mean() for p in out.main) + sum(p.square().mean() for p in out.balanced)
+    l_sup.backward(retain_graph=True)
+    assert x_u.grad is None or x_u.grad.abs().sum() == 0
+    assert all(x_l.grad[i].abs().sum() > 0 for i in range(2))
+    assert not _has_grad(net.decoder_u) and _has_grad(net.decoder_l) and _has_grad(net.skc)
+    net.zero_grad()
+    x_l.grad = None
+    (sum(q.square().mean() for q in out.unlabelled_main)).backward()
+    assert all(x_u.grad[i].abs().sum() > 0 for i in range(3)) and not _has_grad(net.decoder_l)
+
+
+# ---------------------------------------------------------------------------------------- window of old checkpoints
+def test_checkpoint_with_the_old_window_rule_loads_into_a_rebuilt_local_block(tiny_plans):
+    """Up to release 0.2 the local window divided the bottleneck ((1, 1, 2) on 3 x 5 x 6); today's network pads to
+    (2, 2, 2). Loading such a checkpoint rebuilds the local block with its window: same outputs as the network
+    it was trained in."""
+    from nnunetv2_skcdf.network.architectures.skcdf_unet import build_skcdf_unet
+
+    cm = tiny_plans.get_configuration("3d_tiny")
+    arch = cm.configuration["architecture"]
+    total = [int(x) for x in np.prod(np.array(arch["arch_kwargs"]["strides"]), axis=0)]
+    patch = [b * t for b, t in zip((3, 5, 6), total)]
+
+    def make(**kwargs):
+        return build_skcdf_unet(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 1,
+                                NUM_CLASSES, patch, False, **kwargs).eval()
+
+    old, new = make(skc_window="divisor"), make()
+    assert old.skc.local_block.window == (1, 1, 2) and new.skc.local_block.window == (2, 2, 2)
+    with pytest.warns(UserWarning, match="rebuilt with the checkpoint's window"):
+        new.load_state_dict(old.state_dict())
+    assert new.skc.local_block.window == (1, 1, 2) and not new.skc.local_block.training
+    x = torch.randn(1, 1, *patch)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), old(x))
+
+
+# ---------------------------------------------------------------------------------------- EMA list cache
+def test_ema_lists_are_cached_and_follow_parameter_replacement(tiny_plans):
+    """ema_update builds its tensor lists once; after optimiser steps it still equals the lists built afresh,
+    and after .to() (new tensors), a deep copy, or load_state_dict(assign=True) it moves the network's current
+    parameters, never stale ones."""
+    from nnunetv2_skcdf.network.architectures.skcdf_unet import ema_pairs
+
+    net, _ = build(tiny_plans)
+    net.ema_update(0.9)
+    steps = net._ema_steps(True)
+    assert net._ema_steps(True) is steps and len(steps) == 3
+
+    def moved_like_uncached(model, m=0.9):
+        """one EMA step == the three lerps on freshly matched lists, applied to a copy"""
+        expected = copy.deepcopy(model)
+        for target, source in ((expected.decoder_l.seg_layers, expected.decoder_l.balanced_seg_layers),
+                               (expected.decoder_u, expected.decoder_l),
+                               (expected.decoder_u.seg_layers, expected.decoder_u.balanced_seg_layers)):
+            with torch.no_grad():
+                torch._foreach_lerp_(*ema_pairs(target, source), 1 - m)
+        model.ema_update(m)
+        for (name, a), b in zip(model.state_dict().items(), expected.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # in place: the cached lists see it
+    moved_like_uncached(net)
+    net.double()  # new tensors: the cache must be rebuilt
+    assert not net._ema_cache
+    moved_like_uncached(net)
+    twin = copy.deepcopy(net)
+    before = net.decoder_u.stages[0].convs[0].conv.weight.detach().clone()
+    moved_like_uncached(twin)
+    assert torch.equal(net.decoder_u.stages[0].convs[0].conv.weight, before)  # the copy moved its own tensors
+    net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
+    moved_like_uncached(net)

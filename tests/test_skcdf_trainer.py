@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import List
 
 import numpy as np
 import pytest
@@ -86,3 +87,106 @@ def test_region_datasets_are_refused(trainer_factory, phantom_workspace):
     dataset_json["regions_class_order"] = [1, 2]
     with pytest.raises(ValueError, match="region-based training"):
         SKCDFTrainer(plans, "3d_tiny", 0, dataset_json, device=torch.device("cpu"))
+
+
+def test_unequal_labelled_and_unlabelled_batches_train(trainer_factory):
+    """unlabeled_batch_size 3 beside the plans' 2 labelled patches: two steps train, and the pseudo labels
+    cover exactly the 3 unlabelled patches (the network split the batch at B_l = 2)."""
+    trainer = trainer_factory()
+    trainer.unlabeled_batch_size = 3
+    trainer.on_train_start()
+    try:
+        assert trainer.batch_size == 2
+        trainer.on_train_epoch_start()
+        patch_voxels = int(np.prod(trainer.configuration_manager.patch_size))
+        for _ in range(2):
+            out = trainer.train_step(next(trainer.dataloader_train))
+            assert np.isfinite(out["loss"]) and np.isfinite(out["l_sup"]) and np.isfinite(out["l_u"])
+            assert out["pseudo_histogram"].sum() == 3 * patch_voxels
+        assert trainer.nonfinite_in_a_row == 0
+    finally:
+        trainer.on_train_end()
+
+
+def test_resuming_a_checkpoint_with_another_local_window_is_refused(trainer_factory):
+    """A network whose local block was rebuilt for an old checkpoint's window (SKCDFUNet.load_state_dict) may
+    predict, but training it on would leave that block outside the optimiser: on_train_start refuses, naming the
+    fix, before any loader starts."""
+    from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
+
+    trainer = trainer_factory()
+    trainer.initialize()
+    trainer._net().skc.set_local_window((1, 2, 2))  # what loading a release-0.2 checkpoint does on an odd bottleneck
+    with pytest.raises(SKCDFInputError, match="SKCDFTrainer_divisorWindow --c"):
+        trainer.on_train_start()
+    assert trainer.dataloader_unlabeled is None
+
+
+# ---------------------------------------------------------------------------------------- MetaLogger / W&B
+class _RecordingLogger:
+    """Stands in for nnU-Net's WandbLogger in MetaLogger.loggers: records what MetaLogger hands it."""
+
+    def __init__(self):
+        self.logged = {}
+
+    def log(self, key, value, step):
+        self.logged.setdefault(key, []).append((step, value))
+
+    def log_summary(self, key, value):
+        pass
+
+    def update_config(self, config):
+        pass
+
+
+def _epoch_outputs(n_classes: int = 14) -> List[dict]:
+    """Two steps' outputs of train_step: 90 % background and 10 % liver (label 6) pseudo labels."""
+    histogram = np.zeros(n_classes)
+    histogram[0], histogram[6] = 900, 100
+    return [{"loss": np.float32(1.0), "l_sup": np.float32(0.5), "l_u": np.float32(0.25),
+             "pseudo_histogram": histogram} for _ in range(2)]
+
+
+def _fractions_by_name(logged: dict, step: int) -> dict:
+    prefix = "pseudo_label_fractions/"
+    return {k[len(prefix):]: dict(v)[step] for k, v in logged.items() if k.startswith(prefix)}
+
+
+def test_skcdf_curves_reach_nnunet_meta_loggers_under_readable_names(trainer_factory):
+    """MetaLogger's other loggers (W&B) get L_sup, L_u, lambda and one pseudo-label fraction per class named by
+    dataset.json: the background is 'background', label 6 'liver' (not MetaLogger's 'class_1' / 'class_7')."""
+    trainer = trainer_factory()
+    recorder = _RecordingLogger()
+    trainer.logger.loggers.append(recorder)
+    trainer.on_train_epoch_end(_epoch_outputs())
+    assert {"train_losses", "train_l_sup", "train_l_u", "consistency_weight"} <= set(recorder.logged)
+    assert recorder.logged["train_l_sup"] == [(0, pytest.approx(0.5))]
+    assert not [k for k in recorder.logged if "class_" in k]
+    fractions = _fractions_by_name(recorder.logged, 0)
+    assert set(fractions) == set(trainer.dataset_json["labels"])
+    assert fractions["background"] == pytest.approx(0.9) and fractions["liver"] == pytest.approx(0.1)
+    assert fractions["spleen"] == 0
+    local = trainer.logger.local_logger.my_fantastic_logging["pseudo_label_fractions"]  # checkpointed list
+    assert len(local) == 1 and local[0][6] == pytest.approx(0.1)
+
+
+def test_skcdf_curves_reach_weights_and_biases_offline(trainer_factory, monkeypatch):
+    """The real W&B logger of nnU-Net 2.8 (nnUNet_wandb_enabled=1, offline mode): the run's summary holds the
+    SKCDF curves under readable names. Skipped where wandb is not installed (it is optional for nnU-Net)."""
+    pytest.importorskip("wandb")
+    for var, value in (("nnUNet_wandb_enabled", "1"), ("nnUNet_wandb_mode", "offline"), ("WANDB_SILENT", "true"),
+                       ("WANDB_MODE", "offline")):
+        monkeypatch.setenv(var, value)
+    trainer = trainer_factory()
+    (wandb_logger,) = trainer.logger.loggers
+    try:
+        for epoch in range(2):  # W&B commits a step's values when the next step starts
+            trainer.current_epoch = epoch
+            trainer.on_train_epoch_end(_epoch_outputs())
+        summary = dict(wandb_logger.run.summary)
+    finally:
+        wandb_logger.run.finish()
+    assert {"train_losses", "train_l_sup", "train_l_u", "consistency_weight"} <= set(summary)
+    assert summary["pseudo_label_fractions/background"] == pytest.approx(0.9)
+    assert summary["pseudo_label_fractions/liver"] == pytest.approx(0.1)
+    assert not [k for k in summary if "class_" in k]

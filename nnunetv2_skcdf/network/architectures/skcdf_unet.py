@@ -6,15 +6,18 @@ initialisation is nnU-Net's), its encoder is shared, its decoder becomes ``D_l``
 configured, independently initialised decoder becomes ``D_u``. Each decoder has a main head ``H`` (nnU-Net's
 ``seg_layers``) and a balanced head ``H_b`` at every deep-supervision scale.
 
-Paths (B labelled, B unlabelled samples; lists are nnU-Net's deep-supervision order, full resolution first):
+Paths (B_l labelled, B_u unlabelled samples, ``B_l != B_u`` allowed; lists are nnU-Net's deep-supervision order,
+full resolution first):
 - ``forward(x_l, x_u)``: one training step's whole forward (``forward_labelled`` then ``forward_unlabelled``) as
   a single call, so that DDP (one forward per backward, gradient hooks armed in ``forward``) and
   ``torch.compile`` wrap all of it -> ``TrainingPass``.
 - ``forward(x)``: inference -- encoder -> SKC(self) -> D_u -> H_u. A tensor (N, C, *patch) when deep
   supervision is off (what nnU-Net's predictor expects), the list of scales when it is on (online validation).
-- ``forward_labelled(x_l, x_u)``: encoder on [x_l; x_u] -> SKC(cross) -> D_l -> ``LabelledPass``: (P, P_b) of the
-  labelled half with their graph, (P, P_b) of the unlabelled half without graph (they only make pseudo labels),
-  and the encoder features of the unlabelled half for ``forward_unlabelled``.
+- ``forward_labelled(x_l, x_u)``: encoder on [x_l; x_u] -> SKC(cross, split at B_l) -> D_l -> ``LabelledPass``:
+  (P, P_b) of the labelled half with their graph, (P, P_b) of the unlabelled half without graph (they only make
+  pseudo labels), and the encoder features of the unlabelled half for ``forward_unlabelled``. The split point
+  B_l = ``len(x_l)`` is passed explicitly to the SKC module and used for the decoders, so both see the same
+  halves whatever their sizes.
 - ``forward_unlabelled(features_u)``: SKC(self) -> D_u -> (Q, Q_b).
 
 The SKC global block's kernel equals the bottleneck size, so the network takes exactly the plans' patch size
@@ -23,7 +26,9 @@ The SKC global block's kernel equals the bottleneck size, so the network takes e
 from __future__ import annotations
 
 import copy
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+import math
+import warnings
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,15 +38,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from nnunetv2_skcdf.network.building_blocks.skc import SKCModule
 
 Outputs = Union[torch.Tensor, List[torch.Tensor]]
+#: the local token learner's weight (P, 1, *window): its kernel is the local window
+LOCAL_WINDOW_KEY = "skc.local_block.token_learner.proj.weight"
 
 
 class LabelledPass(NamedTuple):
-    """Outputs of ``SKCDFUNet.forward_labelled`` for B labelled + B unlabelled samples (each a tensor or a list
-    of deep-supervision scales, full resolution first)."""
-    main: Outputs                  # P[:B], D_l main head on the labelled half, with graph (L_sup)
-    balanced: Optional[Outputs]    # P_b[:B], D_l balanced head on the labelled half, with graph (L_sup)
-    main_u: Outputs                # P[B:], D_l main head on the unlabelled half, no graph (pseudo labels p)
-    balanced_u: Optional[Outputs]  # P_b[B:], D_l balanced head, unlabelled half, no graph (pseudo labels p_b)
+    """Outputs of ``SKCDFUNet.forward_labelled`` for B_l labelled + B_u unlabelled samples (each a tensor or a
+    list of deep-supervision scales, full resolution first)."""
+    main: Outputs                  # P[:B_l], D_l main head on the labelled half, with graph (L_sup)
+    balanced: Optional[Outputs]    # P_b[:B_l], D_l balanced head on the labelled half, with graph (L_sup)
+    main_u: Outputs                # P[B_l:], D_l main head on the unlabelled half, no graph (pseudo labels p)
+    balanced_u: Optional[Outputs]  # P_b[B_l:], D_l balanced head, unlabelled half, no graph (pseudo labels p_b)
     features_u: List[torch.Tensor]  # encoder outputs of x_u, with graph (input of forward_unlabelled)
 
 
@@ -82,7 +89,7 @@ class DecoderWithBalancedHeads(nn.Module):
 class PlainBottleneck(nn.Module):
     """The no-SKC ablation: the bottleneck features pass unchanged, ``(N, K, *S) -> (N, K, *S)``, any mode."""
 
-    def forward(self, z: torch.Tensor, mode: str = "self") -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mode: str = "self", n_labelled: Optional[int] = None) -> torch.Tensor:
         return z
 
 
@@ -117,6 +124,8 @@ class SKCDFUNet(nn.Module):
         # voxels per class of the labelled training cases (the keep-rates' source), filled once by the trainer;
         # a buffer so that every checkpoint carries it
         self.register_buffer("class_voxel_counts", torch.zeros(num_classes, dtype=torch.long))
+        # ema_update's tensor lists per couple_decoders flag, built on first use (see _ema_steps)
+        self._ema_cache: Dict[bool, List[Tuple[List[torch.Tensor], List[torch.Tensor]]]] = {}
 
     # -------------------------------------------------------------------------------------------- paths
     def forward(self, x: torch.Tensor, x_u: Optional[torch.Tensor] = None) -> Union[Outputs, TrainingPass]:
@@ -129,16 +138,17 @@ class SKCDFUNet(nn.Module):
         return main
 
     def forward_labelled(self, x_l: torch.Tensor, x_u: torch.Tensor) -> LabelledPass:
-        """Labelled ("complementarity") pass of B labelled and B unlabelled samples, see ``LabelledPass``.
+        """Labelled ("complementarity") pass of B_l labelled and B_u unlabelled samples, see ``LabelledPass``.
 
         D_l's outputs for the unlabelled half only become pseudo labels (argmax, no gradient), so that half goes
-        through D_l without a graph: the same values and the same gradients as one 2B-sample decoder pass
-        (D_l's per-sample instance norms do not mix samples), without storing activations or running a
-        backward pass for B samples that would only receive zero gradient."""
+        through D_l without a graph: the same values and the same gradients as one (B_l + B_u)-sample decoder
+        pass (D_l's per-sample instance norms do not mix samples), without storing activations or running a
+        backward pass for B_u samples that would only receive zero gradient."""
         b = x_l.shape[0]
         skips = self.encoder(torch.cat((x_l, x_u), 0))
-        decoder_input = self._with_bottleneck(skips, self.skc(skips[-1], mode=self.labelled_attention_mode))
-        if self._decoder_mixes_samples:  # batch norm: its statistics need the joint 2B batch
+        bottleneck = self.skc(skips[-1], mode=self.labelled_attention_mode, n_labelled=b)
+        decoder_input = self._with_bottleneck(skips, bottleneck)
+        if self._decoder_mixes_samples:  # batch norm: its statistics need the joint batch
             main, balanced = self.decoder_l(decoder_input)
             main, main_u = _split(main, b)
             balanced, balanced_u = _split(balanced, b)
@@ -162,7 +172,12 @@ class SKCDFUNet(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` with a clear message when the checkpoint belongs to another dataset,
-        configuration or SKCDF variant (PyTorch's own message lists tensor sizes only)."""
+        configuration or SKCDF variant (PyTorch's own message lists tensor sizes only). A checkpoint whose local
+        SKC window differs from this network's (trained with release 0.2 or older, when windows had to divide the
+        bottleneck) is loaded into a local block rebuilt with the checkpoint's window, so old model folders still
+        predict and validate; the trainer refuses to resume training such a network (``on_train_start``)."""
+        self._adopt_checkpoint_window(state_dict)
+        self._ema_cache = {}  # assign=True puts the checkpoint's tensors in place of the cached ones
         mismatch = _first_mismatch(self.state_dict(), state_dict) if strict else None
         if mismatch:
             raise RuntimeError(
@@ -171,6 +186,21 @@ class SKCDFUNet(nn.Module):
                 f"with the model folder of the dataset you give to -d (nnUNet_results/DatasetXXX/"
                 f"<trainer>__<plans>__<configuration>), or retrain on this dataset.")
         return super().load_state_dict(state_dict, strict, assign)
+
+    def _adopt_checkpoint_window(self, state_dict) -> None:
+        """Rebuild the local SKC block with the window of the checkpoint's local token learner, if it differs
+        (its kernel is the window: weight (P, 1, *w))."""
+        weight = state_dict.get(LOCAL_WINDOW_KEY)
+        if not isinstance(self.skc, SKCModule) or weight is None or weight.ndim != 2 + len(self.skc.spatial_size):
+            return
+        window = tuple(weight.shape[2:])
+        if window != self.skc.local_block.window and weight.shape[0] == math.prod(window) \
+                and all(w <= s for w, s in zip(window, self.skc.spatial_size)):
+            warnings.warn(f"the checkpoint's local SKC window is {list(window)}, not the "
+                          f"{list(self.skc.local_block.window)} this trainer builds for the bottleneck "
+                          f"{list(self.skc.spatial_size)} (a checkpoint of release 0.2 or older): the local block is "
+                          f"rebuilt with the checkpoint's window")
+            self.skc.set_local_window(window)
 
     # -------------------------------------------------------------------------------------------- training helpers
     @property
@@ -191,13 +221,31 @@ class SKCDFUNet(nn.Module):
         3. H_u <- m H_u + (1-m) H_u_b.
         Steps 1 and 3 need balanced heads; step 2 needs two decoders and ``couple_decoders`` (False: the
         no-EMA-coupling ablation)."""
-        weight = 1.0 - momentum
-        if self.decoder_l.has_balanced_heads:
-            _lerp(self.decoder_l.seg_layers, self.decoder_l.balanced_seg_layers, weight)
-        if self.decoupled and couple_decoders:
-            _lerp(self.decoder_u, self.decoder_l, weight)
-        if self.decoupled and self.decoder_u.has_balanced_heads:
-            _lerp(self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers, weight)
+        for targets, sources in self._ema_steps(couple_decoders):  # in order: each step reads the previous one's
+            torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+
+    def _ema_steps(self, couple_decoders: bool) -> List[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+        """(targets, sources) tensor lists of ema_update's steps. Matching ~100 parameters and buffers by name
+        walks the module tree (measured in benchmarks/ema_host_time.py), so the lists are built once and kept:
+        parameters stay the same objects while training (optimisers, DDP and load_state_dict update them in
+        place); ``_apply`` (``.to()``, ``.cuda()``, ...) and ``load_state_dict`` may replace them and clear the
+        cache. The lists hold the tensors themselves (not ``.data`` views), so a deep copy of the network maps
+        them onto its own copies."""
+        key = bool(couple_decoders)
+        if key not in self._ema_cache:
+            steps = []
+            if self.decoder_l.has_balanced_heads:
+                steps.append(ema_pairs(self.decoder_l.seg_layers, self.decoder_l.balanced_seg_layers))
+            if self.decoupled and couple_decoders:
+                steps.append(ema_pairs(self.decoder_u, self.decoder_l))
+            if self.decoupled and self.decoder_u.has_balanced_heads:
+                steps.append(ema_pairs(self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers))
+            self._ema_cache[key] = steps
+        return self._ema_cache[key]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._ema_cache = {}  # .to() / .cuda() / .half() may put new tensors in place of the cached ones
+        return super()._apply(fn, *args, **kwargs)
 
 
 def _first_mismatch(own: dict, other: dict) -> Optional[str]:
@@ -231,15 +279,15 @@ def _detach(x: Optional[Outputs]) -> Optional[Outputs]:
     return [i.detach() for i in x] if isinstance(x, (list, tuple)) else x.detach()
 
 
-def _lerp(target: nn.Module, source: nn.Module, weight: float) -> None:
-    """target <- target + weight * (source - target) for every parameter and floating buffer, matched by name,
-    with one fused ``_foreach_lerp_`` (no per-tensor Python kernel launches)."""
+def ema_pairs(target: nn.Module, source: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Every floating parameter and buffer of ``target`` and its namesake in ``source``: the arguments of one
+    fused ``_foreach_lerp_`` (target <- target + w (source - target), no per-tensor Python kernel launches)."""
     t = {**dict(target.named_parameters()), **dict(target.named_buffers())}
     s = {**dict(source.named_parameters()), **dict(source.named_buffers())}
     if t.keys() != s.keys():
         raise RuntimeError("EMA between modules of different structure")
     keys = [k for k in t if t[k].is_floating_point()]
-    torch._foreach_lerp_([t[k].data for k in keys], [s[k].data for k in keys], weight)
+    return [t[k] for k in keys], [s[k] for k in keys]
 
 
 def bottleneck_size(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> List[int]:
@@ -255,7 +303,7 @@ def build_skcdf_unet(arch_class_name: str, arch_kwargs: dict, arch_kwargs_req_im
                      skc_heads: int = 2, skc_window=None, skc_order: str = "local_global",
                      skc_dropout: float = 0.1, skc_attention_dropout: float = 0.0, skc_enabled: bool = True,
                      balanced_heads: bool = True, decoupled: bool = True,
-                     labelled_attention_mode: str = "cross") -> SKCDFUNet:
+                     labelled_attention_mode: str = "cross", skc_self_heads: str = "joint") -> SKCDFUNet:
     """SKCDF U-Net from a plans configuration's architecture block (the keyword options after ``skc_dropout``
     select the ablations, see ``SKCDFUNet``)."""
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -279,5 +327,5 @@ def build_skcdf_unet(arch_class_name: str, arch_kwargs: dict, arch_kwargs_req_im
     if skc_enabled:
         skc = SKCModule(encoder.output_channels[-1], bottleneck_size(patch_size, encoder.strides),
                         heads=skc_heads, window=skc_window, dropout=skc_dropout, order=skc_order,
-                        attention_dropout=skc_attention_dropout)
+                        attention_dropout=skc_attention_dropout, self_heads=skc_self_heads)
     return SKCDFUNet(encoder, decoder_l, decoder_u, skc, num_classes, labelled_attention_mode)

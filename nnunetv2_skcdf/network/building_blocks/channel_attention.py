@@ -2,7 +2,8 @@
 
 Token layout (used by every function here): ``(N, T, L, K)``
 
-- ``N`` samples. In cross mode ``N = 2B``: ``[labelled B; unlabelled B]``.
+- ``N`` samples. In cross mode ``N = B_l + B_u``: ``[labelled B_l; unlabelled B_u]``, the split point ``B_l``
+  passed explicitly (``n_labelled``; default ``N / 2``).
 - ``T`` independent groups per sample: window positions of the local SKC block, 1 for the global block.
 - ``L`` tokens per group: the descriptor length (within-window positions, or the whole map).
 - ``K`` channels.
@@ -10,41 +11,65 @@ Token layout (used by every function here): ``(N, T, L, K)``
 The attention matrix is between *channels*, not tokens. Per sample and group, with ``Q, K, V`` arranged as
 ``(hK, L)`` (``h`` heads, projections ``K -> hK`` without bias)::
 
-    A = softmax_rowwise(InstanceNorm(Q K^T))     # (hK, M), M = hK (self) or B*hK (cross)
+    A = softmax_rowwise(InstanceNorm(Q K^T))     # (hK, M), M = hK (self) or B_other*hK (cross)
     out = Linear_{hK -> K}((A V)^T)               # (L, K)
 
 ``InstanceNorm`` standardises the whole score matrix (mean 0, biased variance 1, eps 1e-5, no affine), as
 ``nn.InstanceNorm2d(1)`` on the matrix seen as a 1-channel image; it replaces the usual ``1/sqrt(d)`` scale.
-The ``h`` heads are not split into separate ``K x K`` matrices: all ``hK`` projected channels form one score
-matrix, in self mode as in cross mode, so the two modes differ only in where keys and values come from. (The
-reference code splits heads in self mode but not in cross mode; the specification uses the unified form.)
+
+Heads. Cross mode always uses one joint ``hK x M`` matrix (as the reference). Self mode has two forms
+(``self_heads``):
+
+- ``"joint"`` (default): all ``hK`` projected channels form one ``hK x hK`` score matrix, so self and cross
+  mode differ only in where keys and values come from.
+- ``"per_head"``: the reference code's self mode. The ``hK`` projected channels are split into ``h`` groups
+  of ``K``; each group has its own ``K x K`` score matrix, normalised and softmaxed on its own (the
+  reference's ``InstanceNorm2d(1)`` applied to an ``(N, h, K, K)`` tensor normalises every head's matrix
+  separately). Which projected channels form a head differs between the reference's two blocks
+  (``head_grouping``): its local block reads the projection as ``(c heads)``, so head ``g`` holds the
+  channels ``j = c h + g`` (``j mod h == g``, ``"strided"``); its global block reads it as
+  ``(heads c)``, head ``g`` holding ``j = g K + c`` (``j div K == g``, ``"blocked"``). Both write head ``g``'s
+  output channel ``c`` back to position ``c h + g`` of the ``out`` projection's input: in place for the
+  strided grouping, a permutation for the blocked one (the global block's ``out`` layer therefore sees
+  channel ``g K + c`` of cross mode at input ``c h + g`` in self mode). With ``h = 1`` both forms equal the
+  joint one. ``SKCBlock`` picks the reference's grouping per block kind.
 
 Computation: softmax is invariant to a shift shared by a row, so ``softmax(InstanceNorm(S)) = softmax(S / sigma)``
 with ``sigma`` the standard deviation of the whole score matrix (plus eps). ``sigma`` has a closed form in the
 (L x L) Gram matrices of the centred queries and keys, so ``ChannelAttention`` scales the queries by
 ``1/sigma`` and calls PyTorch's fused ``scaled_dot_product_attention``: identical values and gradients
 (tests compare it with the explicit ``channel_attention_weights``), without materialising, normalising and
-storing the (hK x M) score matrices -- the dominant cost of the module on CPU and GPU.
+storing the (hK x M) score matrices -- the dominant cost of the module on CPU and GPU. Per-head self mode is
+the same call with the heads as a batch dimension.
 
-Dropout: the specification applies dropout (0.1) to the output projection. The reference code also drops
+Token mask (the local block on a padded bottleneck, see ``skc.py``): tokens outside the real map are left out
+of every score ``Q K^T`` by zeroing their keys, so the scores, their InstanceNorm statistics (computed from the
+masked keys) and hence the attention weights of every real token are those of the real tokens alone. A token's
+output ``(A V)_l`` reads only its own values ``V_l``, so masked tokens need no other treatment here.
+
+Dropout: the specification applies dropout (0.1) to the output projection, here in every mode and head form
+(the reference's local block skips it in self mode, its global block does not). The reference code also drops
 attention weights; that is ``attention_dropout`` (default 0), which on CPU also rules out the fused kernel.
 
 Cross mode: every labelled query attends to the keys/values of *all* unlabelled samples of the batch,
-concatenated along the channel axis (score matrix ``hK x B*hK``), and every unlabelled query attends to all
-labelled samples. The unlabelled half is detached before the projections, so no gradient reaches the
-unlabelled tokens through the attention (neither through the keys/values the labelled queries read, nor
-through the unlabelled queries); the labelled keys/values read by unlabelled queries keep their graph, as in
-the reference (in SKCDF that half's output only yields pseudo labels, without gradient).
+concatenated along the channel axis (score matrix ``hK x B_u*hK``), and every unlabelled query attends to all
+labelled samples (``hK x B_l*hK``). The unlabelled half is detached before the projections, so no gradient
+reaches the unlabelled tokens through the attention (neither through the keys/values the labelled queries
+read, nor through the unlabelled queries); the labelled keys/values read by unlabelled queries keep their
+graph, as in the reference (in SKCDF that half's output only yields pseudo labels, without gradient). Equal
+halves run as one fused call; unequal halves (``B_l != B_u``) as one call per half.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 MODES = ("self", "cross")
+SELF_HEADS = ("joint", "per_head")
+HEAD_GROUPINGS = ("strided", "blocked")
 #: eps of ``nn.InstanceNorm2d`` (the reference's score normalisation)
 SCORE_NORM_EPS = 1e-5
 
@@ -54,17 +79,31 @@ def check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def check_cross_batch(n: int) -> int:
-    """-> B for a cross-mode batch of ``n = 2B`` samples ([labelled B; unlabelled B])."""
-    if n < 2 or n % 2:
-        raise ValueError(f"cross mode needs a batch [labelled B; unlabelled B] with an even number of samples "
-                         f"(2B >= 2), got {n}")
-    return n // 2
+def check_choice(name: str, value: str, choices: Tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
-def detach_unlabeled_half(x: torch.Tensor) -> torch.Tensor:
-    """(2B, ...) -> the same values, the second (unlabelled) half cut from the graph."""
-    b = check_cross_batch(x.shape[0])
+def check_cross_split(n: int, n_labelled: Optional[int] = None) -> int:
+    """-> ``B_l`` for a cross-mode batch of ``n`` samples ``[labelled B_l; unlabelled n - B_l]``.
+
+    ``n_labelled=None`` means equal halves (``n`` must be even)."""
+    if n_labelled is None:
+        if n < 2 or n % 2:
+            raise ValueError(f"cross mode needs a batch [labelled B; unlabelled B] with an even number of samples "
+                             f"(2B >= 2), got {n}; pass n_labelled for unequal halves")
+        return n // 2
+    if not 1 <= int(n_labelled) <= n - 1:
+        raise ValueError(f"cross mode needs at least one labelled and one unlabelled sample: n_labelled must be in "
+                         f"[1, {n - 1}] for a batch of {n}, got {n_labelled}")
+    return int(n_labelled)
+
+
+def detach_unlabeled_half(x: torch.Tensor, n_labelled: Optional[int] = None) -> torch.Tensor:
+    """(B_l + B_u, ...) -> the same values, the unlabelled samples (from ``n_labelled`` on; default the second
+    half) cut from the graph."""
+    b = check_cross_split(x.shape[0], n_labelled)
     return torch.cat((x[:b], x[b:].detach()), 0)
 
 
@@ -122,6 +161,43 @@ def other_half_concat(x: torch.Tensor) -> torch.Tensor:
     return other.permute(0, 2, 1, 3, 4).reshape(2, 1, t, b * m, l)
 
 
+def samples_concat(x: torch.Tensor) -> torch.Tensor:
+    """(B', T, M, L) -> (1, T, B'*M, L): the samples stacked along the channel axis (sample-major, the order of
+    ``other_half_concat``); the singleton dim broadcasts over the queries that read them."""
+    b, t, m, l = x.shape
+    return x.permute(1, 0, 2, 3).reshape(1, t, b * m, l)
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_labelled: int,
+                    dropout_p: float = 0.0) -> torch.Tensor:
+    """Cross mode: q, k, v (B_l + B_u, T, hK, L) -> (B_l + B_u, T, hK, L). Labelled queries read the keys/values
+    of all unlabelled samples, unlabelled queries those of all labelled samples."""
+    n, b = q.shape[0], n_labelled
+    if 2 * b == n:  # equal halves: both directions in one fused call
+        mixed = channel_attention(q.reshape(2, b, *q.shape[1:]), other_half_concat(k), other_half_concat(v),
+                                  dropout_p)  # (2, B, T, hK, L)
+        return mixed.reshape(q.shape)
+    mixed_l = channel_attention(q[:b], samples_concat(k[b:]), samples_concat(v[b:]), dropout_p)
+    mixed_u = channel_attention(q[b:], samples_concat(k[:b]), samples_concat(v[:b]), dropout_p)
+    return torch.cat((mixed_l, mixed_u), 0)
+
+
+def split_heads(x: torch.Tensor, heads: int, grouping: str) -> torch.Tensor:
+    """(..., hK, L) -> (..., h, K, L): head g's K projected channels (``"strided"``: j = c h + g;
+    ``"blocked"``: j = g K + c; see the module docstring)."""
+    *lead, hk, l = x.shape
+    if grouping == "strided":
+        return x.reshape(*lead, hk // heads, heads, l).transpose(-3, -2)
+    return x.reshape(*lead, heads, hk // heads, l)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(..., h, K, L) -> (..., hK, L): head g's channel c at position c h + g (the reference's write-back for
+    both groupings)."""
+    *lead, h, k, l = x.shape
+    return x.transpose(-3, -2).reshape(*lead, h * k, l)
+
+
 class ChannelAttention(nn.Module):
     """Multi-head channel-wise attention, tokens ``(N, T, L, K) -> (N, T, L, K)`` (see the module docstring).
 
@@ -131,9 +207,14 @@ class ChannelAttention(nn.Module):
         dropout: rate of the dropout on the output projection (train mode only; the specification's 0.1).
         attention_dropout: rate of the dropout on the attention weights (train mode only; the reference code's
             extra regulariser, 0 by default: see the module docstring).
+        self_heads: ``"joint"`` (one hK x hK matrix in self mode) or ``"per_head"`` (the reference's h separate
+            K x K matrices in self mode). Cross mode is joint either way.
+        head_grouping: which projected channels form a head in per-head self mode, ``"strided"`` (the
+            reference's local block) or ``"blocked"`` (its global block).
     """
 
-    def __init__(self, channels: int, heads: int = 2, dropout: float = 0.1, attention_dropout: float = 0.0):
+    def __init__(self, channels: int, heads: int = 2, dropout: float = 0.1, attention_dropout: float = 0.0,
+                 self_heads: str = "joint", head_grouping: str = "strided"):
         super().__init__()
         if channels < 1 or heads < 1:
             raise ValueError(f"channels and heads must be >= 1, got channels={channels}, heads={heads}")
@@ -141,6 +222,8 @@ class ChannelAttention(nn.Module):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {rate}")
         self.channels, self.heads = channels, heads
+        self.self_heads = check_choice("self_heads", self_heads, SELF_HEADS)
+        self.head_grouping = check_choice("head_grouping", head_grouping, HEAD_GROUPINGS)
         inner = heads * channels
         self.q = nn.Linear(channels, inner, bias=False)
         self.k = nn.Linear(channels, inner, bias=False)
@@ -155,24 +238,35 @@ class ChannelAttention(nn.Module):
         for linear in (self.q, self.k, self.v, self.out):
             nn.init.xavier_uniform_(linear.weight)
 
-    def forward(self, tokens: torch.Tensor, mode: str = "self") -> torch.Tensor:
-        """tokens: (N, T, L, K) -> (N, T, L, K). ``mode="cross"`` needs N = 2B, [labelled; unlabelled]."""
+    def forward(self, tokens: torch.Tensor, mode: str = "self", n_labelled: Optional[int] = None,
+                token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens: (N, T, L, K) -> (N, T, L, K).
+
+        ``mode="cross"``: N = B_l + B_u, [labelled; unlabelled], split at ``n_labelled`` (default N / 2).
+        ``token_mask``: (T, L), 1 for real tokens and 0 for tokens left out of the scores (padding), or None."""
         check_mode(mode)
         if tokens.ndim != 4 or tokens.shape[-1] != self.channels:
             raise ValueError(f"expected tokens (N, T, L, {self.channels}), got {tuple(tokens.shape)}")
         if mode == "cross":
-            tokens = detach_unlabeled_half(tokens)
+            n_labelled = check_cross_split(tokens.shape[0], n_labelled)
+            tokens = detach_unlabeled_half(tokens, n_labelled)
         q, k, v = self._project(tokens)
+        if token_mask is not None:
+            k = k * token_mask[:, None, :].to(k.dtype)  # (T, 1, L): masked tokens leave every score
+        p = self.attention_dropout if self.training else 0.0
         if mode == "cross":
-            q = q.reshape(2, -1, *q.shape[1:])  # (2, B, T, hK, L): the halves' queries
-            k, v = other_half_concat(k), other_half_concat(v)  # (2, 1, T, B*hK, L)
-        mixed = channel_attention(q, k, v, self.attention_dropout if self.training else 0.0)  # (..., hK, L)
-        mixed = mixed.reshape(tokens.shape[:2] + mixed.shape[-2:]).transpose(-1, -2)  # (N, T, L, hK)
-        return self.proj_dropout(self.out(mixed))
+            mixed = cross_attention(q, k, v, n_labelled, p)  # (N, T, hK, L)
+        elif self.self_heads == "per_head" and self.heads > 1:
+            q, k, v = (split_heads(x, self.heads, self.head_grouping) for x in (q, k, v))  # (N, T, h, K, L)
+            mixed = merge_heads(channel_attention(q, k, v, p))
+        else:
+            mixed = channel_attention(q, k, v, p)
+        return self.proj_dropout(self.out(mixed.transpose(-1, -2)))  # (N, T, L, hK) -> (N, T, L, K)
 
     def _project(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(N, T, L, K) -> q, k, v, each (N, T, hK, L): channels first, so that scores are channel x channel."""
         return tuple(proj(tokens).transpose(-1, -2) for proj in (self.q, self.k, self.v))
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, heads={self.heads}, attention_dropout={self.attention_dropout}"
+        return (f"channels={self.channels}, heads={self.heads}, attention_dropout={self.attention_dropout}, "
+                f"self_heads={self.self_heads}, head_grouping={self.head_grouping}")

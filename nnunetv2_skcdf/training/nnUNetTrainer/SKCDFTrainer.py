@@ -29,6 +29,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet, build_skcdf_unet
+from nnunetv2_skcdf.network.building_blocks.skc import SKCModule, resolve_window
 from nnunetv2_skcdf.splits.semi_supervised_splits import load_semi_supervised_fold, validate_splits
 from nnunetv2_skcdf.training import skcdf_components as C
 from nnunetv2_skcdf.training.dataloading.unlabeled_loader import get_unlabeled_dataloader
@@ -39,10 +40,12 @@ from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 class SKCDFTrainer(nnUNetTrainer):
     # --- architecture (class attributes: build_network_architecture is called on the class by the predictor) ---
     skc_heads: int = 2               # attention heads h of the SKC module (reference: 2)
-    skc_window = None                # local window per axis; None = largest divisor of the bottleneck size <= 2
+    skc_window = None                # local window; None = 2 per axis (1 on size-1 axes), masked padding; "divisor":
+                                     # largest divisor of the bottleneck <= 2 per axis, no padding (releases <= 0.2)
     skc_order: str = "local_global"  # "local_global" (paper), "global_local" / "parallel" (ablations)
     skc_dropout: float = 0.1         # dropout of the attention output (specification)
     skc_attention_dropout: float = 0.0  # dropout of the attention weights (reference code: 0.1)
+    skc_self_heads: str = "joint"    # self-mode scores: one hK x hK matrix, or "per_head" (reference code: h of K x K)
     # --- ablations (variants/ablation): each switches off one part of the method ---
     skc_enabled: bool = True         # False: plain bottleneck, no SKC module
     labelled_attention_mode: str = "cross"  # "self": self- instead of cross-attention in the labelled pass
@@ -82,7 +85,8 @@ class SKCDFTrainer(nnUNetTrainer):
                                 skc_order=cls.skc_order, skc_dropout=cls.skc_dropout,
                                 skc_attention_dropout=cls.skc_attention_dropout, skc_enabled=cls.skc_enabled,
                                 balanced_heads=cls.balanced_heads, decoupled=cls.decoupled,
-                                labelled_attention_mode=cls.labelled_attention_mode)
+                                labelled_attention_mode=cls.labelled_attention_mode,
+                                skc_self_heads=cls.skc_self_heads)
 
     def _net(self) -> SKCDFUNet:
         """The SKCDFUNet behind DDP / torch.compile wrappers."""
@@ -136,9 +140,29 @@ class SKCDFTrainer(nnUNetTrainer):
                                         rank=rank, world_size=world)
 
     def on_train_start(self):
+        if self.was_initialized:  # network built before: maybe loaded from a checkpoint (--c)
+            self._refuse_adopted_window()
         super().on_train_start()
         self._remove_stale_checkpoint_temporaries()
         self._init_class_keep_rates()
+
+    def _refuse_adopted_window(self) -> None:
+        """A checkpoint trained with another local SKC window (up to release 0.2 windows had to divide the
+        bottleneck) is loaded into a rebuilt local block (``SKCDFUNet.load_state_dict``): fine for prediction and
+        validation, but the optimiser holds the replaced parameters, so training on would leave it untrained."""
+        skc = self._net().skc
+        if not isinstance(skc, SKCModule):
+            return
+        built = resolve_window(skc.spatial_size, self.skc_window)
+        if skc.local_block.window != built:
+            raise SKCDFInputError(
+                f"the checkpoint being resumed has the local SKC window {list(skc.local_block.window)}; "
+                f"{type(self).__name__} builds {list(built)} for the bottleneck {list(skc.spatial_size)} (now the "
+                f"reference's 2 per axis, padded; up to release 0.2 the largest divisor <= 2). Resume it with the "
+                f"old rule: rename the model folder {type(self).__name__}__<plans>__<configuration> to "
+                f"SKCDFTrainer_divisorWindow__<plans>__<configuration> and run nnUNetv2_train ... "
+                f"-tr SKCDFTrainer_divisorWindow --c (for another variant: a subclass of it with "
+                f"skc_window = 'divisor'), or start a new run.")
 
     def _remove_stale_checkpoint_temporaries(self) -> None:
         """Temporary checkpoint files of a run killed while saving (the checkpoints themselves are intact)."""
@@ -286,11 +310,23 @@ class SKCDFTrainer(nnUNetTrainer):
             histogram = np.sum([g[2] for g in gathered], axis=0)
         fractions = (histogram / max(histogram.sum(), 1)).tolist()
         lam = self._consistency_weight()
-        for key, value in (("train_l_sup", l_sup), ("train_l_u", l_u), ("consistency_weight", lam),
-                           ("pseudo_label_fractions", fractions)):
+        for key, value in (("train_l_sup", l_sup), ("train_l_u", l_u), ("consistency_weight", lam)):
             self.logger.log(key, value, self.current_epoch)
+        self._log_pseudo_label_fractions(fractions)
         self.print_to_log_file(f"L_sup {l_sup:.4f}  L_u {l_u:.4f}  lambda {lam:.4f}")
         self.print_to_log_file("pseudo-label class fractions (%)", [round(100 * f, 3) for f in fractions])
+
+    def _log_pseudo_label_fractions(self, fractions: List[float]) -> None:
+        """The local logger keeps the list (checkpoints, ``--c``); the other loggers of nnU-Net's MetaLogger (W&B
+        with ``nnUNet_wandb_enabled=1``) get one curve per class, ``pseudo_label_fractions/<label name>``.
+        MetaLogger would expand the list itself as ``class_1, class_2, ...``, which suits its foreground-only
+        Dice lists, but here index 0 is the background: ``class_1`` would name the background and ``class_7``
+        the liver (label 6)."""
+        self.logger.local_logger.log("pseudo_label_fractions", fractions, self.current_epoch)
+        names = {int(v): k for k, v in self.dataset_json["labels"].items()}  # classes, not regions (refused)
+        for logger in self.logger.loggers:
+            for label, value in enumerate(fractions):
+                logger.log(f"pseudo_label_fractions/{names.get(label, label)}", value, self.current_epoch)
 
 
 # ---------------------------------------------------------------------------------------------- list helpers

@@ -33,6 +33,19 @@ class SKCDFTrainer_parallelSKC(SKCDFTrainer):
     skc_order = "parallel"
 
 
+class SKCDFTrainer_divisorWindow(SKCDFTrainer):
+    """Local windows that divide the bottleneck (largest divisor <= 2 per axis, 1 on odd axes), no padding: the
+    rule of releases up to 0.2. On odd bottlenecks a smaller local block than the reference's 2x2x2 windows; the
+    architecture that checkpoints of that time were trained with. Identical to SKCDFTrainer on even bottlenecks."""
+    skc_window = "divisor"
+
+
+class SKCDFTrainer_perHeadSelf(SKCDFTrainer):
+    """The reference code's self mode (unlabelled pass, inference): h separate K x K score matrices, each
+    normalised and softmaxed on its own, instead of one joint hK x hK matrix (cross mode stays joint)."""
+    skc_self_heads = "per_head"
+
+
 class SKCDFTrainer_attnDropout(SKCDFTrainer):
     """The reference code's extra dropout (0.1) on the attention weights."""
     skc_attention_dropout = 0.1
