@@ -260,10 +260,9 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
     fold_dir = model_folder(env, raw, arm) / f"fold_{fold}"
-    evaluation = work / "evaluation_runs" / f"{arm.key}_fold{fold}"
+    evaluation = work / "predictions" / f"{arm.key}_fold{fold}"  # skcdf_evaluate without -o writes there
     if not (evaluation / "summary.json").exists():
-        sh(["skcdf_evaluate", "-ref", str(raw / "labelsTs"), "-pred", str(work / "predictions" / f"{arm.key}_fold{fold}"),
-            "-o", str(evaluation), "-np", np_], env, log)
+        sh(["skcdf_evaluate", "-ref", str(raw / "labelsTs"), "-pred", str(evaluation), "-np", np_], env, log)
     checkpoint = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     logging = checkpoint["logging"]
     log_text = "\n".join(p.read_text() for p in sorted(fold_dir.glob("training_log_*.txt")))

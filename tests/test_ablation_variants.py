@@ -76,9 +76,12 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
     # nnU-Net imports the extension folder under its own module names: classes compare by name
     found = recursive_find_trainer_class_by_name("SKCDFTrainer")
     assert found.__name__ == "SKCDFTrainer" and found.__mro__[1].__name__ == "nnUNetTrainer"
+    added_since = {"SKCDFTrainer_perHeadSelf", "SKCDFTrainer_divisorWindow"}  # never had an old name
     expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
-                    "nnUNetTrainerSKCDF_100epochs"} | {n.replace("SKCDFTrainer", "nnUNetTrainerSKCDF") for n in EXPECTED}
-    assert expected_old <= set(LEGACY_TRAINERS)
+                    "nnUNetTrainerSKCDF_demo40epochs", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_20epochs",
+                    "nnUNetTrainerSKCDF_100epochs"} | \
+        {n.replace("SKCDFTrainer", "nnUNetTrainerSKCDF") for n in set(EXPECTED) - added_since}
+    assert set(LEGACY_TRAINERS) == expected_old
     for old in sorted(expected_old):
         cls = recursive_find_trainer_class_by_name(old)
         new = recursive_find_trainer_class_by_name(old.replace("nnUNetTrainerSKCDF", "SKCDFTrainer"))

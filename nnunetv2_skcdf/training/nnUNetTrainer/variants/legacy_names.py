@@ -17,18 +17,20 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo import demo_trainers as
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.training_length import SKCDFTrainer_Xepochs as _lengths
 
 OLD_PREFIX, NEW_PREFIX = "nnUNetTrainerSKCDF", "SKCDFTrainer"
+#: every trainer name 0.1 shipped, as suffixes of the prefix; variants added since exist under their new name only
+OLD_SUFFIXES = ("", "_noSKC", "_selfAttention", "_globalLocal", "_parallelSKC", "_attnDropout", "_noABC",
+                "_multiplyMask", "_noDecoupling", "_noEMA", "_cw1", "_cw5", "_cw20", "_noRampup", "_rampup50",
+                "_ema09", "_ema0999", "_5epochs", "_20epochs", "_100epochs", "_cpuTest", "_demo8epochs",
+                "_demo40epochs")
 
 
 def _legacy_classes() -> Dict[str, type]:
-    """{old name: subclass of the new class} for SKCDFTrainer and every SKCDFTrainer_* variant of this package."""
-    new_classes = {SKCDFTrainer.__name__: SKCDFTrainer}
-    for module in (_ablations, _demo, _lengths):
-        new_classes.update({name: obj for name, obj in vars(module).items()
-                            if isinstance(obj, type) and issubclass(obj, SKCDFTrainer)
-                            and name.startswith(NEW_PREFIX)})
+    """{old name: empty subclass of the class now called SKCDFTrainer<suffix>} for every name of 0.1."""
+    modules = (_ablations, _demo, _lengths)
     legacy = {}
-    for new_name, cls in sorted(new_classes.items()):
-        old_name = OLD_PREFIX + new_name[len(NEW_PREFIX):]
+    for suffix in OLD_SUFFIXES:
+        new_name, old_name = NEW_PREFIX + suffix, OLD_PREFIX + suffix
+        cls = SKCDFTrainer if not suffix else next(vars(m)[new_name] for m in modules if new_name in vars(m))
         legacy[old_name] = type(old_name, (cls,), {
             "__module__": __name__, "__qualname__": old_name,
             "__doc__": f"Old name of ``{new_name}`` (kept for model folders trained before 0.2)."})

@@ -35,7 +35,7 @@ class SKCDFTrainer_parallelSKC(SKCDFTrainer):
 
 class SKCDFTrainer_divisorWindow(SKCDFTrainer):
     """Local windows that divide the bottleneck (largest divisor <= 2 per axis, 1 on odd axes), no padding: the
-    rule of releases up to 0.2. On odd bottlenecks a smaller local block than the reference's 2x2x2 windows; the
+    rule of release 0.1. On odd bottlenecks a smaller local block than the reference's 2x2x2 windows; the
     architecture that checkpoints of that time were trained with. Identical to SKCDFTrainer on even bottlenecks."""
     skc_window = "divisor"
 
