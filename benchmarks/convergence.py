@@ -136,15 +136,21 @@ def add_all_labelled_folds(pre: Path, raw: Path) -> None:
 
     path = pre / "splits_final.json"
     splits = json.loads(path.read_text())[:3]
-    training = {p.name[: -len(".nii.gz")] for p in (raw / "labelsTr").glob("*.nii.gz")}
+    training = _training_cases(raw)
     extra = [{"train": sorted(f["train"] + [c for c in f["unlabeled"] if c in training]), "val": f["val"],
               "unlabeled": []} for f in splits]
     atomic_save_json(splits + extra, str(path))
 
 
+def _training_cases(raw: Path) -> set:
+    from nnunetv2_skcdf.utilities.dataset_files import training_case_ids
+
+    return set(training_case_ids(str(raw), json.loads((raw / "dataset.json").read_text())))
+
+
 def hidden_label_cases(pre: Path, raw: Path) -> List[str]:
     fold = json.loads((pre / "splits_final.json").read_text())[0]
-    training = {p.name[: -len(".nii.gz")] for p in (raw / "labelsTr").glob("*.nii.gz")}
+    training = _training_cases(raw)
     return sorted(c for c in fold["unlabeled"] if c in training)
 
 
