@@ -6,6 +6,7 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
   c  ``nnUNetTrainer`` with every training case labelled (folds 3-5: the upper bound)
   d  SKCDF with the reference code's masking (``_multiplyMask``)
   e1, e2  SKCDF ``_noSKC`` and ``_noABC`` (final budget only)
+  f  SKCDF with the reference's per-head self mode (``_perHeadSelf``; final budget only)
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -23,7 +24,7 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
   report    (after the runs) ``benchmarks/results/convergence.json``, PNGs and the BENCHMARKS.md section from the
             store; missing runs are reported as such (status: partial).
 
-    python benchmarks/convergence.py [--iterations 4000] [--points 8] [--arms a c b d e1 e2] [--runs 3]
+    python benchmarks/convergence.py [--iterations 4000] [--points 8] [--arms a c b d e1 e2 f] [--runs 3]
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ ARMS = {a.key: a for a in (
     Arm("d", "SKCDF multiply mask", "SKCDFTrainer_multiplyMask_conv", ablation=True),
     Arm("e1", "SKCDF w/o SKC", "SKCDFTrainer_noSKC_conv", ablation=True),
     Arm("e2", "SKCDF w/o ABC", "SKCDFTrainer_noABC_conv", ablation=True),
+    Arm("f", "SKCDF per-head self mode", "SKCDFTrainer_perHeadSelf_conv", ablation=True),
 )}
 CURVE_ARMS = ("a", "b", "c", "d")
 

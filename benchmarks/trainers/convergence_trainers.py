@@ -18,6 +18,7 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablati
     SKCDFTrainer_multiplyMask,
     SKCDFTrainer_noABC,
     SKCDFTrainer_noSKC,
+    SKCDFTrainer_perHeadSelf,
 )
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
 
@@ -67,4 +68,8 @@ class SKCDFTrainer_noSKC_conv(_ConvergenceBudget, SKCDFTrainer_noSKC):
 
 
 class SKCDFTrainer_noABC_conv(_ConvergenceBudget, SKCDFTrainer_noABC):
+    pass
+
+
+class SKCDFTrainer_perHeadSelf_conv(_ConvergenceBudget, SKCDFTrainer_perHeadSelf):
     pass
