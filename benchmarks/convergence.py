@@ -16,11 +16,15 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             labels) against their hidden labels, and predicted vs true class fractions
   final     stock ``nnUNetv2_predict`` of the final checkpoint + ``skcdf_evaluate`` (Dice, ASD, NSD, missed /
             spurious organs)
-  store     the run's result -> ``benchmarks/results/convergence/<arm>_fold<f>.json`` (curve, final per-case
-            metrics, lambda(t), keep-rates, pseudo-label fractions, budget, commit). These files are committed:
-            the work folder does not outlive a session here, the store does, and a run already stored with this
-            budget is not trained again. The phantom and the split are deterministic, so every session trains
-            on the same data.
+  store     the run's result -> ``benchmarks/results/convergence/<arm>_fold<f>_<iterations>it.json`` (curve, final
+            per-case metrics, lambda(t), keep-rates, pseudo-label fractions, budget, commit). These files are
+            committed: the work folder does not outlive a session here, the store does, and a run already stored
+            with this budget is not trained again. The phantom and the split are deterministic, so every session
+            trains on the same data. A run with another budget (another ``--work`` folder and ``--iterations``) is
+            stored beside the main ones and reported as plateau evidence (same arm and fold, final checkpoints):
+              python benchmarks/convergence.py --work skcdf_data/convergence_8000 --iterations 8000 --arms a \
+                  --runs 1 --stages train curves final
+            (without ``report``: the section is written from the main work folder's budget)
   report    (after the runs) ``benchmarks/results/convergence.json``, PNGs and the BENCHMARKS.md section from the
             store; missing runs are reported as such (status: partial).
 
@@ -247,16 +251,19 @@ def main() -> None:
     if "report" in args.stages:
         from convergence_report import report
 
-        report(args, budget, load_store(budget), raw, work, time.perf_counter() - t0)
+        report(args, budget, load_store(budget), raw, work, time.perf_counter() - t0,
+               other_budgets=load_store(budget, same=False))
 
 
 # ---------------------------------------------------------------------------------------------- the store
-def store_file(arm: Arm, fold: int) -> Path:
-    return STORE / f"{arm.key}_fold{fold}.json"
+def store_file(arm: Arm, fold: int, budget: dict) -> Path:
+    """One file per arm, fold and budget: a longer-budget check (``--work`` elsewhere, ``--iterations`` more)
+    is stored beside the main runs, never over them."""
+    return STORE / f"{arm.key}_fold{fold}_{budget['iterations']}it.json"
 
 
 def stored(arm: Arm, fold: int, budget: dict) -> bool:
-    path = store_file(arm, fold)
+    path = store_file(arm, fold, budget)
     return path.exists() and json.loads(path.read_text())["budget"] == budget
 
 
@@ -287,15 +294,15 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
         "lambda": [float(x) for x in logging.get("consistency_weight", [])],
         "train_pseudo_fractions": logging.get("pseudo_label_fractions", []),
         "keep_rates": json.loads(rates[-1]) if rates else None,
-        "prediction_folder": str(work / "predictions" / f"{arm.key}_fold{fold}")}, str(store_file(arm, fold)))
+        "prediction_folder": str(work / "predictions" / f"{arm.key}_fold{fold}")}, str(store_file(arm, fold, budget)))
 
 
-def load_store(budget: dict) -> Dict[str, list]:
-    """{arm: [stored run, ...]} of this budget, folds in order."""
+def load_store(budget: dict, same: bool = True) -> Dict[str, list]:
+    """{arm: [stored run, ...]} of this budget (``same``) or of every other budget, folds in order."""
     runs: Dict[str, list] = {}
-    for path in sorted(STORE.glob("*_fold*.json")):
+    for path in sorted(STORE.glob("*_fold*_*it.json")):
         run = json.loads(path.read_text())
-        if run["budget"] == budget:
+        if (run["budget"] == budget) == same:
             runs.setdefault(run["arm"], []).append(run)
     return runs
 

@@ -237,7 +237,29 @@ def goals(aggregate: dict, arms: dict, small: List[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- report
-def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wall_s: float) -> None:
+def final_mean_dice(run: dict, small_keys: Optional[List[str]] = None) -> float:
+    """Mean test Dice (points) of a stored run's final prediction (stock predict + skcdf_evaluate), over the
+    foreground classes or ``small_keys``."""
+    return _mean({k: v["Dice"] for k, v in run["final_summary"]["mean"].items() if k != "0"}, small_keys)
+
+
+def longer_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: List[str]) -> List[dict]:
+    """Plateau evidence beyond the curve: each run stored with another budget beside the same arm and fold at
+    this budget (the final checkpoints of two schedules, each annealed to lr 0)."""
+    rows = []
+    for key, stored in sorted(other.items()):
+        for run in stored:
+            here = next((r for r in runs.get(key, []) if r["fold"] == run["fold"]), None)
+            rows.append({"arm": key, "name": run["name"], "fold": run["fold"],
+                         "iterations": run["budget"]["iterations"], "mean": final_mean_dice(run),
+                         "small": final_mean_dice(run, small_keys),
+                         "this_budget_mean": final_mean_dice(here) if here else None,
+                         "this_budget_small": final_mean_dice(here, small_keys) if here else None})
+    return rows
+
+
+def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wall_s: float,
+           other_budgets: Optional[Dict[str, list]] = None) -> None:
     from convergence import ARMS, SMALLEST
     from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
 
@@ -246,6 +268,7 @@ def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wal
     small_keys = [k for k, t in titles.items() if t in SMALLEST]
     curves = curve_table(runs, small_keys)
     plateaus = {k: plateau(c) for k, c in curves.items()}
+    longer = longer_budgets(runs, other_budgets or {}, small_keys)
     RESULTS.mkdir(exist_ok=True)
     figures = {}
     if curves:
@@ -271,7 +294,7 @@ def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wal
                "status": "partial" if missing else "complete", "missing_runs": missing,
                "stored_runs": {k: [(r["fold"], r["commit"], r["date"]) for r in v] for k, v in runs.items()},
                "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
-               "curves": curves, "plateau": plateaus, "goals": goal, "diagnostics": diag,
+               "curves": curves, "plateau": plateaus, "longer_budgets": longer, "goals": goal, "diagnostics": diag,
                "final_table": final["table"] if final else None, "overlay": overlay_lines}
     (RESULTS / "convergence.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(json.dumps({k: results[k] for k in ("status", "missing_runs", "plateau", "goals")}, indent=1, default=str))
@@ -294,6 +317,16 @@ def markdown(r: dict, figures: dict) -> str:
                     f" | {np.mean(c['small'][-1]):.1f} | " + (f"{p['gain']:+.2f} ({p['from_iteration']}->"
                                                                 f"{p['to_iteration']})" if p else "n/a") + " |")
     curve_rows = "\n".join(rows)
+    longer = "\n".join(
+        f"| ({x['arm']}) {x['name']} | {x['fold']} | {x['iterations']} | {x['mean']:.1f} | {x['small']:.1f} | "
+        + (f"{x['this_budget_mean']:.1f} / {x['this_budget_small']:.1f}" if x["this_budget_mean"] is not None
+           else "not stored") + " |" for x in r["longer_budgets"])
+    if longer:
+        longer = ("Other budgets (the same arm and fold trained for another number of iterations, each with its "
+                  "own poly schedule; final checkpoint, stock predict + skcdf_evaluate):\n\n"
+                  "| arm | fold | iterations | final mean Dice | final 4 smallest | "
+                  f"at {r['budget']['iterations']} (mean / 4 smallest) |\n|---|---|---|---|---|---|\n"
+                  + longer)
     its = ", ".join(str(i) for i in next(iter(r["curves"].values()))["iterations"]) if r["curves"] else "-"
     pics = "\n".join(f"![{k}](benchmarks/results/{Path(v).name})" for k, v in figures.items())
     g = r["goals"]
@@ -313,6 +346,8 @@ Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean D
 | arm | runs | final mean Dice | final 4 smallest | last-quarter gain (plateau) |
 |---|---|---|---|---|
 {curve_rows}
+
+{longer}
 
 {pics}
 

@@ -89,3 +89,28 @@ def test_goals_arithmetic():
                 or g["goal_asd_nsd_not_worse"])
     assert R.goals({"classes": [], "methods": [_method("A", 0.8, 3, 0.7, 0.6)]}, arms, ["LAG"]) == {
         "status": "needs arms (a) and (b)"}
+
+
+def _stored_run(arm, fold, iterations, dice_small, dice_other):
+    mean = {"0": {"Dice": 0.99}, "1": {"Dice": dice_small}, "2": {"Dice": dice_other}}
+    return {"arm": arm, "name": arm.upper(), "fold": fold, "budget": {"iterations": iterations},
+            "final_summary": {"mean": mean}}
+
+
+def test_runs_of_another_budget_are_stored_beside_and_reported_against_the_same_fold(tmp_path, monkeypatch):
+    main, longer = {"iterations": 4000}, {"iterations": 8000}
+    assert C.store_file(C.ARMS["a"], 0, main).name == "a_fold0_4000it.json"
+    assert C.store_file(C.ARMS["a"], 0, longer).name == "a_fold0_8000it.json"
+    monkeypatch.setattr(C, "STORE", tmp_path)
+    for run in (_stored_run("a", 0, 4000, 0.70, 0.90), _stored_run("a", 1, 4000, 0.5, 0.5),
+                _stored_run("a", 0, 8000, 0.74, 0.92)):
+        (tmp_path / f"{run['arm']}_fold{run['fold']}_{run['budget']['iterations']}it.json").write_text(json.dumps(run))
+    runs, other = C.load_store(main), C.load_store(main, same=False)
+    assert [r["fold"] for r in runs["a"]] == [0, 1] and [r["budget"]["iterations"] for r in other["a"]] == [8000]
+    assert C.stored(C.ARMS["a"], 1, main) and not C.stored(C.ARMS["a"], 1, longer)
+    rows = R.longer_budgets(runs, other, ["1"])
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["arm"], row["fold"], row["iterations"]) == ("a", 0, 8000)
+    assert row["mean"] == pytest.approx(83.0) and row["small"] == pytest.approx(74.0)  # background left out
+    assert row["this_budget_mean"] == pytest.approx(80.0) and row["this_budget_small"] == pytest.approx(70.0)
