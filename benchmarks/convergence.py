@@ -16,19 +16,22 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             labels) against their hidden labels, and predicted vs true class fractions
   final     stock ``nnUNetv2_predict`` of the final checkpoint + ``skcdf_evaluate`` (Dice, ASD, NSD, missed /
             spurious organs)
-  store     the run's result -> ``benchmarks/results/convergence/<arm>_fold<f>_<iterations>it.json`` (curve, final
-            per-case metrics, lambda(t), keep-rates, pseudo-label fractions, budget, commit). These files are
-            committed: the work folder does not outlive a session here, the store does, and a run already stored
-            with this budget is not trained again. The phantom and the split are deterministic, so every session
-            trains on the same data. A run with another budget (another ``--work`` folder and ``--iterations``) is
-            stored beside the main ones and reported as plateau evidence (same arm and fold, final checkpoints):
+  store     the run's result -> ``benchmarks/results/convergence/<arm>_fold<f>_<labelled>lab_<iterations>it.json``
+            (curve, final per-case metrics, lambda(t), keep-rates, pseudo-label fractions, task, budget, commit).
+            These files are committed: the work folder does not outlive a session here, the store does, and a run
+            already stored with this task and budget is not trained again. The phantom and the split are
+            deterministic, so every session trains on the same data. The upper bound (c) is stored as ``alllab``:
+            it is the same run whatever --labeled (the validation cases do not depend on it). A run with another
+            budget (another ``--work`` folder and ``--iterations``) is stored beside the main ones and reported as
+            plateau evidence (same arm and fold, final checkpoints):
               python benchmarks/convergence.py --work skcdf_data/convergence_8000 --iterations 8000 --arms a \
                   --runs 1 --stages train curves final
             (without ``report``: the section is written from the main work folder's budget)
   report    (after the runs) ``benchmarks/results/convergence.json``, PNGs and the BENCHMARKS.md section from the
             store; missing runs are reported as such (status: partial).
 
-    python benchmarks/convergence.py [--iterations 4000] [--points 8] [--arms a c b d e1 e2 f] [--runs 3]
+    python benchmarks/convergence.py [--labeled 4] [--iterations 4000] [--points 8] [--arms a c b d e1 e2 f] [--runs 3]
+One work folder per task and budget: ``<work>/task.json`` and ``<work>/budget.json`` are fixed at its first run.
 """
 from __future__ import annotations
 
@@ -114,6 +117,31 @@ def fixed_budget(work: Path, iterations: int, points: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(wanted, indent=2) + "\n")
     return wanted
+
+
+def task_of(args) -> dict:
+    """What the data of a work folder is: phantom size and split. Fixed in ``<work>/task.json`` like the budget."""
+    return {"num_train": args.num_train, "num_unlabeled": args.num_unlabeled, "num_test": args.num_test,
+            "val": str(args.val), "labeled": str(args.labeled)}
+
+
+def fixed_task(work: Path, task: dict) -> dict:
+    path = work / "task.json"
+    if path.exists():
+        fixed = json.loads(path.read_text())
+        if fixed != task:
+            changed = ", ".join(f"{k} {fixed.get(k)} -> {v}" for k, v in task.items() if fixed.get(k) != v)
+            raise SystemExit(f"{path} was prepared for another task ({changed}); use another --work folder "
+                             f"(e.g. skcdf_data/convergence_{task['labeled']}lab) or the same options.")
+        return fixed
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(task, indent=2) + "\n")
+    return task
+
+
+def arm_task(arm: "Arm", task: dict) -> dict:
+    """The task a run of ``arm`` trains on: the upper bound (c) uses every training case, whatever --labeled."""
+    return {**task, "labeled": "all"} if arm.all_labelled else task
 
 
 def prepare(dataset: str, env: dict, log: Path, np_: str, args) -> Path:
@@ -216,14 +244,16 @@ def main() -> None:
     parser.add_argument("--val", default="4")
     parser.add_argument("--stages", nargs="+", default=["train", "curves", "final", "report"],
                         choices=["train", "curves", "final", "report"])
-    parser.add_argument("--work", default=str(REPO / "skcdf_data" / "convergence"))
+    parser.add_argument("--work", help="work folder (default: skcdf_data/convergence_<labeled>lab); one budget "
+                        "and one task (phantom size, split) per folder")
     parser.add_argument("-np", default="2")
     parser.add_argument("--threads", type=int, help="torch threads of each training (default: all cores, as "
                         "nnU-Net; 1 when other jobs share the machine: contended 2-thread barriers are 5-10x slower)")
     args = parser.parse_args()
 
-    work = Path(args.work)
+    work = Path(args.work or REPO / "skcdf_data" / f"convergence_{args.labeled}lab")
     budget = fixed_budget(work, args.iterations, args.points)
+    task = fixed_task(work, task_of(args))
     env = environment(work, budget, args.np)
     if args.threads:
         env["SKCDF_CONV_THREADS"] = str(args.threads)
@@ -233,7 +263,7 @@ def main() -> None:
     pre = Path(env["nnUNet_preprocessed"]) / raw.name
     hidden = hidden_label_cases(pre, raw)
     for arm, fold in schedule(args.arms, args.runs, args.ablation_runs):
-        if stored(arm, fold, budget):
+        if stored(arm, fold, budget, task):
             print(f"{arm.key} ({arm.name}) fold {fold}: stored in {STORE.name}/", flush=True)
             continue
         if "train" in args.stages:
@@ -246,28 +276,32 @@ def main() -> None:
         if "final" in args.stages:
             predict_final(args.dataset, arm, fold, raw, work, env, log)
         if {"curves", "final"} <= set(args.stages):
-            store_run(arm, fold, raw, work, env, log, budget, args.np)
+            store_run(arm, fold, raw, work, env, log, budget, task, args.np)
             print(f"{arm.key} ({arm.name}) fold {fold}: done and stored", flush=True)
     if "report" in args.stages:
         from convergence_report import report
 
-        report(args, budget, load_store(budget), raw, work, time.perf_counter() - t0,
-               other_budgets=load_store(budget, same=False))
+        report(args, budget, load_store(budget, task), raw, work, time.perf_counter() - t0,
+               other_budgets=load_store(budget, task, same=False), task=task)
 
 
 # ---------------------------------------------------------------------------------------------- the store
-def store_file(arm: Arm, fold: int, budget: dict) -> Path:
-    """One file per arm, fold and budget: a longer-budget check (``--work`` elsewhere, ``--iterations`` more)
-    is stored beside the main runs, never over them."""
-    return STORE / f"{arm.key}_fold{fold}_{budget['iterations']}it.json"
+def store_file(arm: Arm, fold: int, budget: dict, task: dict) -> Path:
+    """One file per arm, fold, task and budget (``a_fold0_4lab_4000it.json``, ``c_fold3_alllab_4000it.json``): a
+    longer-budget check or a harder task is stored beside the main runs, never over them."""
+    return STORE / f"{arm.key}_fold{fold}_{arm_task(arm, task)['labeled']}lab_{budget['iterations']}it.json"
 
 
-def stored(arm: Arm, fold: int, budget: dict) -> bool:
-    path = store_file(arm, fold, budget)
-    return path.exists() and json.loads(path.read_text())["budget"] == budget
+def stored(arm: Arm, fold: int, budget: dict, task: dict) -> bool:
+    path = store_file(arm, fold, budget, task)
+    if not path.exists():
+        return False
+    run = json.loads(path.read_text())
+    return run["budget"] == budget and run["task"] == arm_task(arm, task)
 
 
-def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, budget: dict, np_: str) -> None:
+def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, budget: dict, task: dict,
+              np_: str) -> None:
     """One finished run -> its store file (atomic): what the report needs, without the checkpoints."""
     import torch
 
@@ -287,6 +321,7 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
     STORE.mkdir(parents=True, exist_ok=True)
     atomic_save_json({
         "arm": arm.key, "name": arm.name, "trainer": arm.trainer, "fold": fold, "budget": budget,
+        "task": arm_task(arm, task),
         "commit": commit(), "date": datetime.date.today().isoformat(), "machine": machine(),
         "train_epoch_s_median": float(np.median(epoch_s)),
         "curve": json.loads(curve.read_text()) if curve.exists() else None,
@@ -294,15 +329,17 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
         "lambda": [float(x) for x in logging.get("consistency_weight", [])],
         "train_pseudo_fractions": logging.get("pseudo_label_fractions", []),
         "keep_rates": json.loads(rates[-1]) if rates else None,
-        "prediction_folder": str(work / "predictions" / f"{arm.key}_fold{fold}")}, str(store_file(arm, fold, budget)))
+        "prediction_folder": str(work / "predictions" / f"{arm.key}_fold{fold}")},
+        str(store_file(arm, fold, budget, task)))
 
 
-def load_store(budget: dict, same: bool = True) -> Dict[str, list]:
-    """{arm: [stored run, ...]} of this budget (``same``) or of every other budget, folds in order."""
+def load_store(budget: dict, task: dict, same: bool = True) -> Dict[str, list]:
+    """{arm: [stored run, ...]} of this task and budget (``same``) or of this task and every other budget."""
     runs: Dict[str, list] = {}
-    for path in sorted(STORE.glob("*_fold*_*it.json")):
+    for path in sorted(STORE.glob("*_fold*_*lab_*it.json")):
         run = json.loads(path.read_text())
-        if (run["budget"] == budget) == same:
+        if run["arm"] in ARMS and run["task"] == arm_task(ARMS[run["arm"]], task) \
+                and (run["budget"] == budget) == same:
             runs.setdefault(run["arm"], []).append(run)
     return runs
 

@@ -259,7 +259,7 @@ def longer_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: Li
 
 
 def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wall_s: float,
-           other_budgets: Optional[Dict[str, list]] = None) -> None:
+           other_budgets: Optional[Dict[str, list]] = None, task: Optional[dict] = None) -> None:
     from convergence import ARMS, SMALLEST
     from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
 
@@ -290,7 +290,7 @@ def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wal
     expected = {k: len(a.folds(args.ablation_runs if a.ablation else args.runs)) for k, a in ARMS.items()}
     missing = {k: n - len(runs.get(k, [])) for k, n in expected.items() if n > len(runs.get(k, []))}
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit(),
-               "command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]), "budget": budget,
+               "command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]), "budget": budget, "task": task,
                "status": "partial" if missing else "complete", "missing_runs": missing,
                "stored_runs": {k: [(r["fold"], r["commit"], r["date"]) for r in v] for k, v in runs.items()},
                "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
@@ -307,6 +307,15 @@ def commit() -> str:
                               cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         return "unknown"
+
+
+def task_line(task: Optional[dict]) -> str:
+    if not task:
+        return ""
+    other = f"{task['num_train'] - int(task['val'])}" if str(task["val"]).isdigit() else "non-validation"
+    return (f"Task: phantom with {task['num_train']} training cases ({task['val']} validation, {task['labeled']} of "
+            f"the other {other} labelled, the rest with hidden labels), {task['num_unlabeled']} imagesUnlabeled "
+            f"images, {task['num_test']} test cases; (c) trains on all {other} with labels.")
 
 
 def markdown(r: dict, figures: dict) -> str:
@@ -338,6 +347,7 @@ Command: `{r['command']}` — {r['date']} — commit {r['commit']} — {r['machi
 Runs stored in `benchmarks/results/convergence/` (arm: fold, commit, date): {r['stored_runs'] or 'none'}.
 Runs still missing: {r['missing_runs'] or 'none'}. Median training epoch (50 iterations): {r['train_epoch_s_median']} s.
 
+{task_line(r.get('task'))}
 Budget: {r['budget']['iterations']} iterations per arm (epochs of 50, nnU-Net's poly schedule over the budget),
 curve points at iterations {its}. Test-set Dice in these curves: nnU-Net sliding window on the preprocessed grid
 (`convergence_eval.py`); the final table below: stock `nnUNetv2_predict` + `skcdf_evaluate`.

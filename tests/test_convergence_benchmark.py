@@ -91,23 +91,44 @@ def test_goals_arithmetic():
         "status": "needs arms (a) and (b)"}
 
 
-def _stored_run(arm, fold, iterations, dice_small, dice_other):
+TASK = {"num_train": 24, "num_unlabeled": 12, "num_test": 8, "val": "4", "labeled": "4"}
+
+
+def test_task_is_fixed_per_work_folder(tmp_path):
+    assert C.fixed_task(tmp_path, TASK) == TASK
+    with pytest.raises(SystemExit, match=r"another task \(labeled 4 -> 2\); use another --work folder "
+                                         r"\(e\.g\. skcdf_data/convergence_2lab\)"):
+        C.fixed_task(tmp_path, {**TASK, "labeled": "2"})
+    assert json.loads((tmp_path / "task.json").read_text()) == TASK
+
+
+def _stored_run(arm, fold, iterations, dice_small, dice_other, labeled="4"):
     mean = {"0": {"Dice": 0.99}, "1": {"Dice": dice_small}, "2": {"Dice": dice_other}}
     return {"arm": arm, "name": arm.upper(), "fold": fold, "budget": {"iterations": iterations},
-            "final_summary": {"mean": mean}}
+            "task": {**TASK, "labeled": labeled}, "final_summary": {"mean": mean}}
 
 
-def test_runs_of_another_budget_are_stored_beside_and_reported_against_the_same_fold(tmp_path, monkeypatch):
+def test_store_keys_runs_by_task_and_budget_and_reports_other_budgets_against_the_same_fold(tmp_path, monkeypatch):
     main, longer = {"iterations": 4000}, {"iterations": 8000}
-    assert C.store_file(C.ARMS["a"], 0, main).name == "a_fold0_4000it.json"
-    assert C.store_file(C.ARMS["a"], 0, longer).name == "a_fold0_8000it.json"
+    a, c = C.ARMS["a"], C.ARMS["c"]
+    assert C.store_file(a, 0, main, TASK).name == "a_fold0_4lab_4000it.json"
+    assert C.store_file(a, 0, longer, TASK).name == "a_fold0_4lab_8000it.json"
+    two = {**TASK, "labeled": "2"}
+    assert C.store_file(a, 0, main, two).name == "a_fold0_2lab_4000it.json"
+    assert C.store_file(c, 3, main, TASK) == C.store_file(c, 3, main, two)  # (c) does not depend on --labeled
+    assert C.store_file(c, 3, main, TASK).name == "c_fold3_alllab_4000it.json"
     monkeypatch.setattr(C, "STORE", tmp_path)
     for run in (_stored_run("a", 0, 4000, 0.70, 0.90), _stored_run("a", 1, 4000, 0.5, 0.5),
-                _stored_run("a", 0, 8000, 0.74, 0.92)):
-        (tmp_path / f"{run['arm']}_fold{run['fold']}_{run['budget']['iterations']}it.json").write_text(json.dumps(run))
-    runs, other = C.load_store(main), C.load_store(main, same=False)
+                _stored_run("a", 0, 8000, 0.74, 0.92), _stored_run("a", 0, 4000, 0.3, 0.3, labeled="2"),
+                _stored_run("c", 3, 4000, 0.9, 0.9, labeled="all")):
+        tag = f"{run['task']['labeled']}lab_{run['budget']['iterations']}it"
+        (tmp_path / f"{run['arm']}_fold{run['fold']}_{tag}.json").write_text(json.dumps(run))
+    runs, other = C.load_store(main, TASK), C.load_store(main, TASK, same=False)
     assert [r["fold"] for r in runs["a"]] == [0, 1] and [r["budget"]["iterations"] for r in other["a"]] == [8000]
-    assert C.stored(C.ARMS["a"], 1, main) and not C.stored(C.ARMS["a"], 1, longer)
+    assert [r["task"]["labeled"] for r in runs["a"]] == ["4", "4"]
+    assert [r["fold"] for r in C.load_store(main, two)["a"]] == [0]
+    assert C.load_store(main, two)["c"] == runs["c"]  # the upper bound serves every labelled count
+    assert C.stored(a, 1, main, TASK) and not C.stored(a, 1, longer, TASK) and not C.stored(a, 1, main, two)
     rows = R.longer_budgets(runs, other, ["1"])
     assert len(rows) == 1
     row = rows[0]
