@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -144,15 +144,25 @@ def arm_task(arm: "Arm", task: dict) -> dict:
     return {**task, "labeled": "all"} if arm.all_labelled else task
 
 
-def prepare(dataset: str, env: dict, log: Path, np_: str, args) -> Path:
+PHANTOM_KEYS = ("num_train", "num_unlabeled", "num_test")
+
+
+def prepare(dataset: str, env: dict, log: Path, np_: str, args, data_from: Optional[Path] = None) -> Path:
+    """Phantom + plans + preprocessing (once per folder; or copied from ``data_from``, a work folder of the same
+    phantom size), then the split of this task, its all-labelled folds, the unlabelled images, the CPU config."""
     raw, pre = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
     found = list(raw.glob(f"Dataset{dataset}_*"))
     if found and (pre / found[0].name / "convergence_split_done").exists():
         return found[0]
-    sh(["skcdf_make_phantom", "-d", dataset, "-n", "Convergence", "--num-train", str(args.num_train),
-        "--num-unlabeled", str(args.num_unlabeled), "--num-test", str(args.num_test), "-np", np_, "--overwrite",
-        "--no-progress"], env, log)
-    sh(["nnUNetv2_plan_and_preprocess", "-d", dataset, "-c", "3d_fullres", "-np", np_, "-npfp", np_], env, log)
+    if data_from is not None and not found:
+        copy_phantom(data_from, raw, pre, dataset, task_of(args))
+    found = list(raw.glob(f"Dataset{dataset}_*"))
+    if not (found and (pre / found[0].name / "convergence_planned").exists()):
+        sh(["skcdf_make_phantom", "-d", dataset, "-n", "Convergence", "--num-train", str(args.num_train),
+            "--num-unlabeled", str(args.num_unlabeled), "--num-test", str(args.num_test), "-np", np_,
+            "--overwrite", "--no-progress"], env, log)
+        sh(["nnUNetv2_plan_and_preprocess", "-d", dataset, "-c", "3d_fullres", "-np", np_, "-npfp", np_], env, log)
+        (pre / next(raw.glob(f"Dataset{dataset}_*")).name / "convergence_planned").touch()
     sh(["skcdf_split", "-d", dataset, "--labeled", str(args.labeled), "--val", str(args.val),
         "--add-unlabeled-images", "--folds", "3", "--fold-mode", "repeat", "--overwrite"], env, log)
     name = next(raw.glob(f"Dataset{dataset}_*")).name
@@ -161,6 +171,33 @@ def prepare(dataset: str, env: dict, log: Path, np_: str, args) -> Path:
     sh(["skcdf_add_cpu_config", "-d", dataset, "--overwrite"], env, log)
     (pre / name / "convergence_split_done").touch()
     return raw / name
+
+
+def copy_phantom(source: Path, raw: Path, pre: Path, dataset: str, task: dict) -> None:
+    """The phantom and its preprocessing from another work folder (deterministic: the same data this folder
+    would generate), without its split; refused unless that folder was prepared for the same phantom size."""
+    import shutil
+
+    try:
+        theirs = json.loads((source / "task.json").read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"--data-from {source}: no task.json there (not a convergence work folder, or prepared by "
+                         f"an older version); leave --data-from out to generate the phantom here.") from None
+    differs = {k: (theirs.get(k), task[k]) for k in PHANTOM_KEYS if theirs.get(k) != task[k]}
+    if differs:
+        raise SystemExit(f"--data-from {source}: another phantom ({differs}: theirs, this run); leave --data-from "
+                         f"out to generate the phantom here.")
+    src = list((source / "nnUNet_raw").glob(f"Dataset{dataset}_*"))
+    if not src or not (source / "nnUNet_preprocessed" / src[0].name / "nnUNetPlans.json").exists():
+        raise SystemExit(f"--data-from {source}: no planned Dataset{dataset} there; leave --data-from out.")
+    name = src[0].name
+    tmp_raw, tmp_pre = raw / f".{name}.copy{os.getpid()}", pre / f".{name}.copy{os.getpid()}"
+    shutil.copytree(src[0], tmp_raw)
+    shutil.copytree(source / "nnUNet_preprocessed" / name, tmp_pre,
+                    ignore=shutil.ignore_patterns("splits_final.json", "convergence_*"))
+    (tmp_pre / "convergence_planned").touch()
+    os.replace(tmp_pre, pre / name)  # preprocessed first: the raw folder's presence means 'copied'
+    os.replace(tmp_raw, raw / name)
 
 
 def add_all_labelled_folds(pre: Path, raw: Path) -> None:
@@ -246,6 +283,9 @@ def main() -> None:
                         choices=["train", "curves", "final", "report"])
     parser.add_argument("--work", help="work folder (default: skcdf_data/convergence_<labeled>lab); one budget "
                         "and one task (phantom size, split) per folder")
+    parser.add_argument("--data-from", help="copy the phantom and its preprocessing from this work folder (same "
+                        "--num-train/--num-unlabeled/--num-test) instead of generating them: another --labeled only "
+                        "needs its own split")
     parser.add_argument("-np", default="2")
     parser.add_argument("--threads", type=int, help="torch threads of each training (default: all cores, as "
                         "nnU-Net; 1 when other jobs share the machine: contended 2-thread barriers are 5-10x slower)")
@@ -259,7 +299,7 @@ def main() -> None:
         env["SKCDF_CONV_THREADS"] = str(args.threads)
     log = work / "convergence.log"
     t0 = time.perf_counter()
-    raw = prepare(args.dataset, env, log, args.np, args)
+    raw = prepare(args.dataset, env, log, args.np, args, Path(args.data_from) if args.data_from else None)
     pre = Path(env["nnUNet_preprocessed"]) / raw.name
     hidden = hidden_label_cases(pre, raw)
     for arm, fold in schedule(args.arms, args.runs, args.ablation_runs):

@@ -135,3 +135,34 @@ def test_store_keys_runs_by_task_and_budget_and_reports_other_budgets_against_th
     assert (row["arm"], row["fold"], row["iterations"]) == ("a", 0, 8000)
     assert row["mean"] == pytest.approx(83.0) and row["small"] == pytest.approx(74.0)  # background left out
     assert row["this_budget_mean"] == pytest.approx(80.0) and row["this_budget_small"] == pytest.approx(70.0)
+
+
+def _work_folder(root: Path, task: dict) -> Path:
+    (root / "nnUNet_raw" / "Dataset962_Convergence" / "imagesTr").mkdir(parents=True)
+    (root / "nnUNet_raw" / "Dataset962_Convergence" / "imagesTr" / "phantom_tr_0000_0000.nii.gz").write_bytes(b"x")
+    pre = root / "nnUNet_preprocessed" / "Dataset962_Convergence"
+    (pre / "nnUNetPlans_3d_fullres").mkdir(parents=True)
+    (pre / "nnUNetPlans_3d_fullres" / "phantom_tr_0000.b2nd").write_bytes(b"y")
+    for name in ("nnUNetPlans.json", "splits_final.json", "convergence_split_done"):
+        (pre / name).write_text("{}")
+    (root / "task.json").write_text(json.dumps(task))
+    return root
+
+
+def test_data_from_copies_the_phantom_without_its_split_and_refuses_another_phantom(tmp_path):
+    source = _work_folder(tmp_path / "four", TASK)
+    raw, pre = tmp_path / "two" / "nnUNet_raw", tmp_path / "two" / "nnUNet_preprocessed"
+    raw.mkdir(parents=True), pre.mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"another phantom \(\{'num_train': \(24, 30\)\}"):
+        C.copy_phantom(source, raw, pre, "962", {**TASK, "num_train": 30, "labeled": "2"})
+    assert not any(raw.iterdir()) and not any(pre.iterdir())
+    with pytest.raises(SystemExit, match="no task.json there"):
+        C.copy_phantom(tmp_path / "nowhere", raw, pre, "962", TASK)
+    C.copy_phantom(source, raw, pre, "962", {**TASK, "labeled": "2"})
+    copied = pre / "Dataset962_Convergence"
+    assert (raw / "Dataset962_Convergence" / "imagesTr" / "phantom_tr_0000_0000.nii.gz").read_bytes() == b"x"
+    assert (copied / "nnUNetPlans_3d_fullres" / "phantom_tr_0000.b2nd").read_bytes() == b"y"
+    assert (copied / "nnUNetPlans.json").exists() and (copied / "convergence_planned").exists()
+    assert not (copied / "splits_final.json").exists() and not (copied / "convergence_split_done").exists()
+    assert sorted(p.name for p in pre.iterdir()) == ["Dataset962_Convergence"]  # no temporary folder left
+    assert (source / "nnUNet_preprocessed" / "Dataset962_Convergence" / "splits_final.json").exists()  # untouched
