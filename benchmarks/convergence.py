@@ -27,8 +27,8 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
               python benchmarks/convergence.py --work skcdf_data/convergence_8000 --iterations 8000 --arms a \
                   --runs 1 --stages train curves final
             (without ``report``: the section is written from the main work folder's budget)
-  report    (after the runs) ``benchmarks/results/convergence.json``, PNGs and the BENCHMARKS.md section from the
-            store; missing runs are reported as such (status: partial).
+  report    (after the runs) ``benchmarks/results/convergence_<n>lab.json``, PNGs and the BENCHMARKS.md section
+            (one per task) from the store; missing runs are reported as such (status: partial).
 
     python benchmarks/convergence.py [--labeled 4] [--iterations 4000] [--points 8] [--arms a c b d e1 e2 f] [--runs 3]
 One work folder per task and budget: ``<work>/task.json`` and ``<work>/budget.json`` are fixed at its first run.

@@ -258,6 +258,11 @@ def longer_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: Li
     return rows
 
 
+def report_stem(task: Optional[dict]) -> str:
+    """One report per task: ``convergence_<n>lab`` (JSON, PNGs, BENCHMARKS.md section)."""
+    return f"convergence_{task['labeled']}lab" if task else "convergence"
+
+
 def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wall_s: float,
            other_budgets: Optional[Dict[str, list]] = None, task: Optional[dict] = None) -> None:
     from convergence import ARMS, SMALLEST
@@ -269,21 +274,22 @@ def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wal
     curves = curve_table(runs, small_keys)
     plateaus = {k: plateau(c) for k, c in curves.items()}
     longer = longer_budgets(runs, other_budgets or {}, small_keys)
+    stem = report_stem(task)
     RESULTS.mkdir(exist_ok=True)
     figures = {}
     if curves:
-        figures["curves"] = RESULTS / "convergence_curves.png"
+        figures["curves"] = RESULTS / f"{stem}_curves.png"
         plot_curves(curves, figures["curves"])
     diag = skcdf_diagnostics(runs, titles)
     if diag:
-        figures["diagnostics"] = RESULTS / "convergence_diagnostics.png"
+        figures["diagnostics"] = RESULTS / f"{stem}_diagnostics.png"
         plot_diagnostics(diag, titles, ITERATIONS_PER_EPOCH, figures["diagnostics"])
     final = final_table(runs, dataset_json)
     goal = goals(final["aggregate"], ARMS, list(SMALLEST)) if final else {}
     overlay_lines = []
     local = {k: r[0] for k, r in runs.items() if Path(r[0]["prediction_folder"]).is_dir()}
     if local:  # the predictions live in the work folder of the session that made them
-        figures["overlay"] = RESULTS / "convergence_overlay.png"
+        figures["overlay"] = RESULTS / f"{stem}_overlay.png"
         overlay_lines = plot_overlay({k: Path(r["prediction_folder"]) for k, r in local.items()},
                                      {k: r["name"] for k, r in local.items()}, raw,
                                      {k: r["final_summary"] for k, r in local.items()}, figures["overlay"])
@@ -296,9 +302,9 @@ def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wal
                "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
                "curves": curves, "plateau": plateaus, "longer_budgets": longer, "goals": goal, "diagnostics": diag,
                "final_table": final["table"] if final else None, "overlay": overlay_lines}
-    (RESULTS / "convergence.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(json.dumps({k: results[k] for k in ("status", "missing_runs", "plateau", "goals")}, indent=1, default=str))
-    write_section("convergence", markdown(results, figures))
+    write_section(stem, markdown(results, figures))
 
 
 def commit() -> str:
@@ -341,7 +347,8 @@ def markdown(r: dict, figures: dict) -> str:
     g = r["goals"]
     goal_text = json.dumps(g, indent=1, default=lambda x: round(x, 2) if isinstance(x, float) else str(x)) \
         if g else "no final table yet"
-    return f"""## Accuracy at convergence (`benchmarks/convergence.py`) — status: **{r['status']}**
+    labelled = f", {r['task']['labeled']} labelled cases" if r.get("task") else ""
+    return f"""## Accuracy at convergence{labelled} (`benchmarks/convergence.py`) — status: **{r['status']}**
 
 Command: `{r['command']}` — {r['date']} — commit {r['commit']} — {r['machine']}.
 Runs stored in `benchmarks/results/convergence/` (arm: fold, commit, date): {r['stored_runs'] or 'none'}.

@@ -166,3 +166,10 @@ def test_data_from_copies_the_phantom_without_its_split_and_refuses_another_phan
     assert not (copied / "splits_final.json").exists() and not (copied / "convergence_split_done").exists()
     assert sorted(p.name for p in pre.iterdir()) == ["Dataset962_Convergence"]  # no temporary folder left
     assert (source / "nnUNet_preprocessed" / "Dataset962_Convergence" / "splits_final.json").exists()  # untouched
+
+
+def test_one_report_per_task():
+    assert R.report_stem(TASK) == "convergence_4lab"
+    assert R.report_stem({**TASK, "labeled": "2"}) == "convergence_2lab"
+    line = R.task_line({**TASK, "labeled": "2"})
+    assert "24 training cases (4 validation, 2 of the other 20 labelled" in line and "all 20 with labels" in line
