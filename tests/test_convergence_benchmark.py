@@ -173,3 +173,21 @@ def test_one_report_per_task():
     assert R.report_stem({**TASK, "labeled": "2"}) == "convergence_2lab"
     line = R.task_line({**TASK, "labeled": "2"})
     assert "24 training cases (4 validation, 2 of the other 20 labelled" in line and "all 20 with labels" in line
+
+
+def test_head_drift_measures_the_full_resolution_head_pair_per_decoder():
+    import torch
+
+    import head_drift
+
+    state = {}
+    for decoder, scale in (("decoder_l", 0.5), ("decoder_u", 0.0)):
+        for stage in (0, 1):
+            w, b = torch.ones(14, 32, 1, 1, 1) * (stage + 1), torch.ones(14) * (stage + 1)
+            state[f"{decoder}.seg_layers.{stage}.weight"], state[f"{decoder}.seg_layers.{stage}.bias"] = w, b
+            state[f"{decoder}.balanced_seg_layers.{stage}.weight"] = w * (1 - scale)
+            state[f"{decoder}.balanced_seg_layers.{stage}.bias"] = b * (1 + 2 * scale)
+    drift = head_drift.head_drift(state)
+    assert drift["decoder_l"]["weight"] == pytest.approx(0.5) and drift["decoder_l"]["bias"] == pytest.approx(1.0)
+    assert drift["decoder_u"] == {"weight": 0.0, "bias": 0.0}  # heads equal: the main head became the balanced one
+    assert head_drift.head_drift({"encoder.x.weight": torch.ones(1)}) == {}
