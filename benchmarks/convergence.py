@@ -7,6 +7,8 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
   d  SKCDF with the reference code's masking (``_multiplyMask``)
   e1, e2  SKCDF ``_noSKC`` and ``_noABC`` (final budget only)
   f  SKCDF with the reference's per-head self mode (``_perHeadSelf``; final budget only)
+  g, h  candidate fixes from the first diagnosis (main heads absorbed by the balanced heads as lr anneals):
+     head EMA step scaled by lr / initial lr (``_lrScaledHeadEMA``), no head EMA (``_noHeadEMA``); with curves
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -30,7 +32,8 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
   report    (after the runs) ``benchmarks/results/convergence_<n>lab.json``, PNGs and the BENCHMARKS.md section
             (one per task) from the store; missing runs are reported as such (status: partial).
 
-    python benchmarks/convergence.py [--labeled 4] [--iterations 4000] [--points 8] [--arms a c b d e1 e2 f] [--runs 3]
+    python benchmarks/convergence.py [--labeled 4] [--iterations 4000] [--points 8] [--arms a c b d e1 e2 f g h] \
+        [--runs 3]
 One work folder per task and budget: ``<work>/task.json`` and ``<work>/budget.json`` are fixed at its first run.
 """
 from __future__ import annotations
@@ -82,8 +85,10 @@ ARMS = {a.key: a for a in (
     Arm("e1", "SKCDF w/o SKC", "SKCDFTrainer_noSKC_conv", ablation=True),
     Arm("e2", "SKCDF w/o ABC", "SKCDFTrainer_noABC_conv", ablation=True),
     Arm("f", "SKCDF per-head self mode", "SKCDFTrainer_perHeadSelf_conv", ablation=True),
+    Arm("g", "SKCDF head EMA step x lr/lr0", "SKCDFTrainer_lrScaledHeadEMA_conv", ablation=True),
+    Arm("h", "SKCDF no head EMA", "SKCDFTrainer_noHeadEMA_conv", ablation=True),
 )}
-CURVE_ARMS = ("a", "b", "c", "d")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h")
 
 
 # ---------------------------------------------------------------------------------------------- set-up

@@ -30,10 +30,12 @@ EXPECTED = {
     "SKCDFTrainer_rampup50": {"rampup_epochs": 50},
     "SKCDFTrainer_ema09": {"ema_momentum": 0.9},
     "SKCDFTrainer_ema0999": {"ema_momentum": 0.999},
+    "SKCDFTrainer_lrScaledHeadEMA": {"head_ema": "lr_scaled"},
+    "SKCDFTrainer_noHeadEMA": {"head_ema": "off"},
 }
 SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_self_heads",
             "skc_heads", "skc_window", "skc_dropout", "balanced_heads", "decoupled", "masking", "ema_couple_decoders",
-            "consistency_weight", "rampup_epochs", "ema_momentum", "num_epochs", "unlabeled_batch_size")
+            "consistency_weight", "rampup_epochs", "ema_momentum", "head_ema", "num_epochs", "unlabeled_batch_size")
 
 
 def _settings(trainer) -> dict:
@@ -76,7 +78,8 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
     # nnU-Net imports the extension folder under its own module names: classes compare by name
     found = recursive_find_trainer_class_by_name("SKCDFTrainer")
     assert found.__name__ == "SKCDFTrainer" and found.__mro__[1].__name__ == "nnUNetTrainer"
-    added_since = {"SKCDFTrainer_perHeadSelf", "SKCDFTrainer_divisorWindow"}  # never had an old name
+    added_since = {"SKCDFTrainer_perHeadSelf", "SKCDFTrainer_divisorWindow", "SKCDFTrainer_lrScaledHeadEMA",
+                   "SKCDFTrainer_noHeadEMA"}  # never had an old name
     expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
                     "nnUNetTrainerSKCDF_demo40epochs", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_20epochs",
                     "nnUNetTrainerSKCDF_100epochs"} | \
@@ -169,3 +172,39 @@ def test_no_ema_variant_moves_heads_but_not_decoder_u(trainer_factory):
     assert not torch.equal(head_u, before_head)  # H_u <- H_u_b still
     net.ema_update(trainer.ema_momentum, True)
     assert not torch.equal(stage_u, before_stage)
+
+
+def test_head_ema_modes_move_only_the_heads_by_the_stated_step(trainer_factory):
+    """constant: H <- m H + (1-m) H_b; lr_scaled: the step (1-m) times lr / initial lr; off: the heads stay.
+    D_u <- D_l keeps the constant m in every mode."""
+    results = {}
+    for cls in (SKCDFTrainer, A.SKCDFTrainer_lrScaledHeadEMA, A.SKCDFTrainer_noHeadEMA):
+        trainer = trainer_factory(cls)
+        trainer.initialize()
+        torch.manual_seed(0)
+        net = trainer._net()
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn_like(p))
+        trainer.optimizer.param_groups[0]["lr"] = trainer.initial_lr / 4  # as after some annealing
+        m_head = trainer._head_ema_momentum()
+        head_l, head_lb = net.decoder_l.seg_layers[-1].weight, net.decoder_l.balanced_seg_layers[-1].weight
+        stage_u, stage_l = net.decoder_u.stages[0].convs[0].conv.weight, net.decoder_l.stages[0].convs[0].conv.weight
+        expected_head = head_l.detach() + (1 - m_head) * (head_lb.detach() - head_l.detach())
+        expected_stage = stage_u.detach() + (1 - trainer.ema_momentum) * (stage_l.detach() - stage_u.detach())
+        net.ema_update(trainer.ema_momentum, trainer.ema_couple_decoders, m_head)
+        torch.testing.assert_close(head_l.detach(), expected_head)
+        torch.testing.assert_close(stage_u.detach(), expected_stage)
+        results[cls.__name__] = m_head
+    assert results["SKCDFTrainer"] == pytest.approx(0.99)
+    assert results["SKCDFTrainer_lrScaledHeadEMA"] == pytest.approx(1 - 0.01 / 4)
+    assert results["SKCDFTrainer_noHeadEMA"] == 1.0
+
+
+def test_unknown_head_ema_mode_is_refused(trainer_factory):
+    trainer = trainer_factory(SKCDFTrainer)
+    trainer.initialize()
+    trainer.head_ema = "cosine"
+    with pytest.raises(ValueError,
+                       match=r"head_ema = 'cosine': use 'constant' \(the reference\), 'lr_scaled' or 'off'"):
+        trainer._head_ema_momentum()

@@ -18,6 +18,8 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablati
     SKCDFTrainer_multiplyMask,
     SKCDFTrainer_noABC,
     SKCDFTrainer_noSKC,
+    SKCDFTrainer_lrScaledHeadEMA,
+    SKCDFTrainer_noHeadEMA,
     SKCDFTrainer_perHeadSelf,
 )
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
@@ -72,4 +74,12 @@ class SKCDFTrainer_noABC_conv(_ConvergenceBudget, SKCDFTrainer_noABC):
 
 
 class SKCDFTrainer_perHeadSelf_conv(_ConvergenceBudget, SKCDFTrainer_perHeadSelf):
+    pass
+
+
+class SKCDFTrainer_lrScaledHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_lrScaledHeadEMA):
+    pass
+
+
+class SKCDFTrainer_noHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_noHeadEMA):
     pass

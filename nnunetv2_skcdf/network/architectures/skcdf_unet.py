@@ -215,14 +215,32 @@ class SKCDFUNet(nn.Module):
         self.decoder_l.deep_supervision = self.decoder_u.deep_supervision = bool(enabled)
 
     @torch.no_grad()
-    def ema_update(self, momentum: float, couple_decoders: bool = True) -> None:
+    def ema_update(self, momentum: float, couple_decoders: bool = True, head_momentum: Optional[float] = None) -> None:
         """The method's EMA, in the reference order (one fused lerp per step):
-        1. H_l <- m H_l + (1-m) H_l_b;  2. D_u <- m D_u + (1-m) D_l (every parameter, heads included);
-        3. H_u <- m H_u + (1-m) H_u_b.
-        Steps 1 and 3 need balanced heads; step 2 needs two decoders and ``couple_decoders`` (False: the
-        no-EMA-coupling ablation)."""
-        for targets, sources in self._ema_steps(couple_decoders):  # in order: each step reads the previous one's
-            torch._foreach_lerp_(targets, sources, 1.0 - momentum)
+        1. H_l <- m_h H_l + (1-m_h) H_l_b;  2. D_u <- m D_u + (1-m) D_l (every parameter, heads included);
+        3. H_u <- m_h H_u + (1-m_h) H_u_b.
+        ``head_momentum`` m_h of steps 1 and 3 defaults to ``momentum`` (the reference: one m for all three);
+        1.0 leaves the heads alone. Steps 1 and 3 need balanced heads; step 2 needs two decoders and
+        ``couple_decoders`` (False: the no-EMA-coupling ablation)."""
+        m_head = momentum if head_momentum is None else head_momentum
+        for kind, (targets, sources) in zip(self._ema_kinds(couple_decoders), self._ema_steps(couple_decoders)):
+            m = m_head if kind == "head" else momentum  # in order: each step reads the previous one's result
+            if m != 1.0:
+                torch._foreach_lerp_(targets, sources, 1.0 - m)
+
+    def _ema_plan(self, couple_decoders: bool) -> List[Tuple[str, nn.Module, nn.Module]]:
+        """(kind, target, source) of ema_update's steps, in the reference order."""
+        plan = []
+        if self.decoder_l.has_balanced_heads:
+            plan.append(("head", self.decoder_l.seg_layers, self.decoder_l.balanced_seg_layers))
+        if self.decoupled and couple_decoders:
+            plan.append(("decoder", self.decoder_u, self.decoder_l))
+        if self.decoupled and self.decoder_u.has_balanced_heads:
+            plan.append(("head", self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers))
+        return plan
+
+    def _ema_kinds(self, couple_decoders: bool) -> List[str]:
+        return [kind for kind, _, _ in self._ema_plan(couple_decoders)]
 
     def _ema_steps(self, couple_decoders: bool) -> List[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
         """(targets, sources) tensor lists of ema_update's steps. Matching ~100 parameters and buffers by name
@@ -233,14 +251,7 @@ class SKCDFUNet(nn.Module):
         them onto its own copies."""
         key = bool(couple_decoders)
         if key not in self._ema_cache:
-            steps = []
-            if self.decoder_l.has_balanced_heads:
-                steps.append(ema_pairs(self.decoder_l.seg_layers, self.decoder_l.balanced_seg_layers))
-            if self.decoupled and couple_decoders:
-                steps.append(ema_pairs(self.decoder_u, self.decoder_l))
-            if self.decoupled and self.decoder_u.has_balanced_heads:
-                steps.append(ema_pairs(self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers))
-            self._ema_cache[key] = steps
+            self._ema_cache[key] = [ema_pairs(target, source) for _, target, source in self._ema_plan(key)]
         return self._ema_cache[key]
 
     def _apply(self, fn, *args, **kwargs):

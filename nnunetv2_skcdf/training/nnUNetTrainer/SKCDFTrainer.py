@@ -58,6 +58,8 @@ class SKCDFTrainer(nnUNetTrainer):
         # --- SKCDF hyperparameters (method page: reference values) ---
         self.ema_momentum = 0.99          # m: D_u <- m D_u + (1-m) D_l, main heads <- balanced heads
         self.ema_couple_decoders = True   # False: no D_u <- D_l EMA (ablation); the head EMA stays
+        self.head_ema = "constant"        # main heads <- balanced heads: "constant" m every iteration (reference);
+        #                                   "lr_scaled": step (1-m) x lr / initial lr; "off": no head EMA
         self.consistency_weight = 10.0    # w in lambda(t) = w exp(-5 (1 - t/T_ramp)^2)
         self.rampup_epochs = None         # T_ramp; None = all epochs (reference), 0 = no ramp-up
         self.masking = "exclude"          # "exclude": masked voxels leave CE and Dice; "multiply": reference code
@@ -216,7 +218,7 @@ class SKCDFTrainer(nnUNetTrainer):
         net = self._net()
 
         self.optimizer.zero_grad(set_to_none=True)
-        net.ema_update(self.ema_momentum, self.ema_couple_decoders)
+        net.ema_update(self.ema_momentum, self.ema_couple_decoders, self._head_ema_momentum())
         lam = self._consistency_weight()
         rates_u = C.annealed_keep_rates(self.class_keep_rates, self.current_epoch, self.num_epochs)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
@@ -237,6 +239,20 @@ class SKCDFTrainer(nnUNetTrainer):
             self.optimizer.zero_grad(set_to_none=True)
             self._count_nonfinite_step(outputs)
         return outputs
+
+    def _head_ema_momentum(self) -> float:
+        """m_h of the head EMA (main head <- balanced head). "constant": the reference's m every iteration, whatever
+        the learning rate, so that once nnU-Net's poly schedule has annealed SGD's pull the main heads converge to
+        the balanced ones (BENCHMARKS.md, accuracy at convergence); "lr_scaled": the step (1 - m) follows the
+        schedule (lr / initial lr), as an SGD step would; "off": 1.0, no head EMA."""
+        if self.head_ema == "constant":
+            return self.ema_momentum
+        if self.head_ema == "off":
+            return 1.0
+        if self.head_ema == "lr_scaled":
+            return 1.0 - (1.0 - self.ema_momentum) * self.optimizer.param_groups[0]["lr"] / self.initial_lr
+        raise ValueError(f"{type(self).__name__}.head_ema = {self.head_ema!r}: use 'constant' (the reference), "
+                         f"'lr_scaled' or 'off'.")
 
     def _consistency_weight(self) -> float:
         """lambda(t); ``rampup_epochs`` None = ramp over all epochs, 0 = full weight from the start."""

@@ -113,3 +113,10 @@ SKCDFTrainer_ema09 = _hyperparameter_variant(
     "SKCDFTrainer_ema09", "EMA momentum m = 0.9 (reference 0.99).", ema_momentum=0.9)
 SKCDFTrainer_ema0999 = _hyperparameter_variant(
     "SKCDFTrainer_ema0999", "EMA momentum m = 0.999 (reference 0.99).", ema_momentum=0.999)
+SKCDFTrainer_lrScaledHeadEMA = _hyperparameter_variant(
+    "SKCDFTrainer_lrScaledHeadEMA", "Head EMA (main head <- balanced head) whose step (1 - m) follows the learning "
+    "rate (x lr / initial lr): with nnU-Net's annealed schedule the main heads are no longer absorbed by the "
+    "balanced heads at the end of training. D_u <- D_l keeps the constant m.", head_ema="lr_scaled")
+SKCDFTrainer_noHeadEMA = _hyperparameter_variant(
+    "SKCDFTrainer_noHeadEMA", "No head EMA: the main heads learn from their own losses only; the balanced heads "
+    "act through the shared decoder features. D_u <- D_l keeps its EMA.", head_ema="off")
