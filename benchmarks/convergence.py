@@ -111,15 +111,20 @@ def fixed_budget(work: Path, iterations: int, points: int) -> dict:
     epochs = max(1, round(iterations / ITERATIONS_PER_EPOCH))
     wanted = {"iterations": epochs * ITERATIONS_PER_EPOCH, "epochs": epochs,
               "snapshot_epochs": sorted({max(1, round(k * epochs / points)) for k in range(1, points + 1)})}
-    path = work / "budget.json"
+    return _fixed_per_folder(work / "budget.json", wanted, lambda fixed: (
+        f"holds another budget ({fixed['iterations']} iterations, snapshots {fixed['snapshot_epochs']}); rerun "
+        f"with the same --iterations/--points or use another --work folder."))
+
+
+def _fixed_per_folder(path: Path, wanted: dict, refusal) -> dict:
+    """``wanted`` written to ``path`` at a work folder's first run; a later run wanting something else is refused
+    with ``f"{path} " + refusal(fixed)``."""
     if path.exists():
         fixed = json.loads(path.read_text())
         if fixed != wanted:
-            raise SystemExit(f"{path} holds another budget ({fixed['iterations']} iterations, snapshots "
-                             f"{fixed['snapshot_epochs']}); rerun with the same --iterations/--points or use "
-                             f"another --work folder.")
+            raise SystemExit(f"{path} {refusal(fixed)}")
         return fixed
-    work.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(wanted, indent=2) + "\n")
     return wanted
 
@@ -131,17 +136,10 @@ def task_of(args) -> dict:
 
 
 def fixed_task(work: Path, task: dict) -> dict:
-    path = work / "task.json"
-    if path.exists():
-        fixed = json.loads(path.read_text())
-        if fixed != task:
-            changed = ", ".join(f"{k} {fixed.get(k)} -> {v}" for k, v in task.items() if fixed.get(k) != v)
-            raise SystemExit(f"{path} was prepared for another task ({changed}); use another --work folder "
-                             f"(e.g. skcdf_data/convergence_{task['labeled']}lab) or the same options.")
-        return fixed
-    work.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(task, indent=2) + "\n")
-    return task
+    return _fixed_per_folder(work / "task.json", task, lambda fixed: (
+        "was prepared for another task ("
+        + ", ".join(f"{k} {fixed.get(k)} -> {v}" for k, v in task.items() if fixed.get(k) != v)
+        + f"); use another --work folder (e.g. skcdf_data/convergence_{task['labeled']}lab) or the same options."))
 
 
 def arm_task(arm: "Arm", task: dict) -> dict:
@@ -326,8 +324,8 @@ def main() -> None:
     if "report" in args.stages:
         from convergence_report import report
 
-        report(args, budget, load_store(budget, task), raw, work, time.perf_counter() - t0,
-               other_budgets=load_store(budget, task, same=False), task=task)
+        report(args, budget, task, load_store(budget, task), load_store(budget, task, same=False), raw, work,
+               time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------- the store

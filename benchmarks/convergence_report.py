@@ -258,13 +258,13 @@ def longer_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: Li
     return rows
 
 
-def report_stem(task: Optional[dict]) -> str:
+def report_stem(task: dict) -> str:
     """One report per task: ``convergence_<n>lab`` (JSON, PNGs, BENCHMARKS.md section)."""
-    return f"convergence_{task['labeled']}lab" if task else "convergence"
+    return f"convergence_{task['labeled']}lab"
 
 
-def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wall_s: float,
-           other_budgets: Optional[Dict[str, list]] = None, task: Optional[dict] = None) -> None:
+def report(args, budget: dict, task: dict, runs: Dict[str, list], other_budgets: Dict[str, list], raw: Path,
+           work: Path, wall_s: float) -> None:
     from convergence import ARMS, SMALLEST
     from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
 
@@ -273,7 +273,7 @@ def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wal
     small_keys = [k for k, t in titles.items() if t in SMALLEST]
     curves = curve_table(runs, small_keys)
     plateaus = {k: plateau(c) for k, c in curves.items()}
-    longer = longer_budgets(runs, other_budgets or {}, small_keys)
+    longer = longer_budgets(runs, other_budgets, small_keys)
     stem = report_stem(task)
     RESULTS.mkdir(exist_ok=True)
     figures = {}
@@ -296,7 +296,8 @@ def report(args, budget: dict, runs: Dict[str, list], raw: Path, work: Path, wal
     expected = {k: len(a.folds(args.ablation_runs if a.ablation else args.runs)) for k, a in ARMS.items()}
     missing = {k: n - len(runs.get(k, [])) for k, n in expected.items() if n > len(runs.get(k, []))}
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit(),
-               "command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]), "budget": budget, "task": task,
+               "command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]), "budget": budget,
+               "task": task,
                "status": "partial" if missing else "complete", "missing_runs": missing,
                "stored_runs": {k: [(r["fold"], r["commit"], r["date"]) for r in v] for k, v in runs.items()},
                "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
@@ -315,9 +316,7 @@ def commit() -> str:
         return "unknown"
 
 
-def task_line(task: Optional[dict]) -> str:
-    if not task:
-        return ""
+def task_line(task: dict) -> str:
     other = f"{task['num_train'] - int(task['val'])}" if str(task["val"]).isdigit() else "non-validation"
     return (f"Task: phantom with {task['num_train']} training cases ({task['val']} validation, {task['labeled']} of "
             f"the other {other} labelled, the rest with hidden labels), {task['num_unlabeled']} imagesUnlabeled "
@@ -347,14 +346,14 @@ def markdown(r: dict, figures: dict) -> str:
     g = r["goals"]
     goal_text = json.dumps(g, indent=1, default=lambda x: round(x, 2) if isinstance(x, float) else str(x)) \
         if g else "no final table yet"
-    labelled = f", {r['task']['labeled']} labelled cases" if r.get("task") else ""
-    return f"""## Accuracy at convergence{labelled} (`benchmarks/convergence.py`) — status: **{r['status']}**
+    labelled = f"{r['task']['labeled']} labelled cases"
+    return f"""## Accuracy at convergence, {labelled} (`benchmarks/convergence.py`) — status: **{r['status']}**
 
 Command: `{r['command']}` — {r['date']} — commit {r['commit']} — {r['machine']}.
 Runs stored in `benchmarks/results/convergence/` (arm: fold, commit, date): {r['stored_runs'] or 'none'}.
 Runs still missing: {r['missing_runs'] or 'none'}. Median training epoch (50 iterations): {r['train_epoch_s_median']} s.
 
-{task_line(r.get('task'))}
+{task_line(r['task'])}
 Budget: {r['budget']['iterations']} iterations per arm (epochs of 50, nnU-Net's poly schedule over the budget),
 curve points at iterations {its}. Test-set Dice in these curves: nnU-Net sliding window on the preprocessed grid
 (`convergence_eval.py`); the final table below: stock `nnUNetv2_predict` + `skcdf_evaluate`.

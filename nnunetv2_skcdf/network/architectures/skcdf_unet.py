@@ -125,7 +125,7 @@ class SKCDFUNet(nn.Module):
         # a buffer so that every checkpoint carries it
         self.register_buffer("class_voxel_counts", torch.zeros(num_classes, dtype=torch.long))
         # ema_update's tensor lists per couple_decoders flag, built on first use (see _ema_steps)
-        self._ema_cache: Dict[bool, List[Tuple[List[torch.Tensor], List[torch.Tensor]]]] = {}
+        self._ema_cache: Dict[bool, Tuple[List[str], List[Tuple[List[torch.Tensor], List[torch.Tensor]]]]] = {}
 
     # -------------------------------------------------------------------------------------------- paths
     def forward(self, x: torch.Tensor, x_u: Optional[torch.Tensor] = None) -> Union[Outputs, TrainingPass]:
@@ -223,8 +223,9 @@ class SKCDFUNet(nn.Module):
         1.0 leaves the heads alone. Steps 1 and 3 need balanced heads; step 2 needs two decoders and
         ``couple_decoders`` (False: the no-EMA-coupling ablation)."""
         m_head = momentum if head_momentum is None else head_momentum
-        for kind, (targets, sources) in zip(self._ema_kinds(couple_decoders), self._ema_steps(couple_decoders)):
-            m = m_head if kind == "head" else momentum  # in order: each step reads the previous one's result
+        kinds, steps = self._ema_cached(couple_decoders)
+        for kind, (targets, sources) in zip(kinds, steps):  # in order: each step reads the previous one's result
+            m = m_head if kind == "head" else momentum
             if m != 1.0:
                 torch._foreach_lerp_(targets, sources, 1.0 - m)
 
@@ -239,9 +240,6 @@ class SKCDFUNet(nn.Module):
             plan.append(("head", self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers))
         return plan
 
-    def _ema_kinds(self, couple_decoders: bool) -> List[str]:
-        return [kind for kind, _, _ in self._ema_plan(couple_decoders)]
-
     def _ema_steps(self, couple_decoders: bool) -> List[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
         """(targets, sources) tensor lists of ema_update's steps. Matching ~100 parameters and buffers by name
         walks the module tree (measured in benchmarks/ema_host_time.py), so the lists are built once and kept:
@@ -249,9 +247,14 @@ class SKCDFUNet(nn.Module):
         place); ``_apply`` (``.to()``, ``.cuda()``, ...) and ``load_state_dict`` may replace them and clear the
         cache. The lists hold the tensors themselves (not ``.data`` views), so a deep copy of the network maps
         them onto its own copies."""
+        return self._ema_cached(couple_decoders)[1]
+
+    def _ema_cached(self, couple_decoders: bool) -> Tuple[List[str], List[Tuple[List[torch.Tensor], ...]]]:
+        """(kinds, steps) of ema_update, built once per flag from ``_ema_plan`` (see ``_ema_steps``)."""
         key = bool(couple_decoders)
         if key not in self._ema_cache:
-            self._ema_cache[key] = [ema_pairs(target, source) for _, target, source in self._ema_plan(key)]
+            plan = self._ema_plan(key)
+            self._ema_cache[key] = ([kind for kind, _, _ in plan], [ema_pairs(t, s) for _, t, s in plan])
         return self._ema_cache[key]
 
     def _apply(self, fn, *args, **kwargs):
