@@ -17,7 +17,7 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             and for SKCDF arms D_l's predictions of the hidden-label training cases (the source of the pseudo
             labels) against their hidden labels, and predicted vs true class fractions
   final     stock ``nnUNetv2_predict`` of the final checkpoint + ``skcdf_evaluate`` (Dice, ASD, NSD, missed /
-            spurious organs)
+            spurious organs, islands: predicted components without a reference voxel)
   store     the run's result -> ``benchmarks/results/convergence/<arm>_fold<f>_<labelled>lab_<iterations>it.json``
             (curve, final per-case metrics, lambda(t), keep-rates, pseudo-label fractions, task, budget, commit).
             These files are committed: the work folder does not outlive a session here, the store does, and a run
@@ -29,6 +29,9 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
               python benchmarks/convergence.py --work skcdf_data/convergence_8000 --iterations 8000 --arms a \
                   --runs 1 --stages train curves final
             (without ``report``: the section is written from the main work folder's budget)
+  reevaluate  (only when asked) stored runs whose predictions are still in the work folder are evaluated again
+            with the current ``skcdf_evaluate`` to add metrics introduced after they were stored (islands); every
+            metric a run already has must come out identical, else its store file is left as it was
   report    (after the runs) ``benchmarks/results/convergence_<n>lab.json``, PNGs and the BENCHMARKS.md section
             (one per task) from the store; missing runs are reported as such (status: partial).
 
@@ -283,7 +286,10 @@ def main() -> None:
     parser.add_argument("--labeled", default="4", help="labelled cases (count or fraction of the non-val ones)")
     parser.add_argument("--val", default="4")
     parser.add_argument("--stages", nargs="+", default=["train", "curves", "final", "report"],
-                        choices=["train", "curves", "final", "report"])
+                        choices=["train", "curves", "final", "report", "reevaluate"],
+                        help="reevaluate (never by default): stored runs whose predictions are still in the work "
+                        "folder get skcdf_evaluate's current metrics (e.g. islands); every metric they already have "
+                        "must come out the same")
     parser.add_argument("--work", help="work folder (default: skcdf_data/convergence_<labeled>lab); one budget "
                         "and one task (phantom size, split) per folder")
     parser.add_argument("--data-from", help="copy the phantom and its preprocessing from this work folder (same "
@@ -308,6 +314,8 @@ def main() -> None:
     for arm, fold in schedule(args.arms, args.runs, args.ablation_runs):
         if stored(arm, fold, budget, task):
             print(f"{arm.key} ({arm.name}) fold {fold}: stored in {STORE.name}/", flush=True)
+            if "reevaluate" in args.stages:
+                reevaluate(arm, fold, raw, work, env, log, budget, task, args.np)
             continue
         if "train" in args.stages:
             train(args.dataset, arm, fold, raw, env, log)
@@ -374,6 +382,57 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
         "keep_rates": json.loads(rates[-1]) if rates else None,
         "prediction_folder": str(work / "predictions" / f"{arm.key}_fold{fold}")},
         str(store_file(arm, fold, budget, task)))
+
+
+def reevaluate(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, budget: dict, task: dict,
+               np_: str) -> bool:
+    """A stored run's final predictions evaluated again with the current ``skcdf_evaluate``: its
+    ``final_summary`` gains the metrics added since (``final_summary_reevaluated`` records when). Refused,
+    store unchanged, if the predictions are gone or any metric the run already had comes out different."""
+    import shutil
+
+    from convergence_report import commit
+    from nnunetv2_skcdf.utilities.io import atomic_save_json
+
+    path = store_file(arm, fold, budget, task)
+    run = json.loads(path.read_text())
+    pred = Path(run["prediction_folder"])
+    if not (pred / "done").exists():
+        print(f"{arm.key} fold {fold}: not re-evaluated, its predictions are not here ({pred})", flush=True)
+        return False
+    out = work / "reevaluate" / f"{arm.key}_fold{fold}"
+    shutil.rmtree(out, ignore_errors=True)
+    sh(["skcdf_evaluate", "-ref", str(raw / "labelsTs"), "-pred", str(pred), "--method", "run", "-o", str(out),
+        "-np", np_, "--no-plot"], env, log)
+    new = json.loads((out / "runs" / "run_run1" / "summary.json").read_text())
+    changed = summary_changes(run["final_summary"], new)
+    if changed:
+        print(f"{arm.key} fold {fold}: not re-evaluated, metrics it already had differ: {changed[:5]}", flush=True)
+        return False
+    run["final_summary"] = new
+    run["final_summary_reevaluated"] = {"commit": commit(), "date": datetime.date.today().isoformat()}
+    atomic_save_json(run, str(path))
+    print(f"{arm.key} fold {fold}: re-evaluated, {STORE.name}/{path.name} updated", flush=True)
+    return True
+
+
+def summary_changes(old: dict, new: dict) -> List[str]:
+    """``case/class/metric`` entries of ``old``'s per-case metrics that ``new`` lacks or has another value
+    for (NaN equals NaN)."""
+    if len(old["metric_per_case"]) != len(new["metric_per_case"]):
+        return ["number of cases"]
+    changes = []
+    for a, b in zip(old["metric_per_case"], new["metric_per_case"]):
+        case = Path(a["prediction_file"]).name
+        if Path(b["prediction_file"]).name != case:
+            changes.append(f"{case}: case order")
+            continue
+        for key, metrics in a["metrics"].items():
+            for name, value in metrics.items():
+                other = b["metrics"].get(key, {}).get(name)
+                if other is None or not (value == other or (np.isnan(value) and np.isnan(other))):
+                    changes.append(f"{case}/{key}/{name}: {value} -> {other}")
+    return changes
 
 
 def load_store(budget: dict, task: dict, same: bool = True) -> Dict[str, list]:

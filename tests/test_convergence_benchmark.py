@@ -191,3 +191,55 @@ def test_head_drift_measures_the_full_resolution_head_pair_per_decoder():
     assert drift["decoder_l"]["weight"] == pytest.approx(0.5) and drift["decoder_l"]["bias"] == pytest.approx(1.0)
     assert drift["decoder_u"] == {"weight": 0.0, "bias": 0.0}  # heads equal: the main head became the balanced one
     assert head_drift.head_drift({"encoder.x.weight": torch.ones(1)}) == {}
+
+
+def test_reevaluate_adds_new_metrics_and_refuses_changed_ones(tmp_path, monkeypatch):
+    """A stored run evaluated before islands were counted gains them from its kept predictions; a store whose
+    existing metrics would change is left byte for byte as it was; a run without its predictions is skipped."""
+    import os
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnunetv2_skcdf.evaluation.evaluate import evaluate_entry
+
+    raw, pred = tmp_path / "Dataset990_T", tmp_path / "predictions" / "a_fold0"
+    for folder in (raw / "labelsTs", pred):
+        folder.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "x": 1},
+                                                  "numTraining": 1, "file_ending": ".nii.gz"}))
+    ref = np.zeros((6, 8, 8), np.uint8)
+    ref[1:4, 1:4, 1:4] = 1
+    prd = ref.copy()
+    prd[5, 6:8, 6:8] = 1  # an island of 4 voxels
+    for labels, path in ((ref, raw / "labelsTs" / "c0.nii.gz"), (prd, pred / "c0.nii.gz")):
+        sitk.WriteImage(sitk.GetImageFromArray(labels), str(path))
+    (pred / "done").touch()
+    evaluate_entry(["-ref", str(raw / "labelsTs"), "-pred", str(pred), "-np", "1", "--no-plot"])
+    old = json.loads((pred / "summary.json").read_text())
+    for case in old["metric_per_case"]:  # as stored before islands existed
+        for metrics in case["metrics"].values():
+            del metrics["n_islands"], metrics["island_volume"]
+    monkeypatch.setattr(C, "STORE", tmp_path / "store")
+    arm, budget, task = C.ARMS["a"], {"iterations": 100}, {"labeled": "2"}
+    path = C.store_file(arm, 0, budget, {"labeled": "2"})
+    path.parent.mkdir()
+    run = {"arm": "a", "fold": 0, "budget": budget, "task": task, "final_summary": old, "prediction_folder": str(pred),
+           "commit": "abc1234"}
+    path.write_text(json.dumps(run))
+    env, log = dict(os.environ), tmp_path / "log.txt"
+    assert C.reevaluate(arm, 0, raw, tmp_path, env, log, budget, task, "1")
+    stored = json.loads(path.read_text())
+    assert stored["final_summary"]["metric_per_case"][0]["metrics"]["1"]["n_islands"] == 1
+    assert stored["final_summary"]["skcdf"]["per_class"]["1"]["islands"] == 1
+    assert stored["commit"] == "abc1234" and set(stored["final_summary_reevaluated"]) == {"commit", "date"}
+
+    old["metric_per_case"][0]["metrics"]["1"]["Dice"] = 0.5  # a metric the run had: must not change silently
+    path.write_text(json.dumps({**run, "final_summary": old}))
+    before = path.read_bytes()
+    assert not C.reevaluate(arm, 0, raw, tmp_path, env, log, budget, task, "1")
+    assert path.read_bytes() == before
+    assert C.summary_changes(old, stored["final_summary"]) == [f"c0.nii.gz/1/Dice: 0.5 -> {2 * 27 / (27 + 31)}"]
+
+    (pred / "done").unlink()
+    assert not C.reevaluate(arm, 0, raw, tmp_path, env, log, budget, task, "1")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunetv2_skcdf.evaluation.evaluate import (CaseJob, PAPER_EMPTY_DISTANCE, evaluate_case, evaluate_entry,
-                                                resolve_nsd_tolerances)
+from nnunetv2_skcdf.evaluation.evaluate import (CaseJob, PAPER_EMPTY_DISTANCE, aggregate_runs, evaluate_case,
+                                                evaluate_entry, island_metrics, resolve_nsd_tolerances)
 from nnunetv2_skcdf.evaluation.surface_metrics import surface_metrics
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 
@@ -125,6 +125,75 @@ def test_empty_masks_paper_rules(tmp_path):
     assert m[3]["Dice"] == 1.0 and m[3]["ASD"] == 0.0 and m[3]["HD95"] == 0.0  # both empty: 100 %, 0
 
 
+def test_island_metrics():
+    """Components without a reference voxel, full connectivity: a diagonal neighbour joins the component, a
+    face-adjacent but disjoint blob is an island, overlap by one voxel is not."""
+    ref, pred = np.zeros((8, 12, 12), bool), np.zeros((8, 12, 12), bool)
+    ref[2:5, 2:5, 2:5] = True
+    pred[2:5, 2:5, 2:5] = True  # the organ
+    pred[5, 5, 5] = True  # touches the organ's corner only diagonally: same component (26-connectivity)
+    pred[2:4, 2:4, 6:8] = True  # one voxel gap from the organ along x (x = 5 empty): island of 8 voxels
+    pred[7, 10:12, 10:12] = True  # far away: island of 4 voxels
+    pred[0, 0, 0], ref[0, 0, 0] = True, True  # a component that is all reference: not an island
+    m = island_metrics(pred, ref, voxel_volume=2.0)
+    assert m == {"n_islands": 2, "island_volume": 2.0 * (8 + 4)}
+    assert island_metrics(pred, np.zeros_like(ref), 1.0) == {"n_islands": 4, "island_volume": float(pred.sum())}
+    assert island_metrics(np.zeros_like(pred), ref, 1.0) == {"n_islands": 0, "island_volume": 0.0}
+    flat_ref, flat_pred = np.zeros((6, 6), bool), np.zeros((6, 6), bool)
+    flat_ref[0:2, 0:2] = flat_pred[0:2, 0:2] = True
+    flat_pred[2, 2] = True  # 8-connected to the organ in 2D
+    flat_pred[4:6, 4] = True
+    assert island_metrics(flat_pred, flat_ref, 0.5) == {"n_islands": 1, "island_volume": 1.0}
+
+
+def test_islands_in_case_metrics(tmp_path):
+    """In mm^3 from the file's spacing (voxels with --voxel-units); per class; ignore-label voxels are no
+    prediction; a class absent from both masks has none."""
+    ref, pred = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
+    ref[1:4, 2:6, 2:6] = 1
+    ref[0, 10:12, 10:12] = 4  # ignore label
+    pred[1:4, 2:6, 2:6] = 1
+    pred[5, 0:2, 9:12] = 1  # spleen island, 6 voxels
+    pred[0, 10:12, 10:12] = 1  # inside the ignore region: not counted
+    pred[4:6, 8:10, 0:2] = 2  # liver predicted, not in the reference: 8 voxels
+    write(ref, tmp_path / "r.nii.gz")
+    write(pred, tmp_path / "p.nii.gz")
+    base = replace(job(tmp_path / "r.nii.gz", tmp_path / "p.nii.gz"), allowed_labels=(0, 1, 2, 3, 4), ignore_label=4)
+    voxel_mm3 = float(np.prod(SITK_SPACING))
+    m = evaluate_case(base)["metrics"]
+    assert (m[1]["n_islands"], m[1]["island_volume"]) == (1, pytest.approx(6 * voxel_mm3))
+    assert (m[2]["n_islands"], m[2]["island_volume"]) == (1, pytest.approx(8 * voxel_mm3))
+    assert (m[3]["n_islands"], m[3]["island_volume"]) == (0, 0.0)
+    voxels = evaluate_case(replace(base, voxel_units=True))["metrics"]
+    assert voxels[1]["island_volume"] == 6 and voxels[2]["island_volume"] == 8
+    paper = evaluate_case(replace(base, paper_rules=True))["metrics"]
+    assert paper[2]["n_islands"] == 1 and paper[2]["ASD"] == PAPER_EMPTY_DISTANCE  # the rules leave islands alone
+
+
+def test_aggregate_of_summaries_without_islands():
+    """A summary written before islands were counted (stored benchmark runs) aggregates to None: the table says
+    n/a instead of a false 0."""
+    from nnunetv2_skcdf.evaluation.paper_table import island_table
+
+    def summary(with_islands):
+        counts = {"n_valid": {m: 1 for m in ("Dice", "IoU", "ASD", "ASSD", "HD95", "NSD")}, "missed": 0,
+                  "spurious": 0, **({"islands": 2, "island_volume": 5.0} if with_islands else {})}
+        return {"mean": {"1": {m: 0.5 for m in ("Dice", "IoU", "ASD", "ASSD", "HD95", "NSD")}},
+                "foreground_mean": {m: 0.5 for m in ("Dice", "IoU", "ASD", "ASSD", "HD95", "NSD")},
+                "skcdf": {"n_cases": 1, "per_class": {"1": counts}}}
+
+    classes = [{"key": "1", "name": "spleen", "column": "Sp"}]
+    runs = [{"method": "new", "pred_folder": "x", "output_folder": "", "summary": summary(True)},
+            {"method": "new", "pred_folder": "y", "output_folder": "", "summary": summary(True)},
+            {"method": "mixed", "pred_folder": "z", "output_folder": "", "summary": summary(False)},
+            {"method": "mixed", "pred_folder": "w", "output_folder": "", "summary": summary(True)}]
+    aggregate = aggregate_runs(runs, classes, {"rules": "nnunet", "units": "mm"})
+    assert aggregate["methods"][0]["islands"] == {"1": 4} and aggregate["methods"][0]["island_volume"] == {"1": 10.0}
+    assert aggregate["methods"][1]["islands"] == {"1": None}
+    table = "\n".join(island_table(aggregate))
+    assert "| new | 2 | 4 (10) |" in table and "| mixed | 2 | n/a |" in table
+
+
 def test_nsd_tolerances():
     names = {"1": "spleen", "2": "liver", "3": "gall bladder", "4": "arota", "5": "tumour"}
     regions = (1, 2, 3, 4, 5)
@@ -233,6 +302,9 @@ def test_multi_run_aggregation(dataset):
     # B: gall bladder missed in one case and spurious in the other -> Dice 0, ASD n/a (NaN in both cases)
     assert "| B | 66.67 | 0.00 | 100.00 | 100.00 | 0.00 |" in table
     assert "| B | 2 | 0/0 | 0/0 | 1/1 |" in table and "| A | 4 | 0/0 | 0/0 | 0/0 |" in table
+    # islands: B's spurious gall bladder (2x2x2 voxels of 1.3 x 0.7 x 3.0 mm = 21.8 mm^3); a half spleen has none
+    assert "### Islands" in table and "total volume in mm³" in table
+    assert "| B | 2 | 0 (0) | 0 (0) | 1 (22) |" in table and "| A | 4 | 0 (0) | 0 (0) | 0 (0) |" in table
     aggregate = json.loads((out / "aggregate.json").read_text())
     a = aggregate["methods"][0]
     assert a["name"] == "A" and len(a["runs"]) == 2 and aggregate["std_ddof"] == 0

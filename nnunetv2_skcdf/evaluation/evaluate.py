@@ -19,7 +19,15 @@ medpy. Single-slice images are evaluated as 2D.
 Empty masks. Default (nnU-Net) rules: Dice NaN when both masks are empty (0 when one is); all surface metrics
 NaN when either mask is empty; means over cases ignore NaN and ``summary.json['skcdf']`` says how many cases
 contributed. Missed organs (reference non-empty, prediction empty) and spurious organs (prediction non-empty,
-reference empty) are counted per class. ``--paper-rules`` reproduces the SKCDF paper's protocol instead: one
+reference empty) are counted per class.
+
+Islands. ``n_islands`` = connected components of the prediction (full connectivity: 26 neighbours in 3D, 8 in
+2D) that share no voxel with the reference, ``island_volume`` = their total volume (mm^3, or voxels with
+``--voxel-units``): false-positive components such as a small organ predicted on the body wall, which Dice and
+the means of surface distances barely see. A component that overlaps the reference by one voxel is not an
+island; when the reference is empty every predicted component is one. Voxels with the ignore label are not
+prediction voxels here either. The empty-mask rules do not change them; sums over cases (and runs) are reported
+per class. ``--paper-rules`` reproduces the SKCDF paper's protocol instead: one
 mask empty -> Dice 0, ASD (and ASD_ref_to_pred, ASSD, HD95) 128, NSD 0; both empty -> Dice 1 (= 100 % in
 tables), distances 0, NSD 1. (The published code stored 1 for Dice on a 0-100 scale, a scale slip; 100 % is
 what it means and what we use.) IoU follows Dice under paper rules.
@@ -48,7 +56,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from scipy.ndimage import find_objects
+from scipy.ndimage import find_objects, generate_binary_structure, label
 
 from nnunetv2_skcdf.evaluation.paper_table import (STD_DDOF, canonical_organ, column_title, normalise_name,
                                                    plot_dice_per_class, write_paper_table)
@@ -76,6 +84,8 @@ FALLBACK_NSD_TOLERANCE_MM = 3.0
 PAPER_EMPTY_DISTANCE = 128.0
 #: metrics that aggregate.json and the tables summarise over runs
 AGGREGATED_METRICS = ("Dice", "IoU", "ASD", "ASSD", "HD95", "NSD")
+#: per case and class: predicted components without a voxel in the reference, and their volume
+ISLAND_METRICS = ("n_islands", "island_volume")
 
 SUMMARY_FILE = "summary.json"
 CASES_CSV = "metrics_per_case.csv"
@@ -210,6 +220,20 @@ def overlap_metrics(tp: int, fp: int, fn: int, tn: int) -> Dict[str, float]:
             "FP": fp, "TP": tp, "FN": fn, "TN": tn, "n_pred": fp + tp, "n_ref": fn + tp}
 
 
+def island_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume: float) -> Dict[str, float]:
+    """Connected components of ``pred`` (full connectivity) that share no voxel with ``ref``: how many, and their
+    total volume (``voxel_volume`` per voxel). Every component is an island when ``ref`` is empty."""
+    pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
+    if not pred.any():
+        return {"n_islands": 0, "island_volume": 0.0}  # also the value of a class absent from both masks
+    components, n = label(pred, structure=generate_binary_structure(pred.ndim, pred.ndim))
+    island = np.ones(n + 1, dtype=bool)
+    island[0] = False  # background
+    island[components[ref]] = False  # components with at least one reference voxel
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    return {"n_islands": int(island.sum()), "island_volume": float(sizes[island].sum() * voxel_volume)}
+
+
 def apply_paper_rules(metrics: Dict[str, float]) -> Dict[str, float]:
     """The SKCDF paper's empty-mask values (see module doc); cases with two non-empty masks are unchanged."""
     pred_empty, ref_empty = metrics["n_pred"] == 0, metrics["n_ref"] == 0
@@ -227,7 +251,7 @@ def region_metrics(job: CaseJob, region: Region, ref: np.ndarray, pred: np.ndarr
     from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
 
     if box is None:
-        metrics = {**overlap_metrics(0, 0, 0, n_valid), **nan_metrics()}
+        metrics = {**overlap_metrics(0, 0, 0, n_valid), **nan_metrics(), "n_islands": 0, "island_volume": 0.0}
     else:
         ignore_crop = None if ignore is None else ignore[box]
         mask_ref, mask_pred = region_or_label_to_mask(ref[box], region), region_or_label_to_mask(pred[box], region)
@@ -236,7 +260,8 @@ def region_metrics(job: CaseJob, region: Region, ref: np.ndarray, pred: np.ndarr
             mask_pred = mask_pred & ~ignore_crop
         # the box is already the union bounding box plus one voxel, so no further cropping (crop=False)
         metrics = {**overlap_metrics(tp, fp, fn, n_valid - tp - fp - fn),
-                   **surface_metrics(mask_pred, mask_ref, spacing, job.nsd_tolerances[region], crop=False)}
+                   **surface_metrics(mask_pred, mask_ref, spacing, job.nsd_tolerances[region], crop=False),
+                   **island_metrics(mask_pred, mask_ref, float(np.prod(spacing)))}
     return apply_paper_rules(metrics) if job.paper_rules else metrics
 
 
@@ -280,6 +305,8 @@ def class_counts(cases: List[dict], key: str) -> dict:
         "missed": int(np.sum((n_ref > 0) & (n_pred == 0))),
         "spurious": int(np.sum((n_pred > 0) & (n_ref == 0))),
         "both_empty": int(np.sum((n_pred == 0) & (n_ref == 0))),
+        "islands": int(sum(e["n_islands"] for e in entries)),
+        "island_volume": float(sum(e["island_volume"] for e in entries)),
     }
 
 
@@ -333,6 +360,10 @@ def _run_stat(values: Sequence[float]) -> dict:
             "n_runs": int(finite.size), "per_run": values.tolist()}
 
 
+def _sum_or_none(values: Sequence[Optional[float]]):
+    return None if any(v is None for v in values) else sum(values)
+
+
 def aggregate_runs(runs: List[dict], class_info: List[dict], settings: dict) -> dict:
     """Methods (runs grouped by name, first-appearance order) with mean/std over runs of every run's per-class
     means and class averages. ``runs``: ``[{'method', 'pred_folder', 'output_folder', 'summary'}]``.
@@ -356,6 +387,9 @@ def aggregate_runs(runs: List[dict], class_info: List[dict], settings: dict) -> 
                        for c in class_info},
             "spurious": {c["key"]: sum(s["skcdf"]["per_class"][c["key"]]["spurious"] for s in summaries)
                          for c in class_info},
+            # summaries written before islands were counted have none: None (the tables say n/a)
+            **{name: {c["key"]: _sum_or_none([s["skcdf"]["per_class"][c["key"]].get(name) for s in summaries])
+                      for c in class_info} for name in ("islands", "island_volume")},
             "cases_evaluated": sum(s["skcdf"]["n_cases"] for s in summaries),
         })
     return {**settings, "std_ddof": STD_DDOF, "classes": class_info, "methods": out}
@@ -539,7 +573,10 @@ def _settings(paper_rules: bool, voxel_units: bool, regions, names, tolerances) 
                 "ASD_ref_to_pred": "mean distance reference surface -> prediction surface",
                 "ASSD": "mean of the pooled distances of both directions (medpy >= 0.5 assd)",
                 "HD95": "95th percentile of the pooled distances of both directions (medpy hd95)",
-                "NSD": "share of surface voxels of both masks within the tolerance of the other surface"}}
+                "NSD": "share of surface voxels of both masks within the tolerance of the other surface",
+                "n_islands": "connected components (full connectivity) of the prediction without a reference voxel",
+                "island_volume": f"total volume of those components ({unit}^3)" if unit == "mm"
+                else "total voxels of those components"}}
 
 
 def _write_aggregate(runs, regions, names, settings, folder: str, plot: bool) -> dict:
@@ -572,6 +609,8 @@ definitions (distances in mm from the image spacing, or voxels with --voxel-unit
   HD95  95th percentile of the pooled distances of both directions (medpy hd95)
   NSD   surface Dice: share of surface voxels of both masks within the tolerance of the other surface
   Surfaces = mask minus its erosion with the connectivity-1 structure (as medpy).
+  islands   predicted connected components (full connectivity) that share no voxel with the reference:
+            count and volume per case (CSV) and summed over cases and runs (paper_table.md)
 empty masks:
   default      Dice NaN if both masks are empty (0 if one is); surface metrics NaN if either is empty;
                means ignore NaN; missed/spurious organs are counted per class

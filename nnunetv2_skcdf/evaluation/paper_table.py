@@ -120,6 +120,20 @@ def empty_mask_table(aggregate: dict) -> List[str]:
     return _table(header, rows)
 
 
+def island_table(aggregate: dict) -> List[str]:
+    """Per organ ``islands (volume)``: predicted components without a reference voxel, summed over a method's
+    cases and runs; ``n/a`` for summaries written before islands were counted."""
+    classes = aggregate["classes"]
+    header = ["Method", "cases", *(c["column"] for c in classes)]
+    rows = []
+    for m in aggregate["methods"]:
+        counts, volumes = m.get("islands", {}), m.get("island_volume", {})
+        rows.append([m["name"], str(m["cases_evaluated"]),
+                     *("n/a" if counts.get(c["key"]) is None else f"{counts[c['key']]} ({volumes[c['key']]:.0f})"
+                       for c in classes)])
+    return _table(header, rows)
+
+
 def _notes(aggregate: dict) -> List[str]:
     unit = aggregate["units"]
     runs = ", ".join(f"{m['name']}: {len(m['runs'])}" for m in aggregate["methods"])
@@ -138,13 +152,21 @@ def _notes(aggregate: dict) -> List[str]:
     ]
 
 
+def volume_unit(aggregate: dict) -> str:
+    return "mm³" if aggregate["units"] == "mm" else aggregate["units"]
+
+
 def paper_table(aggregate: dict) -> str:
-    """The whole Markdown text: main table, notes, further metrics, missed/spurious organ counts."""
+    """The whole Markdown text: main table, notes, further metrics, missed/spurious organ counts, islands."""
     lines = ["## Results (`skcdf_evaluate`)", "", *main_table(aggregate), "", *_notes(aggregate), "",
              "### Further metrics", "", *further_metrics_table(aggregate), "",
              "### Missed / spurious organs", "",
              "Cases with the organ in the reference but not in the prediction (missed) / in the prediction but not "
-             "in the reference (spurious), summed over runs.", "", *empty_mask_table(aggregate)]
+             "in the reference (spurious), summed over runs.", "", *empty_mask_table(aggregate), "",
+             "### Islands", "",
+             "Connected components of the prediction (full connectivity) that share no voxel with the reference "
+             f"organ: their number (total volume in {volume_unit(aggregate)}), summed over cases and runs.", "",
+             *island_table(aggregate)]
     return "\n".join(lines) + "\n"
 
 
