@@ -236,6 +236,25 @@ def goals(aggregate: dict, arms: dict, small: List[str]) -> dict:
     return out
 
 
+def islands_per_run(aggregate: dict, small: List[str]) -> Dict[str, Optional[dict]]:
+    """Per arm: islands (predicted components without a reference voxel) per run over all test cases, their
+    volume in cm^3, over all organs and over the ``small`` columns; None where a run was stored before islands
+    were counted (``--stages reevaluate`` adds them while its predictions are still in the work folder)."""
+    out = {}
+    for m in aggregate["methods"]:
+        counts, volumes = m.get("islands", {}), m.get("island_volume", {})
+        if not counts or any(v is None for v in counts.values()):
+            out[m["name"]] = None
+            continue
+        runs = len(m["runs"])
+        small_keys = [c["key"] for c in aggregate["classes"] if c["column"] in small]
+        out[m["name"]] = {"runs": runs, "all": sum(counts.values()) / runs,
+                          "all_cm3": sum(volumes.values()) / runs / 1000,
+                          "small": sum(counts[k] for k in small_keys) / runs,
+                          "small_cm3": sum(volumes[k] for k in small_keys) / runs / 1000}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- report
 def final_mean_dice(run: dict, small_keys: Optional[List[str]] = None) -> float:
     """Mean test Dice (points) of a stored run's final prediction (stock predict + skcdf_evaluate), over the
@@ -286,6 +305,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], other_budgets:
         plot_diagnostics(diag, titles, ITERATIONS_PER_EPOCH, figures["diagnostics"])
     final = final_table(runs, dataset_json)
     goal = goals(final["aggregate"], ARMS, list(SMALLEST)) if final else {}
+    islands = islands_per_run(final["aggregate"], list(SMALLEST)) if final else {}
     overlay_lines = []
     local = {k: r[0] for k, r in runs.items() if Path(r[0]["prediction_folder"]).is_dir()}
     if local:  # the predictions live in the work folder of the session that made them
@@ -302,7 +322,8 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], other_budgets:
                "stored_runs": {k: [(r["fold"], r["commit"], r["date"]) for r in v] for k, v in runs.items()},
                "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
                "curves": curves, "plateau": plateaus, "longer_budgets": longer, "goals": goal, "diagnostics": diag,
-               "final_table": final["table"] if final else None, "overlay": overlay_lines}
+               "final_table": final["table"] if final else None, "islands_per_run": islands,
+               "overlay": overlay_lines}
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(json.dumps({k: results[k] for k in ("status", "missing_runs", "plateau", "goals")}, indent=1, default=str))
     write_section(stem, markdown(results, figures))
@@ -324,6 +345,8 @@ def task_line(task: dict) -> str:
 
 
 def markdown(r: dict, figures: dict) -> str:
+    from convergence import SMALLEST
+
     rows = []
     for key, c in r["curves"].items():
         p = r["plateau"].get(key)
@@ -343,6 +366,14 @@ def markdown(r: dict, figures: dict) -> str:
                   + longer)
     its = ", ".join(str(i) for i in next(iter(r["curves"].values()))["iterations"]) if r["curves"] else "-"
     pics = "\n".join(f"![{k}](benchmarks/results/{Path(v).name})" for k, v in figures.items())
+    islands = "\n".join(
+        f"| {name} | {x['runs']} | {x['all']:.1f} | {x['all_cm3']:.1f} | {x['small']:.1f} | {x['small_cm3']:.2f} |"
+        if x else f"| {name} | - | n/a | n/a | n/a | n/a |" for name, x in r.get("islands_per_run", {}).items())
+    if islands:
+        islands = ("Islands per run (predicted components with no voxel in the reference organ, over the "
+                   f"{r['task']['num_test']} test cases; 4 smallest = {', '.join(SMALLEST)}):\n\n"
+                   "| arm | runs | islands, all organs | volume cm³ | islands, 4 smallest | volume cm³ |\n"
+                   "|---|---|---|---|---|---|\n" + islands)
     g = r["goals"]
     goal_text = json.dumps(g, indent=1, default=lambda x: round(x, 2) if isinstance(x, float) else str(x)) \
         if g else "no final table yet"
@@ -368,6 +399,8 @@ Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean D
 {pics}
 
 {r['final_table'] or ''}
+
+{islands}
 
 Goals (b vs a, gap (a)->(c)):
 ```

@@ -243,3 +243,12 @@ def test_reevaluate_adds_new_metrics_and_refuses_changed_ones(tmp_path, monkeypa
 
     (pred / "done").unlink()
     assert not C.reevaluate(arm, 0, raw, tmp_path, env, log, budget, task, "1")
+
+
+def test_islands_per_run_over_all_and_smallest_organs():
+    classes = [{"key": "1", "column": "LAG"}, {"key": "2", "column": "Li"}]
+    method = {"name": "A", "runs": [{}, {}], "islands": {"1": 4, "2": 10}, "island_volume": {"1": 500.0, "2": 9500.0}}
+    old = {"name": "B", "runs": [{}], "islands": {"1": None, "2": None}, "island_volume": {"1": None, "2": None}}
+    out = R.islands_per_run({"classes": classes, "methods": [method, old]}, ["LAG"])
+    assert out["A"] == {"runs": 2, "all": 7.0, "all_cm3": 5.0, "small": 2.0, "small_cm3": 0.25}
+    assert out["B"] is None
