@@ -5,7 +5,7 @@ ellipsoids of roughly real size (liver ~1.5 l, adrenal glands ~2 ml) and a predi
 shifted by 1-4 mm and rescaled by +-8 %, one organ missed, one spurious blob), writes both as .nii.gz and times
 
 - ours: ``evaluate_case`` = read both files with nnU-Net's reader + every metric of every class (Dice, IoU,
-  TP/FP/FN/TN, ASD, ASSD, HD95, NSD) in the bounding box of each class; median of ``--repeats`` runs;
+  TP/FP/FN/TN, ASD, ASSD, HD95, NSD, islands) in the bounding box of each class; median of ``--repeats`` runs;
 - full volume: the same metrics with full-volume masks and full-volume distance transforms (what medpy's
   functions do; one EDT per direction and class), arrays already in memory; median of ``--full-repeats``;
 - medpy: ``medpy.metric.binary.asd`` alone for the liver (one full-volume EDT), to tie the figure to medpy.
@@ -95,7 +95,7 @@ def full_volume_metrics(ref: np.ndarray, pred: np.ndarray, spacing, tolerances: 
     """Reference computation: full-volume masks, counts and distance transforms, no bounding boxes."""
     from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn
 
-    from nnunetv2_skcdf.evaluation.evaluate import overlap_metrics
+    from nnunetv2_skcdf.evaluation.evaluate import island_metrics, overlap_metrics
     from nnunetv2_skcdf.evaluation.surface_metrics import surface_metrics
 
     out = {}
@@ -103,7 +103,8 @@ def full_volume_metrics(ref: np.ndarray, pred: np.ndarray, spacing, tolerances: 
         mask_ref, mask_pred = ref == label, pred == label
         tp, fp, fn, tn = (int(v) for v in compute_tp_fp_fn_tn(mask_ref, mask_pred))
         out[label] = {**overlap_metrics(tp, fp, fn, tn),
-                      **surface_metrics(mask_pred, mask_ref, spacing, tolerances[label], crop=False)}
+                      **surface_metrics(mask_pred, mask_ref, spacing, tolerances[label], crop=False),
+                      **island_metrics(mask_pred, mask_ref, float(np.prod(spacing)))}
     return out
 
 
@@ -166,7 +167,7 @@ Command: `{command}` — {r['date']} — {r['machine']} (shared with other jobs 
 One synthetic Synapse-sized case: {r['shape_zyx']} voxels (z, y, x), spacing {r['spacing_zyx_mm']} mm, the 13
 Synapse organs as ellipsoids of realistic size ({min(sizes)} to {max(sizes)} voxels); prediction = organs shifted
 by 1-4 mm and rescaled by up to 8 %, one organ missed, one spurious blob. All metrics of all 13 classes (Dice, IoU,
-TP/FP/FN/TN, ASD, ASD_ref_to_pred, ASSD, HD95, NSD).
+TP/FP/FN/TN, ASD, ASD_ref_to_pred, ASSD, HD95, NSD, islands).
 
 | computation | per case | repetitions |
 |---|---|---|
