@@ -2,13 +2,17 @@
 
 Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_trainers.py``):
   a  labelled-only ``nnUNetTrainer`` on the 20 % labelled split (folds 0-2: 3 runs of one split)
-  b  ``SKCDFTrainer`` on the same split, with the hidden-label training cases and imagesUnlabeled as unlabelled
+  b  SKCDF on the same split, with the hidden-label training cases and imagesUnlabeled as unlabelled, with the
+     defaults up to 0.2 (the reference's constant head EMA; ``SKCDFTrainer_constantHeadEMA``: the stored runs were
+     trained as ``SKCDFTrainer`` before 0.3.0 changed the default to the lr-scaled head EMA of arm (g))
   c  ``nnUNetTrainer`` with every training case labelled (folds 3-5: the upper bound)
-  d  SKCDF with the reference code's masking (``_multiplyMask``)
+  d  SKCDF with the reference code's masking (``_multiplyMask``); d, e1, e2, f, h change one thing of the current
+     defaults (since 0.3.0: with the lr-scaled head EMA)
   e1, e2  SKCDF ``_noSKC`` and ``_noABC`` (final budget only)
   f  SKCDF with the reference's per-head self mode (``_perHeadSelf``; final budget only)
-  g, h  candidate fixes from the first diagnosis (main heads absorbed by the balanced heads as lr anneals):
-     head EMA step scaled by lr / initial lr (``_lrScaledHeadEMA``), no head EMA (``_noHeadEMA``); with curves
+  g, h  fixes from the first diagnosis (main heads absorbed by the balanced heads as lr anneals): head EMA step
+     scaled by lr / initial lr (``_lrScaledHeadEMA``; ``SKCDFTrainer``'s default since 0.3.0, so a main arm with
+     --runs runs), no head EMA (``_noHeadEMA``); with curves
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -82,13 +86,13 @@ class Arm:
 
 ARMS = {a.key: a for a in (
     Arm("a", "nnU-Net (labelled only)", "nnUNetTrainer_conv", skcdf=False),
-    Arm("b", "SKCDF", "SKCDFTrainer_conv"),
+    Arm("b", "SKCDF 0.2 defaults (constant head EMA)", "SKCDFTrainer_constantHeadEMA_conv"),
     Arm("c", "nnU-Net (all labelled)", "nnUNetTrainer_conv", all_labelled=True, skcdf=False),
     Arm("d", "SKCDF multiply mask", "SKCDFTrainer_multiplyMask_conv", ablation=True),
     Arm("e1", "SKCDF w/o SKC", "SKCDFTrainer_noSKC_conv", ablation=True),
     Arm("e2", "SKCDF w/o ABC", "SKCDFTrainer_noABC_conv", ablation=True),
     Arm("f", "SKCDF per-head self mode", "SKCDFTrainer_perHeadSelf_conv", ablation=True),
-    Arm("g", "SKCDF head EMA step x lr/lr0", "SKCDFTrainer_lrScaledHeadEMA_conv", ablation=True),
+    Arm("g", "SKCDF 0.3 defaults (head EMA step x lr/lr0)", "SKCDFTrainer_lrScaledHeadEMA_conv"),  # a main arm
     Arm("h", "SKCDF no head EMA", "SKCDFTrainer_noHeadEMA_conv", ablation=True),
 )}
 CURVE_ARMS = ("a", "b", "c", "d", "g", "h")
@@ -278,7 +282,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=4000, help="training iterations of every arm")
     parser.add_argument("--points", type=int, default=8, help="snapshots for the learning curves")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--runs", type=int, default=3, help="runs of the main arms a, b, c")
+    parser.add_argument("--runs", type=int, default=3, help="runs of the main arms a, b, c, g")
     parser.add_argument("--ablation-runs", type=int, default=1)
     parser.add_argument("--num-train", type=int, default=24)
     parser.add_argument("--num-unlabeled", type=int, default=12)

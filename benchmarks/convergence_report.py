@@ -33,6 +33,13 @@ def _mean(d: Dict[str, float], keys=None) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- curves
+def arm_name(run: dict) -> str:
+    """The arm's current name (a stored run keeps the name it had when it was stored)."""
+    from convergence import ARMS
+
+    return ARMS[run["arm"]].name
+
+
 def curve_table(runs: Dict[str, list], small_keys: List[str]) -> Dict[str, dict]:
     """{arm: {'iterations': [...], 'mean': [[run values] per point], 'small': [...]}} from the stored runs."""
     from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
@@ -43,7 +50,7 @@ def curve_table(runs: Dict[str, list], small_keys: List[str]) -> Dict[str, dict]
         if not curves:
             continue
         epochs = sorted(set.intersection(*(set(map(int, c)) for c in curves)))
-        out[key] = {"name": stored[0]["name"], "runs": len(curves),
+        out[key] = {"name": arm_name(stored[0]), "runs": len(curves),
                     "iterations": [e * ITERATIONS_PER_EPOCH for e in epochs],
                     "mean": [[_mean(c[str(e)]["test_dice"]) for c in curves] for e in epochs],
                     "small": [[_mean(c[str(e)]["test_dice"], small_keys) for c in curves] for e in epochs]}
@@ -203,17 +210,18 @@ def final_table(runs: Dict[str, list], dataset_json: dict) -> Optional[dict]:
     keys = [k for k in ordered[0]["final_summary"]["mean"] if k != "0"]
     class_info = [{"key": k, "name": names.get(k, k), "column": column_title(names.get(k, k))} for k in keys]
     settings = {"rules": "nnunet", "units": "mm"}
-    aggregate = aggregate_runs([{"method": r["name"], "pred_folder": r["prediction_folder"], "output_folder": "",
+    aggregate = aggregate_runs([{"method": arm_name(r), "pred_folder": r["prediction_folder"], "output_folder": "",
                                  "summary": r["final_summary"]} for r in ordered], class_info, settings)
     return {"table": paper_table(aggregate).strip(), "aggregate": aggregate}
 
 
-def goals(aggregate: dict, arms: dict, small: List[str]) -> dict:
-    """The issue's goals at the plateau, from skcdf_evaluate's aggregate (Dice in points, ASD mm, NSD %)."""
+def goals(aggregate: dict, arms: dict, small: List[str], skcdf: str = "b") -> dict:
+    """The issue's goals at the plateau for the SKCDF arm ``skcdf`` against (a), from skcdf_evaluate's aggregate
+    (Dice in points, ASD mm, NSD %)."""
     by = {m["name"]: m for m in aggregate["methods"]}
-    a, b, c = (by.get(arms[k].name) for k in ("a", "b", "c"))
+    a, b, c = (by.get(arms[k].name) for k in ("a", skcdf, "c"))
     if a is None or b is None:
-        return {"status": "needs arms (a) and (b)"}
+        return {"status": f"needs arms (a) and ({skcdf})"}
     keys = [cl["key"] for cl in aggregate["classes"] if cl["column"] in small]
 
     def avg(m, metric):
@@ -222,12 +230,13 @@ def goals(aggregate: dict, arms: dict, small: List[str]) -> dict:
     def small_dice(m):
         return 100 * float(np.mean([m["per_class"][k]["Dice"]["mean"] for k in keys]))
 
-    out = {"mean_dice": {"a": 100 * avg(a, "Dice"), "b": 100 * avg(b, "Dice")},
+    out = {"mean_dice": {"a": 100 * avg(a, "Dice"), skcdf: 100 * avg(b, "Dice")},
            "gain_mean": 100 * (avg(b, "Dice") - avg(a, "Dice")), "gain_small": small_dice(b) - small_dice(a),
-           "asd": {"a": avg(a, "ASD"), "b": avg(b, "ASD")}, "nsd": {"a": 100 * avg(a, "NSD"), "b": 100 * avg(b, "NSD")}}
+           "asd": {"a": avg(a, "ASD"), skcdf: avg(b, "ASD")},
+           "nsd": {"a": 100 * avg(a, "NSD"), skcdf: 100 * avg(b, "NSD")}}
     out["goal_gain_mean_5"] = out["gain_mean"] >= 5
     out["goal_gain_small_10"] = out["gain_small"] >= 10
-    out["goal_asd_nsd_not_worse"] = out["asd"]["b"] <= out["asd"]["a"] and out["nsd"]["b"] >= out["nsd"]["a"]
+    out["goal_asd_nsd_not_worse"] = avg(b, "ASD") <= avg(a, "ASD") and avg(b, "NSD") >= avg(a, "NSD")
     if c is not None:
         gap = avg(c, "Dice") - avg(a, "Dice")
         out["mean_dice"]["c"] = 100 * avg(c, "Dice")
@@ -269,7 +278,7 @@ def longer_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: Li
     for key, stored in sorted(other.items()):
         for run in stored:
             here = next((r for r in runs.get(key, []) if r["fold"] == run["fold"]), None)
-            rows.append({"arm": key, "name": run["name"], "fold": run["fold"],
+            rows.append({"arm": key, "name": arm_name(run), "fold": run["fold"],
                          "iterations": run["budget"]["iterations"], "mean": final_mean_dice(run),
                          "small": final_mean_dice(run, small_keys),
                          "this_budget_mean": final_mean_dice(here) if here else None,
@@ -304,14 +313,15 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], other_budgets:
         figures["diagnostics"] = RESULTS / f"{stem}_diagnostics.png"
         plot_diagnostics(diag, titles, ITERATIONS_PER_EPOCH, figures["diagnostics"])
     final = final_table(runs, dataset_json)
-    goal = goals(final["aggregate"], ARMS, list(SMALLEST)) if final else {}
+    # (g) is SKCDFTrainer's default since 0.3.0, (b) the defaults up to 0.2
+    goal = {k: goals(final["aggregate"], ARMS, list(SMALLEST), k) for k in ("g", "b")} if final else {}
     islands = islands_per_run(final["aggregate"], list(SMALLEST)) if final else {}
     overlay_lines = []
     local = {k: r[0] for k, r in runs.items() if Path(r[0]["prediction_folder"]).is_dir()}
     if local:  # the predictions live in the work folder of the session that made them
         figures["overlay"] = RESULTS / f"{stem}_overlay.png"
         overlay_lines = plot_overlay({k: Path(r["prediction_folder"]) for k, r in local.items()},
-                                     {k: r["name"] for k, r in local.items()}, raw,
+                                     {k: arm_name(r) for k, r in local.items()}, raw,
                                      {k: r["final_summary"] for k, r in local.items()}, figures["overlay"])
     expected = {k: len(a.folds(args.ablation_runs if a.ablation else args.runs)) for k, a in ARMS.items()}
     missing = {k: n - len(runs.get(k, [])) for k, n in expected.items() if n > len(runs.get(k, []))}
@@ -402,7 +412,7 @@ Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean D
 
 {islands}
 
-Goals (b vs a, gap (a)->(c)):
+Goals of each SKCDF arm against (a), gap (a)->(c); (g) = SKCDFTrainer's defaults since 0.3.0, (b) = up to 0.2:
 ```
 {goal_text}
 ```"""

@@ -30,7 +30,8 @@ EXPECTED = {
     "SKCDFTrainer_rampup50": {"rampup_epochs": 50},
     "SKCDFTrainer_ema09": {"ema_momentum": 0.9},
     "SKCDFTrainer_ema0999": {"ema_momentum": 0.999},
-    "SKCDFTrainer_lrScaledHeadEMA": {"head_ema": "lr_scaled"},
+    "SKCDFTrainer_constantHeadEMA": {"head_ema": "constant"},
+    "SKCDFTrainer_lrScaledHeadEMA": {},  # the default since 0.3.0, pinned under the name its benchmark runs used
     "SKCDFTrainer_noHeadEMA": {"head_ema": "off"},
 }
 SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_self_heads",
@@ -79,7 +80,7 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
     found = recursive_find_trainer_class_by_name("SKCDFTrainer")
     assert found.__name__ == "SKCDFTrainer" and found.__mro__[1].__name__ == "nnUNetTrainer"
     added_since = {"SKCDFTrainer_perHeadSelf", "SKCDFTrainer_divisorWindow", "SKCDFTrainer_lrScaledHeadEMA",
-                   "SKCDFTrainer_noHeadEMA"}  # never had an old name
+                   "SKCDFTrainer_noHeadEMA", "SKCDFTrainer_constantHeadEMA"}  # never had an old name
     expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
                     "nnUNetTrainerSKCDF_demo40epochs", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_20epochs",
                     "nnUNetTrainerSKCDF_100epochs"} | \
@@ -175,10 +176,10 @@ def test_no_ema_variant_moves_heads_but_not_decoder_u(trainer_factory):
 
 
 def test_head_ema_modes_move_only_the_heads_by_the_stated_step(trainer_factory):
-    """constant: H <- m H + (1-m) H_b; lr_scaled: the step (1-m) times lr / initial lr; off: the heads stay.
-    D_u <- D_l keeps the constant m in every mode."""
+    """lr_scaled (default): the step (1-m) times lr / initial lr; constant: H <- m H + (1-m) H_b; off: the heads
+    stay. D_u <- D_l keeps the constant m in every mode."""
     results = {}
-    for cls in (SKCDFTrainer, A.SKCDFTrainer_lrScaledHeadEMA, A.SKCDFTrainer_noHeadEMA):
+    for cls in (SKCDFTrainer, A.SKCDFTrainer_lrScaledHeadEMA, A.SKCDFTrainer_constantHeadEMA, A.SKCDFTrainer_noHeadEMA):
         trainer = trainer_factory(cls)
         trainer.initialize()
         torch.manual_seed(0)
@@ -196,8 +197,8 @@ def test_head_ema_modes_move_only_the_heads_by_the_stated_step(trainer_factory):
         torch.testing.assert_close(head_l.detach(), expected_head)
         torch.testing.assert_close(stage_u.detach(), expected_stage)
         results[cls.__name__] = m_head
-    assert results["SKCDFTrainer"] == pytest.approx(0.99)
-    assert results["SKCDFTrainer_lrScaledHeadEMA"] == pytest.approx(1 - 0.01 / 4)
+    assert results["SKCDFTrainer"] == results["SKCDFTrainer_lrScaledHeadEMA"] == pytest.approx(1 - 0.01 / 4)
+    assert results["SKCDFTrainer_constantHeadEMA"] == pytest.approx(0.99)
     assert results["SKCDFTrainer_noHeadEMA"] == 1.0
 
 

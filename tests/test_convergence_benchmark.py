@@ -89,6 +89,11 @@ def test_goals_arithmetic():
                 or g["goal_asd_nsd_not_worse"])
     assert R.goals({"classes": [], "methods": [_method("A", 0.8, 3, 0.7, 0.6)]}, arms, ["LAG"]) == {
         "status": "needs arms (a) and (b)"}
+    arms["g"] = C.Arm("g", "G", "t", ablation=True)  # the goals of another SKCDF arm, keyed by its letter
+    aggregate["methods"].append(_method("G", 0.87, 2.0, 0.76, 0.65))
+    g = R.goals(aggregate, arms, ["LAG"], "g")
+    assert g["mean_dice"] == pytest.approx({"a": 80.0, "g": 87.0, "c": 90.0}) and g["gap_closed"] == pytest.approx(0.7)
+    assert g["goal_asd_nsd_not_worse"] and not g["goal_gain_small_10"]
 
 
 TASK = {"num_train": 24, "num_unlabeled": 12, "num_test": 8, "val": "4", "labeled": "4"}

@@ -13,8 +13,8 @@ import os
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import (
+    SKCDFTrainer_constantHeadEMA,
     SKCDFTrainer_multiplyMask,
     SKCDFTrainer_noABC,
     SKCDFTrainer_noSKC,
@@ -57,8 +57,9 @@ class nnUNetTrainer_conv(_ConvergenceBudget, nnUNetTrainer):
     pass
 
 
-class SKCDFTrainer_conv(_ConvergenceBudget, SKCDFTrainer):
-    pass
+class SKCDFTrainer_constantHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_constantHeadEMA):
+    """Arm (b): SKCDF's defaults up to 0.2 (constant head EMA), pinned so that new runs match the stored ones
+    (those were trained as ``SKCDFTrainer_conv`` before 0.3.0 changed the default)."""
 
 
 class SKCDFTrainer_multiplyMask_conv(_ConvergenceBudget, SKCDFTrainer_multiplyMask):

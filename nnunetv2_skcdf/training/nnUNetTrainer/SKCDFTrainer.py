@@ -58,8 +58,9 @@ class SKCDFTrainer(nnUNetTrainer):
         # --- SKCDF hyperparameters (method page: reference values) ---
         self.ema_momentum = 0.99          # m: D_u <- m D_u + (1-m) D_l, main heads <- balanced heads
         self.ema_couple_decoders = True   # False: no D_u <- D_l EMA (ablation); the head EMA stays
-        self.head_ema = "constant"        # main heads <- balanced heads: "constant" m every iteration (reference);
-        #                                   "lr_scaled": step (1-m) x lr / initial lr; "off": no head EMA
+        self.head_ema = "lr_scaled"       # main heads <- balanced heads: step (1-m) x lr / initial lr (default since
+        #                                   0.3.0, measured: BENCHMARKS.md); "constant": m every iteration (the
+        #                                   reference, default up to 0.2); "off": no head EMA
         self.consistency_weight = 10.0    # w in lambda(t) = w exp(-5 (1 - t/T_ramp)^2)
         self.rampup_epochs = None         # T_ramp; None = all epochs (reference), 0 = no ramp-up
         self.masking = "exclude"          # "exclude": masked voxels leave CE and Dice; "multiply": reference code
@@ -241,10 +242,11 @@ class SKCDFTrainer(nnUNetTrainer):
         return outputs
 
     def _head_ema_momentum(self) -> float:
-        """m_h of the head EMA (main head <- balanced head). "constant": the reference's m every iteration, whatever
+        """m_h of the head EMA (main head <- balanced head). "lr_scaled" (default): the step (1 - m) follows the
+        schedule (lr / initial lr), as an SGD step would; "constant": the reference's m every iteration, whatever
         the learning rate, so that once nnU-Net's poly schedule has annealed SGD's pull the main heads converge to
-        the balanced ones (BENCHMARKS.md, accuracy at convergence); "lr_scaled": the step (1 - m) follows the
-        schedule (lr / initial lr), as an SGD step would; "off": 1.0, no head EMA."""
+        the balanced ones and over-segment the rare organs (BENCHMARKS.md, accuracy at convergence: the reason
+        for the 0.3.0 default); "off": 1.0, no head EMA."""
         if self.head_ema == "constant":
             return self.ema_momentum
         if self.head_ema == "off":

@@ -113,10 +113,15 @@ SKCDFTrainer_ema09 = _hyperparameter_variant(
     "SKCDFTrainer_ema09", "EMA momentum m = 0.9 (reference 0.99).", ema_momentum=0.9)
 SKCDFTrainer_ema0999 = _hyperparameter_variant(
     "SKCDFTrainer_ema0999", "EMA momentum m = 0.999 (reference 0.99).", ema_momentum=0.999)
+SKCDFTrainer_constantHeadEMA = _hyperparameter_variant(
+    "SKCDFTrainer_constantHeadEMA", "The reference's head EMA (main head <- balanced head) with the constant m every "
+    "iteration, whatever the learning rate: SKCDFTrainer's default up to 0.2. With nnU-Net's annealed schedule the "
+    "main heads end up absorbed by the balanced heads.", head_ema="constant")
 SKCDFTrainer_lrScaledHeadEMA = _hyperparameter_variant(
     "SKCDFTrainer_lrScaledHeadEMA", "Head EMA (main head <- balanced head) whose step (1 - m) follows the learning "
     "rate (x lr / initial lr): with nnU-Net's annealed schedule the main heads are no longer absorbed by the "
-    "balanced heads at the end of training. D_u <- D_l keeps the constant m.", head_ema="lr_scaled")
+    "balanced heads at the end of training. D_u <- D_l keeps the constant m. SKCDFTrainer's default since 0.3.0; "
+    "this name pins it (and keeps model folders trained under it predicting).", head_ema="lr_scaled")
 SKCDFTrainer_noHeadEMA = _hyperparameter_variant(
     "SKCDFTrainer_noHeadEMA", "No head EMA: the main heads learn from their own losses only; the balanced heads "
     "act through the shared decoder features. D_u <- D_l keeps its EMA.", head_ema="off")
