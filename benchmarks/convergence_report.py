@@ -278,7 +278,9 @@ def longer_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: Li
     for key, stored in sorted(other.items()):
         for run in stored:
             here = next((r for r in runs.get(key, []) if r["fold"] == run["fold"]), None)
+            own = curve_table({key: [run]}, small_keys).get(key)  # its own curve: is the longer run at a plateau?
             rows.append({"arm": key, "name": arm_name(run), "fold": run["fold"],
+                         "plateau": plateau(own) if own else None,
                          "iterations": run["budget"]["iterations"], "mean": final_mean_dice(run),
                          "small": final_mean_dice(run, small_keys),
                          "this_budget_mean": final_mean_dice(here) if here else None,
@@ -367,12 +369,15 @@ def markdown(r: dict, figures: dict) -> str:
     longer = "\n".join(
         f"| ({x['arm']}) {x['name']} | {x['fold']} | {x['iterations']} | {x['mean']:.1f} | {x['small']:.1f} | "
         + (f"{x['this_budget_mean']:.1f} / {x['this_budget_small']:.1f}" if x["this_budget_mean"] is not None
-           else "not stored") + " |" for x in r["longer_budgets"])
+           else "not stored") + " | "
+        + (f"{x['plateau']['gain']:+.2f} ({x['plateau']['from_iteration']}->{x['plateau']['to_iteration']})"
+           if x.get("plateau") else "no curve") + " |" for x in r["longer_budgets"])
     if longer:
         longer = ("Other budgets (the same arm and fold trained for another number of iterations, each with its "
                   "own poly schedule; final checkpoint, stock predict + skcdf_evaluate):\n\n"
                   "| arm | fold | iterations | final mean Dice | final 4 smallest | "
-                  f"at {r['budget']['iterations']} (mean / 4 smallest) |\n|---|---|---|---|---|---|\n"
+                  f"at {r['budget']['iterations']} (mean / 4 smallest) | its own last-quarter gain |\n"
+                  "|---|---|---|---|---|---|---|\n"
                   + longer)
     its = ", ".join(str(i) for i in next(iter(r["curves"].values()))["iterations"]) if r["curves"] else "-"
     pics = "\n".join(f"![{k}](benchmarks/results/{Path(v).name})" for k, v in figures.items())

@@ -140,6 +140,10 @@ def test_store_keys_runs_by_task_and_budget_and_reports_other_budgets_against_th
     assert (row["arm"], row["fold"], row["iterations"]) == ("a", 0, 8000)
     assert row["mean"] == pytest.approx(83.0) and row["small"] == pytest.approx(74.0)  # background left out
     assert row["this_budget_mean"] == pytest.approx(80.0) and row["this_budget_small"] == pytest.approx(70.0)
+    assert row["plateau"] is None  # stored without a curve
+    other["a"][0]["curve"] = {str(e): {"test_dice": {"1": v, "2": v}} for e, v in ((40, 0.5), (120, 0.85), (160, 0.86))}
+    row = R.longer_budgets(runs, other, ["1"])[0]  # the longer run's own last quarter: 6000 -> 8000 iterations
+    assert row["plateau"]["gain"] == pytest.approx(1.0) and row["plateau"]["from_iteration"] == 6000
 
 
 def _work_folder(root: Path, task: dict) -> Path:
