@@ -84,8 +84,8 @@ FALLBACK_NSD_TOLERANCE_MM = 3.0
 PAPER_EMPTY_DISTANCE = 128.0
 #: metrics that aggregate.json and the tables summarise over runs
 AGGREGATED_METRICS = ("Dice", "IoU", "ASD", "ASSD", "HD95", "NSD")
-#: per case and class: predicted components without a voxel in the reference, and their volume
-ISLAND_METRICS = ("n_islands", "island_volume")
+#: island metrics of a class with no predicted voxel (see ``island_metrics``)
+NO_ISLANDS = {"n_islands": 0, "island_volume": 0.0}
 
 SUMMARY_FILE = "summary.json"
 CASES_CSV = "metrics_per_case.csv"
@@ -225,7 +225,7 @@ def island_metrics(pred: np.ndarray, ref: np.ndarray, voxel_volume: float) -> Di
     total volume (``voxel_volume`` per voxel). Every component is an island when ``ref`` is empty."""
     pred, ref = np.asarray(pred, dtype=bool), np.asarray(ref, dtype=bool)
     if not pred.any():
-        return {"n_islands": 0, "island_volume": 0.0}  # also the value of a class absent from both masks
+        return dict(NO_ISLANDS)
     components, n = label(pred, structure=generate_binary_structure(pred.ndim, pred.ndim))
     island = np.ones(n + 1, dtype=bool)
     island[0] = False  # background
@@ -251,7 +251,7 @@ def region_metrics(job: CaseJob, region: Region, ref: np.ndarray, pred: np.ndarr
     from nnunetv2.evaluation.evaluate_predictions import compute_tp_fp_fn_tn, region_or_label_to_mask
 
     if box is None:
-        metrics = {**overlap_metrics(0, 0, 0, n_valid), **nan_metrics(), "n_islands": 0, "island_volume": 0.0}
+        metrics = {**overlap_metrics(0, 0, 0, n_valid), **nan_metrics(), **NO_ISLANDS}
     else:
         ignore_crop = None if ignore is None else ignore[box]
         mask_ref, mask_pred = region_or_label_to_mask(ref[box], region), region_or_label_to_mask(pred[box], region)
