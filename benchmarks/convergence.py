@@ -27,21 +27,23 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             These files are committed: the work folder does not outlive a session here, the store does, and a run
             already stored with this task and budget is not trained again. The phantom and the split are
             deterministic, so every session trains on the same data. The upper bound (c) is stored as ``alllab``:
-            it is the same run whatever --labeled (the validation cases do not depend on it). A run with another
-            budget (another ``--work`` folder and ``--iterations``) is stored beside the main ones and reported as
-            plateau evidence (same arm and fold, final checkpoints):
-              python benchmarks/convergence.py --work skcdf_data/convergence_8000 --iterations 8000 --arms a \
-                  --runs 1 --stages train curves final
-            (without ``report``: the section is written from the main work folder's budget)
+            it is the same run whatever --labeled (the validation cases do not depend on it). Runs with other
+            budgets (another ``--work`` folder and ``--iterations``) are stored beside them; each report lists
+            them next to the same arm and fold at its own budget (final checkpoints, each schedule annealed).
   reevaluate  (only when asked) stored runs whose predictions are still in the work folder are evaluated again
             with the current ``skcdf_evaluate`` to add metrics introduced after they were stored (islands); every
             metric a run already has must come out identical, else its store file is left as it was
-  report    (after the runs) ``benchmarks/results/convergence_<n>lab.json``, PNGs and the BENCHMARKS.md section
-            (one per task) from the store; missing runs are reported as such (status: partial).
+  report    (after the runs) ``benchmarks/results/convergence_<n>lab_<iterations>it.json``, PNGs and the
+            BENCHMARKS.md section (one per task and budget) from the store; missing runs are reported as such
+            (status: partial).
 
-    python benchmarks/convergence.py [--labeled 4] [--iterations 4000] [--points 8] [--arms a c b d e1 e2 f g h] \
+    python benchmarks/convergence.py [--labeled 4] [--iterations 8000] [--points 8] [--arms a c b d e1 e2 f g h] \
         [--runs 3]
-One work folder per task and budget: ``<work>/task.json`` and ``<work>/budget.json`` are fixed at its first run.
+Budget: 8000 iterations by default, the budget at which (a) and (c) meet the plateau criterion on this phantom
+(last quarter < 1 mean Dice point); the first stored runs have 4000 (the short-budget regime):
+    python benchmarks/convergence.py --labeled 2 --iterations 4000 --work skcdf_data/convergence_2lab --stages report
+One work folder per task and budget (default ``skcdf_data/convergence_<labelled>lab_<iterations>``):
+``<work>/task.json`` and ``<work>/budget.json`` are fixed at its first run.
 """
 from __future__ import annotations
 
@@ -142,11 +144,17 @@ def task_of(args) -> dict:
             "val": str(args.val), "labeled": str(args.labeled)}
 
 
-def fixed_task(work: Path, task: dict) -> dict:
+def default_work(labeled: str, iterations: int) -> Path:
+    """One work folder per task and budget: ``skcdf_data/convergence_<labeled>lab_<iterations>``."""
+    return REPO / "skcdf_data" / f"convergence_{labeled}lab_{iterations}"
+
+
+def fixed_task(work: Path, task: dict, iterations: int) -> dict:
     return _fixed_per_folder(work / "task.json", task, lambda fixed: (
         "was prepared for another task ("
         + ", ".join(f"{k} {fixed.get(k)} -> {v}" for k, v in task.items() if fixed.get(k) != v)
-        + f"); use another --work folder (e.g. skcdf_data/convergence_{task['labeled']}lab) or the same options."))
+        + f"); use another --work folder (e.g. {default_work(task['labeled'], iterations).relative_to(REPO)}) or "
+        "the same options."))
 
 
 def arm_task(arm: "Arm", task: dict) -> dict:
@@ -279,7 +287,9 @@ def curves(arm: Arm, fold: int, raw: Path, env: dict, work: Path, budget: dict, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-d", "--dataset", default="962")
-    parser.add_argument("--iterations", type=int, default=4000, help="training iterations of every arm")
+    parser.add_argument("--iterations", type=int, default=8000, help="training iterations of every arm (8000: "
+                        "the budget at which (a) and (c) meet the plateau criterion on the phantom; 4000 is the "
+                        "short-budget regime of the first stored runs)")
     parser.add_argument("--points", type=int, default=8, help="snapshots for the learning curves")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--runs", type=int, default=3, help="runs of the main arms a, b, c, g")
@@ -294,7 +304,8 @@ def main() -> None:
                         help="reevaluate (never by default): stored runs whose predictions are still in the work "
                         "folder get skcdf_evaluate's current metrics (e.g. islands); every metric they already have "
                         "must come out the same")
-    parser.add_argument("--work", help="work folder (default: skcdf_data/convergence_<labeled>lab); one budget "
+    parser.add_argument("--work", help="work folder (default: skcdf_data/convergence_<labeled>lab_<iterations>); one "
+                        "budget "
                         "and one task (phantom size, split) per folder")
     parser.add_argument("--data-from", help="copy the phantom and its preprocessing from this work folder (same "
                         "--num-train/--num-unlabeled/--num-test) instead of generating them: another --labeled only "
@@ -304,9 +315,9 @@ def main() -> None:
                         "nnU-Net; 1 when other jobs share the machine: contended 2-thread barriers are 5-10x slower)")
     args = parser.parse_args()
 
-    work = Path(args.work or REPO / "skcdf_data" / f"convergence_{args.labeled}lab")
+    work = Path(args.work) if args.work else default_work(args.labeled, args.iterations)
     budget = fixed_budget(work, args.iterations, args.points)
-    task = fixed_task(work, task_of(args))
+    task = fixed_task(work, task_of(args), budget["iterations"])
     env = environment(work, budget, args.np)
     if args.threads:
         env["SKCDF_CONV_THREADS"] = str(args.threads)

@@ -271,14 +271,14 @@ def final_mean_dice(run: dict, small_keys: Optional[List[str]] = None) -> float:
     return _mean({k: v["Dice"] for k, v in run["final_summary"]["mean"].items() if k != "0"}, small_keys)
 
 
-def longer_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: List[str]) -> List[dict]:
+def other_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: List[str]) -> List[dict]:
     """Plateau evidence beyond the curve: each run stored with another budget beside the same arm and fold at
     this budget (the final checkpoints of two schedules, each annealed to lr 0)."""
     rows = []
     for key, stored in sorted(other.items()):
         for run in stored:
             here = next((r for r in runs.get(key, []) if r["fold"] == run["fold"]), None)
-            own = curve_table({key: [run]}, small_keys).get(key)  # its own curve: is the longer run at a plateau?
+            own = curve_table({key: [run]}, small_keys).get(key)  # its own curve: is that run at a plateau?
             rows.append({"arm": key, "name": arm_name(run), "fold": run["fold"],
                          "plateau": plateau(own) if own else None,
                          "iterations": run["budget"]["iterations"], "mean": final_mean_dice(run),
@@ -288,12 +288,13 @@ def longer_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: Li
     return rows
 
 
-def report_stem(task: dict) -> str:
-    """One report per task: ``convergence_<n>lab`` (JSON, PNGs, BENCHMARKS.md section)."""
-    return f"convergence_{task['labeled']}lab"
+def report_stem(task: dict, budget: dict) -> str:
+    """One report per task and budget: ``convergence_<n>lab_<iterations>it`` (JSON, PNGs, BENCHMARKS.md section);
+    each also lists the runs of the same task stored with other budgets."""
+    return f"convergence_{task['labeled']}lab_{budget['iterations']}it"
 
 
-def report(args, budget: dict, task: dict, runs: Dict[str, list], other_budgets: Dict[str, list], raw: Path,
+def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewhere: Dict[str, list], raw: Path,
            work: Path, wall_s: float) -> None:
     from convergence import ARMS, SMALLEST
     from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
@@ -303,8 +304,8 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], other_budgets:
     small_keys = [k for k, t in titles.items() if t in SMALLEST]
     curves = curve_table(runs, small_keys)
     plateaus = {k: plateau(c) for k, c in curves.items()}
-    longer = longer_budgets(runs, other_budgets, small_keys)
-    stem = report_stem(task)
+    others = other_budgets(runs, budgets_elsewhere, small_keys)
+    stem = report_stem(task, budget)
     RESULTS.mkdir(exist_ok=True)
     figures = {}
     if curves:
@@ -333,7 +334,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], other_budgets:
                "status": "partial" if missing else "complete", "missing_runs": missing,
                "stored_runs": {k: [(r["fold"], r["commit"], r["date"]) for r in v] for k, v in runs.items()},
                "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
-               "curves": curves, "plateau": plateaus, "longer_budgets": longer, "goals": goal, "diagnostics": diag,
+               "curves": curves, "plateau": plateaus, "other_budgets": others, "goals": goal, "diagnostics": diag,
                "final_table": final["table"] if final else None, "islands_per_run": islands,
                "overlay": overlay_lines}
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -356,6 +357,20 @@ def task_line(task: dict) -> str:
             f"images, {task['num_test']} test cases; (c) trains on all {other} with labels.")
 
 
+def regime(plateaus: Dict[str, Optional[dict]]) -> str:
+    """Whether this budget is the converged regime: (a) and (c) both meet the plateau criterion."""
+    status = {k: plateaus.get(k) for k in ("a", "c")}
+    if any(p is None for p in status.values()):
+        return "plateau not known yet (" + ", ".join(f"({k})" for k, p in status.items() if p is None) + \
+            " has no stored curve at this budget)."
+    if all(p["met"] for p in status.values()):
+        return (f"**converged**: (a) and (c) gain < {PLATEAU_POINTS} mean Dice point over the last quarter "
+                "(table below).")
+    return ("**short budget, not converged**: " + ", ".join(f"({k}) gains {p['gain']:+.1f}" for k, p in
+                                                              status.items() if not p["met"])
+            + f" mean Dice over the last quarter (criterion < {PLATEAU_POINTS}); read accuracy claims with that.")
+
+
 def markdown(r: dict, figures: dict) -> str:
     from convergence import SMALLEST
 
@@ -366,19 +381,19 @@ def markdown(r: dict, figures: dict) -> str:
                     f" | {np.mean(c['small'][-1]):.1f} | " + (f"{p['gain']:+.2f} ({p['from_iteration']}->"
                                                                 f"{p['to_iteration']})" if p else "n/a") + " |")
     curve_rows = "\n".join(rows)
-    longer = "\n".join(
+    others = "\n".join(
         f"| ({x['arm']}) {x['name']} | {x['fold']} | {x['iterations']} | {x['mean']:.1f} | {x['small']:.1f} | "
         + (f"{x['this_budget_mean']:.1f} / {x['this_budget_small']:.1f}" if x["this_budget_mean"] is not None
            else "not stored") + " | "
         + (f"{x['plateau']['gain']:+.2f} ({x['plateau']['from_iteration']}->{x['plateau']['to_iteration']})"
-           if x.get("plateau") else "no curve") + " |" for x in r["longer_budgets"])
-    if longer:
-        longer = ("Other budgets (the same arm and fold trained for another number of iterations, each with its "
+           if x.get("plateau") else "no curve") + " |" for x in r["other_budgets"])
+    if others:
+        others = ("Other budgets (the same arm and fold trained for another number of iterations, each with its "
                   "own poly schedule; final checkpoint, stock predict + skcdf_evaluate):\n\n"
                   "| arm | fold | iterations | final mean Dice | final 4 smallest | "
                   f"at {r['budget']['iterations']} (mean / 4 smallest) | its own last-quarter gain |\n"
                   "|---|---|---|---|---|---|---|\n"
-                  + longer)
+                  + others)
     its = ", ".join(str(i) for i in next(iter(r["curves"].values()))["iterations"]) if r["curves"] else "-"
     pics = "\n".join(f"![{k}](benchmarks/results/{Path(v).name})" for k, v in figures.items())
     islands = "\n".join(
@@ -393,7 +408,9 @@ def markdown(r: dict, figures: dict) -> str:
     goal_text = json.dumps(g, indent=1, default=lambda x: round(x, 2) if isinstance(x, float) else str(x)) \
         if g else "no final table yet"
     labelled = f"{r['task']['labeled']} labelled cases"
-    return f"""## Accuracy at convergence, {labelled} (`benchmarks/convergence.py`) — status: **{r['status']}**
+    return f"""## Accuracy against nnU-Net, {labelled}, {r['budget']['iterations']} iterations (`benchmarks/convergence.py`) — status: **{r['status']}**
+
+Regime: {regime(r['plateau'])}
 
 Command: `{r['command']}` — {r['date']} — commit {r['commit']} — {r['machine']}.
 Runs stored in `benchmarks/results/convergence/` (arm: fold, commit, date): {r['stored_runs'] or 'none'}.
@@ -409,7 +426,7 @@ Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean D
 |---|---|---|---|---|
 {curve_rows}
 
-{longer}
+{others}
 
 {pics}
 

@@ -135,7 +135,9 @@ def write_section(name: str, body: str) -> None:
         text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    md.write_text(text)
+    tmp = md.with_name(f".{md.name}.tmp")  # a crash mid-write must not truncate the other sections
+    tmp.write_text(text)
+    os.replace(tmp, md)
 
 
 def markdown(results: dict, command: str) -> str:

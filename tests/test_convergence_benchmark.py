@@ -66,6 +66,15 @@ def test_plateau_is_the_gain_over_the_last_quarter():
     assert R.plateau(_curve([50])) is None
 
 
+def test_regime_line_says_whether_the_budget_is_the_converged_one():
+    short = R.plateau(_curve([5.4, 25.5, 53.1, 62.3, 71.4, 76.8, 83.3, 84.0]))
+    flat = R.plateau(_curve([50, 70, 80, 85, 86, 86.2, 86.5, 86.9]))
+    assert R.regime({"a": flat, "c": flat}).startswith("**converged**")
+    line = R.regime({"a": short, "c": flat, "g": short})
+    assert line.startswith("**short budget, not converged**: (a) gains +7.2 mean Dice") and "(c)" not in line
+    assert R.regime({"a": flat}) == "plateau not known yet ((c) has no stored curve at this budget)."
+
+
 def _method(name, dice, asd, nsd, small_dice):
     classes = {"1": small_dice, "2": dice}
     return {"name": name, "average": {"Dice": {"mean": dice}, "ASD": {"mean": asd}, "NSD": {"mean": nsd}},
@@ -100,10 +109,10 @@ TASK = {"num_train": 24, "num_unlabeled": 12, "num_test": 8, "val": "4", "labele
 
 
 def test_task_is_fixed_per_work_folder(tmp_path):
-    assert C.fixed_task(tmp_path, TASK) == TASK
+    assert C.fixed_task(tmp_path, TASK, 8000) == TASK
     with pytest.raises(SystemExit, match=r"another task \(labeled 4 -> 2\); use another --work folder "
-                                         r"\(e\.g\. skcdf_data/convergence_2lab\)"):
-        C.fixed_task(tmp_path, {**TASK, "labeled": "2"})
+                                         r"\(e\.g\. skcdf_data/convergence_2lab_8000\)"):
+        C.fixed_task(tmp_path, {**TASK, "labeled": "2"}, 8000)
     assert json.loads((tmp_path / "task.json").read_text()) == TASK
 
 
@@ -134,7 +143,7 @@ def test_store_keys_runs_by_task_and_budget_and_reports_other_budgets_against_th
     assert [r["fold"] for r in C.load_store(main, two)["a"]] == [0]
     assert C.load_store(main, two)["c"] == runs["c"]  # the upper bound serves every labelled count
     assert C.stored(a, 1, main, TASK) and not C.stored(a, 1, longer, TASK) and not C.stored(a, 1, main, two)
-    rows = R.longer_budgets(runs, other, ["1"])
+    rows = R.other_budgets(runs, other, ["1"])
     assert len(rows) == 1
     row = rows[0]
     assert (row["arm"], row["fold"], row["iterations"]) == ("a", 0, 8000)
@@ -142,7 +151,7 @@ def test_store_keys_runs_by_task_and_budget_and_reports_other_budgets_against_th
     assert row["this_budget_mean"] == pytest.approx(80.0) and row["this_budget_small"] == pytest.approx(70.0)
     assert row["plateau"] is None  # stored without a curve
     other["a"][0]["curve"] = {str(e): {"test_dice": {"1": v, "2": v}} for e, v in ((40, 0.5), (120, 0.85), (160, 0.86))}
-    row = R.longer_budgets(runs, other, ["1"])[0]  # the longer run's own last quarter: 6000 -> 8000 iterations
+    row = R.other_budgets(runs, other, ["1"])[0]  # the longer run's own last quarter: 6000 -> 8000 iterations
     assert row["plateau"]["gain"] == pytest.approx(1.0) and row["plateau"]["from_iteration"] == 6000
 
 
@@ -177,9 +186,9 @@ def test_data_from_copies_the_phantom_without_its_split_and_refuses_another_phan
     assert (source / "nnUNet_preprocessed" / "Dataset962_Convergence" / "splits_final.json").exists()  # untouched
 
 
-def test_one_report_per_task():
-    assert R.report_stem(TASK) == "convergence_4lab"
-    assert R.report_stem({**TASK, "labeled": "2"}) == "convergence_2lab"
+def test_one_report_per_task_and_budget():
+    assert R.report_stem(TASK, {"iterations": 8000}) == "convergence_4lab_8000it"
+    assert R.report_stem({**TASK, "labeled": "2"}, {"iterations": 4000}) == "convergence_2lab_4000it"
     line = R.task_line({**TASK, "labeled": "2"})
     assert "24 training cases (4 validation, 2 of the other 20 labelled" in line and "all 20 with labels" in line
 
@@ -261,3 +270,16 @@ def test_islands_per_run_over_all_and_smallest_organs():
     out = R.islands_per_run({"classes": classes, "methods": [method, old]}, ["LAG"])
     assert out["A"] == {"runs": 2, "all": 7.0, "all_cm3": 5.0, "small": 2.0, "small_cm3": 0.25}
     assert out["B"] is None
+
+
+def test_write_section_replaces_its_own_section_only_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import data_pipeline
+
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n<!-- x:start -->\nold x\n<!-- x:end -->\n\n<!-- y:start -->\ny\n<!-- y:end -->\n")
+    monkeypatch.setattr(data_pipeline, "BENCHMARKS_MD", md)
+    data_pipeline.write_section("x", "new x")
+    data_pipeline.write_section("z", "z")
+    assert md.read_text() == ("# Benchmarks\n\n<!-- x:start -->\nnew x\n<!-- x:end -->\n\n<!-- y:start -->\ny\n"
+                              "<!-- y:end -->\n\n<!-- z:start -->\nz\n<!-- z:end -->\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BENCHMARKS.md"]
