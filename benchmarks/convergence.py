@@ -133,8 +133,9 @@ def _fixed_per_folder(path: Path, wanted: dict, refusal) -> dict:
         if fixed != wanted:
             raise SystemExit(f"{path} {refusal(fixed)}")
         return fixed
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(wanted, indent=2) + "\n")
+    from nnunetv2_skcdf.utilities.io import atomic_save_json
+
+    atomic_save_json(wanted, str(path))
     return wanted
 
 
@@ -304,9 +305,8 @@ def main() -> None:
                         help="reevaluate (never by default): stored runs whose predictions are still in the work "
                         "folder get skcdf_evaluate's current metrics (e.g. islands); every metric they already have "
                         "must come out the same")
-    parser.add_argument("--work", help="work folder (default: skcdf_data/convergence_<labeled>lab_<iterations>); one "
-                        "budget "
-                        "and one task (phantom size, split) per folder")
+    parser.add_argument("--work", help="work folder (default: skcdf_data/convergence_<labeled>lab_<iterations>); "
+                        "one budget and one task (phantom size, split) per folder")
     parser.add_argument("--data-from", help="copy the phantom and its preprocessing from this work folder (same "
                         "--num-train/--num-unlabeled/--num-test) instead of generating them: another --labeled only "
                         "needs its own split")

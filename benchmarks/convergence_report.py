@@ -297,6 +297,7 @@ def report_stem(task: dict, budget: dict) -> str:
 def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewhere: Dict[str, list], raw: Path,
            work: Path, wall_s: float) -> None:
     from convergence import ARMS, SMALLEST
+    from nnunetv2_skcdf.utilities.io import atomic_output
     from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
 
     dataset_json = json.loads((raw / "dataset.json").read_text())
@@ -337,7 +338,8 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "curves": curves, "plateau": plateaus, "other_budgets": others, "goals": goal, "diagnostics": diag,
                "final_table": final["table"] if final else None, "islands_per_run": islands,
                "overlay": overlay_lines}
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    with atomic_output(str(RESULTS / f"{stem}.json")) as tmp:
+        Path(tmp).write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(json.dumps({k: results[k] for k in ("status", "missing_runs", "plateau", "goals")}, indent=1, default=str))
     write_section(stem, markdown(results, figures))
 

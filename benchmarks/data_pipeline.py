@@ -135,9 +135,10 @@ def write_section(name: str, body: str) -> None:
         text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
-    tmp = md.with_name(f".{md.name}.tmp")  # a crash mid-write must not truncate the other sections
-    tmp.write_text(text)
-    os.replace(tmp, md)
+    from nnunetv2_skcdf.utilities.io import atomic_output
+
+    with atomic_output(str(md)) as tmp:  # a crash mid-write must not truncate the other sections
+        Path(tmp).write_text(text)
 
 
 def markdown(results: dict, command: str) -> str:

@@ -12,7 +12,6 @@ heads can end up as copies of the balanced heads. This script measures it on the
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -55,7 +54,9 @@ def main() -> None:
         print(f"epoch {epoch:3d} lr {rows[epoch]['learning_rate']:.5f}  " + "  ".join(
             f"{d}: |H-Hb|/|H| weight {v['weight']:.3f} bias {v['bias']:.3f}" for d, v in drift.items()), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps({"folder": str(folder), "snapshots": rows}, indent=1) + "\n")
+        from nnunetv2_skcdf.utilities.io import atomic_save_json
+
+        atomic_save_json({"folder": str(folder), "snapshots": rows}, args.out, indent=1)
 
 
 if __name__ == "__main__":
