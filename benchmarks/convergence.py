@@ -6,13 +6,15 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      defaults up to 0.2 (the reference's constant head EMA; ``SKCDFTrainer_constantHeadEMA``: the stored runs were
      trained as ``SKCDFTrainer`` before 0.3.0 changed the default to the lr-scaled head EMA of arm (g))
   c  ``nnUNetTrainer`` with every training case labelled (folds 3-5: the upper bound)
-  d  SKCDF with the reference code's masking (``_multiplyMask``); d, e1, e2, f, h change one thing of the current
+  d  SKCDF with the reference code's masking (``_multiplyMask``); d, e1, e2, f, h, i change one thing of the current
      defaults (since 0.3.0: with the lr-scaled head EMA)
   e1, e2  SKCDF ``_noSKC`` and ``_noABC`` (final budget only)
   f  SKCDF with the reference's per-head self mode (``_perHeadSelf``; final budget only)
   g, h  fixes from the first diagnosis (main heads absorbed by the balanced heads as lr anneals): head EMA step
      scaled by lr / initial lr (``_lrScaledHeadEMA``; ``SKCDFTrainer``'s default since 0.3.0, so a main arm with
      --runs runs), no head EMA (``_noHeadEMA``); with curves
+  i  SKCDF with consistency weight w = 1 instead of 10 (``_cw1``; from the diagnosis at 8000 iterations: the
+     unlabelled loss weighted 10x may hold SKCDF at its pseudo labels' quality); with curves
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -37,7 +39,7 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             BENCHMARKS.md section (one per task and budget) from the store; missing runs are reported as such
             (status: partial).
 
-    python benchmarks/convergence.py [--labeled 4] [--iterations 8000] [--points 8] [--arms a c b d e1 e2 f g h] \
+    python benchmarks/convergence.py [--labeled 4] [--iterations 8000] [--points 8] [--arms a c b d e1 e2 f g h i] \
         [--runs 3]
 Budget: 8000 iterations by default, the budget at which (a) and (c) meet the plateau criterion on this phantom
 (last quarter < 1 mean Dice point); the first stored runs have 4000 (the short-budget regime):
@@ -96,8 +98,9 @@ ARMS = {a.key: a for a in (
     Arm("f", "SKCDF per-head self mode", "SKCDFTrainer_perHeadSelf_conv", ablation=True),
     Arm("g", "SKCDF 0.3 defaults (head EMA step x lr/lr0)", "SKCDFTrainer_lrScaledHeadEMA_conv"),  # a main arm
     Arm("h", "SKCDF no head EMA", "SKCDFTrainer_noHeadEMA_conv", ablation=True),
+    Arm("i", "SKCDF consistency weight w = 1", "SKCDFTrainer_cw1_conv", ablation=True),
 )}
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i")
 
 
 # ---------------------------------------------------------------------------------------------- set-up

@@ -15,6 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import (
     SKCDFTrainer_constantHeadEMA,
+    SKCDFTrainer_cw1,
     SKCDFTrainer_multiplyMask,
     SKCDFTrainer_noABC,
     SKCDFTrainer_noSKC,
@@ -84,3 +85,9 @@ class SKCDFTrainer_lrScaledHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_lrScale
 
 class SKCDFTrainer_noHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_noHeadEMA):
     pass
+
+
+class SKCDFTrainer_cw1_conv(_ConvergenceBudget, SKCDFTrainer_cw1):
+    """Arm (i): consistency weight w = 1 instead of the reference's 10 (lambda(t) ramps to 1), on top of the 0.3
+    defaults: does the unlabelled loss at ten times the supervised weight hold SKCDF at its pseudo labels'
+    quality (BENCHMARKS.md, findings item 10)?"""
