@@ -320,7 +320,7 @@ def main() -> None:
 
     work = Path(args.work) if args.work else default_work(args.labeled, args.iterations)
     budget = fixed_budget(work, args.iterations, args.points)
-    task = fixed_task(work, task_of(args), budget["iterations"])
+    task = fixed_task(work, task_of(args), args.iterations)  # the same name as default_work
     env = environment(work, budget, args.np)
     if args.threads:
         env["SKCDF_CONV_THREADS"] = str(args.threads)
