@@ -245,6 +245,15 @@ def goals(aggregate: dict, arms: dict, small: List[str], skcdf: str = "b") -> di
     return out
 
 
+def goals_per_arm(aggregate: dict, arms: dict, small: List[str], main: tuple = ("g", "b")) -> Dict[str, dict]:
+    """:func:`goals` of each SKCDF arm: the ``main`` ones always ((g) = SKCDFTrainer's defaults since 0.3.0,
+    (b) = up to 0.2; an absent one says what it needs), every other SKCDF arm (the ablations) where the
+    aggregate has its final result."""
+    present = {m["name"] for m in aggregate["methods"]}
+    return {k: goals(aggregate, arms, small, k) for k, a in arms.items()
+            if a.skcdf and (k in main or a.name in present)}
+
+
 def islands_per_run(aggregate: dict, small: List[str]) -> Dict[str, Optional[dict]]:
     """Per arm: islands (predicted components without a reference voxel) per run over all test cases, their
     volume in cm^3, over all organs and over the ``small`` columns; None where a run was stored before islands
@@ -317,8 +326,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
         figures["diagnostics"] = RESULTS / f"{stem}_diagnostics.png"
         plot_diagnostics(diag, titles, ITERATIONS_PER_EPOCH, figures["diagnostics"])
     final = final_table(runs, dataset_json)
-    # (g) is SKCDFTrainer's default since 0.3.0, (b) the defaults up to 0.2
-    goal = {k: goals(final["aggregate"], ARMS, list(SMALLEST), k) for k in ("g", "b")} if final else {}
+    goal = goals_per_arm(final["aggregate"], ARMS, list(SMALLEST)) if final else {}
     islands = islands_per_run(final["aggregate"], list(SMALLEST)) if final else {}
     overlay_lines = []
     local = {k: r[0] for k, r in runs.items() if Path(r[0]["prediction_folder"]).is_dir()}
@@ -436,7 +444,7 @@ Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean D
 
 {islands}
 
-Goals of each SKCDF arm against (a), gap (a)->(c); (g) = SKCDFTrainer's defaults since 0.3.0, (b) = up to 0.2:
+Goals of each SKCDF arm with a final result against (a), gap (a)->(c); (g) = SKCDFTrainer's defaults since 0.3.0, (b) = up to 0.2:
 ```
 {goal_text}
 ```"""

@@ -105,6 +105,20 @@ def test_goals_arithmetic():
     assert g["goal_asd_nsd_not_worse"] and not g["goal_gain_small_10"]
 
 
+def test_goals_per_arm_lists_main_arms_always_and_ablations_with_results():
+    aggregate = {"classes": [{"key": "1", "column": "LAG"}, {"key": "2", "column": "Li"}],
+                 "methods": [_method("A", 0.80, 3.0, 0.70, 0.60), _method("G", 0.84, 2.5, 0.75, 0.72),
+                             _method("I", 0.88, 2.0, 0.80, 0.75)]}
+    arms = {"a": C.Arm("a", "A", "t", skcdf=False), "b": C.Arm("b", "B", "t"), "g": C.Arm("g", "G", "t"),
+            "h": C.Arm("h", "H", "t", ablation=True), "i": C.Arm("i", "I", "t", ablation=True),
+            "c": C.Arm("c", "C", "t", all_labelled=True, skcdf=False)}
+    out = R.goals_per_arm(aggregate, arms, ["LAG"])
+    assert list(out) == ["b", "g", "i"]  # (h) has no final result; (a), (c) are not SKCDF arms
+    assert out["b"] == {"status": "needs arms (a) and (b)"}
+    assert out["i"]["gain_mean"] == pytest.approx(8.0) and out["i"]["goal_gain_mean_5"]
+    assert out["g"]["gain_small"] == pytest.approx(12.0) and "gap_closed" not in out["g"]
+
+
 TASK = {"num_train": 24, "num_unlabeled": 12, "num_test": 8, "val": "4", "labeled": "4"}
 
 
