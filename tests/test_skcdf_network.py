@@ -338,3 +338,35 @@ def test_ema_lists_are_cached_and_follow_parameter_replacement(tiny_plans):
     assert torch.equal(net.decoder_u.stages[0].convs[0].conv.weight, before)  # the copy moved its own tensors
     net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()}, assign=True)
     moved_like_uncached(net)
+
+
+def test_benchmark_decoder_views_run_d_u_and_d_l(tiny_plans):
+    """benchmarks/teacher_student.py compares the two inference paths: D_u is the network's own forward, D_l
+    the same encoder and SKC (self mode) into D_l's main head; a plain network has one path."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import teacher_student as T
+
+    net, cm = build(tiny_plans, deep_supervision=False)
+    net.eval()
+    views = T.decoders(net)
+    assert list(views) == ["D_u", "D_l"] and views["D_u"] is net
+    x = torch.randn(1, 1, *cm.patch_size)
+    with torch.no_grad():
+        for p in net.decoder_u.parameters():  # D_u != D_l, so the two paths must differ
+            p.add_(0.05 * torch.randn_like(p))
+        skips = net.encoder(x)
+        expected_l, _ = net.decoder_l([*skips[:-1], net.skc(skips[-1], mode="self")])
+        expected_u, _ = net.decoder_u([*skips[:-1], net.skc(skips[-1], mode="self")])
+        assert torch.allclose(views["D_l"](x), expected_l) and torch.allclose(views["D_u"](x), expected_u)
+        assert not torch.allclose(expected_l, expected_u, atol=1e-3)
+    plain = torch.nn.Conv3d(1, 2, 1)
+    assert T.decoders(plain) == {"main": plain}
+    assert T.parse_model("g=/r/SKCDFTrainer__nnUNetPlans__3d_cpu:0") == (
+        "g", Path("/r/SKCDFTrainer__nnUNetPlans__3d_cpu"), 0)
+    with pytest.raises(SystemExit, match=r"--model 'g=/r/model': expected KEY=MODEL_FOLDER:FOLD"):
+        T.parse_model("g=/r/model")
+    s = T.summarise({"1": 0.5, "2": float("nan"), "3": 0.9}, {"1": "LAG", "2": "Es", "3": "Li"}, ["LAG", "Es"])
+    assert s["mean"] == pytest.approx(70.0) and s["small"] == pytest.approx(50.0) and s["per_organ"]["Li"] == 90.0

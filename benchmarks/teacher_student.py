@@ -1,0 +1,116 @@
+"""Test-set Dice of an SKCDF checkpoint's two decoders side by side: ``D_u`` (the inference path, the student
+of the pseudo labels) and ``D_l`` (the pseudo labels' source, trained on the labelled cases only), and of any
+other nnU-Net model folder's network on the same grid (benchmark side only).
+
+Question it answers (BENCHMARKS.md, convergence findings): when SKCDF ends below a converged labelled-only
+nnU-Net, is the student below its teacher (the distillation into ``D_u`` loses), or is the teacher itself
+below nnU-Net (what the shared encoder and the loss composition do to ``D_l``)?
+
+Every model is evaluated like the learning curves of ``convergence.py`` (``convergence_eval.py``): the test
+cases preprocessed once with the model's plans by nnU-Net's preprocessor, nnU-Net's sliding window without
+mirroring, Dice per class on the preprocessed grid (the same cache as the curves). ``D_l`` runs in self mode
+(``LabelledDecoderView``). Writes one JSON (atomically) and prints a table.
+
+    python benchmarks/teacher_student.py --raw RAW --out benchmarks/results/teacher_student_2lab_8000it.json \\
+        --model a=MODEL_FOLDER_a:0 --model g=MODEL_FOLDER_g:0 --model i=MODEL_FOLDER_i:0
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convergence_eval import LabelledDecoderView, dice_per_class, mean_over_cases, predict, preprocessed  # noqa
+
+
+def parse_model(spec: str) -> Tuple[str, Path, int]:
+    """``KEY=MODEL_FOLDER:FOLD`` -> (key, folder, fold), with a message naming the spec when it is malformed."""
+    key, sep, rest = spec.partition("=")
+    folder, colon, fold = rest.rpartition(":")
+    if not (sep and colon and key and folder and fold.isdigit()):
+        raise SystemExit(f"--model {spec!r}: expected KEY=MODEL_FOLDER:FOLD, e.g. "
+                         f"g=nnUNet_results/Dataset962_Convergence/SKCDFTrainer__nnUNetPlans__3d_cpu:0")
+    return key, Path(folder), int(fold)
+
+
+def decoders(net: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """The inference paths to compare: an SKCDF network's ``D_u`` (its forward) and ``D_l``; any other
+    network's forward as ``main``."""
+    if hasattr(net, "decoder_l") and hasattr(net, "decoder_u"):
+        return {"D_u": net, "D_l": LabelledDecoderView(net)}
+    return {"main": net}
+
+
+def summarise(per_class: Dict[str, float], names: Dict[str, str], small: List[str]) -> dict:
+    """Mean Dice (points) over all classes and over the ``small`` organs, and per organ name."""
+    by_name = {names[c]: 100 * v for c, v in per_class.items()}
+    return {"mean": float(np.nanmean(list(by_name.values()))),
+            "small": float(np.nanmean([by_name[n] for n in small if n in by_name])),
+            "per_organ": by_name}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--raw", required=True, help="the raw dataset folder (imagesTs, labelsTs)")
+    parser.add_argument("--model", action="append", required=True, help="KEY=MODEL_FOLDER:FOLD (repeatable)")
+    parser.add_argument("--checkpoint", default="checkpoint_final.pth")
+    parser.add_argument("--cache", default=None, help="preprocessed test cases (default: next to --out)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from convergence import SMALLEST, machine
+    from convergence_report import class_titles, commit
+    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
+    from nnunetv2_skcdf.utilities.io import atomic_save_json
+
+    # the benchmark trainers (``*_conv``) are found by nnU-Net's lookup as in convergence.py
+    os.environ["nnUNet_extTrainer"] = os.pathsep.join(filter(None, (
+        os.environ.get("nnUNet_extTrainer"), trainer_folder(), str(Path(__file__).resolve().parent / "trainers"))))
+    torch.set_num_threads(os.cpu_count() or 1)
+    raw, out = Path(args.raw), Path(args.out)
+    models = [parse_model(s) for s in args.model]
+    for key, folder, fold in models:
+        if not (folder / f"fold_{fold}" / args.checkpoint).is_file():
+            raise SystemExit(f"--model {key}: {folder / f'fold_{fold}' / args.checkpoint} does not exist; "
+                             f"train that fold first or give another --checkpoint")
+    results = {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
+               "command": " ".join(["python", *sys.argv]), "checkpoint": args.checkpoint,
+               "grid": "preprocessed (as the learning curves), no mirroring", "models": {}}
+    for key, folder, fold in models:
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                    perform_everything_on_device=False, device=torch.device("cpu"),
+                                    allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(str(folder), (fold,), args.checkpoint)
+        net = predictor.network  # with the checkpoint's weights (nnU-Net loads the first fold's)
+        net.eval()
+        ending = predictor.dataset_json["file_ending"]
+        names = class_titles(predictor.dataset_json)
+        ids = sorted(p.name[: -len(ending)] for p in (raw / "labelsTs").glob(f"*{ending}"))
+        cases = [(c, [str(raw / "imagesTs" / f"{c}_0000{ending}")], str(raw / "labelsTs" / f"{c}{ending}"))
+                 for c in ids]
+        test = preprocessed(cases, predictor, Path(args.cache) if args.cache else out.parent / "preprocessed_cache")
+        classes = [int(c) for c in names]
+        entry = {"folder": str(folder), "fold": fold}
+        for path_name, module in decoders(net).items():
+            predictor.network = module
+            per_case = {c: dice_per_class(predict(predictor, d), s, classes) for c, (d, s) in test.items()}
+            entry[path_name] = summarise(mean_over_cases(per_case), names, list(SMALLEST))
+            print(f"{key} {path_name}: mean {entry[path_name]['mean']:.1f}, 4 smallest "
+                  f"{entry[path_name]['small']:.1f}", flush=True)
+        predictor.network = net
+        results["models"][key] = entry
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_json(results, str(out))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
