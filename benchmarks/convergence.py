@@ -104,11 +104,16 @@ CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i")
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def environment(work: Path, budget: dict, np_: str) -> dict:
+def ext_trainer_path() -> str:
+    """``nnUNet_extTrainer`` for the benchmark: the package's trainers and the ``*_conv`` ones here."""
     from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
 
+    return os.pathsep.join((trainer_folder(), str(REPO / "benchmarks" / "trainers")))
+
+
+def environment(work: Path, budget: dict, np_: str) -> dict:
     env = {**os.environ, "nnUNet_compile": "false", "nnUNet_def_n_proc": np_,
-           "nnUNet_extTrainer": os.pathsep.join((trainer_folder(), str(REPO / "benchmarks" / "trainers"))),
+           "nnUNet_extTrainer": ext_trainer_path(),
            "SKCDF_CONV_EPOCHS": str(budget["epochs"]),
            "SKCDF_CONV_SNAPSHOTS": ",".join(map(str, budget["snapshot_epochs"]))}
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

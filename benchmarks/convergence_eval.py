@@ -42,6 +42,25 @@ class LabelledDecoderView(nn.Module):
         return main
 
 
+def cpu_predictor():
+    """nnU-Net's predictor as every curve point and ``teacher_student.py`` use it: sliding window with Gaussian
+    weighting, step 0.5, no mirroring, CPU (weights loaded by the caller)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    return nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                           perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+
+
+def test_case_ids(raw: Path, ending: str) -> List[str]:
+    """The raw dataset's test cases: those with a label in labelsTs."""
+    return sorted(p.name[: -len(ending)] for p in (raw / "labelsTs").glob(f"*{ending}"))
+
+
+def raw_cases(raw: Path, images: str, labels_dir: str, ids: List[str], ending: str) -> List[Tuple[str, List[str], str]]:
+    """(case, [image], label) of single-channel raw cases, as ``preprocessed`` takes them."""
+    return [(c, [str(raw / images / f"{c}_0000{ending}")], str(raw / labels_dir / f"{c}{ending}")) for c in ids]
+
+
 def preprocessed(cases: List[Tuple[str, List[str], str]], predictor, cache: Path) -> Dict[str, tuple]:
     """{case: (data (C, *S) float32, seg (*S) int16)} with nnU-Net's preprocessor (cached as .npz)."""
     pre = predictor.configuration_manager.preprocessor_class(verbose=False)
@@ -110,13 +129,10 @@ def main() -> None:
     parser.add_argument("--final-epoch", type=int, required=True)
     parser.add_argument("--hidden", nargs="*", default=[], help="hidden-label training cases (SKCDF models)")
     args = parser.parse_args()
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
     torch.set_num_threads(os.cpu_count() or 1)
     out, raw, fold_dir = Path(args.out), Path(args.raw), Path(args.model) / f"fold_{args.fold}"
     results = json.loads(out.read_text()) if out.exists() else {}
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor = cpu_predictor()
     epochs = [int(e) for e in args.epochs.split(",")]
     names = {e: "checkpoint_final.pth" if e == args.final_epoch else snapshot_name(e) for e in epochs}
     available = [e for e in epochs if (fold_dir / names[e]).exists()]
@@ -128,13 +144,10 @@ def main() -> None:
     classes = [c for c in labels.all_labels if c != 0]
     ending = predictor.dataset_json["file_ending"]
 
-    def listed(images: str, labels_dir: str, ids: List[str]):
-        return [(c, [str(raw / images / f"{c}_0000{ending}")], str(raw / labels_dir / f"{c}{ending}")) for c in ids]
-
-    test_ids = sorted(p.name[: -len(ending)] for p in (raw / "labelsTs").glob(f"*{ending}"))
     cache = out.parent / "preprocessed_cache"
-    test = preprocessed(listed("imagesTs", "labelsTs", test_ids), predictor, cache)
-    hidden = preprocessed(listed("imagesTr", "labelsTr", args.hidden), predictor, cache) if args.hidden else {}
+    test = preprocessed(raw_cases(raw, "imagesTs", "labelsTs", test_case_ids(raw, ending), ending), predictor, cache)
+    hidden = preprocessed(raw_cases(raw, "imagesTr", "labelsTr", args.hidden, ending), predictor, cache) \
+        if args.hidden else {}
     for epoch in available:
         if str(epoch) in results:
             continue

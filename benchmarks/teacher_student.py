@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convergence_eval import LabelledDecoderView, dice_per_class, mean_over_cases, predict, preprocessed  # noqa
+from convergence_eval import (LabelledDecoderView, cpu_predictor, dice_per_class, mean_over_cases, predict,  # noqa
+                              preprocessed, raw_cases, test_case_ids)
 
 
 def parse_model(spec: str) -> Tuple[str, Path, int]:
@@ -64,16 +65,13 @@ def main() -> None:
     parser.add_argument("--cache", default=None, help="preprocessed test cases (default: next to --out)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-    from convergence import SMALLEST, machine
+    from convergence import SMALLEST, ext_trainer_path, machine
     from convergence_report import class_titles, commit
-    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
     # the benchmark trainers (``*_conv``) are found by nnU-Net's lookup as in convergence.py
-    os.environ["nnUNet_extTrainer"] = os.pathsep.join(filter(None, (
-        os.environ.get("nnUNet_extTrainer"), trainer_folder(), str(Path(__file__).resolve().parent / "trainers"))))
+    os.environ["nnUNet_extTrainer"] = os.pathsep.join(filter(None, (os.environ.get("nnUNet_extTrainer"),
+                                                                    ext_trainer_path())))
     torch.set_num_threads(os.cpu_count() or 1)
     raw, out = Path(args.raw), Path(args.out)
     models = [parse_model(s) for s in args.model]
@@ -85,17 +83,13 @@ def main() -> None:
                "command": " ".join(["python", *sys.argv]), "checkpoint": args.checkpoint,
                "grid": "preprocessed (as the learning curves), no mirroring", "models": {}}
     for key, folder, fold in models:
-        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                    perform_everything_on_device=False, device=torch.device("cpu"),
-                                    allow_tqdm=False)
+        predictor = cpu_predictor()
         predictor.initialize_from_trained_model_folder(str(folder), (fold,), args.checkpoint)
         net = predictor.network  # with the checkpoint's weights (nnU-Net loads the first fold's)
         net.eval()
         ending = predictor.dataset_json["file_ending"]
         names = class_titles(predictor.dataset_json)
-        ids = sorted(p.name[: -len(ending)] for p in (raw / "labelsTs").glob(f"*{ending}"))
-        cases = [(c, [str(raw / "imagesTs" / f"{c}_0000{ending}")], str(raw / "labelsTs" / f"{c}{ending}"))
-                 for c in ids]
+        cases = raw_cases(raw, "imagesTs", "labelsTs", test_case_ids(raw, ending), ending)
         test = preprocessed(cases, predictor, Path(args.cache) if args.cache else out.parent / "preprocessed_cache")
         classes = [int(c) for c in names]
         entry = {"folder": str(folder), "fold": fold}
