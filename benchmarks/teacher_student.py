@@ -9,7 +9,8 @@ below nnU-Net (what the shared encoder and the loss composition do to ``D_l``)?
 Every model is evaluated like the learning curves of ``convergence.py`` (``convergence_eval.py``): the test
 cases preprocessed once with the model's plans by nnU-Net's preprocessor, nnU-Net's sliding window without
 mirroring, Dice per class on the preprocessed grid (the same cache as the curves). ``D_l`` runs in self mode
-(``LabelledDecoderView``). Writes one JSON (atomically) and prints a table.
+(``LabelledDecoderView``). Writes one JSON (atomically) and prints a table; models already in ``--out`` and not
+given again are kept, so the file can grow one arm at a time.
 
     python benchmarks/teacher_student.py --raw RAW --out benchmarks/results/teacher_student_2lab_8000it.json \\
         --model a=MODEL_FOLDER_a:0 --model g=MODEL_FOLDER_g:0 --model i=MODEL_FOLDER_i:0
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 from pathlib import Path
@@ -57,6 +59,13 @@ def summarise(per_class: Dict[str, float], names: Dict[str, str], small: List[st
             "per_organ": by_name}
 
 
+def kept_models(previous: dict) -> dict:
+    """The models of an earlier result file, each with its own provenance (date, commit, command); files written
+    before provenance was kept per model have it at the top level only."""
+    return {k: {**{f: previous[f] for f in ("date", "commit", "command") if f in previous}, **v}
+            for k, v in previous.get("models", {}).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--raw", required=True, help="the raw dataset folder (imagesTs, labelsTs)")
@@ -79,9 +88,11 @@ def main() -> None:
         if not (folder / f"fold_{fold}" / args.checkpoint).is_file():
             raise SystemExit(f"--model {key}: {folder / f'fold_{fold}' / args.checkpoint} does not exist; "
                              f"train that fold first or give another --checkpoint")
-    results = {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(),
-               "command": " ".join(["python", *sys.argv]), "checkpoint": args.checkpoint,
-               "grid": "preprocessed (as the learning curves), no mirroring", "models": {}}
+    # models measured before and not given now are kept (one file can grow arm by arm across sessions)
+    kept = kept_models(json.loads(out.read_text()) if out.is_file() else {})
+    today, measured_at = datetime.date.today().isoformat(), commit()
+    results = {"date": today, "commit": measured_at, "machine": machine(), "checkpoint": args.checkpoint,
+               "grid": "preprocessed (as the learning curves), no mirroring", "models": kept}
     for key, folder, fold in models:
         predictor = cpu_predictor()
         predictor.initialize_from_trained_model_folder(str(folder), (fold,), args.checkpoint)
@@ -92,7 +103,8 @@ def main() -> None:
         cases = raw_cases(raw, "imagesTs", "labelsTs", test_case_ids(raw, ending), ending)
         test = preprocessed(cases, predictor, Path(args.cache) if args.cache else out.parent / "preprocessed_cache")
         classes = [int(c) for c in names]
-        entry = {"folder": str(folder), "fold": fold}
+        entry = {"folder": str(folder), "fold": fold, "date": today, "commit": measured_at,
+                 "command": " ".join(["python", *sys.argv])}
         for path_name, module in decoders(net).items():
             predictor.network = module
             per_case = {c: dice_per_class(predict(predictor, d), s, classes) for c, (d, s) in test.items()}

@@ -297,3 +297,29 @@ def test_write_section_replaces_its_own_section_only_and_leaves_no_temporary_fil
     assert md.read_text() == ("# Benchmarks\n\n<!-- x:start -->\nnew x\n<!-- x:end -->\n\n<!-- y:start -->\ny\n"
                               "<!-- y:end -->\n\n<!-- z:start -->\nz\n<!-- z:end -->\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["BENCHMARKS.md"]
+
+
+def test_grad_norms_per_term_clip_factor_and_encoder_cosine():
+    import torch
+    import grad_norms as G
+
+    enc = torch.nn.Parameter(torch.zeros(2))
+    dec = torch.nn.Parameter(torch.zeros(1))
+    named = [("encoder.w", enc), ("decoder_l.w", dec)]
+    a, b = torch.tensor([3.0, 4.0]), torch.tensor([-4.0, 3.0])  # orthogonal on the encoder
+    terms = {"sup_main": (enc * a).sum() + 2 * dec.sum(), "u_main": (enc * b).sum() + 10 * dec.sum()}
+    fig = G.gradient_figures(named, terms, clip=12.0)
+    assert fig["norm"]["sup_main"] == pytest.approx((25 + 4) ** 0.5)
+    assert fig["norm"]["u_main"] == pytest.approx((25 + 100) ** 0.5)
+    total = ((3 - 4) ** 2 + (4 + 3) ** 2 + 12 ** 2) ** 0.5  # 13.96: above nnU-Net's clip of 12
+    assert fig["norm"]["total"] == pytest.approx(total)
+    assert fig["clip_factor"] == pytest.approx(12 / total) and fig["clipped"] == 1.0
+    assert fig["sup_step"] == pytest.approx(12 / total * 29 ** 0.5)
+    assert fig["cos_encoder"] == pytest.approx(0.0, abs=1e-12)  # the decoder part does not enter the cosine
+    # one term (nnU-Net's loss), a parameter it does not use: no cosine, no clipping
+    fig = G.gradient_figures(named, {"sup_main": (enc * a).sum()}, clip=12.0)
+    assert fig["clip_factor"] == 1.0 and fig["clipped"] == 0.0 and "cos_encoder" not in fig
+    assert fig["sup_step"] == pytest.approx(5.0)
+    rows = [fig, {**fig, "norm": {"sup_main": 7.0, "total": 7.0}}]
+    mean = G.mean_figures(rows)
+    assert mean["norm"]["total"] == pytest.approx(6.0) and mean["total_norm_std"] == pytest.approx(1.0)

@@ -370,3 +370,9 @@ def test_benchmark_decoder_views_run_d_u_and_d_l(tiny_plans):
         T.parse_model("g=/r/model")
     s = T.summarise({"1": 0.5, "2": float("nan"), "3": 0.9}, {"1": "LAG", "2": "Es", "3": "Li"}, ["LAG", "Es"])
     assert s["mean"] == pytest.approx(70.0) and s["small"] == pytest.approx(50.0) and s["per_organ"]["Li"] == 90.0
+    old_file = {"date": "d0", "commit": "c0", "command": "python t.py --model g=...",
+                "models": {"g": {"D_u": {"mean": 84.0}}, "i": {"date": "d1", "commit": "c1", "command": "x"}}}
+    kept = T.kept_models(old_file)
+    assert kept["g"] == {"date": "d0", "commit": "c0", "command": "python t.py --model g=...", "D_u": {"mean": 84.0}}
+    assert kept["i"] == {"date": "d1", "commit": "c1", "command": "x"}  # its own provenance wins
+    assert T.kept_models({}) == {}
