@@ -99,8 +99,9 @@ ARMS = {a.key: a for a in (
     Arm("g", "SKCDF 0.3 defaults (head EMA step x lr/lr0)", "SKCDFTrainer_lrScaledHeadEMA_conv"),  # a main arm
     Arm("h", "SKCDF no head EMA", "SKCDFTrainer_noHeadEMA_conv", ablation=True),
     Arm("i", "SKCDF consistency weight w = 1", "SKCDFTrainer_cw1_conv", ablation=True),
+    Arm("j", "SKCDF + strong intensity view for D_u", "SKCDFTrainer_strongView_conv", ablation=True),
 )}
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j")
 
 
 # ---------------------------------------------------------------------------------------------- set-up

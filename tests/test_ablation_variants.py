@@ -33,10 +33,12 @@ EXPECTED = {
     "SKCDFTrainer_constantHeadEMA": {"head_ema": "constant"},
     "SKCDFTrainer_lrScaledHeadEMA": {},  # the default since 0.3.0, pinned under the name its benchmark runs used
     "SKCDFTrainer_noHeadEMA": {"head_ema": "off"},
+    "SKCDFTrainer_strongView": {"unlabelled_view": "strong_intensity"},
 }
 SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_self_heads",
             "skc_heads", "skc_window", "skc_dropout", "balanced_heads", "decoupled", "masking", "ema_couple_decoders",
-            "consistency_weight", "rampup_epochs", "ema_momentum", "head_ema", "num_epochs", "unlabeled_batch_size")
+            "consistency_weight", "rampup_epochs", "ema_momentum", "head_ema", "num_epochs", "unlabeled_batch_size",
+            "unlabelled_view")
 
 
 def _settings(trainer) -> dict:
@@ -80,7 +82,8 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
     found = recursive_find_trainer_class_by_name("SKCDFTrainer")
     assert found.__name__ == "SKCDFTrainer" and found.__mro__[1].__name__ == "nnUNetTrainer"
     added_since = {"SKCDFTrainer_perHeadSelf", "SKCDFTrainer_divisorWindow", "SKCDFTrainer_lrScaledHeadEMA",
-                   "SKCDFTrainer_noHeadEMA", "SKCDFTrainer_constantHeadEMA"}  # never had an old name
+                   "SKCDFTrainer_noHeadEMA", "SKCDFTrainer_constantHeadEMA",
+                   "SKCDFTrainer_strongView"}  # never had an old name
     expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
                     "nnUNetTrainerSKCDF_demo40epochs", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_20epochs",
                     "nnUNetTrainerSKCDF_100epochs"} | \

@@ -163,6 +163,26 @@ def test_reused_encoder_features_equal_a_second_encoder_pass(tiny_plans):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_student_view_feeds_decoder_u_while_pseudo_labels_come_from_x_u(tiny_plans):
+    """forward(x_l, x_u, x_u_view): D_l's outputs (pseudo-label source) are those of (x_l, x_u); D_u's are those of
+    its own encoder pass on x_u_view, and L_u's gradient reaches x_u_view, not x_u."""
+    net, cm = build(tiny_plans)
+    net.eval()  # deterministic (no SKC dropout)
+    x_l, x_u = torch.randn(2, 1, *cm.patch_size), torch.randn(2, 1, *cm.patch_size, requires_grad=True)
+    x_v = (1.3 * x_u.detach() + 0.2).requires_grad_()
+    out = net(x_l, x_u, x_v)
+    plain = net(x_l, x_u)
+    for a, b in zip(out.main_u, plain.main_u):
+        torch.testing.assert_close(a, b)
+    expected_q, _ = net.forward_unlabelled(net.encoder(x_v))
+    torch.testing.assert_close(out.unlabelled_main[0], expected_q[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out.unlabelled_main[0], plain.unlabelled_main[0], atol=1e-4)
+    net.zero_grad()
+    sum(q.square().mean() for q in out.unlabelled_main).backward()
+    assert x_v.grad.abs().sum() > 0 and (x_u.grad is None or x_u.grad.abs().sum() == 0)
+    assert not _has_grad(net.decoder_l) and _has_grad(net.decoder_u) and _has_grad(net.encoder)
+
+
 # ---------------------------------------------------------------------------------------- EMA
 def test_ema_update_in_spec_order(tiny_plans):
     net, _ = build(tiny_plans)

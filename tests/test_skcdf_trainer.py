@@ -66,6 +66,40 @@ def test_multiply_masking_option_runs(trainer_factory):
         trainer.on_train_end()
 
 
+def test_strong_student_view_perturbs_intensity_only_and_trains(trainer_factory, monkeypatch):
+    from nnunetv2_skcdf.training import skcdf_components as C
+    from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import (
+        SKCDFTrainer_strongView)
+
+    trainer = trainer_factory(SKCDFTrainer_strongView)
+    assert trainer.unlabelled_view == "strong_intensity"
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 16, 16)
+    copy = x.clone()
+    view = C.perturbed_view(x, C.strong_intensity_transform())
+    assert view.shape == x.shape and view.dtype == x.dtype and not torch.equal(view, x)
+    assert torch.equal(x, copy)  # the input batch is not modified in place
+    seen = []
+    trainer.on_train_start()
+    try:
+        net = trainer._net()
+        original = type(net).forward
+        monkeypatch.setattr(type(net), "forward", lambda self, *a: seen.append(a) or original(self, *a))
+        out = trainer.train_step(next(trainer.dataloader_train))
+        assert np.isfinite(out["loss"]) and np.isfinite(out["l_u"])
+        (x_l, x_u, x_v), = seen  # one training forward, with the student's view as third input
+        assert x_v.shape == x_u.shape and not torch.equal(x_v, x_u)
+    finally:
+        trainer.on_train_end()
+    trainer = trainer_factory()
+    trainer.unlabelled_view = "strong"
+    with pytest.raises(ValueError, match=r"unlabelled_view = 'strong': use 'same' \(the reference\) or "
+                                         r"'strong_intensity'"):
+        trainer._student_view(x)
+    trainer.unlabelled_view = "same"
+    assert trainer._student_view(x) is None
+
+
 def test_registered_through_nnunet_ext_trainer(monkeypatch):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 

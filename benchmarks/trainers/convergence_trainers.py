@@ -22,6 +22,7 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablati
     SKCDFTrainer_lrScaledHeadEMA,
     SKCDFTrainer_noHeadEMA,
     SKCDFTrainer_perHeadSelf,
+    SKCDFTrainer_strongView,
 )
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
 
@@ -91,3 +92,9 @@ class SKCDFTrainer_cw1_conv(_ConvergenceBudget, SKCDFTrainer_cw1):
     """Arm (i): consistency weight w = 1 instead of the reference's 10 (lambda(t) ramps to 1), on top of the 0.3
     defaults: does the unlabelled loss at ten times the supervised weight hold SKCDF at its pseudo labels'
     quality (BENCHMARKS.md, findings item 10)?"""
+
+
+class SKCDFTrainer_strongView_conv(_ConvergenceBudget, SKCDFTrainer_strongView):
+    """Arm (j), an extension: D_u learns on a strongly intensity-perturbed copy of the view the pseudo labels come
+    from, on top of the 0.3 defaults: does a teacher/student perturbation let the unlabelled images add what
+    nnU-Net's own augmentation of the labelled cases does not (BENCHMARKS.md, findings item 13)?"""

@@ -99,3 +99,44 @@ def multiply_mask(logits: Scales, target: Scales, keep: Scales):
 def class_histogram(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Voxel count per class of a label map (any shape), on its device (no host sync)."""
     return torch.bincount(labels.reshape(-1).long().clamp(0, num_classes - 1), minlength=num_classes)
+
+
+# ---------------------------------------------------------------------------------------------- student's view
+def strong_intensity_transform(ignore_axes=None):
+    """The student's perturbed view of an unlabelled patch (opt-in, ``SKCDFTrainer.unlabelled_view``): nnU-Net's
+    own intensity transforms of ``nnUNetTrainer.get_training_transforms``, with the same ranges, each applied
+    with a high probability instead of 0.1-0.3. Intensity only: the geometry, hence the alignment of the patch
+    with the pseudo labels made from the unperturbed view, is unchanged. Works on a (C, *S) tensor on any
+    device: ``transform(image=x)["image"]``."""
+    from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+    from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
+    from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+    from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from batchgeneratorsv2.transforms.utils.random import RandomTransform
+
+    return ComposeTransforms([
+        RandomTransform(GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1,
+                                               synchronize_channels=True), apply_probability=0.5),
+        RandomTransform(GaussianBlurTransform(blur_sigma=(0.5, 1.), synchronize_channels=False,
+                                              synchronize_axes=False, p_per_channel=0.5), apply_probability=0.5),
+        RandomTransform(MultiplicativeBrightnessTransform(multiplier_range=BGContrast((0.75, 1.25)),
+                                                          synchronize_channels=False, p_per_channel=1),
+                        apply_probability=0.8),
+        RandomTransform(ContrastTransform(contrast_range=BGContrast((0.75, 1.25)), preserve_range=True,
+                                          synchronize_channels=False, p_per_channel=1), apply_probability=0.8),
+        RandomTransform(SimulateLowResolutionTransform(scale=(0.5, 1), synchronize_channels=False,
+                                                       synchronize_axes=True, ignore_axes=ignore_axes,
+                                                       allowed_channels=None, p_per_channel=0.5),
+                        apply_probability=0.5),
+        RandomTransform(GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False,
+                                       p_per_channel=1, p_retain_stats=1), apply_probability=0.8),
+    ])
+
+
+def perturbed_view(x: torch.Tensor, transform) -> torch.Tensor:
+    """A perturbed copy of a batch (B, C, *S), ``transform`` applied to each sample; ``x`` is left unchanged."""
+    with torch.no_grad():
+        return torch.stack([transform(image=s.clone())["image"] for s in x]).to(x.dtype)

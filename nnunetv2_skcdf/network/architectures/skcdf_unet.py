@@ -8,7 +8,8 @@ configured, independently initialised decoder becomes ``D_u``. Each decoder has 
 
 Paths (B_l labelled, B_u unlabelled samples, ``B_l != B_u`` allowed; lists are nnU-Net's deep-supervision order,
 full resolution first):
-- ``forward(x_l, x_u)``: one training step's whole forward (``forward_labelled`` then ``forward_unlabelled``) as
+- ``forward(x_l, x_u[, x_u_view])``: one training step's whole forward (``forward_labelled`` then
+  ``forward_unlabelled``, on the encoder features of ``x_u_view`` when given) as
   a single call, so that DDP (one forward per backward, gradient hooks armed in ``forward``) and
   ``torch.compile`` wrap all of it -> ``TrainingPass``.
 - ``forward(x)``: inference -- encoder -> SKC(self) -> D_u -> H_u. A tensor (N, C, *patch) when deep
@@ -128,11 +129,15 @@ class SKCDFUNet(nn.Module):
         self._ema_cache: Dict[bool, Tuple[List[str], List[Tuple[List[torch.Tensor], List[torch.Tensor]]]]] = {}
 
     # -------------------------------------------------------------------------------------------- paths
-    def forward(self, x: torch.Tensor, x_u: Optional[torch.Tensor] = None) -> Union[Outputs, TrainingPass]:
-        """``forward(x)``: inference logits of D_u's main head. ``forward(x_l, x_u)``: the training pass."""
+    def forward(self, x: torch.Tensor, x_u: Optional[torch.Tensor] = None,
+                x_u_view: Optional[torch.Tensor] = None) -> Union[Outputs, TrainingPass]:
+        """``forward(x)``: inference logits of D_u's main head. ``forward(x_l, x_u)``: the training pass.
+        ``x_u_view`` (opt-in student view): D_u's unlabelled pass runs on this perturbed copy of ``x_u`` (its own
+        encoder pass) while the pseudo labels still come from ``x_u``; without it D_u reuses x_u's features."""
         if x_u is not None:
             labelled = self.forward_labelled(x, x_u)
-            return TrainingPass(*labelled[:4], *self.forward_unlabelled(labelled.features_u))
+            features = labelled.features_u if x_u_view is None else self.encoder(x_u_view)
+            return TrainingPass(*labelled[:4], *self.forward_unlabelled(features))
         skips = self.encoder(x)
         main, _ = self.decoder_u(self._with_bottleneck(skips, self.skc(skips[-1], mode="self")))
         return main

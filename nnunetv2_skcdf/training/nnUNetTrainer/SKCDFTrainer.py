@@ -65,6 +65,10 @@ class SKCDFTrainer(nnUNetTrainer):
         self.rampup_epochs = None         # T_ramp; None = all epochs (reference), 0 = no ramp-up
         self.masking = "exclude"          # "exclude": masked voxels leave CE and Dice; "multiply": reference code
         self.unlabeled_batch_size = None  # None = the plans' (DDP-adjusted) labelled batch size
+        self.unlabelled_view = "same"     # "same": D_u learns on the view the pseudo labels come from (reference);
+        #                                   "strong_intensity": on a copy perturbed by nnU-Net's intensity transforms
+        #                                   at high probability (extension, opt-in; BENCHMARKS.md findings 13)
+        self._strong_transform = None
         self.max_nonfinite_steps = 5      # non-finite losses in a row before training stops (each one is skipped)
         # --- state ---
         self.dataloader_unlabeled = None
@@ -222,8 +226,10 @@ class SKCDFTrainer(nnUNetTrainer):
         net.ema_update(self.ema_momentum, self.ema_couple_decoders, self._head_ema_momentum())
         lam = self._consistency_weight()
         rates_u = C.annealed_keep_rates(self.class_keep_rates, self.current_epoch, self.num_epochs)
+        x_u_view = self._student_view(x_u)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            out = self.network(x_l, x_u)  # through the DDP / compile wrappers: one forward, one backward
+            # through the DDP / compile wrappers: one forward, one backward
+            out = self.network(x_l, x_u) if x_u_view is None else self.network(x_l, x_u, x_u_view)
             l_sup = self.loss(out.main, y_l) + self._balanced_loss(out.balanced, y_l, self.class_keep_rates)
             p, p_b = C.pseudo_labels(out.main_u), C.pseudo_labels(out.balanced_u)
             l_u = self.loss(out.unlabelled_main, p) + self._balanced_loss(out.unlabelled_balanced, p_b, rates_u)
@@ -240,6 +246,19 @@ class SKCDFTrainer(nnUNetTrainer):
             self.optimizer.zero_grad(set_to_none=True)
             self._count_nonfinite_step(outputs)
         return outputs
+
+    def _student_view(self, x_u: torch.Tensor):
+        """The perturbed copy of x_u that D_u learns on (``unlabelled_view = "strong_intensity"``), or None (the
+        reference: D_u reuses x_u's encoder features)."""
+        if self.unlabelled_view == "same":
+            return None
+        if self.unlabelled_view != "strong_intensity":
+            raise ValueError(f"{type(self).__name__}.unlabelled_view = {self.unlabelled_view!r}: use 'same' (the "
+                             f"reference) or 'strong_intensity'.")
+        if self._strong_transform is None:  # as nnU-Net: no low-resolution simulation along a dummy-2D axis
+            do_dummy_2d = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[1]
+            self._strong_transform = C.strong_intensity_transform((0,) if do_dummy_2d else None)
+        return C.perturbed_view(x_u, self._strong_transform)
 
     def _head_ema_momentum(self) -> float:
         """m_h of the head EMA (main head <- balanced head). "lr_scaled" (default): the step (1 - m) follows the

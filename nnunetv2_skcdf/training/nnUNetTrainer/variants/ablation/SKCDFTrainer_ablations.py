@@ -125,3 +125,7 @@ SKCDFTrainer_lrScaledHeadEMA = _hyperparameter_variant(
 SKCDFTrainer_noHeadEMA = _hyperparameter_variant(
     "SKCDFTrainer_noHeadEMA", "No head EMA: the main heads learn from their own losses only; the balanced heads "
     "act through the shared decoder features. D_u <- D_l keeps its EMA.", head_ema="off")
+SKCDFTrainer_strongView = _hyperparameter_variant(
+    "SKCDFTrainer_strongView", "Extension (not in the reference): D_u learns the pseudo labels of x_u on a copy of "
+    "x_u perturbed by nnU-Net's intensity transforms at high probability (unlabelled_view='strong_intensity').",
+    unlabelled_view="strong_intensity")
