@@ -8,7 +8,9 @@ Optimiser, learning-rate schedule, patch and batch size, validation, checkpointi
 One iteration (see ``shared/design/skcdf_method.md``): EMA updates (H_l<-H_l_b, D_u<-D_l, H_u<-H_u_b), labelled
 pass in cross mode on [x_l; x_u] through D_l with L_sup = DC+CE(P, y) + masked DC+CE(P_b, y, M_l), pseudo
 labels from D_l, unlabelled pass in self mode through D_u reusing the encoder features of x_u with
-L_u = DC+CE(Q, p) + masked DC+CE(Q_b, p_b, M_u), and one optimiser step on L_sup + lambda(t) L_u.
+L_u = DC+CE(Q, p) + masked DC+CE(Q_b, p_b, M_u), and one optimiser step on L_sup + lambda(t) L_u. Opt-in extension
+(``unlabelled_view = "strong_intensity"``, ``SKCDFTrainer_strongView``): the unlabelled pass runs on its own
+encoder pass of an intensity-perturbed copy of x_u, the pseudo labels still come from x_u.
 """
 from __future__ import annotations
 
