@@ -230,8 +230,7 @@ class SKCDFTrainer(nnUNetTrainer):
         rates_u = C.annealed_keep_rates(self.class_keep_rates, self.current_epoch, self.num_epochs)
         x_u_view = self._student_view(x_u)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            # through the DDP / compile wrappers: one forward, one backward
-            out = self.network(x_l, x_u) if x_u_view is None else self.network(x_l, x_u, x_u_view)
+            out = self.network(x_l, x_u, x_u_view)  # through the DDP / compile wrappers: one forward, one backward
             l_sup = self.loss(out.main, y_l) + self._balanced_loss(out.balanced, y_l, self.class_keep_rates)
             p, p_b = C.pseudo_labels(out.main_u), C.pseudo_labels(out.balanced_u)
             l_u = self.loss(out.unlabelled_main, p) + self._balanced_loss(out.unlabelled_balanced, p_b, rates_u)
