@@ -112,14 +112,22 @@ def ext_trainer_path() -> str:
     return os.pathsep.join((trainer_folder(), str(REPO / "benchmarks" / "trainers")))
 
 
+def budget_variables(budget: dict) -> dict:
+    """The variables the ``*_conv`` trainers read their budget from (epochs, snapshot epochs)."""
+    return {"SKCDF_CONV_EPOCHS": str(budget["epochs"]),
+            "SKCDF_CONV_SNAPSHOTS": ",".join(map(str, budget["snapshot_epochs"]))}
+
+
+def nnunet_paths(work: Path) -> dict:
+    """nnU-Net's three folders of a work folder (not created here)."""
+    return {var: str(work / var) for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+
+
 def environment(work: Path, budget: dict, np_: str) -> dict:
     env = {**os.environ, "nnUNet_compile": "false", "nnUNet_def_n_proc": np_,
-           "nnUNet_extTrainer": ext_trainer_path(),
-           "SKCDF_CONV_EPOCHS": str(budget["epochs"]),
-           "SKCDF_CONV_SNAPSHOTS": ",".join(map(str, budget["snapshot_epochs"]))}
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[var] = str(work / var)
-        Path(env[var]).mkdir(parents=True, exist_ok=True)
+           "nnUNet_extTrainer": ext_trainer_path(), **budget_variables(budget), **nnunet_paths(work)}
+    for var in nnunet_paths(work).values():
+        Path(var).mkdir(parents=True, exist_ok=True)
     return env
 
 

@@ -117,14 +117,13 @@ def model_environment(folder: Path) -> tuple:
     parts = folder.name.split("__")
     if len(parts) != 3:
         raise SystemExit(f"{folder}: not a model folder named <trainer>__<plans>__<configuration>")
+    from convergence import budget_variables, nnunet_paths
+
     work = folder.parent.parent.parent
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[var] = str(work / var)
+    os.environ.update(nnunet_paths(work))
     budget = work / "budget.json"
     if budget.is_file():
-        b = json.loads(budget.read_text())
-        os.environ["SKCDF_CONV_EPOCHS"] = str(b["epochs"])
-        os.environ["SKCDF_CONV_SNAPSHOTS"] = ",".join(map(str, b["snapshot_epochs"]))
+        os.environ.update(budget_variables(json.loads(budget.read_text())))
     return work, folder.parent.name, parts[0], parts[1], parts[2]
 
 

@@ -4,6 +4,7 @@ found by nnU-Net's own lookup. The training itself is the benchmark's job, not a
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -323,3 +324,25 @@ def test_grad_norms_per_term_clip_factor_and_encoder_cosine():
     rows = [fig, {**fig, "norm": {"sup_main": 7.0, "total": 7.0}}]
     mean = G.mean_figures(rows)
     assert mean["norm"]["total"] == pytest.approx(6.0) and mean["total_norm_std"] == pytest.approx(1.0)
+
+
+def test_grad_norms_model_environment_reads_the_work_folder_budget_without_creating_or_overriding(tmp_path,
+                                                                                                  monkeypatch):
+    import grad_norms as G
+
+    work = tmp_path / "work"
+    budget = C.fixed_budget(work, 1000, 4)
+    folder = work / "nnUNet_results" / "Dataset962_Convergence" / "SKCDFTrainer_cw1_conv__nnUNetPlans__3d_cpu"
+    monkeypatch.setenv("nnUNet_extTrainer", "/somewhere/else")
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "SKCDF_CONV_EPOCHS", "SKCDF_CONV_SNAPSHOTS"):
+        monkeypatch.delenv(var, raising=False)
+    assert G.model_environment(folder) == (work, "Dataset962_Convergence", "SKCDFTrainer_cw1_conv", "nnUNetPlans",
+                                           "3d_cpu")
+    assert os.environ["SKCDF_CONV_EPOCHS"] == "20" and os.environ["SKCDF_CONV_SNAPSHOTS"] == "5,10,15,20"
+    assert {v: os.environ[v] for v in C.nnunet_paths(work)} == C.nnunet_paths(work)
+    assert os.environ["nnUNet_results"] == str(work / "nnUNet_results")
+    assert os.environ["nnUNet_extTrainer"] == "/somewhere/else"  # the caller's lookup path is kept
+    assert sorted(p.name for p in work.iterdir()) == ["budget.json"]  # nothing created
+    assert C.budget_variables(budget) == {"SKCDF_CONV_EPOCHS": "20", "SKCDF_CONV_SNAPSHOTS": "5,10,15,20"}
+    with pytest.raises(SystemExit, match="not a model folder"):
+        G.model_environment(tmp_path / "plainfolder")
