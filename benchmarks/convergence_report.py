@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -297,6 +298,31 @@ def other_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: Lis
     return rows
 
 
+def overlay_arms(lines: List[str]) -> set:
+    """Arm keys of an overlay's lines (``"(a): phantom_ts_0002.nii.gz, slice 30"``)."""
+    return {m.group(1) for m in (re.match(r"\((\w+)\):", line) for line in lines) if m}
+
+
+def redraw_overlay(previous_lines: List[str], local_arms: set) -> bool:
+    """Whether this report draws the overlay again: only with the predictions of every arm the stored overlay
+    shows. The predictions stay in the work folder of the session that made them, so a later session that
+    trains one more arm has only that arm's: it keeps the earlier, wider picture (and its lines) instead of
+    replacing it with a one-arm one."""
+    return overlay_arms(previous_lines) <= local_arms
+
+
+def overlay_note(lines: List[str], stored_arms: List[str]) -> str:
+    """The overlay's median cases, and the stored arms it lacks (their predictions were in another session's
+    work folder)."""
+    if not lines:
+        return ""
+    shown = overlay_arms(lines)
+    absent = [k for k in stored_arms if k not in shown]
+    return ("\n\nOverlay, median test case per arm (axial slice with the most reference organs): " + "; ".join(lines)
+            + (f". Not in the picture (predictions made in another session's work folder): "
+               f"{', '.join(f'({k})' for k in absent)}." if absent else "."))
+
+
 def report_stem(task: dict, budget: dict) -> str:
     """One report per task and budget: ``convergence_<n>lab_<iterations>it`` (JSON, PNGs, BENCHMARKS.md section);
     each also lists the runs of the same task stored with other budgets."""
@@ -330,11 +356,18 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     islands = islands_per_run(final["aggregate"], list(SMALLEST)) if final else {}
     overlay_lines = []
     local = {k: r[0] for k, r in runs.items() if Path(r[0]["prediction_folder"]).is_dir()}
-    if local:  # the predictions live in the work folder of the session that made them
-        figures["overlay"] = RESULTS / f"{stem}_overlay.png"
+    previous = json.loads((RESULTS / f"{stem}.json").read_text()).get("overlay", []) \
+        if (RESULTS / f"{stem}.json").is_file() else []
+    overlay = RESULTS / f"{stem}_overlay.png"
+    if local and redraw_overlay(previous, set(local)):
+        # the predictions live in the work folder of the session that made them
+        figures["overlay"] = overlay
         overlay_lines = plot_overlay({k: Path(r["prediction_folder"]) for k, r in local.items()},
                                      {k: arm_name(r) for k, r in local.items()}, raw,
-                                     {k: r["final_summary"] for k, r in local.items()}, figures["overlay"])
+                                     {k: r["final_summary"] for k, r in local.items()}, overlay)
+    elif previous and overlay.is_file():  # an earlier session drew more arms than this one has predictions of
+        figures["overlay"] = overlay
+        overlay_lines = previous
     expected = {k: len(a.folds(args.ablation_runs if a.ablation else args.runs)) for k, a in ARMS.items()}
     missing = {k: n - len(runs.get(k, [])) for k, n in expected.items() if n > len(runs.get(k, []))}
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit(),
@@ -406,6 +439,7 @@ def markdown(r: dict, figures: dict) -> str:
                   + others)
     its = ", ".join(str(i) for i in next(iter(r["curves"].values()))["iterations"]) if r["curves"] else "-"
     pics = "\n".join(f"![{k}](benchmarks/results/{Path(v).name})" for k, v in figures.items())
+    pics += overlay_note(r.get("overlay", []), list(r["stored_runs"]))
     islands = "\n".join(
         f"| {name} | {x['runs']} | {x['all']:.1f} | {x['all_cm3']:.1f} | {x['small']:.1f} | {x['small_cm3']:.2f} |"
         if x else f"| {name} | - | n/a | n/a | n/a | n/a |" for name, x in r.get("islands_per_run", {}).items())

@@ -346,3 +346,17 @@ def test_grad_norms_model_environment_reads_the_work_folder_budget_without_creat
     assert C.budget_variables(budget) == {"SKCDF_CONV_EPOCHS": "20", "SKCDF_CONV_SNAPSHOTS": "5,10,15,20"}
     with pytest.raises(SystemExit, match="not a model folder"):
         G.model_environment(tmp_path / "plainfolder")
+
+
+def test_overlay_is_redrawn_only_with_the_predictions_of_every_arm_it_shows():
+    lines = ["(a): phantom_ts_0002.nii.gz, slice 30", "(c): phantom_ts_0006.nii.gz, slice 26",
+             "(e2): phantom_ts_0002.nii.gz, slice 30"]
+    assert R.overlay_arms(lines) == {"a", "c", "e2"}
+    assert not R.redraw_overlay(lines, {"d"})  # a later session with one arm keeps the wider picture
+    assert not R.redraw_overlay(lines, {"a", "c", "d"})
+    assert R.redraw_overlay(lines, {"a", "c", "e2", "d"})
+    assert R.redraw_overlay([], {"d"})  # no picture yet
+    note = R.overlay_note(lines, ["a", "c", "d", "e2"])
+    assert "(e2): phantom_ts_0002.nii.gz, slice 30." in note
+    assert note.endswith("Not in the picture (predictions made in another session's work folder): (d).")
+    assert R.overlay_note([], ["a"]) == ""
