@@ -7,6 +7,10 @@ and a section of ``BENCHMARKS.md``. Needs a planned dataset with a split and pre
 (``run_demo.sh`` makes one), e.g.
 
     python benchmarks/train_step_speed.py -d 950 -c 3d_cpu [-p nnUNetPlans] [--repeats 3] [--steps 20] [--device cpu]
+
+Any two trainers side by side (the ratio is second / first), e.g. the cost of an opt-in SKCDF extension:
+
+    python benchmarks/train_step_speed.py -d 962 --trainers SKCDFTrainer SKCDFTrainer_strongView --tag _strongView
 """
 from __future__ import annotations
 
@@ -67,6 +71,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tag", default="", help="suffix of the result file / section (e.g. _compile)")
+    parser.add_argument("--trainers", nargs=2, default=list(TRAINERS), metavar=("BASE", "OTHER"),
+                        help="the two trainers compared (ratio OTHER / BASE); default: %(default)s")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -82,9 +88,12 @@ def main() -> None:
     env.setdefault("nnUNet_compile", "false" if cpu else "true")
     if cpu:
         env.setdefault("nnUNet_n_proc_DA", "0")
-    runs = {t: [] for t in TRAINERS}
+    trainers = tuple(args.trainers)
+    if trainers[0] == trainers[1]:
+        sys.exit(f"--trainers: two different trainers, got {trainers[0]} twice")
+    runs = {t: [] for t in trainers}
     for _ in range(args.repeats):
-        for trainer in TRAINERS:
+        for trainer in trainers:
             out = subprocess.run([sys.executable, __file__, "-d", args.dataset, "-c", args.configuration, "-p",
                                   args.plans, "--steps",
                                   str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
@@ -96,11 +105,12 @@ def main() -> None:
             print(runs[trainer][-1])
     summary = {t: {"median_s": statistics.median(r["median_s"] for r in runs[t]),
                    "spread_s": [min(r["median_s"] for r in runs[t]), max(r["median_s"] for r in runs[t])],
-                   "peak_mb": max(r["peak_mb"] for r in runs[t])} for t in TRAINERS}
-    base, ours = summary[TRAINERS[0]], summary[TRAINERS[1]]
+                   "peak_mb": max(r["peak_mb"] for r in runs[t])} for t in trainers}
+    base, ours = summary[trainers[0]], summary[trainers[1]]
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "device": args.device,
                "dataset": args.dataset, "configuration": args.configuration, "plans": args.plans,
-               "batch_size": runs[TRAINERS[0]][0]["batch_size"], "patch_size": runs[TRAINERS[0]][0]["patch_size"],
+               "trainers": list(trainers),
+               "batch_size": runs[trainers[0]][0]["batch_size"], "patch_size": runs[trainers[0]][0]["patch_size"],
                "steps": args.steps, "repeats": args.repeats, "runs": runs, "summary": summary,
                "time_ratio": ours["median_s"] / base["median_s"], "memory_ratio": ours["peak_mb"] / base["peak_mb"]}
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
@@ -113,7 +123,8 @@ def main() -> None:
     unit = "peak CUDA memory allocated" if args.device == "cuda" else "peak RSS of the process"
     rows = "\n".join(f"| {t} | {s['median_s']:.3f} | {s['spread_s'][0]:.3f}-{s['spread_s'][1]:.3f} | "
                      f"{s['peak_mb']:.0f} |" for t, s in summary.items())
-    write_section(f"train_step_speed_{tag}", f"""## Training-iteration time and memory, {results['device_name']} (`benchmarks/train_step_speed.py`)
+    which = "" if trainers == TRAINERS else f", {trainers[0]} vs {trainers[1]}"
+    write_section(f"train_step_speed_{tag}", f"""## Training-iteration time and memory, {results['device_name']}{which} (`benchmarks/train_step_speed.py`)
 
 Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
 
@@ -126,7 +137,7 @@ after {args.warmup} warm-up iterations; torch.compile: {results['compile']}; mem
 |---|---|---|---|
 {rows}
 
-Ratio SKCDF / nnU-Net: **{results['time_ratio']:.2f}x time, {results['memory_ratio']:.2f}x memory**.""")
+Ratio {trainers[1]} / {trainers[0]}: **{results['time_ratio']:.2f}x time, {results['memory_ratio']:.2f}x memory**.""")
 
 
 if __name__ == "__main__":
