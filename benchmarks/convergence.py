@@ -124,11 +124,11 @@ def nnunet_paths(work: Path) -> dict:
 
 
 def environment(work: Path, budget: dict, np_: str) -> dict:
-    env = {**os.environ, "nnUNet_compile": "false", "nnUNet_def_n_proc": np_,
-           "nnUNet_extTrainer": ext_trainer_path(), **budget_variables(budget), **nnunet_paths(work)}
-    for var in nnunet_paths(work).values():
-        Path(var).mkdir(parents=True, exist_ok=True)
-    return env
+    paths = nnunet_paths(work)
+    for folder in paths.values():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "nnUNet_compile": "false", "nnUNet_def_n_proc": np_,
+            "nnUNet_extTrainer": ext_trainer_path(), **budget_variables(budget), **paths}
 
 
 def fixed_budget(work: Path, iterations: int, points: int) -> dict:

@@ -356,8 +356,8 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     islands = islands_per_run(final["aggregate"], list(SMALLEST)) if final else {}
     overlay_lines = []
     local = {k: r[0] for k, r in runs.items() if Path(r[0]["prediction_folder"]).is_dir()}
-    previous = json.loads((RESULTS / f"{stem}.json").read_text()).get("overlay", []) \
-        if (RESULTS / f"{stem}.json").is_file() else []
+    result_file = RESULTS / f"{stem}.json"
+    previous = json.loads(result_file.read_text()).get("overlay", []) if result_file.is_file() else []
     overlay = RESULTS / f"{stem}_overlay.png"
     if local and redraw_overlay(previous, set(local)):
         # the predictions live in the work folder of the session that made them
@@ -379,7 +379,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "curves": curves, "plateau": plateaus, "other_budgets": others, "goals": goal, "diagnostics": diag,
                "final_table": final["table"] if final else None, "islands_per_run": islands,
                "overlay": overlay_lines}
-    with atomic_output(str(RESULTS / f"{stem}.json")) as tmp:
+    with atomic_output(str(result_file)) as tmp:
         Path(tmp).write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(json.dumps({k: results[k] for k in ("status", "missing_runs", "plateau", "goals")}, indent=1, default=str))
     write_section(stem, markdown(results, figures))
