@@ -210,5 +210,24 @@ def test_unknown_head_ema_mode_is_refused(trainer_factory):
     trainer.initialize()
     trainer.head_ema = "cosine"
     with pytest.raises(ValueError,
-                       match=r"head_ema = 'cosine': use 'constant' \(the reference\), 'lr_scaled' or 'off'"):
+                       match=r"SKCDFTrainer.head_ema = 'cosine': use one of 'lr_scaled', 'constant', 'off'"):
         trainer._head_ema_momentum()
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("masking", "multiplied", r"masking = 'multiplied': use one of 'exclude', 'multiply' \(set in the trainer's"),
+    ("head_ema", "lr-scaled", r"head_ema = 'lr-scaled': use one of 'lr_scaled', 'constant', 'off'"),
+    ("unlabelled_view", "strong", r"unlabelled_view = 'strong': use one of 'same', 'strong_intensity'"),
+    ("ema_momentum", 1.5, r"ema_momentum = 1.5 is out of range \(ema_momentum in \[0, 1\]"),
+    ("consistency_weight", -1.0, r"consistency_weight = -1.0 is out of range"),
+    ("rampup_epochs", -5, r"rampup_epochs = -5 is out of range"),
+    ("unlabeled_batch_size", 0, r"unlabeled_batch_size = 0 is out of range"),
+])
+def test_unknown_training_switch_is_refused_at_initialize(trainer_factory, name, value, message):
+    """A misspelt switch fails before the network is built or any worker starts (unchecked, a misspelt
+    masking trained silently with 'exclude')."""
+    trainer = trainer_factory(SKCDFTrainer)
+    setattr(trainer, name, value)
+    with pytest.raises(ValueError, match=message):
+        trainer.initialize()
+    assert not trainer.was_initialized and trainer.network is None and trainer.dataloader_unlabeled is None

@@ -81,6 +81,39 @@ class SKCDFTrainer(nnUNetTrainer):
             raise SKCDFInputError("SKCDF needs class labels; region-based training (dataset.json regions) is not "
                                   "supported. Use nnUNetTrainer for region-based datasets.")
 
+    # ------------------------------------------------------------------------------------------ settings
+    _CHOICES = {"masking": ("exclude", "multiply"),
+                "head_ema": ("lr_scaled", "constant", "off"),
+                "unlabelled_view": ("same", "strong_intensity")}
+
+    def initialize(self):
+        self._check_settings()  # before the network is built or a dataloader started: a typo fails at once
+        super().initialize()
+
+    def _check_settings(self) -> None:
+        """The training switches a subclass sets in ``__init__``, refused with the accepted values if unknown
+        (unchecked, a misspelt ``masking`` would silently train with the other masking)."""
+        for name in self._CHOICES:
+            self._setting(name)
+        numbers = {"ema_momentum": 0.0 <= self.ema_momentum <= 1.0,
+                   "consistency_weight": self.consistency_weight >= 0,
+                   "rampup_epochs": self.rampup_epochs is None or self.rampup_epochs >= 0,
+                   "unlabeled_batch_size": self.unlabeled_batch_size is None or self.unlabeled_batch_size >= 1}
+        for name, ok in numbers.items():
+            if not ok:
+                raise ValueError(f"{type(self).__name__}.{name} = {getattr(self, name)!r} is out of range "
+                                 f"(ema_momentum in [0, 1], consistency_weight >= 0, rampup_epochs None or >= 0, "
+                                 f"unlabeled_batch_size None or >= 1).")
+
+    def _setting(self, name: str) -> str:
+        """The value of a named training switch, refused with the accepted values if unknown (also when it was
+        changed after ``initialize``)."""
+        value, choices = getattr(self, name), self._CHOICES[name]
+        if value not in choices:
+            raise ValueError(f"{type(self).__name__}.{name} = {value!r}: use one of "
+                             f"{', '.join(repr(c) for c in choices)} (set in the trainer's __init__).")
+        return value
+
     # ------------------------------------------------------------------------------------------ network
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -251,11 +284,8 @@ class SKCDFTrainer(nnUNetTrainer):
     def _student_view(self, x_u: torch.Tensor):
         """The perturbed copy of x_u that D_u learns on (``unlabelled_view = "strong_intensity"``), or None (the
         reference: D_u reuses x_u's encoder features)."""
-        if self.unlabelled_view == "same":
+        if self._setting("unlabelled_view") == "same":
             return None
-        if self.unlabelled_view != "strong_intensity":
-            raise ValueError(f"{type(self).__name__}.unlabelled_view = {self.unlabelled_view!r}: use 'same' (the "
-                             f"reference) or 'strong_intensity'.")
         if self._strong_transform is None:  # as nnU-Net: no low-resolution simulation along a dummy-2D axis
             do_dummy_2d = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[1]
             self._strong_transform = C.strong_intensity_transform((0,) if do_dummy_2d else None)
@@ -267,14 +297,12 @@ class SKCDFTrainer(nnUNetTrainer):
         the learning rate, so that once nnU-Net's poly schedule has annealed SGD's pull the main heads converge to
         the balanced ones and over-segment the rare organs (BENCHMARKS.md, accuracy at convergence: the reason
         for the 0.3.0 default); "off": 1.0, no head EMA."""
-        if self.head_ema == "constant":
+        mode = self._setting("head_ema")
+        if mode == "constant":
             return self.ema_momentum
-        if self.head_ema == "off":
+        if mode == "off":
             return 1.0
-        if self.head_ema == "lr_scaled":
-            return 1.0 - (1.0 - self.ema_momentum) * self.optimizer.param_groups[0]["lr"] / self.initial_lr
-        raise ValueError(f"{type(self).__name__}.head_ema = {self.head_ema!r}: use 'constant' (the reference), "
-                         f"'lr_scaled' or 'off'.")
+        return 1.0 - (1.0 - self.ema_momentum) * self.optimizer.param_groups[0]["lr"] / self.initial_lr
 
     def _consistency_weight(self) -> float:
         """lambda(t); ``rampup_epochs`` None = ramp over all epochs, 0 = full weight from the start."""
@@ -311,7 +339,7 @@ class SKCDFTrainer(nnUNetTrainer):
         if logits is None:
             return 0.0
         keep = _apply(lambda t: C.balanced_mask(t, rates), target)
-        if self.masking == "multiply":
+        if self._setting("masking") == "multiply":
             return self.loss(*C.multiply_mask(logits, target, keep))
         masked = _apply2(lambda t, k: C.masked_target(t, k, self.mask_ignore_value), target, keep)
         return self.masked_loss(logits, masked)
