@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="nnunetv2_skcdf",
-    version="0.3.0",
+    version="0.4.0",
     description="SKCDF (CVPR 2025) semi-supervised class-imbalanced segmentation for nnU-Net v2",
     packages=find_packages(include=["nnunetv2_skcdf", "nnunetv2_skcdf.*"]),
     python_requires=">=3.10",

@@ -6,8 +6,9 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      defaults up to 0.2 (the reference's constant head EMA; ``SKCDFTrainer_constantHeadEMA``: the stored runs were
      trained as ``SKCDFTrainer`` before 0.3.0 changed the default to the lr-scaled head EMA of arm (g))
   c  ``nnUNetTrainer`` with every training case labelled (folds 3-5: the upper bound)
-  d  SKCDF with the reference code's masking (``_multiplyMask``); d, e1, e2, f, h, i change one thing of the current
-     defaults (since 0.3.0: with the lr-scaled head EMA)
+  d  SKCDF with the reference code's masking (``_multiplyMask``): ``SKCDFTrainer``'s defaults since 0.4.0;
+     e1, e2, f, h, i change one thing of the 0.3 defaults (lr-scaled head EMA, ``exclude`` masking, pinned in
+     their trainers), d changes the masking of those (a main arm with --runs runs)
   e1, e2  SKCDF ``_noSKC`` and ``_noABC`` (final budget only)
   f  SKCDF with the reference's per-head self mode (``_perHeadSelf``; final budget only)
   g, h  fixes from the first diagnosis (main heads absorbed by the balanced heads as lr anneals): head EMA step
@@ -15,6 +16,8 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      --runs runs), no head EMA (``_noHeadEMA``); with curves
   i  SKCDF with consistency weight w = 1 instead of 10 (``_cw1``; from the diagnosis at 8000 iterations: the
      unlabelled loss weighted 10x may hold SKCDF at its pseudo labels' quality); with curves
+  j  SKCDF 0.4 (multiply masking) with a strongly intensity-perturbed view of x_u for D_u (``_strongView``, an
+     extension); with curves
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -92,7 +95,7 @@ ARMS = {a.key: a for a in (
     Arm("a", "nnU-Net (labelled only)", "nnUNetTrainer_conv", skcdf=False),
     Arm("b", "SKCDF 0.2 defaults (constant head EMA)", "SKCDFTrainer_constantHeadEMA_conv"),
     Arm("c", "nnU-Net (all labelled)", "nnUNetTrainer_conv", all_labelled=True, skcdf=False),
-    Arm("d", "SKCDF multiply mask", "SKCDFTrainer_multiplyMask_conv", ablation=True),
+    Arm("d", "SKCDF multiply mask", "SKCDFTrainer_multiplyMask_conv"),  # a main arm: the defaults since 0.4.0
     Arm("e1", "SKCDF w/o SKC", "SKCDFTrainer_noSKC_conv", ablation=True),
     Arm("e2", "SKCDF w/o ABC", "SKCDFTrainer_noABC_conv", ablation=True),
     Arm("f", "SKCDF per-head self mode", "SKCDFTrainer_perHeadSelf_conv", ablation=True),
@@ -310,7 +313,7 @@ def main() -> None:
                         "short-budget regime of the first stored runs)")
     parser.add_argument("--points", type=int, default=8, help="snapshots for the learning curves")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--runs", type=int, default=3, help="runs of the main arms a, b, c, g")
+    parser.add_argument("--runs", type=int, default=3, help="runs of the main arms a, b, c, d, g")
     parser.add_argument("--ablation-runs", type=int, default=1)
     parser.add_argument("--num-train", type=int, default=24)
     parser.add_argument("--num-unlabeled", type=int, default=12)

@@ -246,10 +246,10 @@ def goals(aggregate: dict, arms: dict, small: List[str], skcdf: str = "b") -> di
     return out
 
 
-def goals_per_arm(aggregate: dict, arms: dict, small: List[str], main: tuple = ("g", "b")) -> Dict[str, dict]:
-    """:func:`goals` of each SKCDF arm: the ``main`` ones always ((g) = SKCDFTrainer's defaults since 0.3.0,
-    (b) = up to 0.2; an absent one says what it needs), every other SKCDF arm (the ablations) where the
-    aggregate has its final result."""
+def goals_per_arm(aggregate: dict, arms: dict, small: List[str], main: tuple = ("d", "g", "b")) -> Dict[str, dict]:
+    """:func:`goals` of each SKCDF arm: the ``main`` ones always ((d) = SKCDFTrainer's defaults since 0.4.0,
+    (g) = 0.3's, (b) = up to 0.2; an absent one says what it needs), every other SKCDF arm (the ablations) where
+    the aggregate has its final result."""
     present = {m["name"] for m in aggregate["methods"]}
     return {k: goals(aggregate, arms, small, k) for k, a in arms.items()
             if a.skcdf and (k in main or a.name in present)}
@@ -478,7 +478,7 @@ Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean D
 
 {islands}
 
-Goals of each SKCDF arm with a final result against (a), gap (a)->(c); (g) = SKCDFTrainer's defaults since 0.3.0, (b) = up to 0.2:
+Goals of each SKCDF arm with a final result against (a), gap (a)->(c); (d) = SKCDFTrainer's defaults since 0.4.0, (g) = 0.3's, (b) = up to 0.2:
 ```
 {goal_text}
 ```"""

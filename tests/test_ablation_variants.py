@@ -20,7 +20,8 @@ EXPECTED = {
     "SKCDFTrainer_perHeadSelf": {"skc_self_heads": "per_head"},
     "SKCDFTrainer_divisorWindow": {"skc_window": "divisor"},
     "SKCDFTrainer_noABC": {"balanced_heads": False},
-    "SKCDFTrainer_multiplyMask": {"masking": "multiply"},
+    "SKCDFTrainer_multiplyMask": {},  # the default since 0.4.0, pinned under the name its benchmark runs used
+    "SKCDFTrainer_excludeMask": {"masking": "exclude"},  # the default up to 0.3
     "SKCDFTrainer_noDecoupling": {"decoupled": False},
     "SKCDFTrainer_noEMA": {"ema_couple_decoders": False},
     "SKCDFTrainer_cw1": {"consistency_weight": 1.0},
@@ -83,7 +84,7 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
     assert found.__name__ == "SKCDFTrainer" and found.__mro__[1].__name__ == "nnUNetTrainer"
     added_since = {"SKCDFTrainer_perHeadSelf", "SKCDFTrainer_divisorWindow", "SKCDFTrainer_lrScaledHeadEMA",
                    "SKCDFTrainer_noHeadEMA", "SKCDFTrainer_constantHeadEMA",
-                   "SKCDFTrainer_strongView"}  # never had an old name
+                   "SKCDFTrainer_strongView", "SKCDFTrainer_excludeMask"}  # never had an old name
     expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
                     "nnUNetTrainerSKCDF_demo40epochs", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_20epochs",
                     "nnUNetTrainerSKCDF_100epochs"} | \

@@ -35,8 +35,8 @@ def test_budget_rounds_to_whole_epochs_of_50(tmp_path):
 
 def test_schedule_is_run_major_with_ablations_last():
     order = [(arm.key, fold) for arm, fold in C.schedule(["a", "b", "c", "d", "e1", "e2", "f"], 2, 1)]
-    assert order == [("a", 0), ("b", 0), ("c", 3), ("a", 1), ("b", 1), ("c", 4), ("d", 0), ("e1", 0), ("e2", 0),
-                     ("f", 0)]
+    assert order == [("a", 0), ("b", 0), ("c", 3), ("d", 0), ("a", 1), ("b", 1), ("c", 4), ("d", 1), ("e1", 0),
+                     ("e2", 0), ("f", 0)]  # (d) is a main arm: SKCDFTrainer's defaults since 0.4.0
 
 
 def test_every_arm_trainer_is_found_by_nnunet_lookup(monkeypatch):
@@ -51,6 +51,22 @@ def test_every_arm_trainer_is_found_by_nnunet_lookup(monkeypatch):
 
         assert issubclass(cls, SKCDFTrainer) == arm.skcdf, arm.key
     assert nnunetv2  # imported for the lookup's package layout
+
+
+def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(trainer_factory, monkeypatch):
+    """0.4.0 changed SKCDFTrainer's masking to 'multiply': the arms stored before (0.2 / 0.3 defaults and the
+    ablations of the 0.3 defaults) keep 'exclude', arm d and the arms defined on the 0.4 defaults have 'multiply'."""
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    monkeypatch.setenv("SKCDF_CONV_EPOCHS", "2")
+    monkeypatch.setenv("SKCDF_CONV_SNAPSHOTS", "1,2")
+    expected = {"b": "exclude", "e1": "exclude", "f": "exclude", "g": "exclude", "h": "exclude", "i": "exclude",
+                "d": "multiply", "j": "multiply"}
+    assert set(expected) | {"a", "c", "e2"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
+    for key, masking in expected.items():
+        cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")
+        trainer = trainer_factory(cls)
+        assert trainer.masking == masking and trainer.num_epochs == 2, key
 
 
 def _curve(points):

@@ -55,9 +55,11 @@ def test_train_step_updates_parameters_with_ema_and_gradients(trainer_factory):
         trainer.on_train_end()
 
 
-def test_multiply_masking_option_runs(trainer_factory):
+@pytest.mark.parametrize("masking", ["multiply", "exclude"])
+def test_both_masking_options_run(trainer_factory, masking):
     trainer = trainer_factory()
-    trainer.masking = "multiply"
+    assert trainer.masking == "multiply"  # the default since 0.4.0
+    trainer.masking = masking
     trainer.on_train_start()
     try:
         out = trainer.train_step(next(trainer.dataloader_train))

@@ -55,11 +55,21 @@ class _ConvergenceBudget(NoMirroringMixin):
         self.print_to_log_file("convergence benchmark: final validation skipped (the test set is evaluated instead)")
 
 
+class _ExcludeMasking:
+    """Pins ``masking = "exclude"``, SKCDFTrainer's default up to 0.3: the arms stored before 0.4.0 changed the
+    default were trained with it, so new runs of them (more folds, other tasks) match the stored ones."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.masking = "exclude"
+
+
 class nnUNetTrainer_conv(_ConvergenceBudget, nnUNetTrainer):
     pass
 
 
-class SKCDFTrainer_constantHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_constantHeadEMA):
+class SKCDFTrainer_constantHeadEMA_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_constantHeadEMA):
     """Arm (b): SKCDF's defaults up to 0.2 (constant head EMA), pinned so that new runs match the stored ones
     (those were trained as ``SKCDFTrainer_conv`` before 0.3.0 changed the default)."""
 
@@ -68,7 +78,7 @@ class SKCDFTrainer_multiplyMask_conv(_ConvergenceBudget, SKCDFTrainer_multiplyMa
     pass
 
 
-class SKCDFTrainer_noSKC_conv(_ConvergenceBudget, SKCDFTrainer_noSKC):
+class SKCDFTrainer_noSKC_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_noSKC):
     pass
 
 
@@ -76,19 +86,19 @@ class SKCDFTrainer_noABC_conv(_ConvergenceBudget, SKCDFTrainer_noABC):
     pass
 
 
-class SKCDFTrainer_perHeadSelf_conv(_ConvergenceBudget, SKCDFTrainer_perHeadSelf):
+class SKCDFTrainer_perHeadSelf_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_perHeadSelf):
     pass
 
 
-class SKCDFTrainer_lrScaledHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_lrScaledHeadEMA):
+class SKCDFTrainer_lrScaledHeadEMA_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_lrScaledHeadEMA):
     pass
 
 
-class SKCDFTrainer_noHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_noHeadEMA):
+class SKCDFTrainer_noHeadEMA_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_noHeadEMA):
     pass
 
 
-class SKCDFTrainer_cw1_conv(_ConvergenceBudget, SKCDFTrainer_cw1):
+class SKCDFTrainer_cw1_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_cw1):
     """Arm (i): consistency weight w = 1 instead of the reference's 10 (lambda(t) ramps to 1), on top of the 0.3
     defaults: does the unlabelled loss at ten times the supervised weight hold SKCDF at its pseudo labels'
     quality (BENCHMARKS.md, findings item 10)?"""
@@ -96,5 +106,6 @@ class SKCDFTrainer_cw1_conv(_ConvergenceBudget, SKCDFTrainer_cw1):
 
 class SKCDFTrainer_strongView_conv(_ConvergenceBudget, SKCDFTrainer_strongView):
     """Arm (j), an extension: D_u learns on a strongly intensity-perturbed copy of the view the pseudo labels come
-    from, on top of the 0.3 defaults: does a teacher/student perturbation let the unlabelled images add what
-    nnU-Net's own augmentation of the labelled cases does not (BENCHMARKS.md, findings item 13)?"""
+    from, on top of SKCDFTrainer's defaults (since 0.4.0 the multiplied masking of arm d): does a teacher/student
+    perturbation let the unlabelled images add what nnU-Net's own augmentation of the labelled cases does not
+    (BENCHMARKS.md, findings item 13)?"""

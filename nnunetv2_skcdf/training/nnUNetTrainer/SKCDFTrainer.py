@@ -65,7 +65,9 @@ class SKCDFTrainer(nnUNetTrainer):
         #                                   reference, default up to 0.2); "off": no head EMA
         self.consistency_weight = 10.0    # w in lambda(t) = w exp(-5 (1 - t/T_ramp)^2)
         self.rampup_epochs = None         # T_ramp; None = all epochs (reference), 0 = no ramp-up
-        self.masking = "exclude"          # "exclude": masked voxels leave CE and Dice; "multiply": reference code
+        self.masking = "multiply"         # "multiply": the reference code's, masked voxels become zero logits with a
+        #                                   background target (default since 0.4.0, measured: BENCHMARKS.md item 15);
+        #                                   "exclude": masked voxels leave CE and Dice (the default up to 0.3)
         self.unlabeled_batch_size = None  # None = the plans' (DDP-adjusted) labelled batch size
         self.unlabelled_view = "same"     # "same": D_u learns on the view the pseudo labels come from (reference);
         #                                   "strong_intensity": on a copy perturbed by nnU-Net's intensity transforms

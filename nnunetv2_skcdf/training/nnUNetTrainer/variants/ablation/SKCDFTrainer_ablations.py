@@ -59,12 +59,23 @@ class SKCDFTrainer_noABC(SKCDFTrainer):
 
 class SKCDFTrainer_multiplyMask(SKCDFTrainer):
     """The reference implementation's masking: masked voxels become zero logits with a background target,
-    instead of leaving the loss."""
+    instead of leaving the loss. SKCDFTrainer's default since 0.4.0; this name pins it (and keeps model folders
+    trained under it predicting and resumable)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.masking = "multiply"
+
+
+class SKCDFTrainer_excludeMask(SKCDFTrainer):
+    """Masked voxels leave CE and Dice (nnU-Net's ignore-label path), so the balanced losses act at full strength
+    on the kept voxels: SKCDFTrainer's default up to 0.3. Runs started with 0.3 resume unchanged under this name."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.masking = "exclude"
 
 
 # ---------------------------------------------------------------------------------------------- decoupling / EMA
