@@ -28,7 +28,8 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
   final     stock ``nnUNetv2_predict`` of the final checkpoint + ``skcdf_evaluate`` (Dice, ASD, NSD, missed /
             spurious organs, islands: predicted components without a reference voxel)
   store     the run's result -> ``benchmarks/results/convergence/<arm>_fold<f>_<labelled>lab_<iterations>it.json``
-            (curve, final per-case metrics, lambda(t), keep-rates, pseudo-label fractions, task, budget, commit).
+            (curve, final per-case metrics, lambda(t), keep-rates, pseudo-label fractions, task, budget, commit;
+            the commit of every training start or resume is in ``train_commits``).
             These files are committed: the work folder does not outlive a session here, the store does, and a run
             already stored with this task and budget is not trained again. The phantom and the split are
             deterministic, so every session trains on the same data. The upper bound (c) is stored as ``alllab``:
@@ -269,10 +270,31 @@ def model_folder(env: dict, raw: Path, arm: Arm) -> Path:
     return Path(env["nnUNet_results"]) / raw.name / f"{arm.trainer}__nnUNetPlans__{CONFIG}"
 
 
+TRAIN_COMMITS = "skcdf_train_commits.json"
+
+
 def train(dataset: str, arm: Arm, fold: int, raw: Path, env: dict, log: Path) -> None:
-    if not (model_folder(env, raw, arm) / f"fold_{fold}" / "checkpoint_final.pth").exists():
+    fold_dir = model_folder(env, raw, arm) / f"fold_{fold}"
+    if not (fold_dir / "checkpoint_final.pth").exists():
+        record_train_commit(fold_dir)
         sh(["nnUNetv2_train", dataset, CONFIG, str(fold), "-tr", arm.trainer, "-device", "cpu", "--c"],
            {**env, "nnUNet_n_proc_DA": "0"}, log)
+
+
+def record_train_commit(fold_dir: Path) -> None:
+    """Appends the commit this training session starts from, and whether tracked files differed from it, to the
+    run's ``skcdf_train_commits.json`` (one entry per start or resume): a run may span sessions, and its store
+    file is written at the end by whatever commit is checked out then."""
+    from convergence_report import commit
+    from nnunetv2_skcdf.utilities.io import atomic_save_json
+
+    path = fold_dir / TRAIN_COMMITS
+    entries = json.loads(path.read_text()) if path.exists() else []
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO, capture_output=True).returncode != 0
+    entries.append({"commit": commit(), "tracked_changes": dirty, "date": datetime.datetime.now().isoformat(
+        timespec="seconds")})
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_json(entries, str(path))
 
 
 def predict_final(dataset: str, arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path) -> Path:
@@ -409,6 +431,8 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
         "arm": arm.key, "name": arm.name, "trainer": arm.trainer, "fold": fold, "budget": budget,
         "task": arm_task(arm, task),
         "commit": commit(), "date": datetime.date.today().isoformat(), "machine": machine(),
+        "train_commits": json.loads((fold_dir / TRAIN_COMMITS).read_text()) if (fold_dir / TRAIN_COMMITS).exists()
+        else None,  # runs trained before this was recorded: None
         "train_epoch_s_median": float(np.median(epoch_s)),
         "curve": json.loads(curve.read_text()) if curve.exists() else None,
         "final_summary": json.loads((evaluation / "summary.json").read_text()),

@@ -69,6 +69,23 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
         assert trainer.masking == masking and trainer.num_epochs == 2, key
 
 
+def test_train_records_the_commit_of_every_training_start_and_not_after_the_run_finished(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(C, "sh", lambda cmd, env, log: calls.append(cmd))
+    monkeypatch.setattr(C, "model_folder", lambda env, raw, arm: tmp_path / "model")
+    fold_dir = tmp_path / "model" / "fold_1"
+    for _ in range(2):  # a start and a resume (--c)
+        C.train("962", C.ARMS["d"], 1, tmp_path, {}, tmp_path / "log")
+    entries = json.loads((fold_dir / C.TRAIN_COMMITS).read_text())
+    assert len(entries) == len(calls) == 2 and calls[0][:2] == ["nnUNetv2_train", "962"] and "--c" in calls[0]
+    assert all(e["commit"] == R.commit() and len(e["commit"]) >= 7 and isinstance(e["tracked_changes"], bool)
+               for e in entries)
+    (fold_dir / "checkpoint_final.pth").touch()  # finished: nothing trained, nothing recorded
+    C.train("962", C.ARMS["d"], 1, tmp_path, {}, tmp_path / "log")
+    assert len(calls) == 2 and len(json.loads((fold_dir / C.TRAIN_COMMITS).read_text())) == 2
+    assert not list(fold_dir.glob("*.tmp*"))
+
+
 def _curve(points):
     return {"name": "x", "runs": 1, "iterations": [500 * (i + 1) for i in range(len(points))],
             "mean": [[p] for p in points], "small": [[p] for p in points]}
