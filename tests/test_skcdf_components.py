@@ -91,6 +91,36 @@ def test_multiply_mask_is_the_reference_behaviour():
     assert lg[0, :, 0, 1].abs().sum() == 0 and lg[0, :, 0, 0].sum() == 3
 
 
+def test_multiply_mask_dilutes_the_kept_voxels_gradient_and_exclude_does_not():
+    """The method page's paragraph on masking, with nnU-Net's DC+CE: the multiplied masking scales the kept
+    voxels' gradient by about the kept fraction (here 2 %: ~1/50), excluding the dropped voxels does not;
+    neither sends gradient to a dropped voxel, and with every voxel kept the two are the same loss."""
+    torch.manual_seed(0)
+    classes, shape = 4, (2, 4, 16, 16, 16)
+    target = torch.randint(0, classes, (shape[0], 1, *shape[2:]))
+    logits0 = torch.randn(shape)
+
+    def grad(masking: str, keep: torch.Tensor) -> torch.Tensor:
+        logits = logits0.clone().requires_grad_(True)
+        loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                              weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+        if masking == "multiply":
+            loss(*C.multiply_mask(logits, target, keep)).backward()
+        else:
+            C.set_ignore_value(loss, classes)(logits, C.masked_target(target, keep, classes)).backward()
+        return logits.grad
+
+    keep = torch.rand(target.shape) < 0.02
+    g_multiply, g_exclude = grad("multiply", keep), grad("exclude", keep)
+    kept = keep.expand(shape)
+    assert g_multiply[~kept].abs().max() == 0 and g_exclude[~kept].abs().max() == 0
+    fraction = keep.float().mean()
+    ratio = g_multiply[kept].norm() / g_exclude[kept].norm()
+    assert 0.5 * fraction < ratio < 2 * fraction, (ratio, fraction)
+    everything = torch.ones_like(keep)
+    torch.testing.assert_close(grad("multiply", everything), grad("exclude", everything))
+
+
 def test_pseudo_labels_and_histogram():
     logits = [torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 2, 2)]
     logits[0][:, 2] = 1
