@@ -67,6 +67,10 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")
         trainer = trainer_factory(cls)
         assert trainer.masking == masking and trainer.num_epochs == 2, key
+        variant = trainer_factory(cls.__bases__[-1])  # everything else as the package variant it extends
+        for name in ("skc_enabled", "skc_self_heads", "head_ema", "consistency_weight", "unlabelled_view",
+                     "balanced_heads", "ema_momentum"):
+            assert getattr(trainer, name) == getattr(variant, name), (key, name)
 
 
 def test_train_records_the_commit_of_every_training_start_and_not_after_the_run_finished(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import (
     SKCDFTrainer_constantHeadEMA,
     SKCDFTrainer_cw1,
+    SKCDFTrainer_excludeMask,
     SKCDFTrainer_multiplyMask,
     SKCDFTrainer_noABC,
     SKCDFTrainer_noSKC,
@@ -55,21 +56,15 @@ class _ConvergenceBudget(NoMirroringMixin):
         self.print_to_log_file("convergence benchmark: final validation skipped (the test set is evaluated instead)")
 
 
-class _ExcludeMasking:
-    """Pins ``masking = "exclude"``, SKCDFTrainer's default up to 0.3: the arms stored before 0.4.0 changed the
-    default were trained with it, so new runs of them (more folds, other tasks) match the stored ones."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.masking = "exclude"
-
-
+# The arms stored before 0.4.0 made 'multiply' the default masking (b, e1, f, g, h, i) were trained with
+# 'exclude': ``SKCDFTrainer_excludeMask`` ahead of their variant pins it, so new runs of them (more folds, other
+# tasks) match the stored ones.
 class nnUNetTrainer_conv(_ConvergenceBudget, nnUNetTrainer):
     pass
 
 
-class SKCDFTrainer_constantHeadEMA_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_constantHeadEMA):
+class SKCDFTrainer_constantHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask,
+                                        SKCDFTrainer_constantHeadEMA):
     """Arm (b): SKCDF's defaults up to 0.2 (constant head EMA), pinned so that new runs match the stored ones
     (those were trained as ``SKCDFTrainer_conv`` before 0.3.0 changed the default)."""
 
@@ -78,7 +73,7 @@ class SKCDFTrainer_multiplyMask_conv(_ConvergenceBudget, SKCDFTrainer_multiplyMa
     pass
 
 
-class SKCDFTrainer_noSKC_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_noSKC):
+class SKCDFTrainer_noSKC_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask, SKCDFTrainer_noSKC):
     pass
 
 
@@ -86,19 +81,20 @@ class SKCDFTrainer_noABC_conv(_ConvergenceBudget, SKCDFTrainer_noABC):
     pass
 
 
-class SKCDFTrainer_perHeadSelf_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_perHeadSelf):
+class SKCDFTrainer_perHeadSelf_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask, SKCDFTrainer_perHeadSelf):
     pass
 
 
-class SKCDFTrainer_lrScaledHeadEMA_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_lrScaledHeadEMA):
+class SKCDFTrainer_lrScaledHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask,
+                                        SKCDFTrainer_lrScaledHeadEMA):
     pass
 
 
-class SKCDFTrainer_noHeadEMA_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_noHeadEMA):
+class SKCDFTrainer_noHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask, SKCDFTrainer_noHeadEMA):
     pass
 
 
-class SKCDFTrainer_cw1_conv(_ConvergenceBudget, _ExcludeMasking, SKCDFTrainer_cw1):
+class SKCDFTrainer_cw1_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask, SKCDFTrainer_cw1):
     """Arm (i): consistency weight w = 1 instead of the reference's 10 (lambda(t) ramps to 1), on top of the 0.3
     defaults: does the unlabelled loss at ten times the supervised weight hold SKCDF at its pseudo labels'
     quality (BENCHMARKS.md, findings item 10)?"""
