@@ -18,6 +18,8 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      unlabelled loss weighted 10x may hold SKCDF at its pseudo labels' quality); with curves
   j  SKCDF 0.4 (multiply masking) with a strongly intensity-perturbed view of x_u for D_u (``_strongView``, an
      extension); with curves
+  k  SKCDF 0.4 without the unlabelled loss (w = 0, ``_cw0``): the unlabelled images enter only through the
+     cross-attention of the labelled pass; what the pseudo labels add to (d); with curves
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -43,7 +45,7 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             BENCHMARKS.md section (one per task and budget) from the store; missing runs are reported as such
             (status: partial).
 
-    python benchmarks/convergence.py [--labeled 4] [--iterations 8000] [--points 8] [--arms a c b d e1 e2 f g h i] \
+    python benchmarks/convergence.py [--labeled 4] [--iterations 8000] [--points 8] [--arms a c b d e1 e2 f g h i j k] \
         [--runs 3]
 Budget: 8000 iterations by default, the budget at which (a) and (c) meet the plateau criterion on this phantom
 (last quarter < 1 mean Dice point); the first stored runs have 4000 (the short-budget regime):
@@ -104,8 +106,9 @@ ARMS = {a.key: a for a in (
     Arm("h", "SKCDF no head EMA", "SKCDFTrainer_noHeadEMA_conv", ablation=True),
     Arm("i", "SKCDF consistency weight w = 1", "SKCDFTrainer_cw1_conv", ablation=True),
     Arm("j", "SKCDF + strong intensity view for D_u", "SKCDFTrainer_strongView_conv", ablation=True),
+    Arm("k", "SKCDF without the unlabelled loss (w = 0)", "SKCDFTrainer_cw0_conv", ablation=True),
 )}
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k")
 
 
 # ---------------------------------------------------------------------------------------------- set-up

@@ -24,6 +24,7 @@ EXPECTED = {
     "SKCDFTrainer_excludeMask": {"masking": "exclude"},  # the default up to 0.3
     "SKCDFTrainer_noDecoupling": {"decoupled": False},
     "SKCDFTrainer_noEMA": {"ema_couple_decoders": False},
+    "SKCDFTrainer_cw0": {"consistency_weight": 0.0},
     "SKCDFTrainer_cw1": {"consistency_weight": 1.0},
     "SKCDFTrainer_cw5": {"consistency_weight": 5.0},
     "SKCDFTrainer_cw20": {"consistency_weight": 20.0},
@@ -177,6 +178,26 @@ def test_no_ema_variant_moves_heads_but_not_decoder_u(trainer_factory):
     assert not torch.equal(head_u, before_head)  # H_u <- H_u_b still
     net.ema_update(trainer.ema_momentum, True)
     assert not torch.equal(stage_u, before_stage)
+
+
+def test_cw0_variant_leaves_decoder_u_without_gradient(trainer_factory):
+    """w = 0: D_u learns nothing from the pseudo labels (zero gradient; it follows D_l by its EMA only), while the
+    labelled path trains as in SKCDFTrainer, whose D_u does get a gradient at the first epoch's ramp weight."""
+    grads = {}
+    for cls in (SKCDFTrainer, A.SKCDFTrainer_cw0):
+        trainer = trainer_factory(cls)
+        trainer.on_train_start()
+        try:
+            trainer.on_train_epoch_start()
+            out = trainer.train_step(next(trainer.dataloader_train))  # gradients stay after the optimiser step
+            net = trainer._net()
+            norm = lambda module: sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+            grads[cls.__name__] = (norm(net.decoder_u), norm(net.decoder_l), float(out["l_u"]))
+        finally:
+            trainer.on_train_end()
+    assert grads["SKCDFTrainer"][0] > 0 and grads["SKCDFTrainer"][1] > 0
+    assert grads["SKCDFTrainer_cw0"][0] == 0.0  # no gradient reaches D_u
+    assert grads["SKCDFTrainer_cw0"][1] > 0 and grads["SKCDFTrainer_cw0"][2] > 0  # L_u still computed and logged
 
 
 def test_head_ema_modes_move_only_the_heads_by_the_stated_step(trainer_factory):

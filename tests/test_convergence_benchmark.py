@@ -61,7 +61,7 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
     monkeypatch.setenv("SKCDF_CONV_EPOCHS", "2")
     monkeypatch.setenv("SKCDF_CONV_SNAPSHOTS", "1,2")
     expected = {"b": "exclude", "e1": "exclude", "f": "exclude", "g": "exclude", "h": "exclude", "i": "exclude",
-                "d": "multiply", "j": "multiply"}
+                "d": "multiply", "j": "multiply", "k": "multiply"}
     assert set(expected) | {"a", "c", "e2"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
     for key, masking in expected.items():
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")

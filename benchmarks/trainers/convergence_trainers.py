@@ -15,6 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import (
     SKCDFTrainer_constantHeadEMA,
+    SKCDFTrainer_cw0,
     SKCDFTrainer_cw1,
     SKCDFTrainer_excludeMask,
     SKCDFTrainer_multiplyMask,
@@ -105,3 +106,9 @@ class SKCDFTrainer_strongView_conv(_ConvergenceBudget, SKCDFTrainer_strongView):
     from, on top of SKCDFTrainer's defaults (since 0.4.0 the multiplied masking of arm d): does a teacher/student
     perturbation let the unlabelled images add what nnU-Net's own augmentation of the labelled cases does not
     (BENCHMARKS.md, findings item 13)?"""
+
+
+class SKCDFTrainer_cw0_conv(_ConvergenceBudget, SKCDFTrainer_cw0):
+    """Arm (k): SKCDFTrainer's 0.4 defaults without the unlabelled loss (w = 0): what do the pseudo labels on the
+    unlabelled images add to the gain of arm (d) over nnU-Net, beyond the architecture, the diluted balanced
+    heads of the labelled pass and the cross-attention to the unlabelled images (BENCHMARKS.md, findings item 16)?"""
