@@ -84,7 +84,7 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
     found = recursive_find_trainer_class_by_name("SKCDFTrainer")
     assert found.__name__ == "SKCDFTrainer" and found.__mro__[1].__name__ == "nnUNetTrainer"
     added_since = {"SKCDFTrainer_perHeadSelf", "SKCDFTrainer_divisorWindow", "SKCDFTrainer_lrScaledHeadEMA",
-                   "SKCDFTrainer_noHeadEMA", "SKCDFTrainer_constantHeadEMA",
+                   "SKCDFTrainer_noHeadEMA", "SKCDFTrainer_constantHeadEMA", "SKCDFTrainer_cw0",
                    "SKCDFTrainer_strongView", "SKCDFTrainer_excludeMask"}  # never had an old name
     expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
                     "nnUNetTrainerSKCDF_demo40epochs", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_20epochs",
