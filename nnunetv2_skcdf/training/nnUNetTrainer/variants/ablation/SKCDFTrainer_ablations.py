@@ -111,8 +111,9 @@ def _hyperparameter_variant(name: str, doc: str, **values) -> type:
 
 SKCDFTrainer_cw0 = _hyperparameter_variant(
     "SKCDFTrainer_cw0", "Consistency weight w = 0: no unlabelled loss. The unlabelled images still enter the labelled "
-    "pass through the SKC cross-attention, and D_u is the EMA of D_l only (a mean teacher); the unlabelled pass is "
-    "still computed, so a step costs as much as SKCDFTrainer's. Measures what the unlabelled loss adds.",
+    "pass through the SKC cross-attention; D_u (the decoder prediction uses) gets no gradient and follows D_l by "
+    "its EMA (and nnU-Net's weight decay); the unlabelled pass is still computed, so a step costs as much as "
+    "SKCDFTrainer's. Measures what the unlabelled loss adds.",
     consistency_weight=0.0)
 SKCDFTrainer_cw1 = _hyperparameter_variant(
     "SKCDFTrainer_cw1", "Consistency weight w = 1 (reference 10).", consistency_weight=1.0)
