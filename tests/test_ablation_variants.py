@@ -101,6 +101,20 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
     assert old_trainer.output_folder.replace("nnUNetTrainerSKCDF", "SKCDFTrainer") == new_trainer.output_folder
 
 
+def test_hyperparameter_variants_compose_as_mixins_in_either_order(trainer_factory):
+    """A variant ahead of another in the bases keeps the other's setting as well (the benchmark's arm trainers
+    pin the masking this way), and nnU-Net's init kwargs (rebuilt from the signature) stay the base's five."""
+    for bases in ((A.SKCDFTrainer_excludeMask, A.SKCDFTrainer_cw1), (A.SKCDFTrainer_cw1, A.SKCDFTrainer_excludeMask),
+                  (A.SKCDFTrainer_noEMA, A.SKCDFTrainer_excludeMask, A.SKCDFTrainer_ema09)):
+        trainer = trainer_factory(type("Composed", bases, {}))
+        expected = {}
+        for base in bases:
+            expected.update(EXPECTED[base.__name__])
+        full = _settings(trainer_factory())
+        assert {k: v for k, v in _settings(trainer).items() if full[k] != v} == expected, bases
+        assert set(trainer.my_init_kwargs) == {"plans", "configuration", "fold", "dataset_json", "device"}
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_variant_differs_in_exactly_the_intended_part_and_trains(name, trainer_factory):
     full, variant = trainer_factory(), trainer_factory(getattr(A, name))

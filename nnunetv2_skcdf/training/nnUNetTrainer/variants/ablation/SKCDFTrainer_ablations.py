@@ -11,6 +11,22 @@ import torch
 from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
 
 
+def _hyperparameter_variant(name: str, doc: str, **values) -> type:
+    """A subclass whose ``__init__`` sets instance hyperparameters after its parents' ``__init__`` (nnU-Net rebuilds
+    a trainer's init kwargs from the exact base signature, so the signature is spelt out). The parent is reached
+    through ``super()``, so a variant used as a mixin ahead of another one (``class X(SKCDFTrainer_excludeMask,
+    SKCDFTrainer_cw1)``) keeps the other's settings as well."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super(variant, self).__init__(plans, configuration, fold, dataset_json, device)
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    variant = type(name, (SKCDFTrainer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    return variant
+
+
 # ---------------------------------------------------------------------------------------------- SKC module
 class SKCDFTrainer_noSKC(SKCDFTrainer):
     """No SKC module: the encoder's bottleneck goes straight to the decoders (no attention parameters)."""
@@ -57,25 +73,14 @@ class SKCDFTrainer_noABC(SKCDFTrainer):
     balanced_heads = False
 
 
-class SKCDFTrainer_multiplyMask(SKCDFTrainer):
-    """The reference implementation's masking: masked voxels become zero logits with a background target,
-    instead of leaving the loss. SKCDFTrainer's default since 0.4.0; this name pins it (and keeps model folders
-    trained under it predicting and resumable)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.masking = "multiply"
-
-
-class SKCDFTrainer_excludeMask(SKCDFTrainer):
-    """Masked voxels leave CE and Dice (nnU-Net's ignore-label path), so the balanced losses act at full strength
-    on the kept voxels: SKCDFTrainer's default up to 0.3. Runs started with 0.3 resume unchanged under this name."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.masking = "exclude"
+SKCDFTrainer_multiplyMask = _hyperparameter_variant(
+    "SKCDFTrainer_multiplyMask", "The reference implementation's masking: masked voxels become zero logits with a "
+    "background target, instead of leaving the loss. SKCDFTrainer's default since 0.4.0; this name pins it (and "
+    "keeps model folders trained under it predicting and resumable).", masking="multiply")
+SKCDFTrainer_excludeMask = _hyperparameter_variant(
+    "SKCDFTrainer_excludeMask", "Masked voxels leave CE and Dice (nnU-Net's ignore-label path), so the balanced "
+    "losses act at full strength on the kept voxels: SKCDFTrainer's default up to 0.3. Runs started with 0.3 "
+    "resume unchanged under this name.", masking="exclude")
 
 
 # ---------------------------------------------------------------------------------------------- decoupling / EMA
@@ -85,30 +90,12 @@ class SKCDFTrainer_noDecoupling(SKCDFTrainer):
     decoupled = False
 
 
-class SKCDFTrainer_noEMA(SKCDFTrainer):
-    """Two decoders without the EMA coupling D_u <- D_l (D_u learns from pseudo labels only); the head EMA
-    (main head <- balanced head) stays."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.ema_couple_decoders = False
+SKCDFTrainer_noEMA = _hyperparameter_variant(
+    "SKCDFTrainer_noEMA", "Two decoders without the EMA coupling D_u <- D_l (D_u learns from pseudo labels only); "
+    "the head EMA (main head <- balanced head) stays.", ema_couple_decoders=False)
 
 
 # ---------------------------------------------------------------------------------------------- hyperparameters
-def _hyperparameter_variant(name: str, doc: str, **values) -> type:
-    """A subclass whose ``__init__`` sets instance hyperparameters (nnU-Net rebuilds a trainer's init kwargs
-    from the exact base signature, so the signature is spelt out)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        SKCDFTrainer.__init__(self, plans, configuration, fold, dataset_json, device)
-        for key, value in values.items():
-            setattr(self, key, value)
-
-    return type(name, (SKCDFTrainer,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
-
-
 SKCDFTrainer_cw0 = _hyperparameter_variant(
     "SKCDFTrainer_cw0", "Consistency weight w = 0: no unlabelled loss. The unlabelled images still enter the labelled "
     "pass through the SKC cross-attention; D_u (the decoder prediction uses) gets no gradient and follows D_l by "
