@@ -20,6 +20,8 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      extension); with curves
   k  SKCDF 0.4 without the unlabelled loss (w = 0, ``_cw0``): the unlabelled images enter only through the
      cross-attention of the labelled pass; what the pseudo labels add to (d); with curves
+  l  SKCDF 0.4 with lambda(t) ramped over the first 50 epochs instead of the whole budget (``_rampup50``); with
+     curves
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -107,8 +109,9 @@ ARMS = {a.key: a for a in (
     Arm("i", "SKCDF consistency weight w = 1", "SKCDFTrainer_cw1_conv", ablation=True),
     Arm("j", "SKCDF + strong intensity view for D_u", "SKCDFTrainer_strongView_conv", ablation=True),
     Arm("k", "SKCDF without the unlabelled loss (w = 0)", "SKCDFTrainer_cw0_conv", ablation=True),
+    Arm("l", "SKCDF lambda ramp-up over 50 epochs", "SKCDFTrainer_rampup50_conv", ablation=True),
 )}
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l")
 
 
 # ---------------------------------------------------------------------------------------------- set-up

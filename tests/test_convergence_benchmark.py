@@ -61,7 +61,7 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
     monkeypatch.setenv("SKCDF_CONV_EPOCHS", "2")
     monkeypatch.setenv("SKCDF_CONV_SNAPSHOTS", "1,2")
     expected = {"b": "exclude", "e1": "exclude", "f": "exclude", "g": "exclude", "h": "exclude", "i": "exclude",
-                "d": "multiply", "j": "multiply", "k": "multiply"}
+                "d": "multiply", "j": "multiply", "k": "multiply", "l": "multiply"}
     assert set(expected) | {"a", "c", "e2"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
     for key, masking in expected.items():
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")
@@ -69,7 +69,7 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
         assert trainer.masking == masking and trainer.num_epochs == 2, key
         variant = trainer_factory(cls.__bases__[-1])  # everything else as the package variant it extends
         for name in ("skc_enabled", "skc_self_heads", "head_ema", "consistency_weight", "unlabelled_view",
-                     "balanced_heads", "ema_momentum"):
+                     "balanced_heads", "ema_momentum", "rampup_epochs"):
             assert getattr(trainer, name) == getattr(variant, name), (key, name)
 
 

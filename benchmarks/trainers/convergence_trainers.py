@@ -24,6 +24,7 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablati
     SKCDFTrainer_lrScaledHeadEMA,
     SKCDFTrainer_noHeadEMA,
     SKCDFTrainer_perHeadSelf,
+    SKCDFTrainer_rampup50,
     SKCDFTrainer_strongView,
 )
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
@@ -112,3 +113,9 @@ class SKCDFTrainer_cw0_conv(_ConvergenceBudget, SKCDFTrainer_cw0):
     """Arm (k): SKCDFTrainer's 0.4 defaults without the unlabelled loss (w = 0): what do the pseudo labels on the
     unlabelled images add to the gain of arm (d) over nnU-Net, beyond the architecture, the diluted balanced
     heads of the labelled pass and the cross-attention to the unlabelled images (BENCHMARKS.md, findings item 16)?"""
+
+
+class SKCDFTrainer_rampup50_conv(_ConvergenceBudget, SKCDFTrainer_rampup50):
+    """Arm (l): SKCDFTrainer's 0.4 defaults with lambda(t) ramped over the first 50 epochs (2500 iterations)
+    instead of the whole budget, full weight w = 10 after: the unlabelled loss is the part of SKCDF that pays
+    (findings item 18) and, ramped over the whole budget, reaches its weight only at the last epoch."""
