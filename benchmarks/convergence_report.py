@@ -152,9 +152,12 @@ def plot_diagnostics(diag: dict, titles: Dict[str, str], iterations_per_epoch: i
     plt.close(fig)
 
 
+OVERLAYS = ("overlay", "overlay_current")  # report JSON keys and PNG suffixes (see overlay_plan)
+
+
 def plot_overlay(preds: Dict[str, Path], names: Dict[str, str], raw: Path, summaries: Dict[str, dict],
                  path: Path) -> List[str]:
-    """Per arm, its median test case (by that arm's mean Dice, first run): the axial slice with the most
+    """Per arm, its median test case (by that arm's mean Dice, in the run given): the axial slice with the most
     reference organs; columns image, reference, then every arm's prediction of that case."""
     import matplotlib
 
@@ -311,14 +314,32 @@ def redraw_overlay(previous_lines: List[str], local_arms: set) -> bool:
     return overlay_arms(previous_lines) <= local_arms
 
 
-def overlay_note(lines: List[str], stored_arms: List[str]) -> str:
-    """The overlay's median cases, and the stored arms it lacks (their predictions were in another session's
+def overlay_plan(previous: Dict[str, List[str]], local_arms: set) -> Dict[str, str]:
+    """Per overlay figure of :data:`OVERLAYS`: ``"draw"`` (from the predictions in this work folder) or ``"keep"``
+    (the stored picture); a figure not named is dropped. The first is redrawn only with the predictions of every
+    arm it shows (:func:`redraw_overlay`). Where it cannot be, the second shows the arms whose predictions are
+    here (a later session's: the present defaults beside nnU-Net and the arms trained since), under the same rule
+    against the arms it showed before; when the first is redrawn the second is dropped (the first shows them)."""
+    first, second = OVERLAYS
+    if local_arms and redraw_overlay(previous.get(first, []), local_arms):
+        return {first: "draw"}
+    plan = {first: "keep"} if previous.get(first) else {}
+    if local_arms and redraw_overlay(previous.get(second, []), local_arms):
+        plan[second] = "draw"
+    elif previous.get(second):
+        plan[second] = "keep"
+    return plan
+
+
+def overlay_note(lines: List[str], stored_arms: List[str], title: str = "Overlay") -> str:
+    """An overlay's median cases, and the stored arms it lacks (their predictions were in another session's
     work folder)."""
     if not lines:
         return ""
     shown = overlay_arms(lines)
     absent = [k for k in stored_arms if k not in shown]
-    return ("\n\nOverlay, median test case per arm (axial slice with the most reference organs): " + "; ".join(lines)
+    return (f"\n\n{title}, median test case per arm (axial slice with the most reference organs): "
+            + "; ".join(lines)
             + (f". Not in the picture (predictions made in another session's work folder): "
                f"{', '.join(f'({k})' for k in absent)}." if absent else "."))
 
@@ -354,20 +375,25 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     final = final_table(runs, dataset_json)
     goal = goals_per_arm(final["aggregate"], ARMS, list(SMALLEST)) if final else {}
     islands = islands_per_run(final["aggregate"], list(SMALLEST)) if final else {}
-    overlay_lines = []
-    local = {k: r[0] for k, r in runs.items() if Path(r[0]["prediction_folder"]).is_dir()}
+    overlays = {}  # figure name -> its lines (arm: median case, slice)
+    local = {}  # per arm, its first run whose predictions are in this work folder
+    for k, rs in runs.items():
+        here = next((r for r in rs if Path(r["prediction_folder"]).is_dir()), None)
+        if here is not None:
+            local[k] = here
     result_file = RESULTS / f"{stem}.json"
-    previous = json.loads(result_file.read_text()).get("overlay", []) if result_file.is_file() else []
-    overlay = RESULTS / f"{stem}_overlay.png"
-    if local and redraw_overlay(previous, set(local)):
-        # the predictions live in the work folder of the session that made them
-        figures["overlay"] = overlay
-        overlay_lines = plot_overlay({k: Path(r["prediction_folder"]) for k, r in local.items()},
-                                     {k: arm_name(r) for k, r in local.items()}, raw,
-                                     {k: r["final_summary"] for k, r in local.items()}, overlay)
-    elif previous and overlay.is_file():  # an earlier session drew more arms than this one has predictions of
-        figures["overlay"] = overlay
-        overlay_lines = previous
+    stored = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    previous = {name: stored.get(name, []) for name in OVERLAYS}
+    for name, action in overlay_plan(previous, set(local)).items():
+        figure = RESULTS / f"{stem}_{name}.png"
+        if action == "draw":  # the predictions live in the work folder of the session that made them
+            figures[name] = figure
+            overlays[name] = plot_overlay({k: Path(r["prediction_folder"]) for k, r in local.items()},
+                                          {k: arm_name(r) for k, r in local.items()}, raw,
+                                          {k: r["final_summary"] for k, r in local.items()}, figure)
+        elif figure.is_file():  # an earlier session drew arms this one has no predictions of
+            figures[name] = figure
+            overlays[name] = previous[name]
     expected = {k: len(a.folds(args.ablation_runs if a.ablation else args.runs)) for k, a in ARMS.items()}
     missing = {k: n - len(runs.get(k, [])) for k, n in expected.items() if n > len(runs.get(k, []))}
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit(),
@@ -378,7 +404,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
                "curves": curves, "plateau": plateaus, "other_budgets": others, "goals": goal, "diagnostics": diag,
                "final_table": final["table"] if final else None, "islands_per_run": islands,
-               "overlay": overlay_lines}
+               **{name: overlays.get(name, []) for name in OVERLAYS}}
     with atomic_output(str(result_file)) as tmp:
         Path(tmp).write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(json.dumps({k: results[k] for k in ("status", "missing_runs", "plateau", "goals")}, indent=1, default=str))
@@ -439,7 +465,8 @@ def markdown(r: dict, figures: dict) -> str:
                   + others)
     its = ", ".join(str(i) for i in next(iter(r["curves"].values()))["iterations"]) if r["curves"] else "-"
     pics = "\n".join(f"![{k}](benchmarks/results/{Path(v).name})" for k, v in figures.items())
-    pics += overlay_note(r.get("overlay", []), list(r["stored_runs"]))
+    pics += "".join(overlay_note(r.get(name, []), list(r["stored_runs"]), title)
+                    for name, title in zip(OVERLAYS, ("Overlay", "Second overlay")))
     islands = "\n".join(
         f"| {name} | {x['runs']} | {x['all']:.1f} | {x['all_cm3']:.1f} | {x['small']:.1f} | {x['small_cm3']:.2f} |"
         if x else f"| {name} | - | n/a | n/a | n/a | n/a |" for name, x in r.get("islands_per_run", {}).items())

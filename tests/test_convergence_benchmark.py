@@ -397,3 +397,25 @@ def test_overlay_is_redrawn_only_with_the_predictions_of_every_arm_it_shows():
     assert "(e2): phantom_ts_0002.nii.gz, slice 30." in note
     assert note.endswith("Not in the picture (predictions made in another session's work folder): (d).")
     assert R.overlay_note([], ["a"]) == ""
+
+
+def test_overlay_plan_draws_a_second_picture_of_the_arms_here_when_the_first_cannot_be_redrawn():
+    first = ["(a): phantom_ts_0002.nii.gz, slice 30", "(c): phantom_ts_0006.nii.gz, slice 26"]
+    second = ["(a): phantom_ts_0003.nii.gz, slice 29", "(d): phantom_ts_0002.nii.gz, slice 30"]
+    assert R.OVERLAYS == ("overlay", "overlay_current")
+    assert R.overlay_plan({}, {"a", "d"}) == {"overlay": "draw"}  # no picture yet: the first one
+    assert R.overlay_plan({"overlay": first}, {"a", "c", "d"}) == {"overlay": "draw"}  # superset: redrawn
+    # (c)'s predictions are gone: the first is kept, the second shows the arms here
+    assert R.overlay_plan({"overlay": first}, {"a", "d", "l"}) == {"overlay": "keep", "overlay_current": "draw"}
+    assert R.overlay_plan({"overlay": first, "overlay_current": second}, {"a", "d", "l"}) == \
+        {"overlay": "keep", "overlay_current": "draw"}
+    # a later session with one arm keeps both wider pictures
+    assert R.overlay_plan({"overlay": first, "overlay_current": second}, {"l"}) == \
+        {"overlay": "keep", "overlay_current": "keep"}
+    assert R.overlay_plan({"overlay": first, "overlay_current": second}, set()) == \
+        {"overlay": "keep", "overlay_current": "keep"}
+    # redrawing the first drops the second (the first shows its arms too)
+    assert R.overlay_plan({"overlay": first, "overlay_current": second}, {"a", "c", "d"}) == {"overlay": "draw"}
+    assert R.overlay_plan({}, set()) == {}
+    note = R.overlay_note(second, ["a", "c", "d"], "Second overlay")
+    assert note.startswith("\n\nSecond overlay, median test case per arm") and note.endswith(": (c).")
