@@ -152,7 +152,8 @@ def plot_diagnostics(diag: dict, titles: Dict[str, str], iterations_per_epoch: i
     plt.close(fig)
 
 
-OVERLAYS = ("overlay", "overlay_current")  # report JSON keys and PNG suffixes (see overlay_plan)
+#: report JSON key and PNG suffix -> the title its note has in BENCHMARKS.md (see overlay_plan)
+OVERLAYS = {"overlay": "Overlay", "overlay_current": "Second overlay"}
 
 
 def plot_overlay(preds: Dict[str, Path], names: Dict[str, str], raw: Path, summaries: Dict[str, dict],
@@ -331,6 +332,19 @@ def overlay_plan(previous: Dict[str, List[str]], local_arms: set) -> Dict[str, s
     return plan
 
 
+def drop_unplanned_overlays(folder: Path, stem: str, plan: Dict[str, str]) -> List[Path]:
+    """Remove the PNG of each overlay figure the plan drops (the second one, once the first is redrawn and
+    shows its arms): the report no longer names it, and a picture left beside the report would contradict it.
+    Returns the files removed."""
+    removed = []
+    for name in OVERLAYS:
+        figure = folder / f"{stem}_{name}.png"
+        if name not in plan and figure.is_file():
+            figure.unlink()
+            removed.append(figure)
+    return removed
+
+
 def overlay_note(lines: List[str], stored_arms: List[str], title: str = "Overlay") -> str:
     """An overlay's median cases, and the stored arms it lacks (their predictions were in another session's
     work folder)."""
@@ -384,7 +398,9 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     result_file = RESULTS / f"{stem}.json"
     stored = json.loads(result_file.read_text()) if result_file.is_file() else {}
     previous = {name: stored.get(name, []) for name in OVERLAYS}
-    for name, action in overlay_plan(previous, set(local)).items():
+    plan = overlay_plan(previous, set(local))
+    drop_unplanned_overlays(RESULTS, stem, plan)
+    for name, action in plan.items():
         figure = RESULTS / f"{stem}_{name}.png"
         if action == "draw":  # the predictions live in the work folder of the session that made them
             figures[name] = figure
@@ -466,7 +482,7 @@ def markdown(r: dict, figures: dict) -> str:
     its = ", ".join(str(i) for i in next(iter(r["curves"].values()))["iterations"]) if r["curves"] else "-"
     pics = "\n".join(f"![{k}](benchmarks/results/{Path(v).name})" for k, v in figures.items())
     pics += "".join(overlay_note(r.get(name, []), list(r["stored_runs"]), title)
-                    for name, title in zip(OVERLAYS, ("Overlay", "Second overlay")))
+                    for name, title in OVERLAYS.items())
     islands = "\n".join(
         f"| {name} | {x['runs']} | {x['all']:.1f} | {x['all_cm3']:.1f} | {x['small']:.1f} | {x['small_cm3']:.2f} |"
         if x else f"| {name} | - | n/a | n/a | n/a | n/a |" for name, x in r.get("islands_per_run", {}).items())

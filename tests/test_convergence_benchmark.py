@@ -402,7 +402,7 @@ def test_overlay_is_redrawn_only_with_the_predictions_of_every_arm_it_shows():
 def test_overlay_plan_draws_a_second_picture_of_the_arms_here_when_the_first_cannot_be_redrawn():
     first = ["(a): phantom_ts_0002.nii.gz, slice 30", "(c): phantom_ts_0006.nii.gz, slice 26"]
     second = ["(a): phantom_ts_0003.nii.gz, slice 29", "(d): phantom_ts_0002.nii.gz, slice 30"]
-    assert R.OVERLAYS == ("overlay", "overlay_current")
+    assert list(R.OVERLAYS) == ["overlay", "overlay_current"]
     assert R.overlay_plan({}, {"a", "d"}) == {"overlay": "draw"}  # no picture yet: the first one
     assert R.overlay_plan({"overlay": first}, {"a", "c", "d"}) == {"overlay": "draw"}  # superset: redrawn
     # (c)'s predictions are gone: the first is kept, the second shows the arms here
@@ -419,3 +419,19 @@ def test_overlay_plan_draws_a_second_picture_of_the_arms_here_when_the_first_can
     assert R.overlay_plan({}, set()) == {}
     note = R.overlay_note(second, ["a", "c", "d"], "Second overlay")
     assert note.startswith("\n\nSecond overlay, median test case per arm") and note.endswith(": (c).")
+
+
+def test_a_dropped_overlay_leaves_no_png_behind(tmp_path):
+    stem = "convergence_2lab_8000it"
+    for name in R.OVERLAYS:
+        (tmp_path / f"{stem}_{name}.png").write_bytes(b"png")
+    other = tmp_path / "convergence_4lab_8000it_overlay_current.png"  # another report's figure
+    other.write_bytes(b"png")
+    # both kept or drawn: nothing removed
+    assert R.drop_unplanned_overlays(tmp_path, stem, {"overlay": "keep", "overlay_current": "draw"}) == []
+    assert (tmp_path / f"{stem}_overlay_current.png").is_file()
+    # the first redrawn: the second is no longer in the report, and its picture goes
+    assert R.drop_unplanned_overlays(tmp_path, stem, {"overlay": "draw"}) == \
+        [tmp_path / f"{stem}_overlay_current.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{stem}_overlay.png", other.name])
+    assert R.drop_unplanned_overlays(tmp_path, stem, {"overlay": "draw"}) == []  # nothing left to remove
