@@ -358,6 +358,13 @@ def overlay_note(lines: List[str], stored_arms: List[str], title: str = "Overlay
                f"{', '.join(f'({k})' for k in absent)}." if absent else "."))
 
 
+def missing_runs(arms: dict, chosen: List[str], n_runs: int, ablation_runs: int, runs: Dict[str, list]) -> dict:
+    """Runs still to store, per arm of ``--arms`` (all arms by default; a longer-budget check names the few it
+    trains, and the report then calls it complete without the others)."""
+    expected = {k: len(arms[k].folds(ablation_runs if arms[k].ablation else n_runs)) for k in chosen}
+    return {k: n - len(runs.get(k, [])) for k, n in expected.items() if n > len(runs.get(k, []))}
+
+
 def report_stem(task: dict, budget: dict) -> str:
     """One report per task and budget: ``convergence_<n>lab_<iterations>it`` (JSON, PNGs, BENCHMARKS.md section);
     each also lists the runs of the same task stored with other budgets."""
@@ -410,8 +417,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
         elif figure.is_file():  # an earlier session drew arms this one has no predictions of
             figures[name] = figure
             overlays[name] = previous[name]
-    expected = {k: len(a.folds(args.ablation_runs if a.ablation else args.runs)) for k, a in ARMS.items()}
-    missing = {k: n - len(runs.get(k, [])) for k, n in expected.items() if n > len(runs.get(k, []))}
+    missing = missing_runs(ARMS, args.arms, args.runs, args.ablation_runs, runs)
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit(),
                "command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]), "budget": budget,
                "task": task,
@@ -442,15 +448,34 @@ def task_line(task: dict) -> str:
             f"images, {task['num_test']} test cases; (c) trains on all {other} with labels.")
 
 
-def regime(plateaus: Dict[str, Optional[dict]]) -> str:
-    """Whether this budget is the converged regime: (a) and (c) both meet the plateau criterion."""
+def longer_budget_gains(others: List[dict], iterations: int) -> List[dict]:
+    """(a) and (c) runs stored with a longer budget beside the same fold at this one: what the longer schedule
+    adds at its end (a last quarter that adds little can still sit below a longer schedule's end: the poly
+    schedule anneals whatever the budget)."""
+    return [dict(x, gain=x["mean"] - x["this_budget_mean"]) for x in others
+            if x["arm"] in ("a", "c") and x["iterations"] > iterations and x["this_budget_mean"] is not None]
+
+
+def regime(plateaus: Dict[str, Optional[dict]], others: List[dict] = (), iterations: int = 0) -> str:
+    """Whether this budget is the converged regime: (a) and (c) both meet the plateau criterion, and no longer
+    budget stored for (a) or (c) adds as much as the criterion on the same fold."""
+    longer = longer_budget_gains(list(others), iterations)
+    beaten = [x for x in longer if x["gain"] >= PLATEAU_POINTS]
+    if beaten:
+        return ("**not converged**: " + ", ".join(
+            f"({x['arm']}) fold {x['fold']} reaches {x['mean']:.1f} with {x['iterations']} iterations, "
+            f"{x['gain']:+.1f} over its {x['this_budget_mean']:.1f} here" for x in beaten)
+            + f" (criterion < {PLATEAU_POINTS}), whatever the last quarter adds; compare arms at the longer budget.")
     status = {k: plateaus.get(k) for k in ("a", "c")}
     if any(p is None for p in status.values()):
         return "plateau not known yet (" + ", ".join(f"({k})" for k, p in status.items() if p is None) + \
             " has no stored curve at this budget)."
     if all(p["met"] for p in status.values()):
+        checked = ("; a longer budget adds " + ", ".join(f"{x['gain']:+.1f} to ({x['arm']}) fold {x['fold']} "
+                                                        f"({x['iterations']} iterations)" for x in longer)
+                   if longer else "; no longer budget stored for (a) or (c) yet")
         return (f"**converged**: (a) and (c) gain < {PLATEAU_POINTS} mean Dice point over the last quarter "
-                "(table below).")
+                f"(table below){checked}.")
     return ("**short budget, not converged**: " + ", ".join(f"({k}) gains {p['gain']:+.1f}" for k, p in
                                                               status.items() if not p["met"])
             + f" mean Dice over the last quarter (criterion < {PLATEAU_POINTS}); read accuracy claims with that.")
@@ -497,7 +522,7 @@ def markdown(r: dict, figures: dict) -> str:
     labelled = f"{r['task']['labeled']} labelled cases"
     return f"""## Accuracy against nnU-Net, {labelled}, {r['budget']['iterations']} iterations (`benchmarks/convergence.py`) — status: **{r['status']}**
 
-Regime: {regime(r['plateau'])}
+Regime: {regime(r['plateau'], r['other_budgets'], r['budget']['iterations'])}
 
 Command: `{r['command']}` — {r['date']} — commit {r['commit']} — {r['machine']}.
 Runs stored in `benchmarks/results/convergence/` (arm: fold, commit, date): {r['stored_runs'] or 'none'}.

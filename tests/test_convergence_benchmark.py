@@ -113,6 +113,25 @@ def test_regime_line_says_whether_the_budget_is_the_converged_one():
     assert R.regime({"a": flat}) == "plateau not known yet ((c) has no stored curve at this budget)."
 
 
+def test_a_longer_budget_that_adds_a_point_overrules_a_flat_last_quarter():
+    flat = R.plateau(_curve([50, 70, 80, 85, 86, 86.2, 86.5, 86.9]))
+    # measured: (a) fold 0 reaches 86.4 at 8000 iterations (last quarter +0.1) and 88.0 at 12000
+    a12 = {"arm": "a", "fold": 0, "iterations": 12000, "mean": 87.95, "this_budget_mean": 86.38}
+    a4 = {"arm": "a", "fold": 0, "iterations": 4000, "mean": 79.3, "this_budget_mean": 86.38}  # shorter: no say
+    d12 = {"arm": "d", "fold": 0, "iterations": 12000, "mean": 90.0, "this_budget_mean": 87.6}  # not a baseline
+    other_fold = {"arm": "a", "fold": 1, "iterations": 12000, "mean": 88.0, "this_budget_mean": None}
+    line = R.regime({"a": flat, "c": flat}, [a4, a12, d12, other_fold], 8000)
+    assert line == ("**not converged**: (a) fold 0 reaches 88.0 with 12000 iterations, +1.6 over its 86.4 here "
+                    "(criterion < 1.0), whatever the last quarter adds; compare arms at the longer budget.")
+    assert R.regime({"a": flat, "c": flat}, [a4, d12, other_fold], 8000).endswith(
+        "; no longer budget stored for (a) or (c) yet.")
+    close = dict(a12, mean=86.9)
+    assert R.regime({"a": flat, "c": flat}, [close], 8000).endswith(
+        "; a longer budget adds +0.5 to (a) fold 0 (12000 iterations).")
+    # from the longer budget's own report the shorter run says nothing about convergence
+    assert R.regime({"a": flat}, [dict(a12, iterations=8000)], 12000).startswith("plateau not known yet")
+
+
 def _method(name, dice, asd, nsd, small_dice):
     classes = {"1": small_dice, "2": dice}
     return {"name": name, "average": {"Dice": {"mean": dice}, "ASD": {"mean": asd}, "NSD": {"mean": nsd}},
@@ -435,3 +454,13 @@ def test_a_dropped_overlay_leaves_no_png_behind(tmp_path):
         [tmp_path / f"{stem}_overlay_current.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{stem}_overlay.png", other.name])
     assert R.drop_unplanned_overlays(tmp_path, stem, {"overlay": "draw"}) == []  # nothing left to remove
+
+
+def test_the_report_expects_the_runs_of_the_arms_named_only():
+    ARMS = C.ARMS
+    runs = {"a": [{"fold": 0}], "d": [{"fold": 0}, {"fold": 1}]}
+    assert R.missing_runs(ARMS, ["a", "d"], 1, 1, runs) == {}
+    assert R.missing_runs(ARMS, ["a", "d"], 3, 1, runs) == {"a": 2, "d": 1}
+    assert R.missing_runs(ARMS, ["a", "c", "k"], 2, 2, runs) == {"a": 1, "c": 2, "k": 2}  # k is an ablation
+    assert R.missing_runs(ARMS, ["k"], 3, 1, {}) == {"k": 1}
+    assert set(R.missing_runs(ARMS, list(ARMS), 1, 1, runs)) == set(ARMS) - {"a", "d"}
