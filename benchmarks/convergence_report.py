@@ -332,13 +332,18 @@ def overlay_plan(previous: Dict[str, List[str]], local_arms: set) -> Dict[str, s
     return plan
 
 
+def overlay_figure(folder: Path, stem: str, name: str) -> Path:
+    """The PNG of overlay figure ``name`` (a key of :data:`OVERLAYS`) of report ``stem``."""
+    return folder / f"{stem}_{name}.png"
+
+
 def drop_unplanned_overlays(folder: Path, stem: str, plan: Dict[str, str]) -> List[Path]:
     """Remove the PNG of each overlay figure the plan drops (the second one, once the first is redrawn and
     shows its arms): the report no longer names it, and a picture left beside the report would contradict it.
     Returns the files removed."""
     removed = []
     for name in OVERLAYS:
-        figure = folder / f"{stem}_{name}.png"
+        figure = overlay_figure(folder, stem, name)
         if name not in plan and figure.is_file():
             figure.unlink()
             removed.append(figure)
@@ -408,7 +413,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     plan = overlay_plan(previous, set(local))
     drop_unplanned_overlays(RESULTS, stem, plan)
     for name, action in plan.items():
-        figure = RESULTS / f"{stem}_{name}.png"
+        figure = overlay_figure(RESULTS, stem, name)
         if action == "draw":  # the predictions live in the work folder of the session that made them
             figures[name] = figure
             overlays[name] = plot_overlay({k: Path(r["prediction_folder"]) for k, r in local.items()},
