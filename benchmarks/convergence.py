@@ -28,7 +28,8 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
   train     ``nnUNetv2_train --c``, snapshots at ``--points`` evenly spaced epochs
   curves    every snapshot evaluated in a child process (``convergence_eval.py``): test-set Dice per organ,
             and for SKCDF arms D_l's predictions of the hidden-label training cases (the source of the pseudo
-            labels) against their hidden labels, and predicted vs true class fractions
+            labels) against their hidden labels, and predicted vs true class fractions (test set only with
+            --no-pseudo-curves: for a run that must be evaluated within the session it finishes in)
   final     stock ``nnUNetv2_predict`` of the final checkpoint + ``skcdf_evaluate`` (Dice, ASD, NSD, missed /
             spurious organs, islands: predicted components without a reference voxel)
   store     the run's result -> ``benchmarks/results/convergence/<arm>_fold<f>_<labelled>lab_<iterations>it.json``
@@ -323,12 +324,13 @@ def schedule(arms: List[str], runs: int, ablation_runs: int) -> List[Tuple[Arm, 
 
 
 def curves(arm: Arm, fold: int, raw: Path, env: dict, work: Path, budget: dict, hidden: List[str]) -> None:
-    """Snapshot evaluation in a child process (its own nnU-Net environment), cached per snapshot."""
+    """Snapshot evaluation in a child process (its own nnU-Net environment), cached per snapshot; an SKCDF arm's
+    curve has the pseudo-label diagnostics on the ``hidden`` cases unless none are given (--no-pseudo-curves)."""
     out = work / "curves" / f"{arm.key}_fold{fold}.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "convergence_eval.py"), "--model",
            str(model_folder(env, raw, arm)), "--fold", str(fold), "--raw", str(raw), "--out", str(out),
            "--epochs", ",".join(map(str, budget["snapshot_epochs"])), "--final-epoch", str(budget["epochs"])]
-    if arm.skcdf:
+    if arm.skcdf and hidden:
         cmd += ["--hidden", *hidden]
     subprocess.run(cmd, env=env, check=True)
 
@@ -354,6 +356,11 @@ def main() -> None:
                         help="reevaluate (never by default): stored runs whose predictions are still in the work "
                         "folder get skcdf_evaluate's current metrics (e.g. islands); every metric they already have "
                         "must come out the same")
+    parser.add_argument("--no-pseudo-curves", action="store_true", help="SKCDF arms' curves on the test set only, "
+                        "without D_l's pseudo-label Dice on the hidden-label training cases (18 of the 26 cases each "
+                        "snapshot predicts on the 2-labelled task): for a run that must be evaluated before its session ends (the snapshots "
+                        "do not outlive it); the report's diagnostics then come from another stored run of the arm. "
+                        "A snapshot already evaluated keeps what it has")
     parser.add_argument("--work", help="work folder (default: skcdf_data/convergence_<labeled>lab_<iterations>); "
                         "one budget and one task (phantom size, split) per folder")
     parser.add_argument("--data-from", help="copy the phantom and its preprocessing from this work folder (same "
@@ -387,7 +394,7 @@ def main() -> None:
             print(f"{arm.key} fold {fold}: not trained yet", flush=True)
             continue
         if "curves" in args.stages and arm.key in CURVE_ARMS:
-            curves(arm, fold, raw, env, work, budget, hidden)
+            curves(arm, fold, raw, env, work, budget, [] if args.no_pseudo_curves else hidden)
         if "final" in args.stages:
             predict_final(args.dataset, arm, fold, raw, work, env, log)
         if {"curves", "final"} <= set(args.stages):

@@ -464,3 +464,18 @@ def test_the_report_expects_the_runs_of_the_arms_named_only():
     assert R.missing_runs(ARMS, ["a", "c", "k"], 2, 2, runs) == {"a": 1, "c": 2, "k": 2}  # k is an ablation
     assert R.missing_runs(ARMS, ["k"], 3, 1, {}) == {"k": 1}
     assert set(R.missing_runs(ARMS, list(ARMS), 1, 1, runs)) == set(ARMS) - {"a", "d"}
+
+
+def test_skcdf_curves_evaluate_the_hidden_label_cases_unless_none_are_given(tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(C.subprocess, "run", lambda cmd, env, check: commands.append(cmd))
+    budget = {"epochs": 240, "snapshot_epochs": [30, 240]}
+    hidden = ["phantom_tr_0001", "phantom_tr_0003"]
+    C.curves(C.ARMS["d"], 0, tmp_path, {"nnUNet_results": str(tmp_path)}, tmp_path, budget, hidden)
+    C.curves(C.ARMS["d"], 0, tmp_path, {"nnUNet_results": str(tmp_path)}, tmp_path, budget, [])
+    C.curves(C.ARMS["a"], 0, tmp_path, {"nnUNet_results": str(tmp_path)}, tmp_path, budget, hidden)
+    with_hidden, test_only, nnunet = commands
+    assert with_hidden[with_hidden.index("--hidden") + 1:] == hidden
+    assert "--hidden" not in test_only and "--hidden" not in nnunet  # --no-pseudo-curves; a plain nnU-Net arm
+    assert with_hidden[with_hidden.index("--epochs") + 1] == "30,240"
+    assert test_only[test_only.index("--out") + 1] == str(tmp_path / "curves" / "d_fold0.json")
