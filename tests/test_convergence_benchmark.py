@@ -132,6 +132,29 @@ def test_a_longer_budget_that_adds_a_point_overrules_a_flat_last_quarter():
     assert R.regime({"a": flat}, [dict(a12, iterations=8000)], 12000).startswith("plateau not known yet")
 
 
+def test_the_longer_budget_rule_decides_on_the_mean_of_the_folds_stored_at_both_budgets():
+    flat = R.plateau(_curve([50, 70, 80, 85, 86, 86.2, 86.5, 86.9]))
+    # measured: (a) at 12000 iterations adds +1.6 on fold 0 and -0.8 on fold 1 over the same folds at 8000
+    f0 = {"arm": "a", "fold": 0, "iterations": 12000, "mean": 87.95, "this_budget_mean": 86.38}
+    f1 = {"arm": "a", "fold": 1, "iterations": 12000, "mean": 85.96, "this_budget_mean": 86.76}
+    (g,) = R.longer_budget_gains([f1, f0], 8000)
+    assert g["folds"] == [0, 1] and g["fold_gains"] == pytest.approx([1.57, -0.80])
+    assert g["gain"] == pytest.approx(0.385) and g["mean"] == pytest.approx(86.955)
+    line = R.regime({"a": flat, "c": flat}, [f1, f0], 8000)
+    assert line == ("**converged**: (a) and (c) gain < 1.0 mean Dice point over the last quarter (table below); "
+                    "a longer budget adds +0.4 to (a) (12000 iterations) (mean of folds 0, 1: +1.6, -0.8).")
+    # two folds that both gain: not converged, with each fold's gain named
+    f1_up = dict(f1, mean=88.0)
+    line = R.regime({"a": flat, "c": flat}, [f0, f1_up], 8000)
+    assert line.startswith("**not converged**: (a) reaches 88.0 with 12000 iterations, +1.4 over its 86.6 here "
+                           "(mean of folds 0, 1: +1.6, +1.2)")
+    # (c) is grouped apart from (a); a fold stored only at the longer budget has no say
+    c12 = {"arm": "c", "fold": 3, "iterations": 12000, "mean": 94.0, "this_budget_mean": 93.7}
+    lonely = {"arm": "a", "fold": 2, "iterations": 12000, "mean": 99.0, "this_budget_mean": None}
+    gains = R.longer_budget_gains([f0, f1, c12, lonely], 8000)
+    assert [(x["arm"], x["folds"]) for x in gains] == [("a", [0, 1]), ("c", [3])]
+
+
 def _method(name, dice, asd, nsd, small_dice):
     classes = {"1": small_dice, "2": dice}
     return {"name": name, "average": {"Dice": {"mean": dice}, "ASD": {"mean": asd}, "NSD": {"mean": nsd}},
