@@ -458,7 +458,7 @@ def longer_budget_gains(others: List[dict], iterations: int) -> List[dict]:
     adds at its end (a last quarter that adds little can still sit below a longer schedule's end: the poly
     schedule anneals whatever the budget). One entry per arm and longer budget: ``gain`` is the mean over the
     folds stored at both budgets (paired), as every other figure of the report is a mean over runs; one fold's
-    gain alone is within one run's noise (measured: (a) at 12000 iterations adds +1.6 on fold 0 and -0.8 on
+    gain alone is within one run's noise (measured: (a) at 12000 iterations adds +1.6 on fold 0 and -0.9 on
     fold 1 over 8000). ``fold_gains`` keeps each fold's."""
     groups: Dict[tuple, List[dict]] = {}
     for x in others:
