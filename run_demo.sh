@@ -44,6 +44,6 @@ echo "Regime: $((EPOCHS * 50)) iterations is a short budget (nnU-Net's default i
 echo "nnU-Net is under-trained here and learns the largest organs first, so this table shows the methods' early"
 echo "behaviour, not accuracy at convergence. Against a properly trained nnU-Net (benchmarks/convergence.py,"
 echo "2 labelled phantom cases, nnU-Net converged by the benchmark's criteria) SKCDF (0.4 defaults) leads by about"
-echo "1 mean Dice point, about one run-to-run spread: 87.7 against 86.6 at 8000 iterations (2 runs each), 89.1"
+echo "1 mean Dice point, about one run-to-run spread: 87.7 against 86.7 at 8000 iterations (2 and 3 runs), 89.1"
 echo "against 88.0 at 12000 on the same fold (1 run each). All cases labelled: 94.3 (12000)."
 echo "BENCHMARKS.md, 'Accuracy at convergence', gives the regimes, the diagnosis and the figures."
