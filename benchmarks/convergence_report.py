@@ -259,6 +259,49 @@ def goals_per_arm(aggregate: dict, arms: dict, small: List[str], main: tuple = (
             if a.skcdf and (k in main or a.name in present)}
 
 
+def gap_per_organ(aggregate: dict, arms: dict, runs: Dict[str, list], skcdf: str = "d",
+                  min_gap: float = 1.0) -> Optional[List[dict]]:
+    """Where SKCDF's gain comes from, organ by organ: test Dice (points, mean over runs) of (a), the SKCDF arm
+    ``skcdf`` and (c), the gap (a)->(c) and the share of it the SKCDF arm closes (None where the gap, rounded to
+    0.1 as printed, is under ``min_gap`` points: a share of a near-zero gap is noise). Beside it the SKCDF arm's
+    pseudo labels (``D_l`` on the hidden-label training cases, last curve snapshot, mean over the runs that
+    measured them; None where no run did): an organ whose pseudo labels are no better than nnU-Net's test Dice
+    leaves the unlabelled loss nothing to teach there. Different cases from the test set, so a comparison of
+    levels, not a paired one. None unless (a), (c) and the SKCDF arm all have a final result."""
+    by = {m["name"]: m for m in aggregate["methods"]}
+    a, s, c = (by.get(arms[k].name) for k in ("a", skcdf, "c"))
+    if a is None or s is None or c is None:
+        return None
+    measured = [r for r in runs.get(skcdf, []) if r.get("curve")
+                and "pseudo_dice" in r["curve"][str(max(map(int, r["curve"])))]]
+    rows = []
+    for cl in sorted(aggregate["classes"], key=lambda cl: int(cl["key"]) if cl["key"].isdigit() else cl["key"]):
+        k = cl["key"]
+        dice = [100 * m["per_class"][k]["Dice"]["mean"] for m in (a, s, c)]
+        gap = dice[2] - dice[0]
+        pseudo = [100 * r["curve"][str(max(map(int, r["curve"])))]["pseudo_dice"][k] for r in measured]
+        rows.append({"organ": cl["column"], "a": dice[0], skcdf: dice[1], "c": dice[2], "gap": gap,
+                     "closed": (dice[1] - dice[0]) / gap if round(gap, 1) >= min_gap else None,
+                     "pseudo": float(np.mean(pseudo)) if pseudo else None, "pseudo_runs": len(pseudo)})
+    return rows
+
+
+def gap_markdown(rows: Optional[List[dict]], skcdf: str = "d") -> str:
+    if not rows:
+        return ""
+    n = max(r["pseudo_runs"] for r in rows)
+    lines = [f"| {r['organ']} | {r['a']:.1f} | {r[skcdf]:.1f} | {r['c']:.1f} | {r['gap']:.1f} | "
+             + (f"{round(100 * r['closed'])} %" if r["closed"] is not None else "-") + " | "
+             + (f"{r['pseudo']:.1f}" if r["pseudo"] is not None else "not measured") + " |" for r in rows]
+    return (f"Per organ: test Dice of (a), ({skcdf}) and (c), mean over runs, the share of the (a)->(c) gap "
+            f"({skcdf}) closes ('-' where the gap is under 1 point) and ({skcdf})'s pseudo labels at the last "
+            "snapshot (`D_l` on the hidden-label training cases, other cases than the test set; "
+            + (f"mean of {n} run(s)" if n else f"not measured by the runs of ({skcdf}) stored at this budget")
+            + "):\n\n"
+            f"| organ | (a) | ({skcdf}) | (c) | gap | closed | ({skcdf}) pseudo labels |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(lines))
+
+
 def islands_per_run(aggregate: dict, small: List[str]) -> Dict[str, Optional[dict]]:
     """Per arm: islands (predicted components without a reference voxel) per run over all test cases, their
     volume in cm^3, over all organs and over the ``small`` columns; None where a run was stored before islands
@@ -401,6 +444,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     final = final_table(runs, dataset_json)
     goal = goals_per_arm(final["aggregate"], ARMS, list(SMALLEST)) if final else {}
     islands = islands_per_run(final["aggregate"], list(SMALLEST)) if final else {}
+    gaps = gap_per_organ(final["aggregate"], ARMS, runs) if final else None
     overlays = {}  # figure name -> its lines (arm: median case, slice)
     local = {}  # per arm, its first run whose predictions are in this work folder
     for k, rs in runs.items():
@@ -431,6 +475,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
                "curves": curves, "plateau": plateaus, "other_budgets": others, "goals": goal, "diagnostics": diag,
                "final_table": final["table"] if final else None, "islands_per_run": islands,
+               "gap_per_organ": gaps,
                **{name: overlays.get(name, []) for name in OVERLAYS}}
     with atomic_output(str(result_file)) as tmp:
         Path(tmp).write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -576,6 +621,8 @@ Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean D
 {r['final_table'] or ''}
 
 {islands}
+
+{gap_markdown(r.get("gap_per_organ"))}
 
 Goals of each SKCDF arm with a final result against (a), gap (a)->(c); (d) = SKCDFTrainer's defaults since 0.4.0, (g) = 0.3's, (b) = up to 0.2:
 ```

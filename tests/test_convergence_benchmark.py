@@ -199,6 +199,35 @@ def test_goals_per_arm_lists_main_arms_always_and_ablations_with_results():
     assert out["g"]["gain_small"] == pytest.approx(12.0) and "gap_closed" not in out["g"]
 
 
+def test_gap_per_organ_shares_of_the_gap_and_pseudo_labels_of_the_runs_that_measured_them():
+    aggregate = {"classes": [{"key": "1", "column": "LAG"}, {"key": "2", "column": "Li"}],
+                 "methods": [_method("A", 0.950, 3.0, 0.70, 0.60),  # Li 95.0, LAG 60.0
+                             _method("D", 0.955, 2.5, 0.75, 0.70), _method("C", 0.958, 2.0, 0.80, 0.80)]}
+    arms = {"a": C.Arm("a", "A", "t", skcdf=False), "d": C.Arm("d", "D", "t"),
+            "c": C.Arm("c", "C", "t", all_labelled=True, skcdf=False)}
+    measured = {"curve": {"20": {"pseudo_dice": {"1": 0.1, "2": 0.1}}, "160": {"pseudo_dice": {"1": 0.66, "2": 0.97}}}}
+    late = {"curve": {"20": {"pseudo_dice": {"1": 0.1, "2": 0.1}}, "160": {"pseudo_dice": {"1": 0.70, "2": 0.95}}}}
+    unmeasured = {"curve": {"160": {"test_dice": {"mean": 0.8}}}}  # a run curved with --no-pseudo-curves
+    rows = R.gap_per_organ(aggregate, arms, {"d": [measured, unmeasured, late]})
+    lag, li = rows
+    assert (lag["organ"], lag["a"], lag["d"], lag["c"]) == ("LAG", pytest.approx(60), pytest.approx(70),
+                                                              pytest.approx(80))
+    assert lag["closed"] == pytest.approx(0.5) and lag["pseudo"] == pytest.approx(68) and lag["pseudo_runs"] == 2
+    assert li["gap"] == pytest.approx(0.8) and li["closed"] is None  # a share of a gap under 1 point is noise
+    table = R.gap_markdown(rows)
+    assert "| LAG | 60.0 | 70.0 | 80.0 | 20.0 | 50 % | 68.0 |" in table and "| Li | 95.0 | 95.5 | 95.8 | 0.8 | - |" in table
+    assert "mean of 2 run(s)" in table
+    assert [r["organ"] for r in R.gap_per_organ({**aggregate, "classes": aggregate["classes"][::-1]}, arms, {})] == [
+        "LAG", "Li"]  # label order, whatever order the aggregate lists them in
+    rows[0]["closed"] = -0.003
+    assert "| 0 % |" in R.gap_markdown(rows)  # no "-0 %"
+    assert R.gap_per_organ(aggregate, arms, {"d": [unmeasured]})[0]["pseudo"] is None
+    assert "| not measured |" in R.gap_markdown(R.gap_per_organ(aggregate, arms, {}))
+    assert "not measured by the runs of (d)" in R.gap_markdown(R.gap_per_organ(aggregate, arms, {}))
+    aggregate["methods"].pop()  # no (c): no gap to close
+    assert R.gap_per_organ(aggregate, arms, {}) is None and R.gap_markdown(None) == ""
+
+
 TASK = {"num_train": 24, "num_unlabeled": 12, "num_test": 8, "val": "4", "labeled": "4"}
 
 
