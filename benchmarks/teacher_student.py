@@ -12,8 +12,14 @@ mirroring, Dice per class on the preprocessed grid (the same cache as the curves
 (``LabelledDecoderView``). Writes one JSON (atomically) and prints a table; models already in ``--out`` and not
 given again are kept, so the file can grow one arm at a time.
 
+``--cases hidden`` evaluates on the hidden-label training cases of the benchmark's split instead (the cases whose
+``D_l`` predictions are the pseudo-label diagnostics of the curves): there a labelled-only nnU-Net's Dice is the
+direct comparator of SKCDF's pseudo labels. One file holds one case set.
+
     python benchmarks/teacher_student.py --raw RAW --out benchmarks/results/teacher_student_2lab_8000it.json \\
         --model a=MODEL_FOLDER_a:0 --model g=MODEL_FOLDER_g:0 --model i=MODEL_FOLDER_i:0
+    python benchmarks/teacher_student.py --raw RAW --cases hidden --preprocessed PREPROCESSED_DATASET_FOLDER \\
+        --out benchmarks/results/teacher_student_hidden_2lab_8000it.json --model a=MODEL_FOLDER_a:2
 """
 from __future__ import annotations
 
@@ -59,6 +65,29 @@ def summarise(per_class: Dict[str, float], names: Dict[str, str], small: List[st
             "per_organ": by_name}
 
 
+def case_ids(kind: str, raw: Path, pre, ending: str) -> List[str]:
+    """The cases to evaluate: the raw dataset's test cases, or (``hidden``) the hidden-label training cases of the
+    split in ``pre`` (its splits_final.json, as ``convergence.py`` reads them)."""
+    if kind == "test":
+        return test_case_ids(raw, ending)
+    if pre is None or not (Path(pre) / "splits_final.json").is_file():
+        raise SystemExit(f"--cases hidden needs --preprocessed, the dataset's preprocessed folder with the "
+                         f"benchmark's splits_final.json (got {pre})")
+    from convergence import hidden_label_cases
+
+    ids = hidden_label_cases(Path(pre), raw)
+    if not ids:
+        raise SystemExit(f"{Path(pre) / 'splits_final.json'}: fold 0 has no hidden-label training case of {raw}")
+    return ids
+
+
+def same_case_set(previous: dict, kind: str, out: Path) -> None:
+    """One result file, one case set (files written before --cases existed are test-set files)."""
+    if previous and previous.get("cases", "test") != kind:
+        raise SystemExit(f"{out} holds results on the {previous.get('cases', 'test')} cases; write the --cases "
+                         f"{kind} results to another --out")
+
+
 def kept_models(previous: dict) -> dict:
     """The models of an earlier result file, each with its own provenance (date, commit, command); files written
     before provenance was kept per model have it at the top level only."""
@@ -71,7 +100,10 @@ def main() -> None:
     parser.add_argument("--raw", required=True, help="the raw dataset folder (imagesTs, labelsTs)")
     parser.add_argument("--model", action="append", required=True, help="KEY=MODEL_FOLDER:FOLD (repeatable)")
     parser.add_argument("--checkpoint", default="checkpoint_final.pth")
-    parser.add_argument("--cache", default=None, help="preprocessed test cases (default: next to --out)")
+    parser.add_argument("--cases", choices=["test", "hidden"], default="test",
+                        help="test: imagesTs/labelsTs; hidden: the hidden-label training cases (needs --preprocessed)")
+    parser.add_argument("--preprocessed", help="the dataset's preprocessed folder (splits_final.json), for --cases hidden")
+    parser.add_argument("--cache", default=None, help="preprocessed cases (default: next to --out)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from convergence import SMALLEST, ext_trainer_path, machine
@@ -89,9 +121,12 @@ def main() -> None:
             raise SystemExit(f"--model {key}: {folder / f'fold_{fold}' / args.checkpoint} does not exist; "
                              f"train that fold first or give another --checkpoint")
     # models measured before and not given now are kept (one file can grow arm by arm across sessions)
-    kept = kept_models(json.loads(out.read_text()) if out.is_file() else {})
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    same_case_set(previous, args.cases, out)
+    kept = kept_models(previous)
     today, measured_at = datetime.date.today().isoformat(), commit()
     results = {"date": today, "commit": measured_at, "machine": machine(), "checkpoint": args.checkpoint,
+               "cases": args.cases,
                "grid": "preprocessed (as the learning curves), no mirroring", "models": kept}
     for key, folder, fold in models:
         predictor = cpu_predictor()
@@ -100,10 +135,12 @@ def main() -> None:
         net.eval()
         ending = predictor.dataset_json["file_ending"]
         names = class_titles(predictor.dataset_json)
-        cases = raw_cases(raw, "imagesTs", "labelsTs", test_case_ids(raw, ending), ending)
+        ids = case_ids(args.cases, raw, args.preprocessed, ending)
+        cases = raw_cases(raw, *(("imagesTs", "labelsTs") if args.cases == "test" else ("imagesTr", "labelsTr")), ids,
+                          ending)
         test = preprocessed(cases, predictor, Path(args.cache) if args.cache else out.parent / "preprocessed_cache")
         classes = [int(c) for c in names]
-        entry = {"folder": str(folder), "fold": fold, "date": today, "commit": measured_at,
+        entry = {"folder": str(folder), "fold": fold, "cases": len(ids), "date": today, "commit": measured_at,
                  "command": " ".join(["python", *sys.argv])}
         for path_name, module in decoders(net).items():
             predictor.network = module

@@ -396,3 +396,36 @@ def test_benchmark_decoder_views_run_d_u_and_d_l(tiny_plans):
     assert kept["g"] == {"date": "d0", "commit": "c0", "command": "python t.py --model g=...", "D_u": {"mean": 84.0}}
     assert kept["i"] == {"date": "d1", "commit": "c1", "command": "x"}  # its own provenance wins
     assert T.kept_models({}) == {}
+
+
+def test_teacher_student_case_sets_test_or_the_split_s_hidden_label_cases(tmp_path):
+    """benchmarks/teacher_student.py --cases hidden evaluates on the hidden-label training cases of the split (the
+    pseudo-label diagnostics' cases): read from splits_final.json as convergence.py reads them, never mixed with
+    test-set results in one file, and a clear error without the split."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import teacher_student as T
+
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    for sub, ids in (("imagesTr", ["tr_0", "tr_1", "tr_2", "tr_3"]), ("labelsTs", ["ts_0", "ts_1"])):
+        (raw / sub).mkdir(parents=True)
+        for i in ids:
+            (raw / sub / (f"{i}_0000.nii.gz" if sub == "imagesTr" else f"{i}.nii.gz")).write_bytes(b"")
+    (raw / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz", "numTraining": 4}))
+    assert T.case_ids("test", raw, None, ".nii.gz") == ["ts_0", "ts_1"]
+    with pytest.raises(SystemExit, match="--cases hidden needs --preprocessed"):
+        T.case_ids("hidden", raw, None, ".nii.gz")
+    pre.mkdir()
+    split = {"train": ["tr_0"], "val": ["tr_1"], "unlabeled": ["tr_3", "tr_2", "unl_0"]}  # unl_0: imagesUnlabeled
+    (pre / "splits_final.json").write_text(json.dumps([split]))
+    assert T.case_ids("hidden", raw, pre, ".nii.gz") == ["tr_2", "tr_3"]
+    (pre / "splits_final.json").write_text(json.dumps([{**split, "unlabeled": ["unl_0"]}]))
+    with pytest.raises(SystemExit, match="fold 0 has no hidden-label training case"):
+        T.case_ids("hidden", raw, pre, ".nii.gz")
+    T.same_case_set({}, "hidden", tmp_path / "o.json")
+    T.same_case_set({"cases": "hidden", "models": {}}, "hidden", tmp_path / "o.json")
+    with pytest.raises(SystemExit, match=r"o.json holds results on the test cases; write the --cases hidden"):
+        T.same_case_set({"models": {"a": {}}}, "hidden", tmp_path / "o.json")  # a file from before --cases
