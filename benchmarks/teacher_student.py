@@ -1,4 +1,4 @@
-"""Test-set Dice of an SKCDF checkpoint's two decoders side by side: ``D_u`` (the inference path, the student
+"""Dice (test set by default; ``--cases hidden``: see below) of an SKCDF checkpoint's two decoders side by side: ``D_u`` (the inference path, the student
 of the pseudo labels) and ``D_l`` (the pseudo labels' source, trained on the labelled cases only), and of any
 other nnU-Net model folder's network on the same grid (benchmark side only).
 
@@ -8,7 +8,7 @@ below nnU-Net (what the shared encoder and the loss composition do to ``D_l``)?
 
 Every model is evaluated like the learning curves of ``convergence.py`` (``convergence_eval.py``): the test
 cases preprocessed once with the model's plans by nnU-Net's preprocessor, nnU-Net's sliding window without
-mirroring, Dice per class on the preprocessed grid (the same cache as the curves). ``D_l`` runs in self mode
+mirroring, Dice per class on the preprocessed grid (the same cache as the curves, by default). ``D_l`` runs in self mode
 (``LabelledDecoderView``). Writes one JSON (atomically) and prints a table; models already in ``--out`` and not
 given again are kept, so the file can grow one arm at a time.
 
@@ -81,6 +81,17 @@ def case_ids(kind: str, raw: Path, pre, ending: str) -> List[str]:
     return ids
 
 
+def default_cache(model_folder: Path) -> Path:
+    """The preprocessed-case cache of the learning curves (``convergence_eval.py``) of the benchmark work folder
+    that holds ``model_folder`` (``<work>/nnUNet_results/<dataset>/<trainer>``): shared with the curves, and never
+    inside the repository (``--out`` usually is)."""
+    folder = Path(model_folder).resolve()
+    if len(folder.parents) < 3 or folder.parents[1].name != "nnUNet_results":
+        raise SystemExit(f"{model_folder}: not <work>/nnUNet_results/<dataset>/<trainer>; give --cache, a folder "
+                         f"for the preprocessed cases")
+    return folder.parents[2] / "curves" / "preprocessed_cache"
+
+
 def same_case_set(previous: dict, kind: str, out: Path) -> None:
     """One result file, one case set (files written before --cases existed are test-set files)."""
     if previous and previous.get("cases", "test") != kind:
@@ -103,7 +114,8 @@ def main() -> None:
     parser.add_argument("--cases", choices=["test", "hidden"], default="test",
                         help="test: imagesTs/labelsTs; hidden: the hidden-label training cases (needs --preprocessed)")
     parser.add_argument("--preprocessed", help="the dataset's preprocessed folder (splits_final.json), for --cases hidden")
-    parser.add_argument("--cache", default=None, help="preprocessed cases (default: next to --out)")
+    parser.add_argument("--cache", default=None, help="preprocessed cases (default: the curves' cache of the "
+                        "model's benchmark work folder, <work>/curves/preprocessed_cache)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from convergence import SMALLEST, ext_trainer_path, machine
@@ -120,6 +132,8 @@ def main() -> None:
         if not (folder / f"fold_{fold}" / args.checkpoint).is_file():
             raise SystemExit(f"--model {key}: {folder / f'fold_{fold}' / args.checkpoint} does not exist; "
                              f"train that fold first or give another --checkpoint")
+        if not args.cache:
+            default_cache(folder)  # refuses a model folder outside a benchmark work folder before any work
     # models measured before and not given now are kept (one file can grow arm by arm across sessions)
     previous = json.loads(out.read_text()) if out.is_file() else {}
     same_case_set(previous, args.cases, out)
@@ -138,7 +152,7 @@ def main() -> None:
         ids = case_ids(args.cases, raw, args.preprocessed, ending)
         cases = raw_cases(raw, *(("imagesTs", "labelsTs") if args.cases == "test" else ("imagesTr", "labelsTr")), ids,
                           ending)
-        test = preprocessed(cases, predictor, Path(args.cache) if args.cache else out.parent / "preprocessed_cache")
+        test = preprocessed(cases, predictor, Path(args.cache) if args.cache else default_cache(folder))
         classes = [int(c) for c in names]
         entry = {"folder": str(folder), "fold": fold, "cases": len(ids), "date": today, "commit": measured_at,
                  "command": " ".join(["python", *sys.argv])}

@@ -429,3 +429,8 @@ def test_teacher_student_case_sets_test_or_the_split_s_hidden_label_cases(tmp_pa
     T.same_case_set({"cases": "hidden", "models": {}}, "hidden", tmp_path / "o.json")
     with pytest.raises(SystemExit, match=r"o.json holds results on the test cases; write the --cases hidden"):
         T.same_case_set({"models": {"a": {}}}, "hidden", tmp_path / "o.json")  # a file from before --cases
+    work = tmp_path / "convergence_2lab_8000"
+    assert T.default_cache(work / "nnUNet_results" / "Dataset962_Convergence" / "nnUNetTrainer_conv__P__3d_cpu") == \
+        (work / "curves" / "preprocessed_cache").resolve()
+    with pytest.raises(SystemExit, match="model_a: not <work>/nnUNet_results/<dataset>/<trainer>; give --cache"):
+        T.default_cache(tmp_path / "model_a")
