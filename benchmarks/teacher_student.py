@@ -1,5 +1,5 @@
-"""Dice (test set by default; ``--cases hidden``: see below) of an SKCDF checkpoint's two decoders side by side: ``D_u`` (the inference path, the student
-of the pseudo labels) and ``D_l`` (the pseudo labels' source, trained on the labelled cases only), and of any
+"""Dice (test set by default; ``--cases hidden``: see below) of an SKCDF checkpoint's two decoders side by
+side: ``D_u`` (the inference path, the student of the pseudo labels) and ``D_l`` (the pseudo labels' source, trained on the labelled cases only), and of any
 other nnU-Net model folder's network on the same grid (benchmark side only).
 
 Question it answers (BENCHMARKS.md, convergence findings): when SKCDF ends below a converged labelled-only
@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", default="checkpoint_final.pth")
     parser.add_argument("--cases", choices=["test", "hidden"], default="test",
                         help="test: imagesTs/labelsTs; hidden: the hidden-label training cases (needs --preprocessed)")
-    parser.add_argument("--preprocessed", help="the dataset's preprocessed folder (splits_final.json), for --cases hidden")
+    parser.add_argument("--preprocessed",
+                        help="the dataset's preprocessed folder (splits_final.json), for --cases hidden")
     parser.add_argument("--cache", default=None, help="preprocessed cases (default: the curves' cache of the "
                         "model's benchmark work folder, <work>/curves/preprocessed_cache)")
     parser.add_argument("--out", required=True)
