@@ -1,6 +1,7 @@
 """Dice (test set by default; ``--cases hidden``: see below) of an SKCDF checkpoint's two decoders side by
-side: ``D_u`` (the inference path, the student of the pseudo labels) and ``D_l`` (the pseudo labels' source, trained on the labelled cases only), and of any
-other nnU-Net model folder's network on the same grid (benchmark side only).
+side: ``D_u`` (the inference path, the student of the pseudo labels) and ``D_l`` (the pseudo labels' source,
+trained on the labelled cases only), and of any other nnU-Net model folder's network on the same grid
+(benchmark side only).
 
 Question it answers (BENCHMARKS.md, convergence findings): when SKCDF ends below a converged labelled-only
 nnU-Net, is the student below its teacher (the distillation into ``D_u`` loses), or is the teacher itself
