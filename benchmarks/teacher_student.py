@@ -9,9 +9,9 @@ below nnU-Net (what the shared encoder and the loss composition do to ``D_l``)?
 
 Every model is evaluated like the learning curves of ``convergence.py`` (``convergence_eval.py``): the test
 cases preprocessed once with the model's plans by nnU-Net's preprocessor, nnU-Net's sliding window without
-mirroring, Dice per class on the preprocessed grid (the same cache as the curves, by default). ``D_l`` runs in self mode
-(``LabelledDecoderView``). Writes one JSON (atomically) and prints a table; models already in ``--out`` and not
-given again are kept, so the file can grow one arm at a time.
+mirroring, Dice per class on the preprocessed grid (by default the same cache as the curves). ``D_l`` runs in
+self mode (``LabelledDecoderView``). Writes one JSON (atomically) and prints a table; models already in
+``--out`` and not given again are kept, so the file can grow one arm at a time.
 
 ``--cases hidden`` evaluates on the hidden-label training cases of the benchmark's split instead (the cases whose
 ``D_l`` predictions are the pseudo-label diagnostics of the curves): there a labelled-only nnU-Net's Dice is the
@@ -120,6 +120,8 @@ def main() -> None:
                         "model's benchmark work folder, <work>/curves/preprocessed_cache)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.cases == "hidden" and not args.preprocessed:
+        parser.error("--cases hidden needs --preprocessed (the dataset's preprocessed folder, its splits_final.json)")
     from convergence import SMALLEST, ext_trainer_path, machine
     from convergence_report import class_titles, commit
     from nnunetv2_skcdf.utilities.io import atomic_save_json
@@ -154,13 +156,13 @@ def main() -> None:
         ids = case_ids(args.cases, raw, args.preprocessed, ending)
         cases = raw_cases(raw, *(("imagesTs", "labelsTs") if args.cases == "test" else ("imagesTr", "labelsTr")), ids,
                           ending)
-        test = preprocessed(cases, predictor, Path(args.cache) if args.cache else default_cache(folder))
+        evaluated = preprocessed(cases, predictor, Path(args.cache) if args.cache else default_cache(folder))
         classes = [int(c) for c in names]
         entry = {"folder": str(folder), "fold": fold, "cases": len(ids), "date": today, "commit": measured_at,
                  "command": " ".join(["python", *sys.argv])}
         for path_name, module in decoders(net).items():
             predictor.network = module
-            per_case = {c: dice_per_class(predict(predictor, d), s, classes) for c, (d, s) in test.items()}
+            per_case = {c: dice_per_class(predict(predictor, d), s, classes) for c, (d, s) in evaluated.items()}
             entry[path_name] = summarise(mean_over_cases(per_case), names, list(SMALLEST))
             print(f"{key} {path_name}: mean {entry[path_name]['mean']:.1f}, 4 smallest "
                   f"{entry[path_name]['small']:.1f}", flush=True)
