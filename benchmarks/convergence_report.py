@@ -272,14 +272,14 @@ def gap_per_organ(aggregate: dict, arms: dict, runs: Dict[str, list], skcdf: str
     a, s, c = (by.get(arms[k].name) for k in ("a", skcdf, "c"))
     if a is None or s is None or c is None:
         return None
-    measured = [r for r in runs.get(skcdf, []) if r.get("curve")
-                and "pseudo_dice" in r["curve"][str(max(map(int, r["curve"])))]]
+    last = [r["curve"][str(max(map(int, r["curve"])))] for r in runs.get(skcdf, []) if r.get("curve")]
+    measured = [point["pseudo_dice"] for point in last if "pseudo_dice" in point]
     rows = []
     for cl in sorted(aggregate["classes"], key=lambda cl: int(cl["key"]) if cl["key"].isdigit() else cl["key"]):
         k = cl["key"]
         dice = [100 * m["per_class"][k]["Dice"]["mean"] for m in (a, s, c)]
         gap = dice[2] - dice[0]
-        pseudo = [100 * r["curve"][str(max(map(int, r["curve"])))]["pseudo_dice"][k] for r in measured]
+        pseudo = [100 * point[k] for point in measured]
         rows.append({"organ": cl["column"], "a": dice[0], skcdf: dice[1], "c": dice[2], "gap": gap,
                      "closed": (dice[1] - dice[0]) / gap if round(gap, 1) >= min_gap else None,
                      "pseudo": float(np.mean(pseudo)) if pseudo else None, "pseudo_runs": len(pseudo)})
