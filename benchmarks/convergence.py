@@ -7,9 +7,10 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      trained as ``SKCDFTrainer`` before 0.3.0 changed the default to the lr-scaled head EMA of arm (g))
   c  ``nnUNetTrainer`` with every training case labelled (folds 3-5: the upper bound)
   d  SKCDF with the reference code's masking (``_multiplyMask``): ``SKCDFTrainer``'s defaults since 0.4.0;
-     e1, e2, f, h, i change one thing of the 0.3 defaults (lr-scaled head EMA, ``exclude`` masking, pinned in
-     their trainers), d changes the masking of those (a main arm with --runs runs)
-  e1, e2  SKCDF ``_noSKC`` and ``_noABC`` (final budget only)
+     i changes one thing of the 0.3 defaults (lr-scaled head EMA, ``exclude`` masking, pinned in its trainer),
+     d changes the masking of those (a main arm with --runs runs); e1, f, h change one thing of d (no run of
+     them was stored before 0.4.0 made d the default, so they ablate the method as shipped)
+  e1, e2  SKCDF ``_noSKC`` and ``_noABC`` (final budget only; e2 has no balanced losses, so no masking)
   f  SKCDF with the reference's per-head self mode (``_perHeadSelf``; final budget only)
   g, h  fixes from the first diagnosis (main heads absorbed by the balanced heads as lr anneals): head EMA step
      scaled by lr / initial lr (``_lrScaledHeadEMA``; ``SKCDFTrainer``'s default since 0.3.0, so a main arm with

@@ -55,13 +55,15 @@ def test_every_arm_trainer_is_found_by_nnunet_lookup(monkeypatch):
 
 def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(trainer_factory, monkeypatch):
     """0.4.0 changed SKCDFTrainer's masking to 'multiply': the arms stored before (0.2 / 0.3 defaults and the
-    ablations of the 0.3 defaults) keep 'exclude', arm d and the arms defined on the 0.4 defaults have 'multiply'."""
+    ablations of the 0.3 defaults that were run) keep 'exclude'; arm d, the arms defined on the 0.4 defaults and
+    the ablations never run before 0.4 (e1, f, h: they ablate the method as shipped) have 'multiply'."""
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
     monkeypatch.setenv("SKCDF_CONV_EPOCHS", "2")
     monkeypatch.setenv("SKCDF_CONV_SNAPSHOTS", "1,2")
-    expected = {"b": "exclude", "e1": "exclude", "f": "exclude", "g": "exclude", "h": "exclude", "i": "exclude",
-                "d": "multiply", "j": "multiply", "k": "multiply", "l": "multiply"}
+    expected = {"b": "exclude", "g": "exclude", "i": "exclude",
+                "d": "multiply", "e1": "multiply", "f": "multiply", "h": "multiply", "j": "multiply", "k": "multiply",
+                "l": "multiply"}
     assert set(expected) | {"a", "c", "e2"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
     for key, masking in expected.items():
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")

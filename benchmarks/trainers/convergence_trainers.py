@@ -58,9 +58,10 @@ class _ConvergenceBudget(NoMirroringMixin):
         self.print_to_log_file("convergence benchmark: final validation skipped (the test set is evaluated instead)")
 
 
-# The arms stored before 0.4.0 made 'multiply' the default masking (b, e1, f, g, h, i) were trained with
-# 'exclude': ``SKCDFTrainer_excludeMask`` ahead of their variant pins it, so new runs of them (more folds, other
-# tasks) match the stored ones.
+# The arms stored before 0.4.0 made 'multiply' the default masking (b, g, i) were trained with 'exclude':
+# ``SKCDFTrainer_excludeMask`` ahead of their variant pins it, so new runs of them (more folds, other tasks) match
+# the stored ones. The ablations with no stored run at that time (e1, f, h) take SKCDFTrainer's current defaults
+# (arm d), so that they ablate the method as shipped.
 class nnUNetTrainer_conv(_ConvergenceBudget, nnUNetTrainer):
     pass
 
@@ -75,16 +76,16 @@ class SKCDFTrainer_multiplyMask_conv(_ConvergenceBudget, SKCDFTrainer_multiplyMa
     pass
 
 
-class SKCDFTrainer_noSKC_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask, SKCDFTrainer_noSKC):
-    pass
+class SKCDFTrainer_noSKC_conv(_ConvergenceBudget, SKCDFTrainer_noSKC):
+    """Arm (e1): SKCDFTrainer's defaults (arm d) without the SKC module."""
 
 
 class SKCDFTrainer_noABC_conv(_ConvergenceBudget, SKCDFTrainer_noABC):
     pass
 
 
-class SKCDFTrainer_perHeadSelf_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask, SKCDFTrainer_perHeadSelf):
-    pass
+class SKCDFTrainer_perHeadSelf_conv(_ConvergenceBudget, SKCDFTrainer_perHeadSelf):
+    """Arm (f): SKCDFTrainer's defaults (arm d) with the SKC module's per-head self mode."""
 
 
 class SKCDFTrainer_lrScaledHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask,
@@ -92,8 +93,8 @@ class SKCDFTrainer_lrScaledHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_exclude
     pass
 
 
-class SKCDFTrainer_noHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask, SKCDFTrainer_noHeadEMA):
-    pass
+class SKCDFTrainer_noHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_noHeadEMA):
+    """Arm (h): SKCDFTrainer's defaults (arm d) without the head EMA."""
 
 
 class SKCDFTrainer_cw1_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask, SKCDFTrainer_cw1):
