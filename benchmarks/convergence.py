@@ -325,6 +325,12 @@ def schedule(arms: List[str], runs: int, ablation_runs: int) -> List[Tuple[Arm, 
     return order + [(arm, fold) for arm in ablations for fold in arm.folds(ablation_runs)]
 
 
+def stores_run(stages: List[str], arm: Arm) -> bool:
+    """A run is stored once its final predictions are made and, for an arm with learning curves, its curve too; an
+    ablation arm has no curve, so ``--stages train final`` stores it."""
+    return "final" in stages and ("curves" in stages or arm.key not in CURVE_ARMS)
+
+
 def curves(arm: Arm, fold: int, raw: Path, env: dict, work: Path, budget: dict, hidden: List[str]) -> None:
     """Snapshot evaluation in a child process (its own nnU-Net environment), cached per snapshot; an SKCDF arm's
     curve has the pseudo-label diagnostics on the ``hidden`` cases unless none are given (--no-pseudo-curves)."""
@@ -399,9 +405,12 @@ def main() -> None:
             curves(arm, fold, raw, env, work, budget, [] if args.no_pseudo_curves else hidden)
         if "final" in args.stages:
             predict_final(args.dataset, arm, fold, raw, work, env, log)
-        if {"curves", "final"} <= set(args.stages):
+        if stores_run(args.stages, arm):
             store_run(arm, fold, raw, work, env, log, budget, task, args.np)
             print(f"{arm.key} ({arm.name}) fold {fold}: done and stored", flush=True)
+        elif "final" in args.stages:
+            print(f"{arm.key} fold {fold}: predicted, not stored: a curve arm is stored with --stages curves final",
+                  flush=True)
     if "report" in args.stages:
         from convergence_report import report
 

@@ -39,6 +39,13 @@ def test_schedule_is_run_major_with_ablations_last():
                      ("e2", 0), ("f", 0)]  # (d) is a main arm: SKCDFTrainer's defaults since 0.4.0
 
 
+def test_ablation_arms_are_stored_without_a_curve_stage_and_curve_arms_only_with_one():
+    assert C.stores_run(["train", "final"], C.ARMS["e1"]) and C.stores_run(["final"], C.ARMS["f"])
+    assert not C.stores_run(["train", "final"], C.ARMS["d"])  # its curve would be missing from the store
+    assert C.stores_run(["curves", "final"], C.ARMS["d"]) and C.stores_run(["curves", "final"], C.ARMS["e1"])
+    assert not C.stores_run(["train", "curves"], C.ARMS["a"]) and not C.stores_run(["train"], C.ARMS["e2"])
+
+
 def test_every_arm_trainer_is_found_by_nnunet_lookup(monkeypatch):
     import nnunetv2
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
