@@ -33,7 +33,8 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             --no-pseudo-curves: for a run that must be evaluated within the session it finishes in)
   final     stock ``nnUNetv2_predict`` of the final checkpoint + ``skcdf_evaluate`` (Dice, ASD, NSD, missed /
             spurious organs, islands: predicted components without a reference voxel)
-  store     the run's result -> ``benchmarks/results/convergence/<arm>_fold<f>_<labelled>lab_<iterations>it.json``
+  store     (after ``final``, and for an arm with a learning curve only when ``curves`` ran too)
+            the run's result -> ``benchmarks/results/convergence/<arm>_fold<f>_<labelled>lab_<iterations>it.json``
             (curve, final per-case metrics, lambda(t), keep-rates, pseudo-label fractions, task, budget, commit;
             the commit of every training start or resume is in ``train_commits``).
             These files are committed: the work folder does not outlive a session here, the store does, and a run
