@@ -27,15 +27,34 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple
+from dataclasses import asdict
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
-from scipy.interpolate import CubicSpline, make_interp_spline
 from scipy.ndimage import gaussian_filter
 
+from nnunetv2_skcdf.dataset_conversion import phantom_variation as variation
 from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES, synapse_labels_dict
+from nnunetv2_skcdf.dataset_conversion.phantom_geometry import (
+    _TISSUES,
+    T,
+    Shape3,
+    Spacing3,
+    _Body,
+    _Canvas,
+    _draw_body,
+    _draw_frame,
+    _ellipsoid,
+    _ellipsoid_q,
+    _Frame,
+    _inside,
+    _jit,
+    _knots,
+    _rotation,
+    _tube,
+)
+from nnunetv2_skcdf.dataset_conversion.phantom_sites import SITES, CaseProtocol, case_grid, check_sites, draw_protocol
 from nnunetv2_skcdf.utilities.dataset_files import (
     UNLABELED_IMAGES_FOLDER,
     SKCDFInputError,
@@ -49,10 +68,7 @@ GENERATOR_VERSION = "1.0"
 DEFAULT_SHAPE: Tuple[int, int, int] = (48, 96, 96)  # (z, y, x) voxels
 DEFAULT_SPACING: Tuple[float, float, float] = (5.0, 3.6, 3.6)  # (z, y, x) mm
 ROLES = {"tr": 0, "ts": 1, "un": 2}  # part of each case's seed: cases do not depend on each other
-
-Shape3 = Tuple[int, int, int]
-Spacing3 = Tuple[float, float, float]
-Slices = Tuple[slice, slice, slice]
+CASES_FILE = "phantom_cases.json"  # per-case site parameters (site datasets only), next to dataset.json
 
 # Label ids, from labels.py so that the generator and the dataset.json agree.
 _ID = {name: label_id for label_id, name, _ in SYNAPSE_CLASSES}
@@ -60,270 +76,6 @@ SPLEEN, R_KIDNEY, L_KIDNEY, GALLBLADDER = _ID["spleen"], _ID["right_kidney"], _I
 ESOPHAGUS, LIVER, STOMACH, AORTA = _ID["esophagus"], _ID["liver"], _ID["stomach"], _ID["aorta"]
 IVC, PSV, PANCREAS = _ID["inferior_vena_cava"], _ID["portal_and_splenic_veins"], _ID["pancreas"]
 R_ADRENAL, L_ADRENAL = _ID["right_adrenal_gland"], _ID["left_adrenal_gland"]
-
-# --------------------------------------------------------------------------------------------------
-# Tissues: (name, HU range of the per-case mean, texture amplitude in HU, follows contrast phase).
-# Portal-venous phase values; ranges overlap on purpose (liver/spleen/pancreas, kidney/aorta, ...)
-# so that a network has to use shape and context, as on real CT.
-# --------------------------------------------------------------------------------------------------
-_TISSUES: Tuple[Tuple[str, float, float, float, bool], ...] = (
-    ("air", -1005, -995, 0, False),
-    ("fat", -120, -80, 8, False),
-    ("muscle", 40, 60, 5, False),
-    ("bone_cortex", 600, 1000, 60, False),
-    ("bone_cancellous", 220, 350, 40, False),
-    ("csf", 10, 30, 3, False),
-    ("lung", -880, -800, 30, False),
-    ("heart", 110, 150, 8, True),
-    ("bowel_wall", 40, 90, 8, True),
-    ("bowel_fluid", 0, 30, 8, False),
-    ("gas", -950, -850, 25, False),
-    ("stomach_wall", 50, 90, 6, True),
-    ("stomach_fluid", 0, 20, 4, False),
-    ("liver", 90, 130, 6, True),
-    ("spleen", 100, 130, 5, True),
-    ("kidney_cortex", 150, 200, 8, True),
-    ("kidney_medulla", 130, 170, 8, True),
-    ("bile", 0, 25, 3, False),
-    ("esophagus", 35, 60, 5, True),
-    ("artery", 140, 200, 5, True),
-    ("vena_cava", 110, 160, 6, True),
-    ("portal_vein", 130, 180, 6, True),
-    ("hepatic_vein", 120, 170, 6, True),
-    ("pancreas", 70, 110, 10, True),
-    ("adrenal", 30, 60, 4, True),
-    ("disc", 70, 100, 5, False),
-)
-T = {name: i for i, (name, *_rest) in enumerate(_TISSUES)}
-
-
-# --------------------------------------------------------------------------------------------------
-# Smooth random fields defined on a fixed physical grid (independent of the voxel grid)
-# --------------------------------------------------------------------------------------------------
-def _interp_matrix(knots: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """(len(targets), len(knots)) matrix M such that M @ values is the cubic spline through the knots."""
-    if len(knots) < 2:
-        return np.ones((len(targets), 1), dtype=np.float32)
-    return CubicSpline(knots, np.eye(len(knots)), bc_type="natural")(targets).astype(np.float32)
-
-
-def _knots(lo: float, hi: float, cell_mm: float) -> np.ndarray:
-    """Knot positions (mm) every ``cell_mm`` covering [lo, hi] with one spare knot on each side."""
-    n = int(np.ceil((hi - lo) / cell_mm)) + 3
-    return lo - cell_mm + cell_mm * np.arange(n)
-
-
-def _smooth_noise(
-    rng: np.random.Generator, axes_mm: Sequence[np.ndarray], lo: Sequence[float], hi: Sequence[float], cell_mm: float
-) -> np.ndarray:
-    """Unit-variance-ish smooth random field sampled at ``axes_mm`` (z, y, x coordinates in mm).
-
-    Random values sit on knots every ``cell_mm`` inside the physical box [lo, hi] (z, y, x order) and
-    are interpolated with separable cubic splines. The number of random draws depends only on the box,
-    so the same draws give the same field at any resolution.
-    """
-    knots = [_knots(a, b, cell_mm) for a, b in zip(lo, hi)]
-    values = rng.standard_normal([len(k) for k in knots]).astype(np.float32)
-    mz, my, mx = (_interp_matrix(k, ax) for k, ax in zip(knots, axes_mm))
-    field = np.tensordot(mz, values, axes=(1, 0))  # (Z, ky, kx)
-    field = np.tensordot(my, field, axes=(1, 1)).transpose(1, 0, 2)  # (Z, Y, kx)
-    return (field @ mx.T * 1.25).astype(np.float32)  # splines between random knots lose ~20 % of std
-
-
-# --------------------------------------------------------------------------------------------------
-# The canvas: deformed coordinates plus the tissue and label maps being painted
-# --------------------------------------------------------------------------------------------------
-class _Canvas:
-    """Voxel grid ``(z, y, x)`` with physical coordinates (mm, deformed) and tissue/label maps.
-
-    ``X, Y, Z`` hold, for every voxel, the position in the *undeformed* anatomy that the voxel shows:
-    the voxel centre plus a smooth random displacement, so every organ is deformed coherently.
-    """
-
-    def __init__(self, rng: np.random.Generator, shape: Shape3, spacing: Spacing3, deform_mm: float):
-        self.shape, self.spacing = tuple(shape), tuple(float(s) for s in spacing)
-        self.axes = [((np.arange(n) - (n - 1) / 2) * s).astype(np.float32) for n, s in zip(shape, spacing)]
-        # fixed physical box for the global random fields (bigger if the FOV is bigger)
-        self.half = half = max(260.0, *(float(np.abs(a).max()) + 1 for a in self.axes))
-        disp = [deform_mm * _smooth_noise(rng, self.axes, [-half] * 3, [half] * 3, 80.0) for _ in range(3)]
-        self.margin = float(max(np.abs(d).max() for d in disp)) + 1.0
-        z0, y0, x0 = np.meshgrid(*self.axes, indexing="ij")
-        self.Z, self.Y, self.X = z0 + disp[0], y0 + disp[1], x0 + disp[2]
-        self.texture = _smooth_noise(rng, self.axes, [-half] * 3, [half] * 3, 14.0)
-        self.tissue = np.full(shape, T["air"], dtype=np.uint8)
-        self.label = np.zeros(shape, dtype=np.uint8)
-        self.space = np.zeros(shape, dtype=bool)  # abdominal cavity below the diaphragm
-        self.cavity = np.zeros(shape, dtype=bool)  # inside the muscle wall (thorax included)
-        self.inner_body = np.zeros(shape, dtype=bool)  # inside the subcutaneous fat
-
-    def box(self, lo: Sequence[float], hi: Sequence[float]) -> Optional[Slices]:
-        """Voxel slices (z, y, x) that can show the physical box [lo, hi] given as (x, y, z) mm."""
-        out = []
-        for ax, a, b in zip(range(3), (lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0])):
-            n, s = self.shape[ax], self.spacing[ax]
-            i0 = int(np.ceil((a - self.margin) / s + (n - 1) / 2))
-            i1 = int(np.floor((b + self.margin) / s + (n - 1) / 2)) + 1
-            i0, i1 = max(i0, 0), min(i1, n)
-            if i1 <= i0:
-                return None
-            out.append(slice(i0, i1))
-        return tuple(out)  # type: ignore[return-value]
-
-    def xyz(self, sl: Slices) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.X[sl], self.Y[sl], self.Z[sl]
-
-    def paint(self, sl: Slices, mask: np.ndarray, tissue: int, label: Optional[int] = None,
-              only_labels: Optional[Iterable[int]] = None) -> None:
-        """Set ``tissue`` (and ``label``) where ``mask``; with ``only_labels`` only over those labels."""
-        if only_labels is not None:
-            mask = mask & np.isin(self.label[sl], list(only_labels))
-        self.tissue[sl][mask] = tissue
-        if label is not None:
-            self.label[sl][mask] = label
-
-    def wobble(self, rng: np.random.Generator, sl: Slices, lo: np.ndarray, hi: np.ndarray,
-               cell_mm: float = 25.0) -> np.ndarray:
-        """Smooth noise (~unit std) on the voxels of ``sl``, knots in the organ's box [lo, hi] (x, y, z)."""
-        axes = [ax[s] for ax, s in zip(self.axes, sl)]
-        return _smooth_noise(rng, axes, lo[::-1], hi[::-1], cell_mm)
-
-
-# --------------------------------------------------------------------------------------------------
-# Shape primitives. Each returns the voxel box and q = "normalised distance" (<= 1 inside).
-# --------------------------------------------------------------------------------------------------
-def _rotation(rx_deg: float, ry_deg: float, rz_deg: float) -> np.ndarray:
-    """Rotation matrix R = Rz @ Ry @ Rx; columns are the shape's local axes in patient (x, y, z)."""
-    a, b, c = np.deg2rad([rx_deg, ry_deg, rz_deg])
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def _ellipsoid_q(cv: _Canvas, sl: Slices, centre: np.ndarray, radii: Sequence[float],
-                 rot: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
-    """q on the voxels of ``sl`` for an ellipsoid with semi-axes ``radii`` (mm) rotated by ``rot`` (deg)."""
-    d = [c - float(p) for c, p in zip(cv.xyz(sl), centre)]
-    rmat = _rotation(*rot)
-    q2 = sum(((d[0] * rmat[0, k] + d[1] * rmat[1, k] + d[2] * rmat[2, k]) / radii[k]) ** 2 for k in range(3))
-    return np.sqrt(q2)
-
-
-def _ellipsoid(cv: _Canvas, centre: np.ndarray, radii: Sequence[float],
-               rot: Sequence[float] = (0.0, 0.0, 0.0)) -> Optional[Tuple[Slices, np.ndarray]]:
-    """Ellipsoid with semi-axes ``radii`` (mm) along its local axes, rotated by ``rot`` (degrees)."""
-    r_max = float(max(radii))
-    sl = cv.box(centre - r_max, centre + r_max)
-    return None if sl is None else (sl, _ellipsoid_q(cv, sl, centre, radii, rot))
-
-
-def _centre_line(points: np.ndarray, radii: np.ndarray, samples: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Smooth curve (cubic spline in chord length) through control points; radii interpolated linearly."""
-    t = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
-    t /= t[-1]
-    ts = np.linspace(0.0, 1.0, samples)
-    curve = make_interp_spline(t, points, k=min(3, len(points) - 1))(ts)
-    return curve, np.interp(ts, t, radii)
-
-
-def _tube(cv: _Canvas, points: np.ndarray, radii: Sequence[float], z_stretch: float = 1.0,
-          samples: int = 20) -> Optional[Tuple[Slices, np.ndarray]]:
-    """Tube of varying radius (mm) around a smooth centre line through ``points`` ((K, 3) x, y, z mm).
-
-    q = min over segments of distance / local radius. ``z_stretch`` > 1 makes the cross-section that
-    many times taller along z (a ribbon, used for the adrenal limbs).
-    """
-    points = np.asarray(points, float)
-    radii = np.broadcast_to(np.asarray(radii, float).ravel(), (len(points),))
-    curve, rr = _centre_line(points, radii, samples)
-    pad = np.array([rr.max(), rr.max(), rr.max() * z_stretch])
-    sl = cv.box(curve.min(0) - pad, curve.max(0) + pad)
-    if sl is None:
-        return None
-    X, Y, Z = cv.xyz(sl)
-    Z = Z / z_stretch
-    curve = curve / np.array([1.0, 1.0, z_stretch])
-    q = np.full(X.shape, np.inf, dtype=np.float32)
-    for a, b, ra, rb in zip(curve[:-1], curve[1:], rr[:-1], rr[1:]):
-        ab = b - a
-        dx, dy, dz = X - a[0], Y - a[1], Z - a[2]
-        t = np.clip((dx * ab[0] + dy * ab[1] + dz * ab[2]) / max(float(ab @ ab), 1e-6), 0.0, 1.0)
-        dist = np.sqrt((dx - t * ab[0]) ** 2 + (dy - t * ab[1]) ** 2 + (dz - t * ab[2]) ** 2)
-        np.minimum(q, dist / (ra + t * (rb - ra)), out=q)
-    return sl, q
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-case frame: canonical anatomy (average adult, mm) -> this case's physical mm
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class _Frame:
-    """Canonical coordinates are mm in an average abdomen whose cavity (inside the muscle wall) has
-    half-axes 125 mm (left-right) and 92 mm (antero-posterior), origin at the cavity centre and the
-    FOV's mid-slice. ``p`` maps them to this case's deformed-anatomy mm; ``size`` scales lengths."""
-
-    centre: np.ndarray  # (x, y, z) mm of the canonical origin
-    k: np.ndarray  # (kx, ky, kz) scale factors
-
-    def p(self, x: float, y: float, z: float) -> np.ndarray:
-        return self.centre + self.k * np.array([x, y, z], float)
-
-    def pts(self, points: Sequence[Sequence[float]]) -> np.ndarray:
-        return self.centre + self.k * np.asarray(points, float)
-
-    def size(self, radii: Sequence[float], scale: float = 1.0) -> np.ndarray:
-        """(x, y, z) lengths; in-plane lengths use the geometric mean of kx and ky."""
-        kxy = float(np.sqrt(self.k[0] * self.k[1]))
-        return scale * np.asarray(radii, float) * np.array([kxy, kxy, self.k[2]])
-
-    def r(self, radius: float | Sequence[float], scale: float = 1.0) -> np.ndarray:
-        return scale * float(np.sqrt(self.k[0] * self.k[1])) * np.atleast_1d(np.asarray(radius, float))
-
-
-@dataclass
-class _Body:
-    """Per-case body outline parameters (mm)."""
-
-    a: float  # half width (skin)
-    b: float  # half depth (skin)
-    fat: float  # subcutaneous fat thickness
-    muscle: float  # muscle wall thickness
-    cx: float
-    cy: float
-
-
-def _draw_body(rng: np.random.Generator) -> _Body:
-    a = rng.uniform(138.0, 166.0)
-    b = a * rng.uniform(0.72, 0.80)  # antero-posterior depth follows the width (habitus)
-    fat = rng.uniform(6.0, 14.0) + 0.45 * (a - 138.0)  # bigger bodies carry more fat
-    return _Body(a, b, fat, rng.uniform(8.0, 13.0), rng.normal(0, 5), rng.normal(0, 5))
-
-
-def _draw_frame(rng: np.random.Generator, body: _Body) -> _Frame:
-    cavity_a = body.a - body.fat - 1.2 * body.muscle
-    cavity_b = body.b - 0.85 * body.fat - body.muscle
-    k = np.array([cavity_a / 125.0, cavity_b / 92.0, rng.uniform(0.93, 1.07)])
-    return _Frame(np.array([body.cx, body.cy, rng.normal(0.0, 6.0)]), k)
-
-
-def _jit(rng: np.random.Generator, sigma: float = 5.0) -> np.ndarray:
-    """Random organ displacement (x, y, z) mm; z a little larger (breathing, scan level)."""
-    return rng.normal(0.0, 1.0, 3) * np.array([sigma, sigma, 1.3 * sigma])
-
-
-def _inside(cv: _Canvas, res: Optional[Tuple[Slices, np.ndarray]], rng: Optional[np.random.Generator] = None,
-            lo: Optional[np.ndarray] = None, hi: Optional[np.ndarray] = None, amp: float = 0.0,
-            region: Optional[np.ndarray] = None) -> Optional[Tuple[Slices, np.ndarray]]:
-    """Mask q <= 1 (+ smooth boundary wobble of relative amplitude ``amp``), clipped to ``region``."""
-    if res is None:
-        return None
-    sl, q = res
-    limit = 1.0 + amp * cv.wobble(rng, sl, lo, hi) if amp > 0 else 1.0
-    mask = q <= limit
-    if region is not None:
-        mask &= region[sl]
-    return sl, mask
-
 
 # --------------------------------------------------------------------------------------------------
 # Body wall, thorax, skeleton, muscles
@@ -467,7 +219,7 @@ def _small_bowel(cv: _Canvas, fr: _Frame, rng: np.random.Generator) -> None:
 # --------------------------------------------------------------------------------------------------
 def _liver(cv: _Canvas, fr: _Frame, rng: np.random.Generator) -> None:
     """Large right lobe in the right upper quadrant plus a thinner left lobe crossing anteriorly."""
-    s = rng.uniform(0.95, 1.05)
+    s = rng.uniform(0.95, 1.05) * fr.scale("liver")
     lobes = [((-58, -5, 42), (70, 85, 65), rng.uniform(-8, 8)), ((15, -58, 58), (50, 24, 36), -15 + rng.uniform(-8, 8))]
     for centre, radii, angle in lobes:
         c, r = fr.p(*centre) + _jit(rng, 4), fr.size(radii, s * rng.uniform(0.95, 1.05, 3))
@@ -488,7 +240,7 @@ def _hepatic_veins(cv: _Canvas, fr: _Frame, rng: np.random.Generator) -> None:
 
 def _spleen(cv: _Canvas, fr: _Frame, rng: np.random.Generator) -> None:
     """Crescent along the left posterolateral wall: ellipsoid minus a hilar notch facing medially."""
-    s = rng.uniform(0.85, 1.15)
+    s = rng.uniform(0.85, 1.15) * fr.scale("spleen")
     angle = -45 + rng.uniform(-10, 10)  # long axis runs anterolateral <-> posteromedial
     c, r = fr.p(85, 30, 50) + _jit(rng), fr.size((50, 20, 45), s)
     res = _inside(cv, _ellipsoid(cv, c, r, (0, 0, angle)), rng, c - r.max(), c + r.max(), 0.08, cv.space)
@@ -530,7 +282,7 @@ def _kidney(cv: _Canvas, fr: _Frame, rng: np.random.Generator, side: int, label:
     ``side`` = -1 right (patient right = low x), +1 left. Upper pole tilted medially and posteriorly.
     """
     centre = fr.p(62 * side, 52, -5 if side > 0 else -5 - rng.uniform(10, 30)) + _jit(rng, 4)
-    r = fr.size((27, 24, 55), rng.uniform(0.88, 1.12))
+    r = fr.size((27, 24, 55), rng.uniform(0.88, 1.12) * fr.scale("left_kidney" if side > 0 else "right_kidney"))
     rot = (rng.uniform(-20, -10), side * rng.uniform(-20, -10), side * rng.uniform(20, 40))
     res = _ellipsoid(cv, centre, r * 1.25, rot)
     if res is None:
@@ -650,22 +402,31 @@ def _render(cv: _Canvas, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate_case(rng: np.random.Generator, shape: Sequence[int] = DEFAULT_SHAPE,
-                  spacing: Sequence[float] = DEFAULT_SPACING) -> Tuple[np.ndarray, np.ndarray]:
+                  spacing: Sequence[float] = DEFAULT_SPACING,
+                  protocol: Optional[CaseProtocol] = None) -> Tuple[np.ndarray, np.ndarray]:
     """One synthetic abdominal CT and its 13-organ label map (pure function, no I/O).
 
-    :param rng: source of all randomness (body habitus, organ sizes/positions/deformations, contrast
-        phase, noise); the same generator state gives the same case.
-    :param shape: voxels along (z, y, x).
+    :param rng: source of all randomness of the anatomy (body habitus, organ sizes/positions/deformations,
+        and without ``protocol`` also contrast phase and noise); the same generator state gives the same case.
+    :param shape: voxels along (z, y, x) (with a protocol: ``phantom_sites.case_grid``'s).
     :param spacing: voxel size in mm along (z, y, x).
+    :param protocol: a site's draws for this case (``phantom_sites.draw_protocol``): coverage, habitus,
+        organ sizes, pathology, surgery, phase, kernel, dose, calibration, artefacts. ``None`` is the
+        original phantom (one portal-venous protocol, healthy anatomy), bit-identical to release 0.4.
     :return: ``(image_hu, label)``, both of shape ``shape`` indexed (z, y, x): ``image_hu`` int16
         Hounsfield units, ``label`` uint8 Synapse ids 0..13 (see ``labels.SYNAPSE_CLASSES``).
         x points to the patient's left, y posterior, z superior (slice 0 = most inferior).
     """
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
-    cv = _Canvas(rng, shape, spacing, deform_mm=rng.uniform(2.0, 4.0))
+    z_offset = protocol.centre_mm if protocol is not None else 0.0
+    cv = _Canvas(rng, shape, spacing, deform_mm=rng.uniform(2.0, 4.0), z_offset_mm=z_offset)
     body = _draw_body(rng)
+    if protocol is not None:
+        body = variation.apply_habitus(body, protocol)
     fr = _draw_frame(rng, body)
+    if protocol is not None:
+        variation.apply_organ_scale(fr, protocol)
     _body_wall(cv, fr, rng, body)
     _diaphragm(cv, fr, rng)
     _back_muscles(cv, fr, rng)
@@ -676,11 +437,17 @@ def generate_case(rng: np.random.Generator, shape: Sequence[int] = DEFAULT_SHAPE
         organ(cv, fr, rng)
     _kidney(cv, fr, rng, -1, R_KIDNEY)
     _kidney(cv, fr, rng, +1, L_KIDNEY)
+    if protocol is not None:
+        variation.remove_absent(cv, protocol)
     for organ in (_aorta_and_sma, _ivc, _portal_splenic, _esophagus):
         organ(cv, fr, rng)
     _adrenal(cv, fr, rng, -1, R_ADRENAL)
     _adrenal(cv, fr, rng, +1, L_ADRENAL)
-    return _render(cv, rng), cv.label
+    if protocol is None:
+        return _render(cv, rng), cv.label
+    site_rng = np.random.default_rng(protocol.seed)
+    metal = variation.paint_pathology(cv, fr, site_rng, protocol)
+    return variation.render(cv, site_rng, protocol, metal), cv.label
 
 
 # --------------------------------------------------------------------------------------------------
@@ -691,16 +458,29 @@ def case_rng(seed: int, role: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), ROLES[role], int(index)]))
 
 
+def protocol_rng(seed: int, role: str, index: int) -> np.random.Generator:
+    """Generator of one case's site draws: a stream of its own, so that the anatomy's stays the original."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), ROLES[role], int(index), 1]))
+
+
+def case_site(sites: Sequence[str], index: int) -> str:
+    """Case ``index`` of every role comes from ``sites[index % len(sites)]`` (each role covers every site)."""
+    return sites[index % len(sites)]
+
+
 def case_id(role: str, index: int) -> str:
     return f"phantom_{role}_{index:04d}"
 
 
-def _write_nifti(array: np.ndarray, spacing: Spacing3, path: str) -> None:
-    """Write a (z, y, x) array with spacing (z, y, x) mm, identity direction, FOV centre at (0, 0, 0)."""
+def _write_nifti(array: np.ndarray, spacing: Spacing3, path: str, z_centre_mm: float = 0.0) -> None:
+    """Write a (z, y, x) array with spacing (z, y, x) mm, identity direction, FOV centre at (0, 0, z_centre_mm)."""
     img = sitk.GetImageFromArray(array)
     sp_xyz = tuple(float(s) for s in spacing[::-1])
     img.SetSpacing(sp_xyz)
-    img.SetOrigin(tuple(-(n - 1) / 2 * s for n, s in zip(array.shape[::-1], sp_xyz)))
+    origin = [-(n - 1) / 2 * s for n, s in zip(array.shape[::-1], sp_xyz)]
+    if z_centre_mm:
+        origin[2] += z_centre_mm
+    img.SetOrigin(tuple(origin))
     img.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
     with atomic_output(path) as tmp:
         sitk.WriteImage(img, tmp, True)
@@ -709,21 +489,36 @@ def _write_nifti(array: np.ndarray, spacing: Spacing3, path: str) -> None:
 _FOLDERS = {"tr": ("imagesTr", "labelsTr"), "ts": ("imagesTs", "labelsTs"), "un": (UNLABELED_IMAGES_FOLDER, None)}
 
 
-def _write_case(job: Tuple[str, str, int, int, Shape3, Spacing3]) -> str:
-    """Generate and write one case (top-level so that worker processes can run it)."""
-    folder, role, index, seed, shape, spacing = job
-    image, label = generate_case(case_rng(seed, role, index), shape, spacing)
+def site_case(seed: int, role: str, index: int, sites: Sequence[str], base_shape: Sequence[int],
+              base_spacing: Sequence[float]) -> Tuple[CaseProtocol, Shape3, Spacing3]:
+    """A site case's protocol and voxel grid (deterministic in seed, role, index and the site list)."""
+    protocol = draw_protocol(SITES[case_site(sites, index)], protocol_rng(seed, role, index))
+    shape, spacing = case_grid(protocol, base_shape, base_spacing)
+    return protocol, shape, spacing
+
+
+def _write_case(job: Tuple[str, str, int, int, Shape3, Spacing3, Tuple[str, ...]]) -> Tuple[str, Optional[dict]]:
+    """Generate and write one case (top-level so that worker processes can run it); returns its id and,
+    for a site case, its record for ``phantom_cases.json``."""
+    folder, role, index, seed, shape, spacing, sites = job
+    protocol, record, z_centre = None, None, 0.0
+    if sites:
+        protocol, shape, spacing = site_case(seed, role, index, sites, shape, spacing)
+        z_centre = protocol.centre_mm
+        record = {"role": role, "shape_zyx_voxels": list(shape), "spacing_zyx_mm": list(spacing), **protocol.to_json()}
+    image, label = generate_case(case_rng(seed, role, index), shape, spacing, protocol)
     images_dir, labels_dir = _FOLDERS[role]
     cid = case_id(role, index)
-    _write_nifti(image, spacing, os.path.join(folder, images_dir, f"{cid}_0000.nii.gz"))
+    _write_nifti(image, spacing, os.path.join(folder, images_dir, f"{cid}_0000.nii.gz"), z_centre)
     if labels_dir is not None:
-        _write_nifti(label, spacing, os.path.join(folder, labels_dir, f"{cid}.nii.gz"))
-    return cid
+        _write_nifti(label, spacing, os.path.join(folder, labels_dir, f"{cid}.nii.gz"), z_centre)
+    return cid, record
 
 
-def _dataset_json(name: str, counts: Tuple[int, int, int], shape: Shape3, spacing: Spacing3, seed: int) -> dict:
+def _dataset_json(name: str, counts: Tuple[int, int, int], shape: Shape3, spacing: Spacing3, seed: int,
+                  sites: Sequence[str] = ()) -> dict:
     n_tr, n_ts, n_un = counts
-    return {
+    dj = {
         "channel_names": {"0": "CT"},
         "labels": synapse_labels_dict(),
         "numTraining": n_tr,
@@ -749,6 +544,26 @@ def _dataset_json(name: str, counts: Tuple[int, int, int], shape: Shape3, spacin
             "orientation": "identity direction (LPS), FOV centre at (0, 0, 0) mm",
         },
     }
+    if sites:
+        dj["description"] = dj["description"].replace(
+            "(portal-venous phase)", f"from {len(sites)} acquisition site(s) ({', '.join(sites)}: contrast phases, "
+            "doses, kernels, slice thicknesses, coverage, pathology; per-case parameters in phantom_cases.json)")
+        dj["phantom_generator"].update({
+            "sites": list(sites),
+            "site_assignment": "case i of every role comes from sites[i % len(sites)]",
+            "site_definitions": {n: asdict(SITES[n]) for n in dict.fromkeys(sites)},
+            "base_grid": "shape/spacing above are the base grid; each case's grid is in phantom_cases.json",
+            "orientation": "identity direction (LPS), FOV centre at (0, 0, centre_mm) mm",
+        })
+    return dj
+
+
+def _case_counts_by_site(records: dict) -> dict:
+    out: dict = {}
+    for rec in records.values():
+        out.setdefault(rec["site"], {}).setdefault(rec["role"], 0)
+        out[rec["site"]][rec["role"]] += 1
+    return out
 
 
 def _check_options(dataset_id: int, name: str, counts: Sequence[int], shape: Sequence[int],
@@ -803,18 +618,24 @@ def make_phantom_dataset(output_root: Optional[str] = None, dataset_id: int = 95
                          num_train: int = 20, num_test: int = 6, num_unlabeled: int = 10,
                          shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequence[float] = DEFAULT_SPACING,
                          seed: int = 0, num_processes: int = 1, overwrite: bool = False,
-                         progress: bool = True) -> str:
+                         progress: bool = True, sites: Sequence[str] = ()) -> str:
     """Write the phantom as ``<output_root>/Dataset<id>_<name>`` (nnU-Net v2 raw format); return that path.
 
     ``output_root`` defaults to ``$nnUNet_raw``. ``shape`` is in voxels (z, y, x), ``spacing`` in mm
     (z, y, x). The dataset is built in a hidden temporary sibling folder and renamed into place when
     complete, so an interrupted run leaves no half-written dataset; an existing dataset folder is
     only replaced with ``overwrite=True``. Case ``i`` of each role depends only on (seed, role, i).
+
+    ``sites`` (names from ``phantom_sites.SITES``, or ``["all"]``): draw each case's acquisition and
+    population from a site (case ``i`` from ``sites[i % len(sites)]``); every case then has its own grid
+    (``shape``/``spacing`` become the base grid) and ``phantom_cases.json`` records its parameters.
+    Without sites the cases are the original phantom's, bit-identical.
     """
     counts = (int(num_train), int(num_test), int(num_unlabeled))
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
     _check_options(dataset_id, name, counts, shape, spacing, int(seed), int(num_processes))
+    sites = tuple(s.name for s in check_sites(sites)) if sites else ()
     root = os.path.abspath(output_root if output_root is not None else _env_folder("nnUNet_raw"))
     folder_name = f"Dataset{int(dataset_id):03d}_{name}"
     target = _check_target(root, folder_name, dataset_id, overwrite)
@@ -823,10 +644,16 @@ def make_phantom_dataset(output_root: Optional[str] = None, dataset_id: int = 95
     try:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", UNLABELED_IMAGES_FOLDER):
             os.makedirs(os.path.join(tmp, sub))
-        jobs = [(tmp, role, i, int(seed), shape, spacing) for role, n in zip(ROLES, counts) for i in range(n)]
-        for _ in imap_with_progress(_write_case, jobs, int(num_processes), "phantom cases", progress):
-            pass
-        atomic_save_json(_dataset_json(name, counts, shape, spacing, int(seed)), os.path.join(tmp, "dataset.json"))
+        jobs = [(tmp, role, i, int(seed), shape, spacing, sites) for role, n in zip(ROLES, counts) for i in range(n)]
+        records = {}
+        for cid, record in imap_with_progress(_write_case, jobs, int(num_processes), "phantom cases", progress):
+            records[cid] = record
+        if sites:
+            records = dict(sorted(records.items()))
+            atomic_save_json({"cases_per_site": _case_counts_by_site(records), "cases": records},
+                             os.path.join(tmp, CASES_FILE))
+        atomic_save_json(_dataset_json(name, counts, shape, spacing, int(seed), sites),
+                         os.path.join(tmp, "dataset.json"))
         _check_target(root, folder_name, dataset_id, overwrite)  # nobody created it meanwhile
         _swap_in(tmp, target)
     finally:
@@ -870,6 +697,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, nargs=3, default=list(DEFAULT_SPACING), metavar=("Z", "Y", "X"),
                    help="voxel size in mm; slices thicker than in-plane (default: 5.0 3.6 3.6)")
     p.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default: %(default)s)")
+    p.add_argument("--sites", nargs="+", metavar="SITE", default=None,
+                   help="acquisition sites the cases come from, case i of each role from the (i mod n)-th: "
+                        f"{', '.join(sorted(SITES))} or 'all' (see documentation/phantom.md). Each case then has its "
+                        "own contrast phase, dose, kernel, slice thickness, FOV, coverage, habitus and pathology, and "
+                        "--shape/--spacing are the base grid. Without --sites: the original single-protocol phantom")
     p.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset folder (without it an existing folder is an error)")
@@ -884,7 +716,7 @@ def make_phantom_entry(argv: Optional[Sequence[str]] = None) -> None:
         folder = make_phantom_dataset(
             args.output_root, args.dataset_id, args.name, args.num_train, args.num_test, args.num_unlabeled,
             tuple(args.shape), tuple(args.spacing), args.seed, args.num_processes, args.overwrite,
-            progress=not args.no_progress,
+            progress=not args.no_progress, sites=args.sites or (),
         )
     print(f"Wrote {folder}")
 
