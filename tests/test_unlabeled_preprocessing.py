@@ -496,3 +496,95 @@ def test_unlabelled_folder_without_metadata_is_refused_at_trainer_start(planned_
     with pytest.raises(SKCDFInputError, match=rf"{tmp_path}: no {METADATA_FILE}.*skcdf_preprocess_unlabeled -d "
                                               rf"Dataset951_TinyPhantom -c 3d_fullres -p nnUNetPlans --overwrite"):
         check_unlabeled_folder_is_current(str(tmp_path), plans, "3d_fullres", dataset_json)
+
+
+# ---------------------------------------------------------------------------------------- issue 42: items 3 and 4
+def _tree(folder: Path) -> dict:
+    """Relative path -> file bytes (None for folders) of everything under ``folder``."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def test_user_subfolders_named_like_case_files_or_temporaries_are_left_alone(phantom_workspace):
+    """A sub-folder 'x.b2nd' or '.tmp_x' crashed the cleanup of leftovers with IsADirectoryError."""
+    folder = phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    mine = {"mine.b2nd": "a", ".tmp_mine": "b", "old_seg.b2nd": "c"}
+    for name, text in mine.items():
+        (folder / name).mkdir()
+        (folder / name / "notes.txt").write_text(text)
+    redo = _output_cases(phantom_workspace)[0]
+    (folder / f"{redo}.pkl").unlink()  # work for the run: one case to redo, its arrays are leftovers
+    preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=1, verbose=False)
+    for name, text in mine.items():
+        assert (folder / name / "notes.txt").read_text() == text
+    assert (folder / f"{redo}.pkl").is_file() and len(_output_cases(phantom_workspace)) == 3
+
+
+def test_folder_in_the_way_of_a_case_file_is_refused_naming_it(phantom_workspace):
+    folder = phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    case = _output_cases(phantom_workspace)[1]
+    for ending in (".b2nd", "_seg.b2nd", ".pkl"):
+        (folder / f"{case}{ending}").unlink()
+    (folder / f"{case}.pkl").mkdir()
+    (folder / f"{case}.pkl" / "mine.txt").write_text("mine")
+    before = _tree(folder)
+    _fail(rf"{re.escape(str(folder / case))}\.pkl: is a folder, but skcdf_preprocess_unlabeled must write a file of "
+          rf"unlabelled case '{case}' under this name\. Move or rename the folder.*then rerun")
+    assert {k: v for k, v in _tree(folder).items() if k != METADATA_FILE} == \
+        {k: v for k, v in before.items() if k != METADATA_FILE}  # refused before anything was written
+
+
+def test_one_slice_3d_image_is_not_called_a_2d_image(phantom_workspace):
+    img = _unlabeled_images(phantom_workspace["raw"])[0]
+    one_slice = sitk.ReadImage(str(img))[:, :, 3:4]
+    assert one_slice.GetDimension() == 3 and one_slice.GetSize() == (48, 48, 1)
+    sitk.WriteImage(one_slice, str(img.parent / "thin_0000.nii.gz"))
+    _fail(r"thin_0000\.nii\.gz: is a 3D image with a single slice \(size x, y, z = 48, 48, 1\), which nnU-Net reads "
+          r"as 2D, but the labelled images of this dataset \(imagesTr\) are 3D")
+
+
+def test_overwrite_help_says_that_files_put_into_the_folder_are_deleted(monkeypatch, capsys):
+    from nnunetv2_skcdf.preprocessing.unlabeled import preprocess_unlabeled_entry
+
+    monkeypatch.setattr(sys, "argv", ["skcdf_preprocess_unlabeled", "--help"])
+    with pytest.raises(SystemExit) as e:
+        preprocess_unlabeled_entry()
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("replaces <data_identifier>_unlabeled/ as a whole, only when every case succeeded: files and folders you "
+            "put into <data_identifier>_unlabeled/ yourself are deleted") in text
+
+
+def _add_tiny_configuration():
+    from nnunetv2_skcdf.experiment_planning.cpu_configuration import add_cpu_configuration
+
+    add_cpu_configuration(DATASET_ID, name="3d_tiny", patch_size=[8, 32, 32], n_stages=3, base_features=8,
+                          max_features=32)  # inherits 3d_fullres and its data_identifier
+
+
+def test_configurations_sharing_a_data_folder_are_preprocessed_once(phantom_workspace, monkeypatch):
+    """'-c 3d_fullres 3d_cpu --overwrite' preprocessed the shared folder twice."""
+    from nnunetv2_skcdf.preprocessing import unlabeled
+
+    _add_tiny_configuration()
+    real, calls = unlabeled.preprocess_and_save_case, []
+    monkeypatch.setattr(unlabeled, "preprocess_and_save_case", lambda *args: calls.append(args[0]) or real(*args))
+    out = preprocess_unlabeled(DATASET_ID, ["3d_fullres", "3d_tiny"], num_processes=1, overwrite=True, verbose=False)
+    assert out["3d_fullres"] == out["3d_tiny"] and out["3d_tiny"].endswith("nnUNetPlans_3d_fullres_unlabeled")
+    assert sorted(calls) == _output_cases(phantom_workspace)  # each case once, not once per configuration
+
+
+def test_configurations_sharing_a_data_folder_but_preprocessing_differently_are_refused(phantom_workspace):
+    _add_tiny_configuration()
+    plans_file = phantom_workspace["preprocessed"] / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_tiny"]["normalization_schemes"] = ["ZScoreNormalization"]
+    plans_file.write_text(json.dumps(plans))
+    folder = phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
+    before = _tree(folder)
+    with pytest.raises(SKCDFInputError, match=(
+            rf"Configurations '3d_fullres' and '3d_tiny' of {re.escape(str(plans_file))} share the data folder "
+            rf"nnUNetPlans_3d_fullres \(and so nnUNetPlans_3d_fullres_unlabeled/\) but preprocess differently "
+            rf"\(normalization_schemes \['CTNormalization'\] -> \['ZScoreNormalization'\]\)\. .*give one of them its "
+            rf"own data_identifier")):
+        preprocess_unlabeled(DATASET_ID, ["3d_fullres", "3d_tiny"], num_processes=1, overwrite=True, verbose=False)
+    assert _tree(folder) == before

@@ -3,7 +3,8 @@
 A wrong labelled image shows up in its label overlap; a wrong unlabelled image has no label, so nothing downstream
 would notice it. Each check raises ``SKCDFInputError`` naming the file and the fix:
 
-- ``check_file_complete``: truncated files (SimpleITK reads a truncated ``.nii.gz`` without an error);
+- ``check_file_complete``: empty and truncated files (SimpleITK reads a truncated ``.nii.gz`` without an error;
+  also used by ``skcdf_evaluate`` for predictions and references);
 - ``check_one_image_per_file``: 4D and multi-component (vector, RGB) images, which nnU-Net's reader takes for several
   channels (its normalisation then fails with an ``IndexError``);
 - ``check_finite_on_disk``: NaN/inf voxels in NIfTI files, which SimpleITK 2.5 reads as 0, so that a check of the
@@ -58,34 +59,42 @@ def read_header(path: str) -> Optional[Header]:
 
 
 # ----------------------------------------------------------------------------------------------- file content
-def check_file_complete(path: str) -> None:
-    """Refuse truncated files that readers accept silently.
+def check_file_complete(path: str, fix: Optional[str] = None) -> None:
+    """Refuse empty and truncated files that readers accept silently (or fail on with a traceback).
 
     SimpleITK reads a truncated ``.nii.gz`` without an error and fills the missing voxels with garbage (seen
     with SimpleITK 2.5), so gzip streams are decompressed once to their end-of-stream marker (CRC checked), and
-    an uncompressed ``.nii`` must be as long as its header says.
+    an uncompressed ``.nii`` must be as long as its header says. A zero-byte file of any format is refused (gzip reads
+    it as empty data, SimpleITK fails with a traceback). ``fix``: what the user should do (default: for an image of
+    ``imagesUnlabeled``; ``skcdf_evaluate`` names its own for predictions and references).
     """
     problem = None
-    if path.endswith(".gz"):
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        size, problem = None, f"{type(e).__name__}: {e.strerror}"
+    if size == 0:
+        problem = "the file is empty, 0 bytes"
+    elif problem is None and path.endswith(".gz"):
         try:
             with gzip.open(path, "rb") as f:
                 while f.read(1 << 24):
                     pass
         except (EOFError, OSError, zlib.error) as e:
             problem = f"{type(e).__name__}: {e}"
-    elif path.endswith(".nii"):
+    elif problem is None and path.endswith(".nii"):
         import nibabel
 
         try:
             header = nibabel.load(path).header
             needed = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-            if os.path.getsize(path) < needed:
-                problem = f"{os.path.getsize(path)} bytes on disk, the header needs {needed}"
+            if size < needed:
+                problem = f"{size} bytes on disk, the header needs {needed}"
         except Exception as e:  # noqa: BLE001 - an unparsable header is the same user problem
             problem = f"{type(e).__name__}: {e}"
     if problem:
-        raise SKCDFInputError(f"{path}: cannot be read ({problem}). The file is truncated or corrupt; re-export it or "
-                              f"remove the case from {UNLABELED_IMAGES_FOLDER}/.")
+        fix = fix or f"re-export it or remove the case from {UNLABELED_IMAGES_FOLDER}/"
+        raise SKCDFInputError(f"{path}: cannot be read ({problem}). The file is truncated or corrupt; {fix}.")
 
 
 def check_one_image_per_file(path: str, header: Optional[Header]) -> None:

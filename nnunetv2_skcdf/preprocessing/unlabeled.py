@@ -19,9 +19,15 @@ naming its file(s); the other cases are still saved.
 Crash safety: each case is written under temporary names (unique per process) and renamed; the ``.pkl`` is
 renamed last and marks the case complete. Leftovers of an interrupted run (temporary files, data without
 ``.pkl``) are removed at the next start, so no half-written case is ever used. ``--overwrite`` builds the new
-folder aside and swaps it in at the end, so an interruption leaves the old folder or the new one, never a mix.
+folder aside and swaps it in at the end, only when every case succeeded, so a failure or an interruption leaves the
+old folder as it was (or the new one, never a mix); the swapped-in folder holds only what this command wrote.
 One run at a time writes a folder (a lock next to it; a second run waits), and pool workers end with their
-parent, even when it is killed.
+parent, even when it is killed. Configurations that share a ``data_identifier`` are preprocessed once per run.
+
+Full disk: a failed write (any OS error, or blosc2's ``RuntimeError``) removes the case's temporary files and is
+reported as a write failure with the path and the free space on its disk (``SKCDFWriteError``), never blamed on the
+image. Sub-folders of the output folder are not this command's: the cleanup of leftovers skips them, and one named
+like a file a case needs (``<case>.b2nd``, ``<case>_seg.b2nd``, ``<case>.pkl``) is refused before anything is written.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ from nnunetv2_skcdf.preprocessing.image_checks import (  # noqa: F401 - check_fi
 )
 from nnunetv2_skcdf.utilities.dataset_files import (
     SKCDFInputError,
+    SKCDFWriteError,
     UNLABELED_IMAGES_FOLDER,
     dataset_name,
     exit_on_input_error,
@@ -64,6 +71,7 @@ from nnunetv2_skcdf.utilities.io import (
     new_staging_folder,
     recover_folder_swap,
     swap_in_folder,
+    write_error_message,
 )
 from nnunetv2_skcdf.utilities.parallel import imap_with_progress
 
@@ -71,6 +79,8 @@ from nnunetv2_skcdf.utilities.parallel import imap_with_progress
 UNLABELED_SUFFIX = "_unlabeled"
 #: metadata file in the unlabelled folder: which plans produced it (see ``plans_fingerprint``)
 METADATA_FILE = "skcdf_unlabeled.json"
+#: the files of one case, in the order they are renamed into place (``.pkl`` last: it marks the case complete)
+CASE_FILE_ENDINGS = (".b2nd", "_seg.b2nd", ".pkl")
 _TMP_PREFIX = ".tmp_"
 
 
@@ -217,12 +227,19 @@ def _check_same_geometry(ref_file, ref_arr, ref_props, f, arr, p) -> None:
 
 
 def check_dimensionality(data: np.ndarray, expect_2d: bool, files: Sequence[str]) -> None:
-    """nnU-Net reads 2D images as (c, 1, x, y): an unlabelled case must be 2D/3D like the labelled ones."""
+    """nnU-Net reads 2D images as (c, 1, x, y): an unlabelled case must be 2D/3D like the labelled ones. A 3D file
+    with a single slice is read like a 2D image; the message says which it is."""
     is_2d = data.shape[1] == 1
     if is_2d != expect_2d:
         kind, want = ("2D", "3D") if is_2d else ("3D", "2D")
+        header = read_header(files[0]) if is_2d else None
+        if header is not None and len(header.size) >= 3:  # a 3D file, one slice thick
+            size = ", ".join(map(str, header.size[:3]))
+            what = f"is a 3D image with a single slice (size x, y, z = {size}), which nnU-Net reads as 2D,"
+        else:
+            what = f"is a {kind} image"
         raise SKCDFInputError(
-            f"{files[0]}: is a {kind} image but the labelled images of this dataset (imagesTr) are {want}. "
+            f"{files[0]}: {what} but the labelled images of this dataset (imagesTr) are {want}. "
             f"Unlabelled images must have the dimensionality of the labelled ones."
         )
 
@@ -247,11 +264,19 @@ def preprocess_and_save_case(case_id: str, files: List[str], output_folder: str,
     blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)
     tmp = join(output_folder, f"{_TMP_PREFIX}{os.getpid()}_{case_id}")  # unique per process: never two writers
-    nnUNetDatasetBlosc2.save_case(data, seg, properties, tmp, chunks=chunks, blocks=blocks,
-                                  chunks_seg=chunks_seg, blocks_seg=blocks_seg)
     final = join(output_folder, case_id)
-    for ending in (".b2nd", "_seg.b2nd", ".pkl"):  # .pkl last: it marks the case complete
-        os.replace(tmp + ending, final + ending)
+    try:
+        nnUNetDatasetBlosc2.save_case(data, seg, properties, tmp, chunks=chunks, blocks=blocks,
+                                      chunks_seg=chunks_seg, blocks_seg=blocks_seg)
+        for ending in CASE_FILE_ENDINGS:  # .pkl last: it marks the case complete
+            os.replace(tmp + ending, final + ending)
+    except BaseException as e:
+        for ending in CASE_FILE_ENDINGS:  # no temporary file survives (a full disk keeps no half-written case)
+            if os.path.isfile(tmp + ending):
+                os.remove(tmp + ending)
+        if isinstance(e, Exception):  # the image was fine, the write failed: say so, with the disk's free space
+            raise SKCDFWriteError(write_error_message(final, e)) from e
+        raise
     return case_id
 
 
@@ -270,14 +295,17 @@ def _worker(args) -> Tuple[str, Optional[str]]:
 
 
 def case_is_complete(output_folder: str, case_id: str) -> bool:
-    return all(os.path.isfile(join(output_folder, case_id + e)) for e in (".b2nd", "_seg.b2nd", ".pkl"))
+    return all(os.path.isfile(join(output_folder, case_id + e)) for e in CASE_FILE_ENDINGS)
 
 
 def remove_incomplete_cases(output_folder: str) -> List[str]:
-    """Delete temporary files and cases without their ``.pkl`` (an interrupted earlier run)."""
+    """Delete temporary files and cases without their ``.pkl`` (an interrupted earlier run). Only files: sub-folders
+    are not written by this command, so they are left alone, whatever their name (``check_no_folder_in_the_way``)."""
     removed = []
     for fname in os.listdir(output_folder):
         path = join(output_folder, fname)
+        if not os.path.isfile(path) or os.path.islink(path):
+            continue
         if fname.startswith(_TMP_PREFIX):
             os.remove(path)
             removed.append(fname)
@@ -287,6 +315,20 @@ def remove_incomplete_cases(output_folder: str) -> List[str]:
                 os.remove(path)
                 removed.append(fname)
     return removed
+
+
+def check_no_folder_in_the_way(output_folder: str, case_ids: Sequence[str]) -> None:
+    """Refuse sub-folders named like a file this run must write (``<case>.b2nd``, ``<case>_seg.b2nd``,
+    ``<case>.pkl``): the case could not be saved. Other sub-folders are left alone."""
+    blocked = [(c, join(output_folder, c + e)) for c in case_ids for e in CASE_FILE_ENDINGS
+               if os.path.isdir(join(output_folder, c + e))]
+    if blocked:
+        (case, path), more = blocked[0], [os.path.basename(p) for _, p in blocked[1:]]
+        raise SKCDFInputError(
+            f"{path}: is a folder, but skcdf_preprocess_unlabeled must write a file of unlabelled case {case!r} under "
+            f"this name" + (f" (also in the way: {', '.join(more)})" if more else "") + ". Move or rename the "
+            f"folder (this folder holds what skcdf_preprocess_unlabeled writes; --overwrite replaces it as a whole), "
+            f"then rerun.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,13 +394,52 @@ def preprocess_unlabeled(dataset, configurations: Sequence[str], plans_identifie
     if clash:
         raise SKCDFInputError(f"Unlabelled case ids {clash} in {UNLABELED_IMAGES_FOLDER}/ are also training case ids "
                               f"in imagesTr/. Case ids must be unique: rename the unlabelled files.")
+    writers = configurations_per_folder(plans, plans_identifier, configurations, dataset_json, pre)
     training = describe_training_images(raw, dataset_json, plans)
     outputs = {}
-    for configuration in configurations:
+    for configuration in dict.fromkeys(configurations):
+        writer = writers[configuration]
+        if writer != configuration:  # shares its data (and so its unlabelled folder) with an earlier configuration
+            outputs[configuration] = outputs[writer]
+            if verbose:
+                print(f"{configuration}: same data_identifier as {writer}, so the same unlabelled folder "
+                      f"{outputs[writer]} (done once)")
+            continue
         outputs[configuration] = _preprocess_configuration(
             cases, plans, plans_identifier, configuration, dataset_json, pre, training, num_processes, overwrite,
             verbose)
     return outputs
+
+
+def configurations_per_folder(plans: dict, plans_identifier: str, configurations: Sequence[str], dataset_json: dict,
+                              pre: str) -> Dict[str, str]:
+    """configuration -> the configuration that writes its unlabelled folder: the first of those sharing its
+    ``data_identifier`` (e.g. a CPU configuration that inherits ``3d_fullres``), so that a folder is preprocessed once
+    per run. Configurations that share a folder but would preprocess differently (spacing, normalisation, ...) are
+    refused before anything is written: whichever ran last would decide what the other one trains on."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    writers: Dict[str, str] = {}
+    first: Dict[str, str] = {}  # data_identifier -> first configuration
+    for configuration in configurations:
+        if configuration not in plans["configurations"]:
+            raise SKCDFInputError(f"Configuration {configuration!r} is not in plans {plans_identifier} "
+                                  f"(available: {', '.join(plans['configurations'])}).")
+        data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
+        writer = first.setdefault(data_identifier, configuration)
+        writers[configuration] = writer
+        if writer == configuration:
+            continue
+        a = plans_fingerprint_inputs(plans, writer, dataset_json)
+        b = plans_fingerprint_inputs(plans, configuration, dataset_json)
+        if a != b:
+            raise SKCDFInputError(
+                f"Configurations {writer!r} and {configuration!r} of {join(pre, plans_identifier + '.json')} share "
+                f"the data folder {data_identifier} (and so {unlabeled_folder_name(data_identifier)}/) but preprocess "
+                f"differently ({describe_plans_change(a, b)}). One folder cannot hold both: give one of them its own "
+                f"data_identifier in the plans (and rerun nnUNetv2_preprocess for it), or preprocess one "
+                f"configuration per run.")
+    return writers
 
 
 def _preprocess_configuration(cases: Dict[str, List[str]], plans: dict, plans_identifier: str, configuration: str,
@@ -376,23 +457,37 @@ def _preprocess_configuration(cases: Dict[str, List[str]], plans: dict, plans_id
             # what the fingerprint hashes, so that a refusal can say what changed
             "fingerprint_inputs": plans_fingerprint_inputs(plans, configuration, dataset_json),
             "plans_fingerprint": plans_fingerprint(plans, configuration, dataset_json)}
-    # one writer per folder: a second run waits here, then finds the cases done (or redoes them with --overwrite)
-    with folder_lock(folder, "skcdf_preprocess_unlabeled"):
-        recover_folder_swap(folder)
-        # --overwrite builds the new folder aside and swaps it in at the end: an interruption leaves the old one
-        target = new_staging_folder(folder) if overwrite else folder
-        try:
-            _prepare_output_folder(target, meta)
-            errors = _preprocess_cases(cases, target, plans, configuration, dataset_json, training, num_processes,
-                                       verbose, shown_folder=folder)
-            if overwrite:
-                swap_in_folder(target, folder)
-        finally:
-            if overwrite and os.path.isdir(target):  # not swapped in: the old folder stays as it was
-                shutil.rmtree(target)
+    kept = (f"--overwrite replaced nothing: {folder} is as it was (the staging folder with the new cases was "
+            f"removed).")
+    target = folder
+    try:
+        # one writer per folder: a second run waits here, then finds the cases done (or redoes them with --overwrite)
+        with folder_lock(folder, "skcdf_preprocess_unlabeled"):
+            recover_folder_swap(folder)
+            # --overwrite builds the new folder aside and swaps it in at the end, and only when every case succeeded:
+            # a failure or an interruption leaves the old folder as it was
+            target = new_staging_folder(folder) if overwrite else folder
+            try:
+                _prepare_output_folder(target, meta)
+                errors = _preprocess_cases(cases, target, plans, configuration, dataset_json, training,
+                                           num_processes, verbose, shown_folder=folder)
+                if overwrite and not errors:
+                    swap_in_folder(target, folder)
+            finally:
+                if overwrite and os.path.isdir(target):  # not swapped in: the old folder stays as it was
+                    shutil.rmtree(target, ignore_errors=True)
+    except SKCDFInputError as e:
+        if not overwrite:
+            raise
+        raise type(e)(f"{e} {kept}") from e
+    except OSError as e:  # creating the staging folder, the lock, renaming: a full disk named as such
+        raise SKCDFWriteError(write_error_message(e.filename or target, e)
+                              + (" " + kept if overwrite else "")) from e
     if errors:
-        raise SKCDFInputError(f"{len(errors)} of {len(cases)} unlabelled cases failed (the others were saved):\n"
-                              + "\n".join(f"  - {e}" for e in errors))
+        head = (f"{len(errors)} of {len(cases)} unlabelled cases failed, so {kept}" if overwrite else
+                f"{len(errors)} of {len(cases)} unlabelled cases failed (the others were saved):")
+        raise SKCDFInputError(head + (" Fix or remove the cases below, then rerun with --overwrite:" if overwrite else
+                                      "") + "\n" + "\n".join(f"  - {e}" for e in errors))
     return folder
 
 
@@ -400,6 +495,7 @@ def _preprocess_cases(cases: Dict[str, List[str]], folder: str, plans: dict, con
                       training: TrainingImages, num_processes: int, verbose: bool, shown_folder: str) -> List[str]:
     """Preprocess the cases not yet complete in ``folder``; return the error messages of the failed ones."""
     todo = [c for c in sorted(cases) if not case_is_complete(folder, c)]
+    check_no_folder_in_the_way(folder, todo)
     if verbose:
         print(f"{configuration}: {len(cases)} unlabelled cases, {len(cases) - len(todo)} already done, "
               f"{len(todo)} to preprocess -> {shown_folder}")
@@ -423,7 +519,9 @@ def preprocess_unlabeled_entry() -> None:
     parser.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     parser.add_argument("-np", "--num-processes", type=int, default=2, help="worker processes (default: 2)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="redo every case (needed after the plans changed)")
+                        help="redo every case (needed after the plans changed). The new folder is built aside and "
+                             "replaces <data_identifier>_unlabeled/ as a whole, only when every case succeeded: "
+                             "files and folders you put into <data_identifier>_unlabeled/ yourself are deleted then")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
     with exit_on_input_error():

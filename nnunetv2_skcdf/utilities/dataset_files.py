@@ -9,7 +9,7 @@ import os
 import re
 import sys
 from contextlib import contextmanager
-from typing import Dict, List, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isdir, join, load_json
@@ -22,6 +22,12 @@ class SKCDFInputError(ValueError):
     """Bad user input (files, ids, options). The message names the culprit and the fix."""
 
 
+class SKCDFWriteError(SKCDFInputError):
+    """A file or folder could not be written (full disk, no permission, ...). The message names the path, the OS
+    error and the free space on that disk (``utilities.io.write_error_message``); the ``OSError`` is the
+    ``__cause__``. A ``SKCDFInputError``, so that console scripts print it like any other refusal."""
+
+
 @contextmanager
 def exit_on_input_error():
     """For console scripts: a ``SKCDFInputError`` prints ``ERROR: <message>`` to stderr and exits with status 2
@@ -31,6 +37,26 @@ def exit_on_input_error():
     except SKCDFInputError as e:
         print(f"ERROR: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextmanager
+def refusal_first(who: str, log: Optional[Callable[[str], None]] = None):
+    """For refusals inside a command whose entry point is not ours (``nnUNetv2_train``), which ends in a long
+    traceback: a ``SKCDFInputError`` is printed to stderr as ``ERROR: <who> refused to start: <message>`` *before* it
+    propagates (type unchanged), so it is the first thing a user reads; ``log`` (e.g. the trainer's log file) gets the
+    same line."""
+    try:
+        yield
+    except SKCDFInputError as e:
+        line = f"ERROR: {who} refused to start: {e}"
+        print(f"{line}\n(the {type(e).__name__} traceback below ends in the same message)", file=sys.stderr,
+              flush=True)
+        if log is not None:
+            try:
+                log(line)
+            except Exception:  # noqa: BLE001 - a failing log must not replace the refusal
+                pass
+        raise
 
 
 def plain(value):

@@ -4,9 +4,14 @@
 so a reader (or a resumed run) sees either the old complete file or the new complete file, never a
 half-written one. Whole folders: built aside and swapped in (``new_staging_folder``, ``swap_in_folder``,
 ``recover_folder_swap``), written by one process at a time (``folder_lock``).
+
+A write that fails (full disk, no permission) leaves no temporary file and raises ``SKCDFWriteError`` whose message
+names the path, the OS error and the free space on its disk (``write_error_message``), so that console scripts print
+it instead of a traceback.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +20,46 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterator, List
 
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFWriteError
+
+#: errno values that mean "the disk (or the user's quota on it) is full"
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def free_space(path: str) -> str:
+    """Free space on the disk that holds ``path`` (or its closest existing parent), e.g. ``'96.0 KiB'``."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    try:
+        free = float(shutil.disk_usage(existing).free)
+    except OSError:
+        return "unknown space"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024:
+            return f"{free:.0f} {unit}" if unit == "B" else f"{free:.1f} {unit}"
+        free /= 1024
+    return f"{free:.1f} TiB"
+
+
+def write_error_message(path: str, error: BaseException) -> str:
+    """``<path>: cannot be written, out of disk space (OSError: [Errno 28] ...); 96.0 KiB free on its disk. <fix>``.
+
+    ``error`` is what the writer raised: an ``OSError`` says what happened (its errno); anything else (blosc2 raises
+    ``RuntimeError: Error while creating the NDArray`` on a full disk) is a failed write, for which the free space is
+    the first thing to look at."""
+    errno_value = getattr(error, "errno", None) if isinstance(error, OSError) else None
+    if errno_value in _DISK_FULL:
+        what, fix = "out of disk space", "Free disk space there (or move the folder to a larger disk) and rerun."
+    elif errno_value in _NO_PERMISSION:
+        what, fix = "no permission", "Make the folder writable for you (or write elsewhere) and rerun."
+    else:
+        what, fix = "write failed", ("Free disk space (a full disk is the usual cause) or check the folder's "
+                                     "permissions, and rerun.")
+    return (f"{path}: cannot be written, {what} ({type(error).__name__}: {error}); {free_space(path)} free on its "
+            f"disk. {fix}")
+
 
 @contextmanager
 def atomic_output(path: str, suffix: str | None = None) -> Iterator[str]:
@@ -22,21 +67,37 @@ def atomic_output(path: str, suffix: str | None = None) -> Iterator[str]:
 
     ``suffix`` defaults to the extension of ``path`` (some writers, e.g. SimpleITK or blosc2, choose
     the format from the file name, so the temporary file keeps the real ending: ``.nii.gz`` etc.).
+    An ``OSError`` of the writer or the rename becomes ``SKCDFWriteError`` (``write_error_message``); ``path`` is
+    left as it was.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     if suffix is None:
         base = os.path.basename(path)
         suffix = base[base.index("."):] if "." in base else ""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
-    os.close(fd)
-    os.remove(tmp)  # writers that refuse to overwrite (blosc2) must find the name free
+    tmp = None
     try:
-        yield tmp
-        os.replace(tmp, path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=folder)
+            os.close(fd)
+            os.remove(tmp)  # writers that refuse to overwrite (blosc2) must find the name free
+            yield tmp
+            os.replace(tmp, path)
+        except OSError as e:
+            if not _is_write_error(e, (tmp, path, folder)):
+                raise  # e.g. an input file the caller reads inside the block: its own message
+            shown = path if e.filename in (None, tmp) else e.filename
+            raise SKCDFWriteError(write_error_message(shown, e)) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp is not None and os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def _is_write_error(error: OSError, own_paths) -> bool:
+    """An OS error of writing (a full disk, or about one of ``own_paths``), not of reading an input file."""
+    return error.errno in _DISK_FULL or error.filename is None or error.filename in own_paths
 
 
 def atomic_save_json(obj, path: str, indent: int = 2) -> None:
