@@ -352,7 +352,8 @@ def test_unknown_label_names_file_and_values(dataset, capsys):
     labels[0, 0, 0:2] = 7
     write(labels, dataset["pred"] / "B" / "case_000.nii.gz")
     err = _error(capsys, ["-ref", str(dataset["ref"]), "-pred", str(dataset["pred"] / "B")])
-    assert "case_000.nii.gz: label values [7] are not in dataset.json" in err
+    assert "case_000.nii.gz: label values [7] are not in dataset.json (labels [0, 1, 2, 3])" in err
+    assert "np." not in err  # was: (labels [np.int64(0), np.int64(1), ...])
 
 
 def test_missing_dataset_json(dataset, capsys):
@@ -402,3 +403,36 @@ def test_prediction_on_another_grid_is_refused(tmp_path, geometry, message):
     assert "np." not in str(e.value)  # plain numbers, not np.float64(0.7)
     _write_with_geometry(labels, tmp_path / "p.nii.gz", origin=(0.0, 0.0, 1e-5))  # header rounding is fine
     assert evaluate_case(job(tmp_path / "r.nii.gz", tmp_path / "p.nii.gz"))["metrics"][1]["Dice"] == 1.0
+
+
+@pytest.mark.parametrize("role, case, cut", [
+    ("prediction", "case_001", "end"), ("prediction", "case_001", "half"), ("prediction", "case_000", "empty"),
+    ("reference", "case_001", "end"), ("reference", "case_000", "empty"),  # case_000: nnU-Net picks its reader by it
+])
+def test_truncated_or_empty_file_is_refused_naming_it_and_nothing_is_written(dataset, capsys, role, case, cut):
+    """Was: a prediction cut to half its bytes scored silently (a perfect prediction got mean Dice 0.56, exit 0); a
+    zero-byte file ended in a SimpleITK RuntimeError traceback."""
+    pred = dataset["pred"] / "A_run1"
+    target = (pred if role == "prediction" else dataset["ref"]) / f"{case}.nii.gz"
+    data = target.read_bytes()
+    # "end": the last 16 bytes lost (gzip's CRC and length among them), which SimpleITK reads without complaint
+    target.write_bytes({"end": data[:-16], "half": data[: len(data) // 2], "empty": b""}[cut])
+    err = _error(capsys, ["-ref", str(dataset["ref"]), "-pred", str(pred)])
+    reason = ("the file is empty, 0 bytes" if cut == "empty" else
+              "EOFError: Compressed file ended before the end-of-stream marker was reached")
+    fix = "predict this case again" if role == "prediction" else "copy the reference segmentation again"
+    assert f"ERROR: {target}: cannot be read ({reason}). The file is truncated or corrupt; {fix}" in err, err
+    assert "nothing was written" in err and "Traceback" not in err
+    assert sorted(p.name for p in pred.iterdir()) == ["case_000.nii.gz", "case_001.nii.gz"]  # no summary, no table
+
+
+def test_complete_file_that_is_no_image_is_refused_naming_it(dataset, capsys):
+    """A whole gzip stream that holds no image passes the completeness check; the reader's failure names the file."""
+    import gzip
+
+    pred = dataset["pred"] / "A_run1"
+    (pred / "case_001.nii.gz").write_bytes(gzip.compress(b"not an image" * 100))
+    err = _error(capsys, ["-ref", str(dataset["ref"]), "-pred", str(pred)])
+    assert f"ERROR: {pred / 'case_001.nii.gz'}: cannot be read (RuntimeError: " in err
+    assert "not a segmentation; write or copy it again" in err and "Traceback" not in err
+    assert not (pred / "summary.json").exists()

@@ -12,6 +12,10 @@ ASD_ref_to_pred, ASSD, HD95 and NSD (``surface_metrics``):
 - NSD = share of surface voxels of both masks within a tolerance of the other surface (surface Dice). Default
   tolerances per organ (mm) are the FLARE22 challenge's official ones (``DEFAULT_NSD_TOLERANCE_MM``).
 
+Files. Every reference and prediction is checked before it is read: an empty (0 bytes) or truncated file (gzip
+stream checked to its end-of-stream marker and CRC, as for ``imagesUnlabeled``) is refused naming it, and nothing is
+written (SimpleITK would score a truncated ``.nii.gz`` silently, with garbage for the missing voxels).
+
 Distances are in mm from the image spacing (numpy ``z, y, x`` order; nnU-Net's reader already reverses
 SimpleITK's ``x, y, z``), or in voxels with ``--voxel-units``. Surfaces use the connectivity-1 erosion as in
 medpy. Single-slice images are evaluated as 2D.
@@ -61,6 +65,7 @@ from scipy.ndimage import find_objects, generate_binary_structure, label
 from nnunetv2_skcdf.evaluation.paper_table import (STD_DDOF, canonical_organ, column_title, normalise_name,
                                                    plot_dice_per_class, write_paper_table)
 from nnunetv2_skcdf.evaluation.surface_metrics import SURFACE_METRICS, nan_metrics, surface_metrics
+from nnunetv2_skcdf.preprocessing.image_checks import check_file_complete
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, exit_on_input_error, format_numbers, plain
 from nnunetv2_skcdf.utilities.io import atomic_output, atomic_save_json
 from nnunetv2_skcdf.utilities.parallel import imap_with_progress
@@ -117,9 +122,26 @@ def read_label_map(path: str, reader_writer: type) -> Tuple[np.ndarray, np.ndarr
     return labels, spacing
 
 
+#: what to do about an unreadable file, per role (``check_readable``)
+_REREAD_FIX = {"prediction": "predict this case again (or copy the complete file again); nothing was written",
+               "reference": "copy the reference segmentation again from its source; nothing was written"}
+
+
+def check_readable(path: str, role: str) -> None:
+    """Refuse an empty or truncated ``role`` file (``'prediction'`` or ``'reference'``) before it is read: nnU-Net's
+    SimpleITK reader scores a truncated ``.nii.gz`` silently (the missing voxels become garbage) and fails on a
+    zero-byte file with a traceback. The completeness check of ``imagesUnlabeled`` (``check_file_complete``)."""
+    check_file_complete(path, fix=_REREAD_FIX[role])
+
+
 def read_label_map_and_geometry(path: str, reader_writer: type) -> Tuple[np.ndarray, np.ndarray, Dict[str, tuple]]:
     """``read_label_map`` plus the header's origin and direction (``header_geometry``)."""
-    seg, properties = reader_writer().read_seg(path)
+    try:
+        seg, properties = reader_writer().read_seg(path)
+    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+        reason = (str(e).strip().splitlines() or [""])[-1]
+        raise SKCDFInputError(f"{path}: cannot be read ({type(e).__name__}: {reason}). The file is truncated, corrupt "
+                              f"or not a segmentation; write or copy it again.") from None
     seg, spacing = seg[0], np.asarray(properties["spacing"], dtype=np.float64)
     if seg.ndim == 3 and seg.shape[0] == 1:
         # nnU-Net gives 2D images a dummy first axis (spacing 999 x max); kept, it would make every voxel of a
@@ -155,8 +177,9 @@ def _check_labels(path: str, boxes: list, allowed: Sequence[int]) -> None:
     """``boxes`` = ``find_objects(labels)``; every present label must be one of ``allowed``."""
     unknown = sorted(i + 1 for i, box in enumerate(boxes) if box is not None and i + 1 not in allowed)
     if unknown:
-        raise SKCDFInputError(f"{path}: label values {unknown} are not in dataset.json (labels {sorted(allowed)}). "
-                              f"Use the dataset.json the model was trained with (-djfile), or fix the file.")
+        raise SKCDFInputError(f"{path}: label values {unknown} are not in dataset.json (labels "
+                              f"{plain(sorted(allowed))}). Use the dataset.json the model was trained with (-djfile), "
+                              f"or fix the file.")
 
 
 #: how far a prediction's header may be from the reference's: header rounding, not another grid (the converters'
@@ -268,6 +291,8 @@ def region_metrics(job: CaseJob, region: Region, ref: np.ndarray, pred: np.ndarr
 def evaluate_case(job: CaseJob) -> dict:
     """One case in nnU-Net's ``compute_metrics`` layout: ``{'reference_file', 'prediction_file', 'metrics':
     {region: {metric: value}}}``. Bounding boxes of all labels come from one ``find_objects`` pass per image."""
+    check_readable(job.reference_file, "reference")
+    check_readable(job.prediction_file, "prediction")
     ref, ref_spacing, ref_geometry = read_label_map_and_geometry(job.reference_file, job.reader_writer)
     pred, pred_spacing, pred_geometry = read_label_map_and_geometry(job.prediction_file, job.reader_writer)
     _check_same_grid(job, ref, pred, ref_spacing, pred_spacing, ref_geometry, pred_geometry)
@@ -541,9 +566,10 @@ def evaluate_folders(ref_folder: str, pred_folders: Sequence[str], methods: Opti
     names = label_names(dataset_json)
     tolerances = resolve_nsd_tolerances(nsd_tolerance, regions, names)
     cases = [list_cases(ref_folder, p, ending) for p in pred_folders]
+    check_readable(os.path.join(ref_folder, cases[0][0]), "reference")  # nnU-Net picks the reader by reading it
     reader = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(ref_folder, cases[0][0]),
                                                        verbose=False)
-    allowed = tuple(sorted(set(lm.all_labels) | ({lm.ignore_label} - {None})))
+    allowed = tuple(sorted(int(v) for v in set(lm.all_labels) | ({lm.ignore_label} - {None})))
     settings = _settings(paper_rules, voxel_units, regions, names, tolerances)
 
     jobs = [((i, j), CaseJob(os.path.join(ref_folder, f), os.path.join(p, f), reader, regions, allowed,
