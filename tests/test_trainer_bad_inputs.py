@@ -170,3 +170,51 @@ def test_checkpoint_of_another_dataset_is_refused_clearly(trainer_factory):
         net.load_state_dict(other)
     assert isinstance(net, SKCDFUNet)
     net.load_state_dict(net.state_dict())  # the normal case still loads
+
+
+# -------------------------------------------------------------------- issue 42: the refusal before the traceback
+def _break(kind: str, trainer, phantom_workspace) -> str:
+    """Make the trainer's start refuse; return the start of the refusal's message."""
+    if kind == "split":
+        _edit_split(phantom_workspace, lambda f: f["train"].append("no_such_case"))
+        return "splits_final.json: fold 0: unknown case id"
+    if kind == "missing":
+        shutil.rmtree(phantom_workspace["preprocessed"] / f"{trainer.configuration_manager.data_identifier}_unlabeled")
+        return "unlabelled case(s) of the split have no preprocessed image"
+    _edit_plans(phantom_workspace, lambda c: c["3d_tiny"].update(normalization_schemes=["ZScoreNormalization"]))
+    return "unlabelled images preprocessed with other plans than configuration '3d_tiny'"
+
+
+@pytest.mark.parametrize("kind", ["split", "missing", "stale"])
+def test_refusal_at_start_is_printed_and_logged_before_it_propagates(trainer_factory, phantom_workspace, capfd,
+                                                                     kind):
+    """nnUNetv2_train shows a refusal only under a ~25-line traceback; the message now comes first, on stderr and in
+    the training log, and the exception keeps its type."""
+    trainer = trainer_factory() if kind != "stale" else None
+    start = _break(kind, trainer, phantom_workspace)
+    trainer = trainer or trainer_factory()  # stale: the plans are read when the trainer is made
+    capfd.readouterr()
+    with pytest.raises(SKCDFInputError) as e:
+        trainer.on_train_start()
+    assert start in str(e.value)
+    err = capfd.readouterr().err
+    line = f"ERROR: SKCDFTrainer refused to start: {e.value}"
+    assert line in err and "(the SKCDFInputError traceback below ends in the same message)" in err
+    assert line in open(trainer.log_file).read()
+
+
+def test_nnunetv2_train_prints_the_refusal_before_its_traceback(tiny_training):
+    from conftest import DATASET_ID, run_cli
+    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
+
+    _edit_split(tiny_training, lambda f: f["train"].append("no_such_case"))
+    env = {**tiny_training["env"], "nnUNet_extTrainer": trainer_folder(), "nnUNet_compile": "false",
+           "nnUNet_n_proc_DA": "0"}
+    result = run_cli(["nnUNetv2_train", str(DATASET_ID), "3d_tiny", "0", "-tr", "SKCDFTrainer", "-device", "cpu"],
+                     env, check=False)
+    err = result.stderr
+    assert result.returncode != 0 and "Traceback (most recent call last)" in err, err[-3000:]
+    first = err.index("ERROR: SKCDFTrainer refused to start: ")
+    assert first < err.index("Traceback (most recent call last)")
+    assert "splits_final.json: fold 0: unknown case id" in err[first:err.index("Traceback")]
+    assert err.rstrip().splitlines()[-1].startswith("nnunetv2_skcdf.utilities.dataset_files.SKCDFInputError: ")

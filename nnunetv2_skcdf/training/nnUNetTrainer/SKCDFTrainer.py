@@ -36,7 +36,7 @@ from nnunetv2_skcdf.splits.semi_supervised_splits import load_semi_supervised_fo
 from nnunetv2_skcdf.training import skcdf_components as C
 from nnunetv2_skcdf.training.dataloading.unlabeled_loader import get_unlabeled_dataloader
 from nnunetv2_skcdf.training.skcdf_logger import SKCDFLocalLogger
-from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, refusal_first
 
 
 class SKCDFTrainer(nnUNetTrainer):
@@ -154,8 +154,10 @@ class SKCDFTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------------------------------ data
     def get_dataloaders(self):
-        unlabeled = self._checked_unlabeled_ids()
-        self.dataloader_unlabeled = self._get_unlabeled_dataloader(unlabeled)  # first: refuse before workers start
+        # a refusal (split, missing or stale unlabelled data) is printed before nnUNetv2_train's long traceback
+        with refusal_first(type(self).__name__, lambda line: self.print_to_log_file(line, also_print_to_console=False)):
+            unlabeled = self._checked_unlabeled_ids()
+            self.dataloader_unlabeled = self._get_unlabeled_dataloader(unlabeled)  # first: refuse before workers start
         return super().get_dataloaders()
 
     def _checked_unlabeled_ids(self) -> List[str]:
