@@ -45,6 +45,7 @@ setup(
             "skcdf_evaluate=nnunetv2_skcdf.evaluation.evaluate:evaluate_entry",
             "skcdf_convert_synapse=nnunetv2_skcdf.dataset_conversion.convert_synapse:convert_synapse_entry",
             "skcdf_convert_amos=nnunetv2_skcdf.dataset_conversion.convert_amos:convert_amos_entry",
+            "skcdf_pseudolabel=nnunetv2_skcdf.pseudo_labelling.pseudo_label_round:pseudolabel_entry",
         ]
     },
 )

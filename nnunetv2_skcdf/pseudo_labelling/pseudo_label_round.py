@@ -1,0 +1,467 @@
+"""One round of filtered pseudo-labelling with stock nnU-Net: the practitioner's baseline to compare SKCDF with.
+
+What nnU-Net users do with unlabelled images today (nnU-Net issues #2233, #2338; FLARE22's best teams):
+train on the labelled cases, predict the unlabelled ones, keep the cases whose predictions agree, retrain
+on labelled + kept pseudo-labelled cases, repeat. One call of ``skcdf_pseudolabel`` is one round:
+
+1. **Teachers**: trained model folders (``-m``, with folds ``-f``) of the source dataset ``-d``, or of an
+   earlier round's student dataset. Each must have the source's labels and plans and the same labelled /
+   validation cases (fold ``--split-fold`` of the source's ``splits_final.json``), else refused.
+2. **Predict** the split's ``unlabeled`` cases (imagesUnlabeled images and hidden-label training cases:
+   their images only, a hidden label is never opened) with nnU-Net's own predictor and the teachers' plans.
+   Several teachers: each predicts with mirroring and the pseudo label is the argmax of the mean
+   probability. One teacher: the mirror variants are predicted one by one and averaged (exactly nnU-Net's
+   mirroring), so that they can vote. Probabilities live for one case at a time (a running sum).
+3. **Score** each case (``agreement.py``): mean pairwise Dice between the members per organ, and with
+   ``--previous`` the Dice against the previous round's pseudo label; the case score is the smaller.
+4. **Keep** the cases with score >= ``--threshold`` (default 0.90), or the best ``--keep`` fraction.
+5. **Write the student dataset** ``nnUNet_raw/Dataset<out>_<name>``: imagesTr/labelsTr with the labelled
+   and validation cases (real labels, copied) and the kept cases (pseudo labels); every pseudo label of
+   the round in ``pseudo_labels/``; the record ``pseudolabel_round.json`` (per case: origin, round,
+   teachers, scores per organ). Then its ``nnUNet_preprocessed`` folder: the teachers' plans (identical
+   plans: same spacing, patch, normalisation), ``splits_final.json`` with train = labelled + kept and the
+   same validation cases, preprocessed with nnU-Net's own preprocessor.
+
+Why a new dataset id and not a split of the source: the pseudo labels need a ``labelsTr`` file, and the
+source's ``labelsTr`` holds the hidden real labels of the benchmark's hidden-label cases; writing there
+would overwrite them (and let a later round read them). The source dataset is never written.
+
+The student is trained with the stock command: ``nnUNetv2_train <out> <configuration> 0``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nnunetv2_skcdf.pseudo_labelling.agreement import (
+    DEFAULT_THRESHOLD,
+    case_score,
+    dice_per_label,
+    mean_or_none,
+    member_agreement,
+    select_kept,
+)
+from nnunetv2_skcdf.utilities.dataset_files import (
+    SKCDFInputError,
+    _env_folder,
+    dataset_name,
+    exit_on_input_error,
+    list_unlabeled_cases,
+    load_dataset_json,
+)
+from nnunetv2_skcdf.utilities.io import atomic_output, atomic_save_json, new_staging_folder, swap_in_folder
+
+RECORD = "pseudolabel_round.json"
+PSEUDO_FOLDER = "pseudo_labels"
+
+
+@dataclass
+class Teacher:
+    """One trained model: a model folder and one fold of it."""
+
+    folder: str
+    fold: str
+    trainer: str
+    plans_name: str
+    configuration: str
+    plans: dict
+    dataset_json: dict
+
+    @property
+    def dataset(self) -> str:
+        return self.plans["dataset_name"]
+
+    def describe(self) -> dict:
+        return {"folder": self.folder, "fold": self.fold, "trainer": self.trainer, "plans": self.plans_name,
+                "configuration": self.configuration, "dataset": self.dataset}
+
+
+def _load_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SKCDFInputError(f"{path}: not found ({what}).") from None
+    except json.JSONDecodeError as e:
+        raise SKCDFInputError(f"{path}: not valid JSON ({e}); {what}.") from None
+
+
+def load_teachers(folders: Sequence[str], folds: Sequence[str], checkpoint: str) -> List[Teacher]:
+    """Every (model folder, fold) pair; the folder name is nnU-Net's ``<trainer>__<plans>__<configuration>``."""
+    teachers = []
+    for folder in folders:
+        folder = os.path.abspath(folder)
+        parts = os.path.basename(folder.rstrip("/")).split("__")
+        if len(parts) != 3:
+            raise SKCDFInputError(f"{folder}: not an nnU-Net model folder (its name must be "
+                                  f"<trainer>__<plans>__<configuration>, e.g. nnUNetTrainer__nnUNetPlans__3d_fullres).")
+        plans = _load_json(os.path.join(folder, "plans.json"), "every nnU-Net model folder has one")
+        dj = _load_json(os.path.join(folder, "dataset.json"), "every nnU-Net model folder has one")
+        for fold in folds:
+            ckpt = os.path.join(folder, f"fold_{fold}", checkpoint)
+            if not os.path.isfile(ckpt):
+                raise SKCDFInputError(f"{ckpt}: no such checkpoint. Train fold {fold} to the end (or pick another "
+                                      f"checkpoint with -chk, e.g. checkpoint_best.pth).")
+            teachers.append(Teacher(folder, str(fold), parts[0], parts[1], parts[2], plans, dj))
+    return teachers
+
+
+def derived_datasets(source: str) -> Dict[str, dict]:
+    """Pseudo-label datasets made from ``source`` (name -> their record), found in nnUNet_raw."""
+    raw = _env_folder("nnUNet_raw")
+    out = {}
+    for name in sorted(os.listdir(raw)):
+        path = os.path.join(raw, name, RECORD)
+        if os.path.isfile(path):
+            record = _load_json(path, "the record of a pseudo-label round")
+            if record.get("source_dataset") == source:
+                out[name] = record
+    return out
+
+
+def _plans_without_name(plans: dict) -> dict:
+    return {k: v for k, v in plans.items() if k != "dataset_name"}
+
+
+def check_teachers(teachers: Sequence[Teacher], source: str, source_json: dict, split_fold: int,
+                   roles: Dict[str, List[str]], splits: list) -> None:
+    """Refuse teachers trained on another dataset, other labels, other plans or other labelled cases."""
+    derived = derived_datasets(source)
+    pre = os.path.join(_env_folder("nnUNet_preprocessed"), source)
+    first = teachers[0]
+    for t in teachers:
+        where = f"{t.folder} (fold {t.fold})"
+        if t.dataset != source and t.dataset not in derived:
+            raise SKCDFInputError(f"{where} was trained on {t.dataset}, not on {source} or a pseudo-label round made "
+                                  f"from it. Give models of {source} (-d) or of its rounds.")
+        if t.dataset_json.get("labels") != source_json.get("labels"):
+            raise SKCDFInputError(f"{where}: its labels {t.dataset_json.get('labels')} differ from {source}'s "
+                                  f"dataset.json; a model of other labels cannot pseudo-label this dataset.")
+        if (t.plans_name, t.configuration) != (first.plans_name, first.configuration):
+            raise SKCDFInputError(f"{where} uses {t.plans_name}/{t.configuration}, {first.folder} "
+                                  f"{first.plans_name}/{first.configuration}: give teachers of one plans and "
+                                  f"configuration (the student is preprocessed with them).")
+        source_plans = _load_json(os.path.join(pre, f"{t.plans_name}.json"), f"the plans {t.plans_name} of {source}")
+        if _plans_without_name(t.plans) != _plans_without_name(source_plans):
+            raise SKCDFInputError(f"{where} was trained on other plans than {pre}/{t.plans_name}.json (the dataset "
+                                  f"was planned again since, or the model comes from elsewhere). Retrain it, or "
+                                  f"use the plans it was trained with.")
+        if t.dataset == source:
+            fold = _fold_entry(splits, int(t.fold), os.path.join(pre, "splits_final.json"))
+            if set(fold["train"]) != set(roles["train"]) or set(fold["val"]) != set(roles["val"]):
+                raise SKCDFInputError(f"{where} was trained on other labelled/validation cases than fold {split_fold}"
+                                      f" of {pre}/splits_final.json; its pseudo labels would leak other labels. "
+                                      f"Use teachers of that split (skcdf_split --fold-mode repeat gives several "
+                                      f"runs of one split) or pass --split-fold {t.fold}.")
+        elif derived[t.dataset].get("source_fold") != split_fold:
+            raise SKCDFInputError(f"{where}: its round {t.dataset} was made from fold "
+                                  f"{derived[t.dataset].get('source_fold')} of {source}, not {split_fold}.")
+
+
+def _fold_entry(splits: list, fold: int, path: str) -> dict:
+    if not 0 <= fold < len(splits):
+        raise SKCDFInputError(f"{path} has {len(splits)} folds; fold {fold} does not exist.")
+    entry = splits[fold]
+    if not isinstance(entry, dict) or "unlabeled" not in entry:
+        raise SKCDFInputError(f"{path}: fold {fold} has no 'unlabeled' list. Make the split with skcdf_split "
+                              f"(e.g. skcdf_split -d D --labeled 0.2 --add-unlabeled-images).")
+    return entry
+
+
+def case_images(raw: str, dataset_json: dict, ids: Sequence[str]) -> Dict[str, List[str]]:
+    """Image files of each id: imagesTr (images only: a hidden label is never opened) or imagesUnlabeled."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    training = get_filenames_of_train_images_and_targets(raw, dict(dataset_json))
+    unlabeled = list_unlabeled_cases(raw, dataset_json)
+    out = {}
+    for cid in ids:
+        if cid in unlabeled:
+            out[cid] = list(unlabeled[cid])
+        elif cid in training:
+            out[cid] = list(training[cid]["images"])
+        else:
+            raise SKCDFInputError(f"Case {cid!r} of the split's 'unlabeled' list has no image in {raw}/imagesTr or "
+                                  f"imagesUnlabeled. Make the split again (skcdf_split) or restore the image.")
+    return out
+
+
+def _predictor(teacher: Teacher, mirroring: bool, device, checkpoint: str):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+                                perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(teacher.folder, (teacher.fold,), checkpoint)
+    return predictor
+
+
+def _mirror_variants(predictor) -> List[Tuple[int, ...]]:
+    """Raw-image axes of every mirror variant nnU-Net's mirroring averages (the empty tuple = no flip)."""
+    allowed = predictor.allowed_mirroring_axes or ()
+    forward = predictor.plans_manager.transpose_forward
+    raw_axes = sorted(forward[a] + 1 for a in allowed)  # +1: channel axis first
+    return [c for r in range(len(raw_axes) + 1) for c in combinations(raw_axes, r)]
+
+
+def predict_members(predictors: list, image: np.ndarray, props: dict) -> Tuple[np.ndarray, List[np.ndarray]]:
+    """(pseudo label, member segmentations) of one case, in the image's geometry.
+
+    Several predictors: each (with mirroring) is a member. One predictor (mirroring off): each mirror variant
+    is a member. The pseudo label is the argmax of the mean probability over members."""
+    total, members = None, []
+    if len(predictors) > 1:
+        jobs = [(p, ()) for p in predictors]
+    else:
+        jobs = [(predictors[0], axes) for axes in _mirror_variants(predictors[0])]
+    for predictor, axes in jobs:
+        flipped = np.flip(image, axes).copy() if axes else image
+        _, probs = predictor.predict_single_npy_array(flipped, props, None, None, True)
+        probs = np.flip(probs, axes) if axes else probs
+        members.append(np.argmax(probs, 0).astype(np.uint8))
+        total = probs.astype(np.float32) if total is None else total + probs
+    return np.argmax(total, 0).astype(np.uint8), members
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _check_output(out_id: int, out_name: str, source: str, overwrite: bool) -> str:
+    if not 1 <= out_id <= 999:
+        raise SKCDFInputError(f"--out-dataset {out_id}: nnU-Net ids are 1..999.")
+    raw = _env_folder("nnUNet_raw")
+    target = f"Dataset{out_id:03d}_{out_name}"
+    if target == source or source.startswith(f"Dataset{out_id:03d}_"):
+        raise SKCDFInputError(f"--out-dataset {out_id} is the source dataset {source}: the round never writes into "
+                              f"the source (its labelsTr holds the hidden labels). Pick a free id.")
+    for name in os.listdir(raw):
+        if name.startswith(f"Dataset{out_id:03d}_") and name != target:
+            raise SKCDFInputError(f"--out-dataset {out_id} is taken by {raw}/{name}; pick a free id.")
+    path = os.path.join(raw, target)
+    if os.path.exists(path):
+        record = os.path.join(path, RECORD)
+        if not overwrite:
+            raise SKCDFInputError(f"{path} exists. Pass --overwrite to replace this pseudo-label round, or pick "
+                                  f"another --out-dataset.")
+        if not os.path.isfile(record) or _load_json(record, "round record").get("source_dataset") != source:
+            raise SKCDFInputError(f"{path} exists and is not a pseudo-label round of {source}: refusing to replace "
+                                  f"it even with --overwrite. Pick another --out-dataset.")
+    return path
+
+
+def load_previous(previous: Optional[str], source: str) -> Tuple[Optional[str], int, Optional[dict]]:
+    """(folder of the previous round's pseudo labels, this round's number, its record)."""
+    if previous is None:
+        return None, 1, None
+    name = dataset_name(previous)
+    folder = os.path.join(_env_folder("nnUNet_raw"), name)
+    record = _load_json(os.path.join(folder, RECORD), f"--previous {previous} must be a round made by "
+                                                     f"skcdf_pseudolabel")
+    if record.get("source_dataset") != source:
+        raise SKCDFInputError(f"--previous {name} is a round of {record.get('source_dataset')}, not of {source}.")
+    return os.path.join(folder, PSEUDO_FOLDER), int(record["round"]) + 1, record
+
+
+def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], out_id: int,
+              out_name: Optional[str] = None, split_fold: int = 0, previous: Optional[str] = None,
+              threshold: float = DEFAULT_THRESHOLD, keep: Optional[float] = None,
+              checkpoint: str = "checkpoint_final.pth", device: str = "cpu", student_folds: int = 1,
+              num_processes: int = 1, overwrite: bool = False, preprocess: bool = True,
+              log=print) -> str:
+    """One pseudo-label round (module docstring); returns the student dataset's raw folder."""
+    import torch
+
+    t0 = time.time()
+    if keep is not None and not 0 < keep <= 1:
+        raise SKCDFInputError(f"--keep {keep}: give a fraction 0 < keep <= 1.")
+    if not 0 <= threshold <= 1:
+        raise SKCDFInputError(f"--threshold {threshold}: give a Dice value in [0, 1].")
+    source = dataset_name(dataset)
+    raw = os.path.join(_env_folder("nnUNet_raw"), source)
+    pre = os.path.join(_env_folder("nnUNet_preprocessed"), source)
+    source_json = load_dataset_json(raw)
+    splits_path = os.path.join(pre, "splits_final.json")
+    splits = _load_json(splits_path, "make the split with skcdf_split first")
+    roles = _fold_entry(splits, split_fold, splits_path)
+    out_name = out_name or f"{source.split('_', 1)[1]}PseudoR"
+    target = _check_output(int(out_id), out_name, source, overwrite)
+    previous_folder, round_no, _ = load_previous(previous, source)
+    teachers = load_teachers(model_folders, folds, checkpoint)
+    check_teachers(teachers, source, source_json, split_fold, roles, splits)
+    images = case_images(raw, source_json, roles["unlabeled"])
+    labels = sorted(int(v) for k, v in source_json["labels"].items() if k != "background" and int(v) > 0)
+
+    dev = torch.device(device)
+    predictors = [_predictor(t, len(teachers) > 1, dev, checkpoint) for t in teachers]
+    reader = predictors[0].plans_manager.image_reader_writer_class()
+    ending = source_json["file_ending"]
+    staging = new_staging_folder(target)
+    try:
+        os.makedirs(os.path.join(staging, PSEUDO_FOLDER))
+        cases, scores = {}, {}
+        for i, (cid, files) in enumerate(sorted(images.items())):
+            image, props = reader.read_images(files)
+            pseudo, members = predict_members(predictors, image, props)
+            with atomic_output(os.path.join(staging, PSEUDO_FOLDER, cid + ending)) as tmp:
+                reader.write_seg(pseudo, tmp, props)
+            agree = member_agreement(members, labels)
+            prev_agree = None
+            if previous_folder is not None and os.path.isfile(os.path.join(previous_folder, cid + ending)):
+                prev, _ = reader.read_seg(os.path.join(previous_folder, cid + ending))
+                prev_agree = dice_per_label(pseudo, prev[0], labels)
+            member_score = mean_or_none(agree)
+            prev_score = mean_or_none(prev_agree) if prev_agree is not None else None
+            scores[cid] = case_score(member_score, prev_score)
+            cases[cid] = {"origin": "pseudo", "round": round_no, "score": scores[cid], "member_score": member_score,
+                          "previous_score": prev_score, "member_agreement": agree, "previous_agreement": prev_agree}
+            log(f"[{i + 1}/{len(images)}] {cid}: score {scores[cid]:.3f} (members {member_score}, previous "
+                f"{prev_score})")
+        kept = select_kept(scores, threshold, keep)
+        for cid in cases:
+            cases[cid]["kept"] = cid in kept
+        _write_student(staging, raw, source_json, roles, kept, images, cases, ending)
+        record = {
+            "round": round_no, "source_dataset": source, "source_fold": split_fold, "previous_round": previous and
+            dataset_name(previous), "teachers": [t.describe() for t in teachers],
+            "members": "models (each with mirroring)" if len(teachers) > 1 else "mirror variants of one model",
+            "threshold": None if keep is not None else threshold, "keep": keep,
+            "kept": kept, "labelled": sorted(roles["train"]), "validation": sorted(roles["val"]),
+            "organ_mean_agreement": _organ_means(cases), "cases": cases,
+            "seconds_prediction": round(time.time() - t0, 1),
+        }
+        atomic_save_json(record, os.path.join(staging, RECORD))
+        swap_in_folder(staging, target)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"kept {len(kept)} of {len(images)} pseudo-labelled cases (round {round_no}): {', '.join(kept) or 'none'}")
+    _write_preprocessed(target, pre, teachers[0], roles, kept, student_folds)
+    if preprocess:
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+
+        preprocess_dataset(int(out_id), teachers[0].plans_name, [teachers[0].configuration], [num_processes],
+                           show_progress_bar=False)
+    log(f"student dataset {target} ready ({time.time() - t0:.0f} s): nnUNetv2_train {out_id} "
+        f"{teachers[0].configuration} 0 -p {teachers[0].plans_name}")
+    return target
+
+
+def _organ_means(cases: dict) -> Dict[int, float]:
+    per: Dict[int, List[float]] = {}
+    for rec in cases.values():  # pseudo-labelled cases only: labelled and validation cases have no scores
+        for lab, d in rec.get("member_agreement", {}).items():
+            per.setdefault(int(lab), []).append(d)
+    return {lab: float(np.mean(v)) for lab, v in sorted(per.items())}
+
+
+def _write_student(staging: str, raw: str, source_json: dict, roles: dict, kept: List[str],
+                   images: Dict[str, List[str]], cases: dict, ending: str) -> None:
+    """imagesTr/labelsTr of the student: labelled and validation cases with their real labels, kept cases with
+    their pseudo labels; dataset.json with the source's labels and channels."""
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    training = get_filenames_of_train_images_and_targets(raw, dict(source_json))
+    os.makedirs(os.path.join(staging, "imagesTr"))
+    os.makedirs(os.path.join(staging, "labelsTr"))
+    for origin, ids in (("labelled", roles["train"]), ("validation", roles["val"])):
+        for cid in ids:
+            for f in training[cid]["images"]:
+                _link_or_copy(f, os.path.join(staging, "imagesTr", os.path.basename(f)))
+            shutil.copy2(training[cid]["label"], os.path.join(staging, "labelsTr", cid + ending))
+            cases[cid] = {"origin": origin}
+    for cid in kept:
+        for f in images[cid]:
+            _link_or_copy(f, os.path.join(staging, "imagesTr", os.path.basename(f)))
+        shutil.copy2(os.path.join(staging, PSEUDO_FOLDER, cid + ending), os.path.join(staging, "labelsTr", cid + ending))
+    dj = {k: v for k, v in source_json.items() if k not in ("dataset", "numTest", "numUnlabeled",
+                                                             "unlabeled_images_folder")}
+    dj["numTraining"] = len(roles["train"]) + len(roles["val"]) + len(kept)
+    dj["description"] = (f"Pseudo-label round made by skcdf_pseudolabel from {os.path.basename(raw)}: labelled and "
+                         f"validation cases with their labels, {len(kept)} kept pseudo-labelled cases; see {RECORD}.")
+    atomic_save_json(dj, os.path.join(staging, "dataset.json"))
+
+
+def _write_preprocessed(target: str, source_pre: str, teacher: Teacher, roles: dict, kept: List[str],
+                        student_folds: int) -> None:
+    """The student's nnUNet_preprocessed folder: the teachers' plans (renamed), the source's fingerprint and
+    a split with the same validation cases (``student_folds`` identical folds = that many runs)."""
+    name = os.path.basename(target)
+    pre = os.path.join(_env_folder("nnUNet_preprocessed"), name)
+    if os.path.isdir(pre):
+        shutil.rmtree(pre)
+    os.makedirs(pre)
+    plans = dict(teacher.plans, dataset_name=name)
+    atomic_save_json(plans, os.path.join(pre, f"{teacher.plans_name}.json"))
+    shutil.copy2(os.path.join(target, "dataset.json"), os.path.join(pre, "dataset.json"))
+    fingerprint = os.path.join(source_pre, "dataset_fingerprint.json")
+    if os.path.isfile(fingerprint):
+        shutil.copy2(fingerprint, os.path.join(pre, "dataset_fingerprint.json"))
+    fold = {"train": sorted(roles["train"]) + kept, "val": sorted(roles["val"])}
+    atomic_save_json([fold] * int(student_folds), os.path.join(pre, "splits_final.json"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="skcdf_pseudolabel",
+        description="One round of filtered pseudo-labelling with stock nnU-Net (the baseline to compare SKCDF "
+                    "with): predict the split's unlabelled cases with trained models, score how much the models "
+                    "(or one model's mirror variants) agree, keep the cases that agree, and write a student "
+                    "dataset (labelled + kept pseudo-labelled cases, same validation cases, same plans) for "
+                    "nnUNetv2_train.",
+        epilog="example (round 1, then round 2 with the round-1 students as teachers):\n"
+               "  skcdf_pseudolabel -d 950 -m $nnUNet_results/Dataset950_X/nnUNetTrainer__nnUNetPlans__3d_fullres "
+               "-f 0 1 2 --out-dataset 951\n"
+               "  nnUNetv2_train 951 3d_fullres 0\n"
+               "  skcdf_pseudolabel -d 950 -m $nnUNet_results/Dataset951_XPseudoR/nnUNetTrainer__nnUNetPlans__"
+               "3d_fullres -f 0 --out-dataset 952 --previous 951",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", "--dataset", required=True, help="source dataset id or name (its split defines the roles)")
+    p.add_argument("-m", "--models", nargs="+", required=True, help="trained model folders "
+                   "(<trainer>__<plans>__<configuration>) of the source dataset or of an earlier round")
+    p.add_argument("-f", "--folds", nargs="+", default=["0"], help="folds of each model folder (default: 0)")
+    p.add_argument("--out-dataset", type=int, required=True, help="id of the student dataset to write (new)")
+    p.add_argument("--out-name", help="its name (default: <source name>PseudoR)")
+    p.add_argument("--split-fold", type=int, default=0, help="fold of the source's splits_final.json whose "
+                   "train / val / unlabeled lists are used (default 0)")
+    p.add_argument("--previous", help="the previous round's student dataset: pseudo labels are also scored "
+                   "against its (stability)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help="keep cases whose score (mean organ Dice between members, and against the previous round) "
+                        "is at least this (default %(default)s)")
+    g.add_argument("--keep", type=float, help="keep the best fraction of cases instead (0 < keep <= 1)")
+    p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("-device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--student-folds", type=int, default=1, help="identical folds in the student's split, one per "
+                   "student run (default 1)")
+    p.add_argument("-np", "--num-processes", type=int, default=1, help="preprocessing processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier round written to --out-dataset")
+    p.add_argument("--no-preprocess", action="store_true", help="write the student's raw and plans, do not "
+                   "preprocess it (run nnUNetv2_preprocess later)")
+    return p
+
+
+def pseudolabel_entry(argv: Optional[Sequence[str]] = None) -> None:
+    args = _parser().parse_args(argv)
+    with exit_on_input_error():
+        run_round(args.dataset, args.models, args.folds, args.out_dataset, args.out_name, args.split_fold,
+                  args.previous, args.threshold, args.keep, args.checkpoint, args.device, args.student_folds,
+                  args.num_processes, args.overwrite, not args.no_preprocess,
+                  log=lambda m: print(m, file=sys.stdout, flush=True))
+
+
+if __name__ == "__main__":
+    pseudolabel_entry()

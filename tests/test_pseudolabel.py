@@ -1,0 +1,195 @@
+"""skcdf_pseudolabel: agreement scores on constructed segmentations, every refusal, and (slow) a real round."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import env_for, run_cli
+from nnunetv2_skcdf.pseudo_labelling.agreement import (
+    case_score,
+    dice_per_label,
+    member_agreement,
+    select_kept,
+)
+from nnunetv2_skcdf.pseudo_labelling.pseudo_label_round import RECORD, run_round
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
+
+
+# ------------------------------------------------------------------------------------------ agreement scores
+def test_dice_and_member_agreement_on_constructed_segmentations():
+    a = np.zeros((4, 4, 4), np.uint8)
+    a[:2] = 1  # 32 voxels of label 1
+    b = a.copy()
+    b[1] = 0  # 16 of them
+    c = a.copy()
+    c[3, 0, 0] = 2  # one voxel of label 2 in c only
+    assert dice_per_label(a, b, [1, 2]) == {1: pytest.approx(2 * 16 / 48)}  # label 2 absent from both: left out
+    agree = member_agreement([a, b, c], [1, 2])
+    # label 1: pairs (a,b)=2/3, (a,c)=1, (b,c)=2/3 ; label 2 only in c: (a,c)=0, (b,c)=0, (a,b) does not count
+    assert agree[1] == pytest.approx((2 / 3 + 1 + 2 / 3) / 3)
+    assert agree[2] == pytest.approx(0.0)
+    assert member_agreement([a], [1, 2]) == {1: 1.0}
+
+
+def test_case_score_and_selection():
+    assert case_score(0.9, 0.7) == 0.7 and case_score(0.8, None) == 0.8 and case_score(None, None) == 0.0
+    scores = {"c1": 0.95, "c2": 0.80, "c3": 0.91, "c4": 0.91}
+    assert select_kept(scores, threshold=0.9) == ["c1", "c3", "c4"]
+    assert select_kept(scores, keep=0.5) == ["c1", "c3"]  # ties broken by id
+    assert select_kept(scores, keep=1.0) == sorted(scores)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+SOURCE = "Dataset961_PLSource"
+
+
+@pytest.fixture
+def fake_setup(tmp_path, monkeypatch):
+    """A tiny raw dataset with a split and plans, and model folders whose files say how they were trained
+    (the refusals happen before any checkpoint is loaded)."""
+    from nnunetv2_skcdf.dataset_conversion.phantom import make_phantom_dataset
+
+    env = env_for(tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    raw = Path(make_phantom_dataset(env["nnUNet_raw"], 961, "PLSource", num_train=5, num_test=0, num_unlabeled=2,
+                                    shape=(16, 32, 32), spacing=(10.0, 7.2, 7.2), progress=False))
+    pre = Path(env["nnUNet_preprocessed"]) / SOURCE
+    pre.mkdir(parents=True)
+    dj = json.loads((raw / "dataset.json").read_text())
+    plans = {"dataset_name": SOURCE, "plans_name": "nnUNetPlans",
+             "configurations": {"3d_fullres": {"spacing": [10.0, 7.2, 7.2], "patch_size": [16, 32, 32]}}}
+    (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
+    (pre / "dataset.json").write_text(json.dumps(dj))
+    fold = {"train": ["phantom_tr_0000", "phantom_tr_0001"], "val": ["phantom_tr_0002"],
+            "unlabeled": ["phantom_tr_0003", "phantom_tr_0004", "phantom_un_0000", "phantom_un_0001"]}
+    other = {**fold, "train": ["phantom_tr_0000", "phantom_tr_0003"],
+             "unlabeled": ["phantom_tr_0001", "phantom_tr_0004", "phantom_un_0000", "phantom_un_0001"]}
+    (pre / "splits_final.json").write_text(json.dumps([fold, fold, other]))
+
+    def model(name="nnUNetTrainer__nnUNetPlans__3d_fullres", plans_=plans, dj_=dj, folds=(0, 1, 2)):
+        folder = tmp_path / "models" / name
+        folder.mkdir(parents=True)
+        (folder / "plans.json").write_text(json.dumps(plans_))
+        (folder / "dataset.json").write_text(json.dumps(dj_))
+        for f in folds:
+            (folder / f"fold_{f}").mkdir()
+            (folder / f"fold_{f}" / "checkpoint_final.pth").write_bytes(b"")
+        return str(folder)
+
+    return {"raw": raw, "pre": pre, "plans": plans, "dj": dj, "model": model, "tmp": tmp_path}
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_refusals_name_the_problem_and_leave_the_source_alone(fake_setup):
+    s = fake_setup
+    before = _digest(s["raw"]), _digest(s["pre"])
+    good = s["model"]()
+
+    def refused(match, **kw):
+        args = dict(dataset=SOURCE, model_folders=[good], folds=["0"], out_id=962)
+        args.update(kw)
+        with pytest.raises(SKCDFInputError, match=match):
+            run_round(**args, preprocess=False, log=lambda m: None)
+
+    other_ds = s["model"]("nnUNetTrainer__nnUNetPlans__3d_lowres", plans_={**s["plans"], "dataset_name": "Dataset5_X"})
+    refused(r"trained on Dataset5_X, not on Dataset961_PLSource", model_folders=[other_ds])
+    other_labels = s["model"]("T2__nnUNetPlans__3d_fullres", dj_={**s["dj"], "labels": {"background": 0, "liver": 1}})
+    refused(r"its labels .* differ", model_folders=[other_labels])
+    replanned = s["model"]("T3__nnUNetPlans__3d_fullres", plans_={**s["plans"], "configurations": {
+        "3d_fullres": {"spacing": [5.0, 3.6, 3.6], "patch_size": [16, 32, 32]}}})
+    refused(r"other plans than .*nnUNetPlans.json", model_folders=[replanned])
+    refused(r"other labelled/validation cases than fold 0", folds=["0", "2"])
+    refused(r"fold_7.*no such checkpoint", folds=["7"])
+    refused(r"not an nnU-Net model folder", model_folders=[str(s["tmp"])])
+    refused(r"is the source dataset", out_id=961)
+    refused(r"--keep 1.5", keep=1.5)
+    refused(r"fold 5 does not exist", split_fold=5)
+    # an id of the split without an image
+    image = s["raw"] / "imagesUnlabeled" / "phantom_un_0001_0000.nii.gz"
+    shutil.move(image, s["tmp"] / image.name)
+    refused(r"'phantom_un_0001' .* has no image")
+    shutil.move(s["tmp"] / image.name, image)
+    # an existing folder that is not a round of this source: refused even with --overwrite
+    foreign = Path(os.environ["nnUNet_raw"]) / "Dataset962_Foreign"
+    foreign.mkdir()
+    refused(r"taken by .*Dataset962_Foreign", out_name="PLSourcePseudoR")
+    refused(r"not a pseudo-label round of Dataset961_PLSource: refusing", out_name="Foreign", overwrite=True)
+    refused(r"exists. Pass --overwrite", out_name="Foreign")
+    # a previous round of another dataset
+    prev = Path(os.environ["nnUNet_raw"]) / "Dataset963_OtherRound"
+    prev.mkdir()
+    (prev / RECORD).write_text(json.dumps({"round": 1, "source_dataset": "Dataset001_Other"}))
+    refused(r"--previous Dataset963_OtherRound is a round of Dataset001_Other", previous="963", out_id=964)
+    assert (_digest(s["raw"]), _digest(s["pre"])) == before  # the source dataset is never written
+
+
+# ------------------------------------------------------------------------------------------ a real round (slow)
+@pytest.mark.slow
+def test_round_end_to_end_with_stock_nnunet(tmp_path):
+    """2 tiny stock nnU-Net teachers -> round 1 -> a stock student trains on it -> round 2 (one teacher: its
+    mirror variants vote, scored against round 1 too). Source labels untouched; hidden labels never copied."""
+    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
+
+    trainers = str(Path(__file__).parent / "trainers")
+    env = {**env_for(tmp_path), "nnUNet_extTrainer": os.pathsep.join((trainer_folder(), trainers)),
+           "nnUNet_compile": "false"}
+    train_env = {**env, "nnUNet_n_proc_DA": "0"}
+    ds, name, cfg, tr = "965", "Dataset965_PLE2E", "3d_cpu", "nnUNetTrainer_plTest"
+    run_cli(["skcdf_make_phantom", "-d", ds, "-n", "PLE2E", "--num-train", "6", "--num-test", "0", "--num-unlabeled",
+             "2", "--shape", "24", "48", "48", "--spacing", "10", "7.2", "7.2", "--no-progress"], env)
+    run_cli(["nnUNetv2_plan_and_preprocess", "-d", ds, "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env)
+    run_cli(["skcdf_add_cpu_config", "-d", ds, "--stages", "3", "--features", "8", "32"], env)
+    run_cli(["skcdf_split", "-d", ds, "--labeled", "2", "--val", "1", "--add-unlabeled-images", "--folds", "2",
+             "--fold-mode", "repeat"], env)
+    raw = Path(env["nnUNet_raw"]) / name
+    source_digest = _digest(raw)
+    for fold in ("0", "1"):
+        run_cli(["nnUNetv2_train", ds, cfg, fold, "-tr", tr, "-device", "cpu"], train_env, timeout=900)
+    teachers = str(Path(env["nnUNet_results"]) / name / f"{tr}__nnUNetPlans__{cfg}")
+    out = run_cli(["skcdf_pseudolabel", "-d", ds, "-m", teachers, "-f", "0", "1", "--out-dataset", "966", "--keep",
+                   "0.5"], env, timeout=900)
+    assert "kept 3 of 5 pseudo-labelled cases (round 1)" in out.stdout, out.stdout[-2000:]
+    r1 = Path(env["nnUNet_raw"]) / "Dataset966_PLE2EPseudoR"
+    rec = json.loads((r1 / RECORD).read_text())
+    print(f"round 1: {rec['seconds_prediction']} s to predict and score {len(rec['kept'])} kept of 5 cases; "
+          f"{out.stdout.strip().splitlines()[-1]}")
+    split = json.loads((Path(env["nnUNet_preprocessed"]) / name / "splits_final.json").read_text())[0]
+    assert rec["round"] == 1 and rec["members"].startswith("models") and len(rec["teachers"]) == 2
+    assert sorted(rec["cases"][c]["origin"] for c in split["train"]) == ["labelled", "labelled"]
+    assert len(list((r1 / "pseudo_labels").iterdir())) == len(split["unlabeled"]) == 5
+    for cid, case in rec["cases"].items():
+        if case["origin"] == "pseudo":
+            assert 0.0 <= case["score"] <= 1.0 and case["previous_score"] is None
+            assert (r1 / "labelsTr" / f"{cid}.nii.gz").exists() == case["kept"]
+            if case["kept"]:  # a kept hidden-label case carries the pseudo label, not the real one
+                assert (r1 / "labelsTr" / f"{cid}.nii.gz").read_bytes() == \
+                       (r1 / "pseudo_labels" / f"{cid}.nii.gz").read_bytes()
+    student_split = json.loads((Path(env["nnUNet_preprocessed"]) / r1.name / "splits_final.json").read_text())
+    assert student_split[0]["val"] == sorted(split["val"])
+    assert sorted(student_split[0]["train"]) == sorted(split["train"] + rec["kept"])
+    assert _digest(raw) == source_digest  # the source dataset is never written
+    run_cli(["nnUNetv2_train", "966", cfg, "0", "-tr", tr, "-device", "cpu"], train_env, timeout=900)
+    student = str(Path(env["nnUNet_results"]) / r1.name / f"{tr}__nnUNetPlans__{cfg}")
+    assert (Path(student) / "fold_0" / "checkpoint_final.pth").is_file()
+    out = run_cli(["skcdf_pseudolabel", "-d", ds, "-m", student, "-f", "0", "--out-dataset", "967", "--previous",
+                   "966", "--threshold", "0.0"], env, timeout=900)
+    rec2 = json.loads((Path(env["nnUNet_raw"]) / "Dataset967_PLE2EPseudoR" / RECORD).read_text())
+    assert rec2["round"] == 2 and rec2["members"] == "mirror variants of one model"
+    assert len(rec2["kept"]) == 5  # threshold 0 keeps every case
+    # every case was compared with round 1's pseudo label (an empty dict: neither has any organ)
+    assert all(rec2["cases"][c]["previous_agreement"] is not None for c in rec2["kept"])
+    assert _digest(raw) == source_digest

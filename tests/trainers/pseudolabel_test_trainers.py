@@ -1,0 +1,18 @@
+"""Stock nnU-Net trainers with a tiny budget for the pseudo-labelling round's end-to-end test."""
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+
+class nnUNetTrainer_plTest(nnUNetTrainer):
+    """Stock nnUNetTrainer, 2 epochs of 10 iterations, no final validation (mirroring stays allowed at inference,
+    so that one model's mirror variants can vote)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 10
+        self.num_val_iterations_per_epoch = 1
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        pass
