@@ -234,3 +234,11 @@ def test_documentation_tables_are_generated():
     page = open(os.path.join(os.path.dirname(__file__), "..", "documentation", "phantom.md")).read()
     assert site_table_markdown() in page, "regenerate the per-site table (site_table_markdown)"
     assert phase_table_markdown() in page, "regenerate the phase table (phase_table_markdown)"
+
+
+def test_documentation_realism_table_is_the_stored_one():
+    """documentation/phantom.md holds the table benchmarks/phantom_realism.py wrote (figures cannot drift)."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    page = open(os.path.join(root, "documentation", "phantom.md")).read()
+    table = open(os.path.join(root, "benchmarks", "results", "phantom_realism.md")).read().strip()
+    assert table in page, "copy benchmarks/results/phantom_realism.md into documentation/phantom.md"
