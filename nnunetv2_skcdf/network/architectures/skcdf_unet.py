@@ -23,12 +23,20 @@ full resolution first):
 
 The SKC global block's kernel equals the bottleneck size, so the network takes exactly the plans' patch size
 (nnU-Net always feeds patch-sized tiles, in training and in sliding-window inference).
+
+Settings record: the state dict carries, as ``_extra_state`` (a uint8 tensor holding JSON, so that every entry of
+the state dict stays a tensor), the architecture the network was built with (``architecture()``, read from its
+modules) and, when a trainer set ``training_record``, the trainer's name and training rules. nnU-Net's predictor
+sees only the weights, so this is where ``load_state_dict`` can compare the architecture for prediction and
+``--val``; the trainer compares the training rules when it resumes (``--c``).
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
+from collections import OrderedDict
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -41,6 +49,16 @@ from nnunetv2_skcdf.network.building_blocks.skc import SKCModule
 Outputs = Union[torch.Tensor, List[torch.Tensor]]
 #: the local token learner's weight (P, 1, *window): its kernel is the local window
 LOCAL_WINDOW_KEY = "skc.local_block.token_learner.proj.weight"
+#: the state-dict key of the settings record (``nn.Module``'s extra state of the top-level module)
+RECORD_KEY = "_extra_state"
+RECORD_FORMAT = 1
+#: architecture settings that change what a trained network computes at inference (the others -- dropouts, the
+#: labelled pass's attention mode -- act in training only)
+INFERENCE_SETTINGS = ("skc_enabled", "skc_heads", "skc_window", "skc_order", "skc_self_heads", "balanced_heads",
+                      "decoupled")
+#: the window rule before commit f152b61, stated by behaviour (release 0.1.0, and 0.2.0 until padding landed)
+OLD_WINDOW_RULE = ("the divisor rule used before commit f152b61 (release 0.1.0, and 0.2.0 until padded windows "
+                   "landed): the largest divisor of the bottleneck <= 2 per axis")
 
 
 class LabelledPass(NamedTuple):
@@ -125,8 +143,12 @@ class SKCDFUNet(nn.Module):
         # voxels per class of the labelled training cases (the keep-rates' source), filled once by the trainer;
         # a buffer so that every checkpoint carries it
         self.register_buffer("class_voxel_counts", torch.zeros(num_classes, dtype=torch.long))
-        # ema_update's tensor lists per couple_decoders flag, built on first use (see _ema_steps)
-        self._ema_cache: Dict[bool, Tuple[List[str], List[Tuple[List[torch.Tensor], List[torch.Tensor]]]]] = {}
+        # ema_update's tensor lists per (couple_decoders, buffers) flags, built on first use (see _ema_steps)
+        self._ema_cache: Dict[Tuple[bool, bool], Tuple[List[str], List[Tuple[List[torch.Tensor], ...]]]] = {}
+        # {"trainer": name, "training": {setting: value}}, set by the trainer: saved with the weights (see the module
+        # docstring); the record of the last state dict loaded (None: written before records existed)
+        self.training_record: Optional[dict] = None
+        self.loaded_record: Optional[dict] = None
 
     # -------------------------------------------------------------------------------------------- paths
     def forward(self, x: torch.Tensor, x_u: Optional[torch.Tensor] = None,
@@ -134,6 +156,9 @@ class SKCDFUNet(nn.Module):
         """``forward(x)``: inference logits of D_u's main head. ``forward(x_l, x_u)``: the training pass.
         ``x_u_view`` (opt-in student view): D_u's unlabelled pass runs on this perturbed copy of ``x_u`` (its own
         encoder pass) while the pseudo labels still come from ``x_u``; without it D_u reuses x_u's features."""
+        if x_u is None and x_u_view is not None:
+            raise ValueError("x_u_view needs x_u: the student's view belongs to a training pass forward(x_l, x_u, "
+                             "x_u_view); inference is forward(x)")
         if x_u is not None:
             labelled = self.forward_labelled(x, x_u)
             features = labelled.features_u if x_u_view is None else self.encoder(x_u_view)
@@ -176,12 +201,19 @@ class SKCDFUNet(nn.Module):
         return [*skips[:-1], bottleneck]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict`` with a clear message when the checkpoint belongs to another dataset,
-        configuration or SKCDF variant (PyTorch's own message lists tensor sizes only). A checkpoint whose local
-        SKC window differs from this network's (trained with release 0.2 or older, when windows had to divide the
-        bottleneck) is loaded into a local block rebuilt with the checkpoint's window, so old model folders still
-        predict and validate; the trainer refuses to resume training such a network (``on_train_start``)."""
-        self._adopt_checkpoint_window(state_dict)
+        """``nn.Module.load_state_dict`` with clear messages. A checkpoint of another dataset, configuration or SKCDF
+        variant is refused naming the first difference (PyTorch's own message lists tensor sizes only); one whose
+        settings record names an architecture that differs from this network's in a way the shapes do not show
+        (self-mode heads, block order, decoupling) is refused naming each difference -- it would predict with
+        another network. A checkpoint whose local SKC window differs from this network's (recorded, or, without a
+        record, read from the local token learner's kernel; e.g. trained with the divisor rule used before commit
+        f152b61) is loaded into a local block rebuilt with that window, so old model folders still predict and
+        validate; the trainer refuses to resume training such a network. Silent when the architecture matches.
+        A state dict without a record (written before records existed) loads with ``loaded_record = None``."""
+        record = decode_record(state_dict.get(RECORD_KEY))
+        if record is not None:
+            self._refuse_other_architecture(record)
+        self._adopt_checkpoint_window(state_dict, record)
         self._ema_cache = {}  # assign=True puts the checkpoint's tensors in place of the cached ones
         mismatch = _first_mismatch(self.state_dict(), state_dict) if strict else None
         if mismatch:
@@ -190,21 +222,70 @@ class SKCDFUNet(nn.Module):
                 f"The checkpoint was trained on another dataset, configuration or SKCDF variant (-tr). Predict "
                 f"with the model folder of the dataset you give to -d (nnUNet_results/DatasetXXX/"
                 f"<trainer>__<plans>__<configuration>), or retrain on this dataset.")
-        return super().load_state_dict(state_dict, strict, assign)
+        if RECORD_KEY not in state_dict:
+            state_dict = _with_entry(state_dict, RECORD_KEY, torch.zeros(0, dtype=torch.uint8))
+        result = super().load_state_dict(state_dict, strict, assign)
+        self.loaded_record = record
+        return result
 
-    def _adopt_checkpoint_window(self, state_dict) -> None:
-        """Rebuild the local SKC block with the window of the checkpoint's local token learner, if it differs
-        (its kernel is the window: weight (P, 1, *w))."""
+    def get_extra_state(self) -> torch.Tensor:
+        """The settings record saved with the weights (module docstring)."""
+        return encode_record({"format": RECORD_FORMAT, "architecture": self.architecture(),
+                              **(self.training_record or {})})
+
+    def set_extra_state(self, state) -> None:
+        """The record describes what was saved, not this network: ``load_state_dict`` keeps it as ``loaded_record``."""
+
+    def architecture(self) -> dict:
+        """The architecture settings as built, read from the modules (the trainer's names; the local window as
+        built, per axis): what the settings record stores and what a loaded record is compared with."""
+        skc = self.skc if isinstance(self.skc, SKCModule) else None
+        attention = skc.local_block.attention if skc is not None else None
+        return {"skc_enabled": skc is not None,
+                "skc_heads": attention.heads if skc else None,
+                "skc_window": list(skc.local_block.window) if skc else None,
+                "skc_order": skc.order if skc else None,
+                "skc_self_heads": attention.self_heads if skc else None,
+                "skc_dropout": attention.proj_dropout.p if skc else None,
+                "skc_attention_dropout": attention.attention_dropout if skc else None,
+                "labelled_attention_mode": self.labelled_attention_mode if skc else None,
+                "balanced_heads": self.decoder_l.has_balanced_heads,
+                "decoupled": self.decoupled}
+
+    @property
+    def decoders_have_float_buffers(self) -> bool:
+        """Whether D_l holds floating buffers (BatchNorm running statistics; nnU-Net's default InstanceNorm plans
+        have none): only then does ``ema_update``'s ``buffers`` flag change anything."""
+        return any(b.is_floating_point() for b in self.decoder_l.buffers())
+
+    def _refuse_other_architecture(self, record: dict) -> None:
+        """Refuse a recorded architecture that differs from this network's in a setting that changes inference
+        (the local window is adopted instead: ``_adopt_checkpoint_window``)."""
+        own, theirs = self.architecture(), record.get("architecture", {})
+        diffs = [f"{k}: {theirs[k]!r} in the checkpoint, {own[k]!r} here" for k in INFERENCE_SETTINGS
+                 if k != "skc_window" and k in theirs and theirs[k] != own[k]]
+        if diffs:
+            raise RuntimeError(
+                f"this checkpoint's network was built with another architecture than the trainer class now builds "
+                f"({'; '.join(diffs)}). It was trained by {record.get('trainer') or 'an unnamed trainer'}; predict and "
+                f"validate it with a trainer that builds the recorded architecture (the release trainers "
+                f"SKCDFTrainer_v01 ... _v04 pin theirs: README, resume matrix).")
+
+    def _adopt_checkpoint_window(self, state_dict, record: Optional[dict] = None) -> None:
+        """Rebuild the local SKC block with the checkpoint's window if it differs: the recorded one, else the
+        kernel of the checkpoint's local token learner (weight (P, 1, *w))."""
         weight = state_dict.get(LOCAL_WINDOW_KEY)
         if not isinstance(self.skc, SKCModule) or weight is None or weight.ndim != 2 + len(self.skc.spatial_size):
             return
-        window = tuple(weight.shape[2:])
+        recorded = (record or {}).get("architecture", {}).get("skc_window")
+        window = tuple(recorded) if recorded else tuple(weight.shape[2:])
         if window != self.skc.local_block.window and weight.shape[0] == math.prod(window) \
                 and all(w <= s for w, s in zip(window, self.skc.spatial_size)):
+            origin = "" if recorded else f" (without a settings record: probably {OLD_WINDOW_RULE})"
             warnings.warn(f"the checkpoint's local SKC window is {list(window)}, not the "
                           f"{list(self.skc.local_block.window)} this trainer builds for the bottleneck "
-                          f"{list(self.skc.spatial_size)} (a checkpoint of release 0.2 or older): the local block is "
-                          f"rebuilt with the checkpoint's window")
+                          f"{list(self.skc.spatial_size)}{origin}: the local block is rebuilt with the checkpoint's "
+                          f"window")
             self.skc.set_local_window(window)
 
     # -------------------------------------------------------------------------------------------- training helpers
@@ -220,15 +301,17 @@ class SKCDFUNet(nn.Module):
         self.decoder_l.deep_supervision = self.decoder_u.deep_supervision = bool(enabled)
 
     @torch.no_grad()
-    def ema_update(self, momentum: float, couple_decoders: bool = True, head_momentum: Optional[float] = None) -> None:
+    def ema_update(self, momentum: float, couple_decoders: bool = True, head_momentum: Optional[float] = None,
+                   buffers: bool = False) -> None:
         """The method's EMA, in the reference order (one fused lerp per step):
         1. H_l <- m_h H_l + (1-m_h) H_l_b;  2. D_u <- m D_u + (1-m) D_l (every parameter, heads included);
         3. H_u <- m_h H_u + (1-m_h) H_u_b.
         ``head_momentum`` m_h of steps 1 and 3 defaults to ``momentum`` (the reference: one m for all three);
         1.0 leaves the heads alone. Steps 1 and 3 need balanced heads; step 2 needs two decoders and
-        ``couple_decoders`` (False: the no-EMA-coupling ablation)."""
+        ``couple_decoders`` (False: the no-EMA-coupling ablation). Parameters only, as the reference;
+        ``buffers=True`` also averages floating buffers (BatchNorm running statistics), the rule up to 0.4."""
         m_head = momentum if head_momentum is None else head_momentum
-        kinds, steps = self._ema_cached(couple_decoders)
+        kinds, steps = self._ema_cached(couple_decoders, buffers)
         for kind, (targets, sources) in zip(kinds, steps):  # in order: each step reads the previous one's result
             m = m_head if kind == "head" else momentum
             if m != 1.0:
@@ -245,21 +328,22 @@ class SKCDFUNet(nn.Module):
             plan.append(("head", self.decoder_u.seg_layers, self.decoder_u.balanced_seg_layers))
         return plan
 
-    def _ema_steps(self, couple_decoders: bool) -> List[Tuple[List[torch.Tensor], List[torch.Tensor]]]:
-        """(targets, sources) tensor lists of ema_update's steps. Matching ~100 parameters and buffers by name
-        walks the module tree (measured in benchmarks/ema_host_time.py), so the lists are built once and kept:
-        parameters stay the same objects while training (optimisers, DDP and load_state_dict update them in
-        place); ``_apply`` (``.to()``, ``.cuda()``, ...) and ``load_state_dict`` may replace them and clear the
-        cache. The lists hold the tensors themselves (not ``.data`` views), so a deep copy of the network maps
-        them onto its own copies."""
-        return self._ema_cached(couple_decoders)[1]
+    def _ema_steps(self, couple_decoders: bool, buffers: bool = False) -> List[Tuple[List[torch.Tensor], ...]]:
+        """(targets, sources) tensor lists of ema_update's steps, as cached. Not used by training itself: it is
+        the handle through which ``benchmarks/ema_host_time.py`` times the cached lists and the tests check them."""
+        return self._ema_cached(couple_decoders, buffers)[1]
 
-    def _ema_cached(self, couple_decoders: bool) -> Tuple[List[str], List[Tuple[List[torch.Tensor], ...]]]:
-        """(kinds, steps) of ema_update, built once per flag from ``_ema_plan`` (see ``_ema_steps``)."""
-        key = bool(couple_decoders)
+    def _ema_cached(self, couple_decoders: bool, buffers: bool = False) \
+            -> Tuple[List[str], List[Tuple[List[torch.Tensor], ...]]]:
+        """(kinds, steps) of ema_update, built once per flags from ``_ema_plan``. Matching ~100 parameters by name
+        walks the module tree (measured in benchmarks/ema_host_time.py), so the lists are kept: parameters stay the
+        same objects while training (optimisers, DDP and load_state_dict update them in place); ``_apply``
+        (``.to()``, ``.cuda()``, ...) and ``load_state_dict`` may replace them and clear the cache. The lists hold
+        the tensors themselves (not ``.data`` views), so a deep copy of the network maps them onto its own copies."""
+        key = (bool(couple_decoders), bool(buffers))
         if key not in self._ema_cache:
-            plan = self._ema_plan(key)
-            self._ema_cache[key] = ([kind for kind, _, _ in plan], [ema_pairs(t, s) for _, t, s in plan])
+            plan = self._ema_plan(key[0])
+            self._ema_cache[key] = ([kind for kind, _, _ in plan], [ema_pairs(t, s, key[1]) for _, t, s in plan])
         return self._ema_cache[key]
 
     def _apply(self, fn, *args, **kwargs):
@@ -269,7 +353,9 @@ class SKCDFUNet(nn.Module):
 
 def _first_mismatch(own: dict, other: dict) -> Optional[str]:
     """A readable description of the first difference between two state dicts (None if keys and shapes
-    agree). The class count comes first: it is the usual cause (another dataset's labels)."""
+    agree). The class count comes first: it is the usual cause (another dataset's labels). The settings record
+    is no network tensor (it may be absent, and its length varies): ``load_state_dict`` compares it itself."""
+    own, other = ({k: v for k, v in d.items() if k != RECORD_KEY} for d in (own, other))
     classes = own.get("class_voxel_counts"), other.get("class_voxel_counts")
     if all(c is not None for c in classes) and classes[0].shape != classes[1].shape:
         return (f"the checkpoint predicts {classes[1].shape[0]} classes (background included), this dataset.json "
@@ -298,15 +384,41 @@ def _detach(x: Optional[Outputs]) -> Optional[Outputs]:
     return [i.detach() for i in x] if isinstance(x, (list, tuple)) else x.detach()
 
 
-def ema_pairs(target: nn.Module, source: nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Every floating parameter and buffer of ``target`` and its namesake in ``source``: the arguments of one
-    fused ``_foreach_lerp_`` (target <- target + w (source - target), no per-tensor Python kernel launches)."""
-    t = {**dict(target.named_parameters()), **dict(target.named_buffers())}
-    s = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+def ema_pairs(target: nn.Module, source: nn.Module, buffers: bool = False) \
+        -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Every floating parameter of ``target`` and its namesake in ``source`` (``buffers=True``: floating buffers
+    too): the arguments of one fused ``_foreach_lerp_`` (target <- target + w (source - target), no per-tensor
+    Python kernel launches)."""
+    def tensors(module: nn.Module) -> dict:
+        return {**dict(module.named_parameters()), **(dict(module.named_buffers()) if buffers else {})}
+
+    t, s = tensors(target), tensors(source)
     if t.keys() != s.keys():
         raise RuntimeError("EMA between modules of different structure")
     keys = [k for k in t if t[k].is_floating_point()]
     return [t[k] for k in keys], [s[k] for k in keys]
+
+
+def encode_record(record: dict) -> torch.Tensor:
+    """A JSON-able dict as a uint8 tensor (a state-dict entry every tool that handles tensors can copy)."""
+    return torch.tensor(list(json.dumps(record, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def decode_record(value) -> Optional[dict]:
+    """The dict ``encode_record`` stored; None for a missing or empty entry (a checkpoint without a record)."""
+    if value is None or not torch.is_tensor(value) or value.numel() == 0:
+        return None
+    return json.loads(bytes(value.detach().cpu().to(torch.uint8).tolist()).decode())
+
+
+def _with_entry(state_dict, key: str, value):
+    """A shallow copy of a state dict with one more entry, keeping its ``_metadata`` (module versions)."""
+    copied = OrderedDict(state_dict)
+    copied[key] = value
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        copied._metadata = metadata
+    return copied
 
 
 def bottleneck_size(patch_size: Sequence[int], strides: Sequence[Sequence[int]]) -> List[int]:

@@ -249,6 +249,8 @@ class ChannelAttention(nn.Module):
             raise ValueError(f"expected tokens (N, T, L, {self.channels}), got {tuple(tokens.shape)}")
         if mode == "cross":
             n_labelled = check_cross_split(tokens.shape[0], n_labelled)
+            # the attention's own guarantee (module docstring); inside SKCBlock, whose detach at its entrance also
+            # covers the residual path and is the one the SKC module relies on, this is a no-op
             tokens = detach_unlabeled_half(tokens, n_labelled)
         q, k, v = self._project(tokens)
         if token_mask is not None:

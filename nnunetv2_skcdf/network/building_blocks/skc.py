@@ -315,7 +315,11 @@ class SKCBlock(nn.Module):
         check_mode(mode)
         self._check_input(z)
         if mode == "cross":
-            z = detach_unlabeled_half(z, n_labelled)  # see the module docstring: the unlabelled half gets no gradient
+            # this detach carries the module's gradient guarantee (attention *and* residual path, module docstring);
+            # ChannelAttention detaches again, a no-op here, so that it keeps its own guarantee when used alone
+            z = detach_unlabeled_half(z, n_labelled)
+        # padding: _pad's zeros are not what makes it harmless; the token learner's position mask is (it reads padded
+        # positions as 0 whatever they hold: tested with NaN padding). _pad writes zeros only for a cheap, finite map
         tokens = self.token_learner(self._pad(z), self.token_mask)  # (N, T, P, K), also the residual
         x = self.out_norm(tokens + self.attention(self.attn_norm(tokens), mode, n_labelled, self.token_mask))
         if self.token_mask is not None:  # padded tokens must not reach real positions through a learned inverse
