@@ -143,18 +143,38 @@ def test_unequal_labelled_and_unlabelled_batches_train(trainer_factory):
         trainer.on_train_end()
 
 
-def test_resuming_a_checkpoint_with_another_local_window_is_refused(trainer_factory):
-    """A network whose local block was rebuilt for an old checkpoint's window (SKCDFUNet.load_state_dict) may
-    predict, but training it on would leave that block outside the optimiser: on_train_start refuses, naming the
-    fix, before any loader starts."""
+def test_training_weights_with_another_local_window_is_refused(trainer_factory):
+    """A network whose local block was rebuilt for other weights' window (SKCDFUNet.load_state_dict; here without
+    --c, e.g. pretrained weights) may predict, but training it on would leave that block outside the optimiser:
+    on_train_start refuses, naming trainers that build that window, before any loader starts. (--c compares all
+    settings: test_checkpoint_settings.py.)"""
     from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 
     trainer = trainer_factory()
     trainer.initialize()
-    trainer._net().skc.set_local_window((1, 2, 2))  # what loading a release-0.2 checkpoint does on an odd bottleneck
-    with pytest.raises(SKCDFInputError, match="SKCDFTrainer_divisorWindow --c"):
+    trainer._net().skc.set_local_window((1, 2, 2))  # what loading weights with another window does
+    with pytest.raises(SKCDFInputError, match=r"local SKC window \[1, 2, 2\]; SKCDFTrainer builds \[2, 2, 2\]"):
         trainer.on_train_start()
     assert trainer.dataloader_unlabeled is None
+
+
+def test_ema_step_of_the_train_step_follows_the_buffer_rule(trainer_factory, monkeypatch):
+    """train_step passes ema_buffers (parameters only by default, as the reference) to the network's EMA."""
+    from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet
+
+    calls = []
+    original = SKCDFUNet.ema_update
+    monkeypatch.setattr(SKCDFUNet, "ema_update", lambda self, *a, **k: calls.append(a) or original(self, *a, **k))
+    trainer = trainer_factory()
+    assert trainer.ema_buffers is False
+    trainer.on_train_start()
+    try:
+        trainer.train_step(next(trainer.dataloader_train))
+        trainer.ema_buffers = True
+        trainer.train_step(next(trainer.dataloader_train))
+    finally:
+        trainer.on_train_end()
+    assert [c[3] for c in calls] == [False, True]
 
 
 # ---------------------------------------------------------------------------------------- MetaLogger / W&B

@@ -11,12 +11,16 @@ labels from D_l, unlabelled pass in self mode through D_u reusing the encoder fe
 L_u = DC+CE(Q, p) + masked DC+CE(Q_b, p_b, M_u), and one optimiser step on L_sup + lambda(t) L_u. Opt-in extension
 (``unlabelled_view = "strong_intensity"``, ``SKCDFTrainer_strongView``): the unlabelled pass runs on its own
 encoder pass of an intensity-perturbed copy of x_u, the pseudo labels still come from x_u.
+
+A run trains by the rules it started with: every setting (the class attributes and the hyperparameter block) is
+saved with the weights (``skcdf_settings``); ``--c`` refuses other rules, naming each difference and the trainer
+that resumes the run unchanged (the release trainers of ``variants/releases`` pin every former default set).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import List
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +38,7 @@ from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet, build_skc
 from nnunetv2_skcdf.network.building_blocks.skc import SKCModule, resolve_window
 from nnunetv2_skcdf.splits.semi_supervised_splits import load_semi_supervised_fold, validate_splits
 from nnunetv2_skcdf.training import skcdf_components as C
+from nnunetv2_skcdf.training import skcdf_settings as S
 from nnunetv2_skcdf.training.dataloading.unlabeled_loader import get_unlabeled_dataloader
 from nnunetv2_skcdf.training.skcdf_logger import SKCDFLocalLogger
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, refusal_first
@@ -43,7 +48,8 @@ class SKCDFTrainer(nnUNetTrainer):
     # --- architecture (class attributes: build_network_architecture is called on the class by the predictor) ---
     skc_heads: int = 2               # attention heads h of the SKC module (reference: 2)
     skc_window = None                # local window; None = 2 per axis (1 on size-1 axes), masked padding; "divisor":
-                                     # largest divisor of the bottleneck <= 2 per axis, no padding (releases <= 0.2)
+                                     # largest divisor of the bottleneck <= 2 per axis, no padding (the rule before
+                                     # commit f152b61: release 0.1.0 and 0.2.0 until padding landed)
     skc_order: str = "local_global"  # "local_global" (paper), "global_local" / "parallel" (ablations)
     skc_dropout: float = 0.1         # dropout of the attention output (specification)
     skc_attention_dropout: float = 0.0  # dropout of the attention weights (reference code: 0.1)
@@ -53,13 +59,19 @@ class SKCDFTrainer(nnUNetTrainer):
     labelled_attention_mode: str = "cross"  # "self": self- instead of cross-attention in the labelled pass
     balanced_heads: bool = True      # False: no ABC heads (main heads only, no balanced masks)
     decoupled: bool = True           # False: one decoder learns from labels and pseudo labels
+    # --- the release whose settings this trainer pins (variants/releases, legacy names); None: today's defaults ---
+    skcdf_release = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         # --- SKCDF hyperparameters (method page: reference values) ---
-        self.ema_momentum = 0.99          # m: D_u <- m D_u + (1-m) D_l, main heads <- balanced heads
+        self.ema_momentum = 0.99          # m: D_u <- m D_u + (1-m) D_l; main heads <- balanced heads with the step
+        #                                   head_ema gives (lr-scaled by default, not the constant m)
         self.ema_couple_decoders = True   # False: no D_u <- D_l EMA (ablation); the head EMA stays
+        self.ema_buffers = False          # False: the EMA averages parameters only (the reference); True: floating
+        #                                   buffers too (BatchNorm running statistics), the rule up to 0.4. Only
+        #                                   BatchNorm plans have such buffers (nnU-Net's default InstanceNorm: none)
         self.head_ema = "lr_scaled"       # main heads <- balanced heads: step (1-m) x lr / initial lr (default since
         #                                   0.3.0, measured: BENCHMARKS.md); "constant": m every iteration (the
         #                                   reference, default up to 0.2); "off": no head EMA
@@ -69,6 +81,8 @@ class SKCDFTrainer(nnUNetTrainer):
         #                                   background target (default since 0.4.0, measured: BENCHMARKS.md item 15);
         #                                   "exclude": masked voxels leave CE and Dice (the default up to 0.3)
         self.unlabeled_batch_size = None  # None = the plans' (DDP-adjusted) labelled batch size
+        self.keep_rate_source = "labelled_cases"  # class keep-rates from the voxel counts of the fold's labelled
+        #                                   training cases (the reference counts its first 4; not implemented)
         self.unlabelled_view = "same"     # "same": D_u learns on the view the pseudo labels come from (reference);
         #                                   "strong_intensity": on a copy perturbed by nnU-Net's intensity transforms
         #                                   at high probability (extension, opt-in; BENCHMARKS.md findings 13)
@@ -78,6 +92,7 @@ class SKCDFTrainer(nnUNetTrainer):
         self.dataloader_unlabeled = None
         self.masked_loss = None
         self.nonfinite_in_a_row = 0
+        self._resumed_from = None  # the checkpoint load_checkpoint read (--c, --val), if any
         self.logger.local_logger = SKCDFLocalLogger()
         if self.label_manager.has_regions:
             raise SKCDFInputError("SKCDF needs class labels; region-based training (dataset.json regions) is not "
@@ -86,11 +101,27 @@ class SKCDFTrainer(nnUNetTrainer):
     # ------------------------------------------------------------------------------------------ settings
     _CHOICES = {"masking": ("exclude", "multiply"),
                 "head_ema": ("lr_scaled", "constant", "off"),
-                "unlabelled_view": ("same", "strong_intensity")}
+                "unlabelled_view": ("same", "strong_intensity"),
+                "ema_couple_decoders": (True, False),
+                "ema_buffers": (False, True),
+                "keep_rate_source": ("labelled_cases",)}
 
     def initialize(self):
         self._check_settings()  # before the network is built or a dataloader started: a typo fails at once
         super().initialize()
+        self._net().training_record = self._training_record()  # on every rank, so that DDP ranks stay identical
+
+    def skcdf_settings(self) -> dict:
+        """Every setting as it acts on this trainer's network (``skcdf_settings.effective``): what a checkpoint
+        records and what ``--c`` compares."""
+        net = self._net()
+        bottleneck = net.skc.spatial_size if isinstance(net.skc, SKCModule) else None
+        return S.effective(S.raw_settings(self), bottleneck, net.decoders_have_float_buffers)
+
+    def _training_record(self) -> dict:
+        """The trainer's part of the settings record (the network adds its architecture as built)."""
+        own = self.skcdf_settings()
+        return {"trainer": type(self).__name__, "training": {k: own[k] for k in S.TRAINING_SETTINGS}}
 
     def _check_settings(self) -> None:
         """The training switches a subclass sets in ``__init__``, refused with the accepted values if unknown
@@ -186,29 +217,146 @@ class SKCDFTrainer(nnUNetTrainer):
                                         rank=rank, world_size=world)
 
     def on_train_start(self):
-        if self.was_initialized:  # network built before: maybe loaded from a checkpoint (--c)
+        if self._resumed_from is not None:  # --c: the checkpoint's rules must be this trainer's
+            self._check_resumed_settings()
+        elif self.was_initialized:  # network built before, e.g. with pretrained weights loaded into it
             self._refuse_adopted_window()
         super().on_train_start()
         self._remove_stale_checkpoint_temporaries()
         self._init_class_keep_rates()
 
     def _refuse_adopted_window(self) -> None:
-        """A checkpoint trained with another local SKC window (up to release 0.2 windows had to divide the
-        bottleneck) is loaded into a rebuilt local block (``SKCDFUNet.load_state_dict``): fine for prediction and
-        validation, but the optimiser holds the replaced parameters, so training on would leave it untrained."""
+        """Weights with another local SKC window were loaded into a rebuilt local block (``SKCDFUNet.load_state_dict``):
+        fine for prediction and validation, but the optimiser holds the replaced parameters, so training on would
+        leave it untrained."""
         skc = self._net().skc
         if not isinstance(skc, SKCModule):
             return
         built = resolve_window(skc.spatial_size, self.skc_window)
         if skc.local_block.window != built:
+            candidates = S.release_candidates({"skc_enabled": True, "skc_window": list(skc.local_block.window)},
+                                              skc.spatial_size, False, keys=("skc_window",))
             raise SKCDFInputError(
-                f"the checkpoint being resumed has the local SKC window {list(skc.local_block.window)}; "
-                f"{type(self).__name__} builds {list(built)} for the bottleneck {list(skc.spatial_size)} (now the "
-                f"reference's 2 per axis, padded; up to release 0.2 the largest divisor <= 2). Resume it with the "
-                f"old rule: rename the model folder {type(self).__name__}__<plans>__<configuration> to "
-                f"SKCDFTrainer_divisorWindow__<plans>__<configuration> and run nnUNetv2_train ... "
-                f"-tr SKCDFTrainer_divisorWindow --c (for another variant: a subclass of it with "
-                f"skc_window = 'divisor'), or start a new run.")
+                f"the loaded weights have the local SKC window {list(skc.local_block.window)}; "
+                f"{type(self).__name__} builds {list(built)} for the bottleneck {list(skc.spatial_size)}, and "
+                f"training on would leave the rebuilt local block untrained. Train with a trainer that builds that "
+                f"window ({', '.join(candidates) or 'skc_window = ' + repr(list(skc.local_block.window))}), or start "
+                f"without these weights.")
+
+    # ------------------------------------------------------------------------------------------ settings of a resume
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's, remembering what was loaded: ``on_train_start`` (``--c``) then compares the checkpoint's
+        settings with this trainer's. ``--val`` and prediction compare the architecture only (in the network's
+        ``load_state_dict``)."""
+        super().load_checkpoint(filename_or_checkpoint)
+        self._resumed_from = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "<checkpoint>"
+
+    def _check_resumed_settings(self) -> None:
+        """Refuse to continue a checkpoint with other rules than it was trained with, naming each difference and
+        the trainer that continues it unchanged; refuse one whose rules are not known (README, resume matrix)."""
+        settings, source = self._checkpoint_settings()
+        if settings is None:
+            raise SKCDFInputError(self._unknown_settings_message(source))
+        diffs = S.differences(settings, self.skcdf_settings())
+        if diffs:
+            raise SKCDFInputError(self._other_rules_message(diffs, settings, source))
+        self.print_to_log_file(f"SKCDF settings of the checkpoint ({source}): those of {type(self).__name__}, "
+                               f"resumed unchanged")
+
+    def _checkpoint_settings(self) -> Tuple[Optional[dict], str]:
+        """(settings, where they come from) of the loaded checkpoint; (None, why not) when they are not known.
+
+        Recorded in the weights, or, for a checkpoint written before records existed, inferred where certain:
+        nnU-Net's debug.json (every trainer attribute, written when a session starts) if it predates the
+        checkpoint's last epoch; else a trainer that names a release (release trainers, the old names) vouches for
+        its own rules. The architecture the shapes show (window, heads, SKC, balanced heads) always comes from the
+        loaded weights."""
+        net = self._net()
+        record, shapes = net.loaded_record, net.architecture()  # after loading: the checkpoint's window
+        if record is not None and record.get("training") is not None:
+            return {**record["architecture"], **record["training"]}, f"recorded by {record.get('trainer')}"
+        known = (record or {}).get("architecture") or {k: shapes[k] for k in S.SHAPE_SETTINGS}
+        bottleneck = net.skc.spatial_size if isinstance(net.skc, SKCModule) else None
+        debug, why = self._trusted_debug_settings()
+        if debug is not None:
+            settings = {**S.effective(debug, bottleneck, net.decoders_have_float_buffers), **known}
+            return settings, (f"not recorded; inferred from {os.path.join(self.output_folder, 'debug.json')}, written "
+                              f"when the session that trained its last epoch started, and from the weights' shapes")
+        if self.skcdf_release is not None:
+            return {**self.skcdf_settings(), **known}, (
+                f"not recorded; taken as {type(self).__name__}'s (release {self.skcdf_release}, which the trainer "
+                f"name declares), checked against the weights' shapes")
+        return None, why
+
+    def _trusted_debug_settings(self) -> Tuple[Optional[dict], str]:
+        """(raw settings, '') from the output folder's debug.json if it predates the checkpoint's last epoch;
+        (None, why not) otherwise."""
+        path = os.path.join(self.output_folder, "debug.json")
+        if not os.path.isfile(path):
+            return None, f"there is no debug.json in {self.output_folder}"
+        settings = S.settings_from_debug_json(path)
+        ends = self.logger.local_logger.my_fantastic_logging.get("epoch_end_timestamps", [])
+        if settings is None:
+            return None, f"{path} holds no SKCDF settings"
+        if not S.debug_json_predates(path, ends):
+            return None, (f"{path} was written after the checkpoint's last epoch ended (by a later session that "
+                          f"saved no checkpoint, or a copy of the folder), so it need not describe the checkpoint")
+        return settings, ""
+
+    def _other_rules_message(self, diffs, settings: dict, source: str) -> str:
+        name = type(self).__name__
+        lines = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} in {name}" for k, a, b in diffs)
+        net = self._net()
+        bottleneck = net.skc.spatial_size if isinstance(net.skc, SKCModule) else None
+        floats = net.decoders_have_float_buffers
+        if source.startswith("not recorded; taken as"):  # only the shapes are known: the releases they fit
+            fix = self._release_list(S.release_candidates(settings, bottleneck, floats, keys=S.SHAPE_SETTINGS))
+        else:
+            fix = self._exact_fix(settings, bottleneck, floats)
+        return (f"nnUNetv2_train --c would continue this run with other training rules than it was trained with "
+                f"(the checkpoint's settings: {source}):\n{lines}\n{fix} Prediction and --val need no change.")
+
+    def _exact_fix(self, settings: dict, bottleneck, floats: bool) -> str:
+        matches = S.release_candidates(settings, bottleneck, floats)
+        if matches:
+            also = f" (identical on this network: {', '.join(matches[1:])})" if len(matches) > 1 else ""
+            written = S.RELEASE_TRAINERS.get(matches[0], {}).get("written_by", "today's defaults")
+            return (f"To finish it unchanged, resume it with {matches[0]} ({written}){also}: "
+                    f"{self._commands(matches[0])}")
+        closest, rest = S.closest_release(settings, bottleneck, floats)
+        pins = ", ".join(f"{k} = {a!r}" for k, a, _ in rest)
+        return (f"No shipped trainer has exactly these settings; the closest is {closest}, which differs in {pins}. "
+                f"To finish it unchanged, define a subclass of {closest} that sets those (class attributes for skc_* "
+                f"and the other architecture switches, __init__ for the training rules; e.g. the ablation variant "
+                f"first: class MyTrainer(SKCDFTrainer_<variant>, {closest})) in a folder added to nnUNet_extTrainer, "
+                f"then {self._commands('MyTrainer')}")
+
+    def _unknown_settings_message(self, why: str) -> str:
+        net = self._net()
+        bottleneck = net.skc.spatial_size if isinstance(net.skc, SKCModule) else None
+        shapes = net.architecture()
+        fitting = S.release_candidates(shapes, bottleneck, net.decoders_have_float_buffers, keys=S.SHAPE_SETTINGS)
+        return (f"the checkpoint records no SKCDF settings (it was written before they were recorded) and {why}, so "
+                f"the rules it was trained with are not known for certain. {self._release_list(fitting)} "
+                f"Prediction and --val need no change.")
+
+    def _release_list(self, names: List[str]) -> str:
+        releases = [n for n in names if n in S.RELEASE_TRAINERS]
+        if not releases:
+            return ("None of the release trainers builds the architecture of these weights (an ablation variant): "
+                    "resume it with a subclass that puts the variant ahead of the release trainer it started under, "
+                    "e.g. class MyTrainer(SKCDFTrainer_<variant>, SKCDFTrainer_v04), in a folder added to "
+                    f"nnUNet_extTrainer, then {self._commands('MyTrainer')}")
+        listed = "\n".join(f"  {n}: {S.RELEASE_TRAINERS[n]['written_by']}" for n in releases)
+        return (f"Resume it with the trainer of the release that started the run (README, resume matrix); these fit "
+                f"the weights' architecture:\n{listed}\nFor the first one: {self._commands(releases[0])}")
+
+    def _commands(self, trainer: str) -> str:
+        """How to continue this model folder with ``trainer``."""
+        base = os.path.basename(os.path.normpath(self.output_folder_base))
+        new = f"{trainer}__{self.plans_manager.plans_name}__{self.configuration_name}"
+        return (f"rename the model folder {base} to {new} and run nnUNetv2_train {self.plans_manager.dataset_name} "
+                f"{self.configuration_name} {self.fold} -tr {trainer} --c (or start a new run).")
 
     def _remove_stale_checkpoint_temporaries(self) -> None:
         """Temporary checkpoint files of a run killed while saving (the checkpoints themselves are intact)."""
@@ -237,10 +385,12 @@ class SKCDFTrainer(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written to a temporary file and renamed over ``filename``: a run killed while
         saving leaves the previous checkpoint intact, never a truncated one (``--c`` resumes from it). The
-        checkpoint holds everything SKCDF needs to continue exactly: network (with D_u's EMA state and the
-        class voxel counts behind the keep-rates), optimiser, grad scaler, epoch (which fixes learning rate,
-        ramp-up weight and keep-rate annealing) and the logs."""
+        checkpoint holds everything SKCDF needs to continue exactly: network (with D_u's EMA state, the class
+        voxel counts behind the keep-rates and the settings record), optimiser, grad scaler, epoch (which fixes
+        learning rate, ramp-up weight and keep-rate annealing) and the logs."""
         tmp = f"{filename}.tmp{os.getpid()}"
+        if self.network is not None:  # settings changed after initialize are the ones trained with
+            self._net().training_record = self._training_record()
         try:
             super().save_checkpoint(tmp)  # writes only on rank 0 and unless checkpointing is disabled
             if os.path.isfile(tmp):
@@ -262,7 +412,7 @@ class SKCDFTrainer(nnUNetTrainer):
         net = self._net()
 
         self.optimizer.zero_grad(set_to_none=True)
-        net.ema_update(self.ema_momentum, self.ema_couple_decoders, self._head_ema_momentum())
+        net.ema_update(self.ema_momentum, self.ema_couple_decoders, self._head_ema_momentum(), self.ema_buffers)
         lam = self._consistency_weight()
         rates_u = C.annealed_keep_rates(self.class_keep_rates, self.current_epoch, self.num_epochs)
         x_u_view = self._student_view(x_u)

@@ -51,8 +51,9 @@ class SKCDFTrainer_parallelSKC(SKCDFTrainer):
 
 class SKCDFTrainer_divisorWindow(SKCDFTrainer):
     """Local windows that divide the bottleneck (largest divisor <= 2 per axis, 1 on odd axes), no padding: the
-    rule of release 0.1. On odd bottlenecks a smaller local block than the reference's 2x2x2 windows; the
-    architecture that checkpoints of that time were trained with. Identical to SKCDFTrainer on even bottlenecks."""
+    rule before commit f152b61 (release 0.1.0, and 0.2.0 until padding landed), with today's other defaults. On odd
+    bottlenecks a smaller local block than the reference's 2x2x2 windows. Identical to SKCDFTrainer on even
+    bottlenecks. Runs of that time resume unchanged under SKCDFTrainer_v01, which pins all of their settings."""
     skc_window = "divisor"
 
 
@@ -79,8 +80,8 @@ SKCDFTrainer_multiplyMask = _hyperparameter_variant(
     "keeps model folders trained under it predicting and resumable).", masking="multiply")
 SKCDFTrainer_excludeMask = _hyperparameter_variant(
     "SKCDFTrainer_excludeMask", "Masked voxels leave CE and Dice (nnU-Net's ignore-label path), so the balanced "
-    "losses act at full strength on the kept voxels: SKCDFTrainer's default up to 0.3. Runs started with 0.3 "
-    "resume unchanged under this name.", masking="exclude")
+    "losses act at full strength on the kept voxels: SKCDFTrainer's default up to 0.3 (SKCDFTrainer_v03 pins all of "
+    "0.3's settings and resumes its runs unchanged).", masking="exclude")
 
 
 # ---------------------------------------------------------------------------------------------- decoupling / EMA
