@@ -84,6 +84,8 @@ def test_strong_student_view_perturbs_intensity_only_and_trains(trainer_factory,
     seen = []
     trainer.on_train_start()
     try:
+        batch = next(trainer.dataloader_unlabeled)  # the loader makes the view beside the batch, on the CPU
+        assert batch["data_view"].shape == batch["data"].shape and not torch.equal(batch["data_view"], batch["data"])
         net = trainer._net()
         original = type(net).forward
         monkeypatch.setattr(type(net), "forward", lambda self, *a: seen.append(a) or original(self, *a))
@@ -96,9 +98,9 @@ def test_strong_student_view_perturbs_intensity_only_and_trains(trainer_factory,
     trainer = trainer_factory()
     trainer.unlabelled_view = "strong"
     with pytest.raises(ValueError, match=r"unlabelled_view = 'strong': use one of 'same', 'strong_intensity'"):
-        trainer._student_view(x)
+        trainer._student_view({"data": x})
     trainer.unlabelled_view = "same"
-    assert trainer._student_view(x) is None
+    assert trainer._student_view({"data": x}) is None and trainer._student_view_transform() is None
 
 
 def test_registered_through_nnunet_ext_trainer(monkeypatch):

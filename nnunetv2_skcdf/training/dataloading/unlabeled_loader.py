@@ -4,7 +4,9 @@ Random patches (no foreground oversampling: there are no labels to oversample fr
 configuration's patch size, nnU-Net's own training augmentation applied to the image only, an
 endless stream, run by nnU-Net's augmenter classes (``nnUNet_n_proc_DA`` honoured) and shardable by
 rank for multi-GPU training. Batches are ``{'data': (B, C, *patch) float32, 'keys': ids}``: no
-``target`` key exists.
+``target`` key exists. With a ``view_transform`` (the trainer's opt-in student view) a batch also holds
+``'data_view'``, a perturbed copy of ``'data'`` made here, in the loader's workers on the CPU: batchgeneratorsv2's
+transforms build their kernels on the CPU, so they must never be handed a tensor already moved to the GPU.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from nnunetv2_skcdf.training.dataloading.unlabeled_dataset import (
     nnUNetDatasetUnlabeled,
     resolve_unlabeled_sources,
 )
+from nnunetv2_skcdf.training.skcdf_components import perturbed_view
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 
 
@@ -48,9 +51,10 @@ class nnUNetUnlabeledDataLoader(nnUNetDataLoader):
     """nnU-Net's loader with the label path removed. Patch sampling (incl. 2D) is nnU-Net's ``get_bbox``."""
 
     def __init__(self, data: nnUNetDatasetUnlabeled, batch_size: int, patch_size, final_patch_size, label_manager,
-                 transforms=None, use_mask_for_norm: Optional[Sequence[bool]] = None):
+                 transforms=None, use_mask_for_norm: Optional[Sequence[bool]] = None, view_transform=None):
         super().__init__(data, batch_size, patch_size, final_patch_size, label_manager,
                          oversample_foreground_percent=0.0, transforms=transforms)
+        self.view_transform = view_transform  # per-sample transform of the student's view (module docstring)
         # random patches only: with an ignore label nnU-Net would sample from annotated voxels, which need labels
         self.has_ignore = False
         self.needs_nonzero_mask = use_mask_for_norm is not None and any(use_mask_for_norm)
@@ -64,6 +68,8 @@ class nnUNetUnlabeledDataLoader(nnUNetDataLoader):
                 if data_all is None:
                     data_all = torch.empty((self.batch_size, *sample.shape), dtype=torch.float32)
                 data_all[j] = sample
+            if self.view_transform is not None:
+                return {"data": data_all, "data_view": perturbed_view(data_all, self.view_transform), "keys": keys}
         return {"data": data_all, "keys": keys}
 
     def _load_patch(self, key: str) -> torch.Tensor:
@@ -95,12 +101,14 @@ def unlabeled_training_transforms(trainer, patch_size, rotation_for_DA, mirror_a
 
 
 def get_unlabeled_dataloader(trainer, unlabeled_ids: Sequence[str], batch_size: Optional[int] = None,
-                             rank: int = 0, world_size: int = 1, num_processes: Optional[int] = None):
+                             rank: int = 0, world_size: int = 1, num_processes: Optional[int] = None,
+                             view_transform=None):
     """Build the endless unlabelled augmenter for an initialised ``nnUNetTrainer`` (or subclass).
 
     Uses the trainer's plans, configuration, patch sizes and augmentation; ``batch_size`` defaults to the
     trainer's. ``num_processes`` defaults to ``get_allowed_n_proc_DA()`` (i.e. ``nnUNet_n_proc_DA``).
-    Returns a batchgenerators augmenter whose ``next()`` gives ``{'data', 'keys'}``.
+    Returns a batchgenerators augmenter whose ``next()`` gives ``{'data', 'keys'}`` (and ``'data_view'`` with a
+    ``view_transform``, see the module docstring).
     """
     if len(unlabeled_ids) == 0:
         raise SKCDFInputError(
@@ -116,7 +124,8 @@ def get_unlabeled_dataloader(trainer, unlabeled_ids: Sequence[str], batch_size: 
     transforms = unlabeled_training_transforms(trainer, cm.patch_size, rotation, mirror_axes, dummy_2d)
     loader = nnUNetUnlabeledDataLoader(nnUNetDatasetUnlabeled(sources), batch_size or trainer.batch_size,
                                        initial_patch_size, cm.patch_size, trainer.label_manager,
-                                       transforms=transforms, use_mask_for_norm=cm.use_mask_for_norm)
+                                       transforms=transforms, use_mask_for_norm=cm.use_mask_for_norm,
+                                       view_transform=view_transform)
     return wrap_in_augmenter(loader, get_allowed_n_proc_DA() if num_processes is None else num_processes,
                              pin_memory=trainer.device.type == "cuda")
 

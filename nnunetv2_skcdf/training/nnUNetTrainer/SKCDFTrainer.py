@@ -10,7 +10,8 @@ pass in cross mode on [x_l; x_u] through D_l with L_sup = DC+CE(P, y) + masked D
 labels from D_l, unlabelled pass in self mode through D_u reusing the encoder features of x_u with
 L_u = DC+CE(Q, p) + masked DC+CE(Q_b, p_b, M_u), and one optimiser step on L_sup + lambda(t) L_u. Opt-in extension
 (``unlabelled_view = "strong_intensity"``, ``SKCDFTrainer_strongView``): the unlabelled pass runs on its own
-encoder pass of an intensity-perturbed copy of x_u, the pseudo labels still come from x_u.
+encoder pass of an intensity-perturbed copy of x_u (made by the unlabelled loader, on the CPU), the pseudo labels
+still come from x_u.
 
 A run trains by the rules it started with: every setting (the class attributes and the hyperparameter block) is
 saved with the weights (``skcdf_settings``); ``--c`` refuses other rules, naming each difference and the trainer
@@ -86,7 +87,6 @@ class SKCDFTrainer(nnUNetTrainer):
         self.unlabelled_view = "same"     # "same": D_u learns on the view the pseudo labels come from (reference);
         #                                   "strong_intensity": on a copy perturbed by nnU-Net's intensity transforms
         #                                   at high probability (extension, opt-in; BENCHMARKS.md findings 13)
-        self._strong_transform = None
         self.max_nonfinite_steps = 5      # non-finite losses in a row before training stops (each one is skipped)
         # --- state ---
         self.dataloader_unlabeled = None
@@ -214,7 +214,16 @@ class SKCDFTrainer(nnUNetTrainer):
     def _get_unlabeled_dataloader(self, unlabeled: List[str]):
         rank, world = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
         return get_unlabeled_dataloader(self, unlabeled, self.unlabeled_batch_size or self.batch_size,
-                                        rank=rank, world_size=world)
+                                        rank=rank, world_size=world, view_transform=self._student_view_transform())
+
+    def _student_view_transform(self):
+        """The per-sample transform of the student's view (``unlabelled_view = "strong_intensity"``), run by the
+        unlabelled loader on the CPU; None for the reference (D_u reuses x_u's encoder features)."""
+        if self._setting("unlabelled_view") == "same":
+            return None
+        do_dummy_2d = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[1]
+        # as nnU-Net: no low-resolution simulation along a dummy-2D axis
+        return C.strong_intensity_transform((0,) if do_dummy_2d else None)
 
     def on_train_start(self):
         if self._resumed_from is not None:  # --c: the checkpoint's rules must be this trainer's
@@ -408,14 +417,16 @@ class SKCDFTrainer(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         x_l = batch["data"].to(self.device, non_blocking=True)
         y_l = _to_device(batch["target"], self.device)
-        x_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        unlabelled = next(self.dataloader_unlabeled)
+        x_u = unlabelled["data"].to(self.device, non_blocking=True)
+        # the student's view (opt-in) was perturbed by the loader, on the CPU; None: D_u reuses x_u's features
+        x_u_view = self._student_view(unlabelled)
         net = self._net()
 
         self.optimizer.zero_grad(set_to_none=True)
         net.ema_update(self.ema_momentum, self.ema_couple_decoders, self._head_ema_momentum(), self.ema_buffers)
         lam = self._consistency_weight()
         rates_u = C.annealed_keep_rates(self.class_keep_rates, self.current_epoch, self.num_epochs)
-        x_u_view = self._student_view(x_u)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             out = self.network(x_l, x_u, x_u_view)  # through the DDP / compile wrappers: one forward, one backward
             l_sup = self.loss(out.main, y_l) + self._balanced_loss(out.balanced, y_l, self.class_keep_rates)
@@ -435,15 +446,15 @@ class SKCDFTrainer(nnUNetTrainer):
             self._count_nonfinite_step(outputs)
         return outputs
 
-    def _student_view(self, x_u: torch.Tensor):
-        """The perturbed copy of x_u that D_u learns on (``unlabelled_view = "strong_intensity"``), or None (the
-        reference: D_u reuses x_u's encoder features)."""
+    def _student_view(self, unlabelled: dict) -> Optional[torch.Tensor]:
+        """The perturbed copy of x_u that D_u learns on (``unlabelled_view = "strong_intensity"``), moved to the
+        device, or None (the reference: D_u reuses x_u's encoder features)."""
         if self._setting("unlabelled_view") == "same":
             return None
-        if self._strong_transform is None:  # as nnU-Net: no low-resolution simulation along a dummy-2D axis
-            do_dummy_2d = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[1]
-            self._strong_transform = C.strong_intensity_transform((0,) if do_dummy_2d else None)
-        return C.perturbed_view(x_u, self._strong_transform)
+        if "data_view" not in unlabelled:
+            raise RuntimeError(f"{type(self).__name__}: unlabelled_view = 'strong_intensity' was set after the "
+                               f"unlabelled loader started; set it in __init__")
+        return unlabelled["data_view"].to(self.device, non_blocking=True)
 
     def _head_ema_momentum(self) -> float:
         """m_h of the head EMA (main head <- balanced head). "lr_scaled" (default): the step (1 - m) follows the
