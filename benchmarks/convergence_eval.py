@@ -9,7 +9,8 @@ For every snapshot ``checkpoint_ep<E>.pth`` (and ``checkpoint_final.pth``) of a 
   outputs become the pseudo labels), Dice per class against their hidden labels, and the class fractions of
   those predictions against the true ones. In training the pseudo labels come from ``D_l`` in cross mode on
   augmented patches next to a labelled batch; here ``D_l`` runs in self mode on whole cases (sliding window),
-  a reproducible proxy for the pseudo labels' quality, read from the hidden labels the trainer never sees.
+  a reproducible proxy for the pseudo labels' quality, read from the hidden labels the trainer never sees;
+- on the multi-site phantom (``phantom_cases.json`` beside dataset.json) both also per site.
 Results are cached per snapshot in ``--out`` (JSON, written atomically), so a rerun only adds new points.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -105,17 +106,42 @@ def fractions(segs: List[np.ndarray], num_classes: int) -> List[float]:
     return (counts / counts.sum()).tolist()
 
 
-def evaluate_snapshot(predictor, test: dict, hidden: dict, classes: List[int], num_classes: int) -> dict:
+def per_site(per_case: Dict[str, Dict[str, float]], sites: Dict[str, str]) -> Dict[str, Dict[str, float]]:
+    """{site: per-class mean over that site's cases} (cases without a site are left out)."""
+    out = {}
+    for site in sorted(set(sites[c] for c in per_case if c in sites)):
+        out[site] = mean_over_cases({c: d for c, d in per_case.items() if sites.get(c) == site})
+    return out
+
+
+def case_sites(raw: Path) -> Dict[str, str]:
+    """{case: site} from a multi-site phantom's ``phantom_cases.json``; {} without one (the original phantom)
+    (the same reading as ``convergence.case_sites``, without importing the benchmark driver here)."""
+    path = raw / "phantom_cases.json"
+    return {c: r["site"] for c, r in json.loads(path.read_text())["cases"].items()} if path.is_file() else {}
+
+
+def evaluate_snapshot(predictor, test: dict, hidden: dict, classes: List[int], num_classes: int,
+                      sites: Optional[Dict[str, str]] = None) -> dict:
+    """One curve point. With ``sites`` (the multi-site phantom) also the same Dice per site: ``test_dice_per_site``
+    and, for the hidden-label cases, ``pseudo_dice_per_site`` and ``pseudo_cases_per_site``."""
     net = predictor.network
-    point = {"test_dice": mean_over_cases({c: dice_per_class(predict(predictor, d), s, classes)
-                                           for c, (d, s) in test.items()})}
+    test_cases = {c: dice_per_class(predict(predictor, d), s, classes) for c, (d, s) in test.items()}
+    point = {"test_dice": mean_over_cases(test_cases)}
+    if sites:
+        point["test_dice_per_site"] = per_site(test_cases, sites)
     if hidden:
         predictor.network = LabelledDecoderView(net)
         preds = {c: predict(predictor, d) for c, (d, _) in hidden.items()}
         predictor.network = net
-        point["pseudo_dice"] = mean_over_cases({c: dice_per_class(preds[c], hidden[c][1], classes) for c in preds})
+        pseudo = {c: dice_per_class(preds[c], hidden[c][1], classes) for c in preds}
+        point["pseudo_dice"] = mean_over_cases(pseudo)
         point["pseudo_fractions"] = fractions(list(preds.values()), num_classes)
         point["true_fractions"] = fractions([s for _, s in hidden.values()], num_classes)
+        if sites:
+            point["pseudo_dice_per_site"] = per_site(pseudo, sites)
+            point["pseudo_cases_per_site"] = {site: sum(1 for c in pseudo if sites.get(c) == site)
+                                              for site in point["pseudo_dice_per_site"]}
     return point
 
 
@@ -154,7 +180,8 @@ def main() -> None:
         checkpoint = torch.load(fold_dir / names[epoch], map_location="cpu", weights_only=False)
         predictor.network.load_state_dict(checkpoint["network_weights"])
         predictor.network.eval()
-        results[str(epoch)] = evaluate_snapshot(predictor, test, hidden, classes, labels.num_segmentation_heads)
+        results[str(epoch)] = evaluate_snapshot(predictor, test, hidden, classes, labels.num_segmentation_heads,
+                                                case_sites(raw))
         tmp = out.with_suffix(f".tmp{os.getpid()}")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(results, indent=1) + "\n")
