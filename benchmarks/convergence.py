@@ -23,6 +23,18 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      cross-attention of the labelled pass; what the pseudo labels add to (d); with curves
   l  SKCDF 0.4 with lambda(t) ramped over the first 50 epochs instead of the whole budget (``_rampup50``); with
      curves
+  p  the practitioner's baseline (issues 38, 44): 2 rounds of filtered pseudo-labelling with ``skcdf_pseudolabel``
+     and stock nnU-Net students (``nnUNetTrainer_conv``: (a)'s trainer and budget); with curves. Round 1: teachers
+     = (a)'s model folder, folds 0-2 (trained in this work folder first where their checkpoints are not here: a
+     stored run is a result, not a checkpoint), student dataset <-d>+1 with 3 identical folds, its 3 students;
+     round 2: teachers = those 3 students, ``--previous`` round 1, student dataset <-d>+2, whose students are the
+     (p) runs (folds 0-2), evaluated on the source's imagesTs like every arm. The rounds are made once per work
+     folder and shared by the (p) runs; each store file of (p) keeps both rounds (kept cases per site, their
+     pseudo labels' Dice against the hidden labels, wall times, the teachers' runs, round 1's students' test
+     Dice). Threshold: skcdf_pseudolabel's default 0.90, chosen a priori there (issue 38); tuning it on hidden or
+     test labels would leak them, and issue 44 asks for the recipe as users run it. Several teachers per round
+     matter: the *_conv trainers have no mirroring, so one model alone would be one member agreeing with itself
+     (score 1, every case kept)
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -50,8 +62,8 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             BENCHMARKS.md section (one per task and budget) from the store; missing runs are reported as such
             (status: partial).
 
-    python benchmarks/convergence.py [--labeled 4] [--iterations 8000] [--points 8] [--arms a c b d e1 e2 f g h i j k] \
-        [--runs 3]
+    python benchmarks/convergence.py [--labeled 4] [--iterations 8000] [--points 8] \
+        [--arms a c b d e1 e2 f g h i j k l p] [--runs 3] [--sites all --labelled-site A]
 Budget: 8000 iterations by default, the budget at which (a) and (c) meet the last-quarter criterion on this
 phantom (< 1 mean Dice point); 12000 (``--iterations 12000``) adds +0.3 to (a) over 2 runs and +0.6 to (c)
 (BENCHMARKS.md items 20-21), so the report marks 8000 converged; the first stored runs have 4000 (the
@@ -59,6 +71,31 @@ short-budget regime):
     python benchmarks/convergence.py --labeled 2 --iterations 4000 --work skcdf_data/convergence_2lab --stages report
 One work folder per task and budget (default ``skcdf_data/convergence_<labelled>lab_<iterations>``):
 ``<work>/task.json`` and ``<work>/budget.json`` are fixed at its first run.
+
+The multi-site task (issue 44, ``--sites``): the phantom of ``skcdf_make_phantom --sites`` (``all`` = A portal-venous,
+B arterial / thin slices, C non-contrast low dose, D delayed / oncology; case i of every role from site i mod 4;
+per-case sites in ``phantom_cases.json``), by default 40 training cases (10 per site), 16 test cases (4 per site)
+and 24 imagesUnlabeled images (6 per site). Validation = the first --val training cases of --labelled-site, labelled
+= its next --labeled (a practitioner labels and validates on their own site; validation first, so that it and the
+bound (c) are the same for every labelled count); every other training case, of every site, has its label hidden
+and with every imagesUnlabeled image forms the unlabelled pool. These lists are written from phantom_cases.json in
+the published-list format and imported with ``skcdf_split --import-lists``. (c) trains on every non-validation
+training case (all sites). Names: work folder ``skcdf_data/convergence_4lab-siteA-ms_8000``, store files
+``a_fold0_4lab-siteA-ms_8000it.json``, ``c_fold3_alllab-siteA-ms_8000it.json``, report and BENCHMARKS.md section
+``convergence_4lab-siteA-ms_8000it`` (the original task keeps its names). Its report adds Dice per site (test cases
+grouped by site) and per site and organ, SKCDF's pseudo-label Dice per site, (p)'s rounds, the (a) -> (c) room check
+(>= 10 points; reported, not enforced) and training hours per arm. One training costs about 45 min (8000 iterations,
+one thread); two single-thread runs side by side share the 2 cores, in one work folder once it is prepared:
+    M="--sites all --labelled-site A --labeled 4"
+    python benchmarks/convergence.py $M --stages prepare                  # phantom, plans, split (once)
+    python benchmarks/convergence.py $M --arms a --runs 1 --threads 1     # (a) fold 0 (--runs 3: folds 0-2)
+    python benchmarks/convergence.py $M --arms c --runs 1 --threads 1     # (c) fold 3
+    python benchmarks/convergence.py $M --arms d --runs 1 --threads 1     # (d) fold 0
+    python benchmarks/convergence.py $M --arms p --runs 3 --threads 1     # (p): after (a)'s folds 0-2 (its teachers)
+    python benchmarks/convergence.py $M --arms a c d p --stages report     # the section, when runs are stored
+(p) on the original 2-labelled task (1 run; this work folder trains (a)'s 3 teachers first, the stored (a) runs'
+checkpoints being gone): ``python benchmarks/convergence.py --labeled 2 --arms p --runs 1 --threads 1``. Never run
+(p) beside a process that trains (a) in the same work folder: both would train the same (a) fold.
 """
 from __future__ import annotations
 
@@ -96,6 +133,9 @@ class Arm:
     all_labelled: bool = False
     skcdf: bool = True
     ablation: bool = False  # one run unless --ablation-runs says otherwise
+    #: > 0: the students of round ``pseudo_rounds`` of ``skcdf_pseudolabel`` (their own dataset, see
+    #: :func:`pseudo_chain`), trained with ``trainer`` on that round's student dataset
+    pseudo_rounds: int = 0
 
     def folds(self, runs: int) -> Tuple[int, ...]:
         return (ALL_LABELLED_FOLDS if self.all_labelled else LABELLED_FOLDS)[:runs]
@@ -115,8 +155,15 @@ ARMS = {a.key: a for a in (
     Arm("j", "SKCDF + strong intensity view for D_u", "SKCDFTrainer_strongView_conv", ablation=True),
     Arm("k", "SKCDF without the unlabelled loss (w = 0)", "SKCDFTrainer_cw0_conv", ablation=True),
     Arm("l", "SKCDF lambda ramp-up over 50 epochs", "SKCDFTrainer_rampup50_conv", ablation=True),
+    # the practitioner's baseline (issues 38, 44): stock nnU-Net students of 2 rounds of filtered pseudo-labelling
+    Arm("p", "nnU-Net + pseudo-labelling (2 rounds)", "nnUNetTrainer_conv", skcdf=False, pseudo_rounds=2),
 )}
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p")
+#: arm (p): round 1's teachers are the (a) runs (its model folder's folds 0-2), each round writes
+#: ``P_STUDENT_FOLDS`` identical student folds; the round-1 students (all of them) teach round 2, whose
+#: students are the (p) runs. The threshold is skcdf_pseudolabel's default (0.90, chosen a priori there).
+P_TEACHER_FOLDS, P_STUDENT_FOLDS = LABELLED_FOLDS, 3
+ROUND_DONE = "convergence_round_done"
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -171,22 +218,70 @@ def _fixed_per_folder(path: Path, wanted: dict, refusal) -> dict:
     return wanted
 
 
+#: phantom sizes when --num-train/--num-unlabeled/--num-test are not given: the original task, the multi-site one
+#: (40 training cases = 10 per site, 16 test cases = 4 per site, 24 imagesUnlabeled = 6 per site)
+SIZES = {"num_train": 24, "num_unlabeled": 12, "num_test": 8}
+MULTISITE_SIZES = {"num_train": 40, "num_unlabeled": 24, "num_test": 16}
+
+
 def task_of(args) -> dict:
-    """What the data of a work folder is: phantom size and split. Fixed in ``<work>/task.json`` like the budget."""
-    return {"num_train": args.num_train, "num_unlabeled": args.num_unlabeled, "num_test": args.num_test,
-            "val": str(args.val), "labeled": str(args.labeled)}
+    """What the data of a work folder is: phantom size and split. Fixed in ``<work>/task.json`` like the budget.
+    The original task has exactly the keys it had before the multi-site task existed (its stored runs match on
+    it); a multi-site task (``--sites``) adds the sites, in the phantom's order, and the labelled site."""
+    sizes = MULTISITE_SIZES if getattr(args, "sites", None) else SIZES
+    task = {k: sizes[k] if getattr(args, k) is None else getattr(args, k) for k in ("num_train", "num_unlabeled",
+                                                                                     "num_test")}
+    task.update({"val": str(args.val), "labeled": str(args.labeled)})
+    if not getattr(args, "sites", None):
+        if getattr(args, "labelled_site", None):
+            raise SystemExit("--labelled-site needs --sites (the multi-site phantom).")
+        return task
+    from nnunetv2_skcdf.dataset_conversion.phantom_sites import check_sites
+    from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
+
+    try:
+        sites = [site.name for site in check_sites(args.sites)]
+    except SKCDFInputError as e:
+        raise SystemExit(str(e)) from None
+    labelled_site = args.labelled_site or sites[0]
+    if labelled_site not in sites:
+        raise SystemExit(f"--labelled-site {labelled_site} is not one of --sites {' '.join(sites)}.")
+    if not (task["labeled"].isdigit() and task["val"].isdigit()):
+        raise SystemExit("the multi-site task takes --labeled and --val as counts of the labelled site's cases.")
+    if task["num_test"] < len(sites):
+        raise SystemExit(f"--num-test {task['num_test']}: the test set must cover every site ({len(sites)}); case i "
+                         f"comes from site i mod {len(sites)}, so give at least {len(sites)} (16 by default).")
+    return {**task, "sites": sites, "labelled_site": labelled_site}
 
 
-def default_work(labeled: str, iterations: int) -> Path:
-    """One work folder per task and budget: ``skcdf_data/convergence_<labeled>lab_<iterations>``."""
-    return REPO / "skcdf_data" / f"convergence_{labeled}lab_{iterations}"
+def sites_tag(sites: List[str]) -> str:
+    """``ms`` for every built-in site in their order (``--sites all``), else ``ms`` + the sites' names."""
+    from nnunetv2_skcdf.dataset_conversion.phantom_sites import SITES
+
+    return "ms" if list(sites) == list(SITES) else "ms" + "".join(sites)
+
+
+def task_tag(task: dict) -> str:
+    """The task's part of work folder, store file and report names: ``2lab`` for the original phantom (the names
+    of the runs stored before the multi-site task existed), ``4lab-siteA-ms`` for 4 labelled cases of site A of
+    the multi-site phantom (``alllab-siteA-ms`` for its bound (c))."""
+    tag = f"{task['labeled']}lab"
+    if task.get("sites"):
+        tag += f"-site{task['labelled_site']}-{sites_tag(task['sites'])}"
+    return tag
+
+
+def default_work(task: dict, iterations: int) -> Path:
+    """One work folder per task and budget: ``skcdf_data/convergence_<task tag>_<iterations>``
+    (``convergence_2lab_8000``, ``convergence_4lab-siteA-ms_8000``)."""
+    return REPO / "skcdf_data" / f"convergence_{task_tag(task)}_{iterations}"
 
 
 def fixed_task(work: Path, task: dict, iterations: int) -> dict:
     return _fixed_per_folder(work / "task.json", task, lambda fixed: (
         "was prepared for another task ("
         + ", ".join(f"{k} {fixed.get(k)} -> {v}" for k, v in task.items() if fixed.get(k) != v)
-        + f"); use another --work folder (e.g. {default_work(task['labeled'], iterations).relative_to(REPO)}) or "
+        + f"); use another --work folder (e.g. {default_work(task, iterations).relative_to(REPO)}) or "
         "the same options."))
 
 
@@ -195,33 +290,112 @@ def arm_task(arm: "Arm", task: dict) -> dict:
     return {**task, "labeled": "all"} if arm.all_labelled else task
 
 
-PHANTOM_KEYS = ("num_train", "num_unlabeled", "num_test")
+PHANTOM_KEYS = ("num_train", "num_unlabeled", "num_test", "sites")
 
 
 def prepare(dataset: str, env: dict, log: Path, np_: str, args, data_from: Optional[Path] = None) -> Path:
     """Phantom + plans + preprocessing (once per folder; or copied from ``data_from``, a work folder of the same
-    phantom size), then the split of this task, its all-labelled folds, the unlabelled images, the CPU config."""
+    phantom size), then the split of this task, its all-labelled folds, the unlabelled images, the CPU config.
+    The multi-site task's split is imported by ``skcdf_split --import-lists`` from lists written here
+    (:func:`multisite_lists`: validation and labelled cases from the labelled site)."""
+    task = task_of(args)
     raw, pre = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
     found = list(raw.glob(f"Dataset{dataset}_*"))
     if found and (pre / found[0].name / "convergence_split_done").exists():
         return found[0]
     if data_from is not None and not found:
-        copy_phantom(data_from, raw, pre, dataset, task_of(args))
+        copy_phantom(data_from, raw, pre, dataset, task)
     found = list(raw.glob(f"Dataset{dataset}_*"))
     if not (found and (pre / found[0].name / "convergence_planned").exists()):
-        sh(["skcdf_make_phantom", "-d", dataset, "-n", "Convergence", "--num-train", str(args.num_train),
-            "--num-unlabeled", str(args.num_unlabeled), "--num-test", str(args.num_test), "-np", np_,
-            "--overwrite", "--no-progress"], env, log)
+        sh(["skcdf_make_phantom", "-d", dataset, "-n", "Convergence", "--num-train", str(task["num_train"]),
+            "--num-unlabeled", str(task["num_unlabeled"]), "--num-test", str(task["num_test"]), "-np", np_,
+            "--overwrite", "--no-progress"] + (["--sites", *task["sites"]] if task.get("sites") else []), env, log)
         sh(["nnUNetv2_plan_and_preprocess", "-d", dataset, "-c", "3d_fullres", "-np", np_, "-npfp", np_], env, log)
         (pre / next(raw.glob(f"Dataset{dataset}_*")).name / "convergence_planned").touch()
-    sh(["skcdf_split", "-d", dataset, "--labeled", str(args.labeled), "--val", str(args.val),
-        "--add-unlabeled-images", "--folds", "3", "--fold-mode", "repeat", "--overwrite"], env, log)
     name = next(raw.glob(f"Dataset{dataset}_*")).name
+    if task.get("sites"):
+        cases = json.loads((raw / name / CASES_FILE).read_text())["cases"]
+        check_test_sites(cases, task["sites"])
+        ratio = task_tag(task)
+        folder = pre / name / "convergence_lists"
+        write_lists(multisite_lists(cases, task["labelled_site"], int(task["labeled"]), int(task["val"])), folder,
+                    ratio)
+        sh(["skcdf_split", "-d", dataset, "--import-lists", str(folder), "--ratio", ratio, "--add-unlabeled-images",
+            "--folds", "3", "--fold-mode", "repeat", "--overwrite"], env, log)
+    else:
+        sh(["skcdf_split", "-d", dataset, "--labeled", str(args.labeled), "--val", str(args.val),
+            "--add-unlabeled-images", "--folds", "3", "--fold-mode", "repeat", "--overwrite"], env, log)
     add_all_labelled_folds(pre / name, raw / name)
     sh(["skcdf_preprocess_unlabeled", "-d", dataset, "-c", "3d_fullres", "-np", np_], env, log)
     sh(["skcdf_add_cpu_config", "-d", dataset, "--overwrite"], env, log)
     (pre / name / "convergence_split_done").touch()
     return raw / name
+
+
+# ---------------------------------------------------------------------------------------------- multi-site task
+CASES_FILE = "phantom_cases.json"  # skcdf_make_phantom --sites: per-case site and parameters, next to dataset.json
+
+
+def case_sites(raw: Path) -> Dict[str, str]:
+    """{case id: site} of a multi-site phantom (every role); {} for the original phantom (no per-case file)."""
+    path = raw / CASES_FILE
+    if not path.is_file():
+        return {}
+    return {cid: rec["site"] for cid, rec in json.loads(path.read_text())["cases"].items()}
+
+
+def multisite_lists(cases: dict, labelled_site: str, labeled: int, val: int) -> Dict[str, List[str]]:
+    """The multi-site split from ``phantom_cases.json``'s cases: validation = the first ``val`` training cases of
+    ``labelled_site`` (by case number), labelled = its next ``labeled``; every other training case, of every
+    site, has its label hidden (``unlabeled``; ``skcdf_split --add-unlabeled-images`` adds imagesUnlabeled).
+    Validation before the labelled cases: the validation cases, and with them the bound (c) trained on every
+    other training case, are then the same for every labelled count (as on the original task)."""
+    training = sorted(c for c, rec in cases.items() if rec["role"] == "tr")
+    own = [c for c in training if cases[c]["site"] == labelled_site]
+    if len(own) < val + labeled:
+        raise SystemExit(f"site {labelled_site} has {len(own)} training cases, fewer than --val {val} + --labeled "
+                         f"{labeled}: give more training cases (--num-train) or fewer of either.")
+    chosen = {"val": own[:val], "labeled": own[val:val + labeled]}
+    taken = set(chosen["val"]) | set(chosen["labeled"])
+    return {**chosen, "unlabeled": [c for c in training if c not in taken]}
+
+
+def write_lists(lists: Dict[str, List[str]], folder: Path, ratio: str) -> None:
+    """``labeled_<ratio>.txt``, ``unlabeled_<ratio>.txt`` and ``eval.txt`` (the published-list format
+    ``skcdf_split --import-lists`` reads), one id per line."""
+    from nnunetv2_skcdf.splits.published_lists import list_file_names
+
+    names = list_file_names(ratio)
+    folder.mkdir(parents=True, exist_ok=True)
+    for role in ("labeled", "unlabeled", "val"):
+        (folder / names[role]).write_text("".join(f"{c}\n" for c in lists[role]))
+
+
+def check_test_sites(cases: dict, sites: List[str]) -> Dict[str, int]:
+    """Test cases per site; refused unless every site of the task has one."""
+    counts = {site: sum(1 for rec in cases.values() if rec["role"] == "ts" and rec["site"] == site) for site in sites}
+    if not all(counts.values()):
+        raise SystemExit(f"the test set must cover every site: test cases per site {counts} (give more --num-test).")
+    return counts
+
+
+def dice_by_site(summary: dict, sites: Dict[str, str]) -> Dict[str, Dict[str, float]]:
+    """{site: {class: mean Dice over the site's cases}} of an ``skcdf_evaluate`` summary (NaN-aware, like its own
+    per-class means); the case id is the reference file's name up to its first dot."""
+    grouped: Dict[str, Dict[str, List[float]]] = {}
+    for case in summary["metric_per_case"]:
+        site = sites.get(Path(case["reference_file"]).name.split(".")[0])
+        if site is None:
+            continue
+        for key, metrics in case["metrics"].items():
+            if key != "0":
+                grouped.setdefault(site, {}).setdefault(key, []).append(metrics["Dice"])
+    return {site: {k: _nanmean(v) for k, v in per.items()} for site, per in sorted(grouped.items())}
+
+
+def _nanmean(values) -> float:
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def copy_phantom(source: Path, raw: Path, pre: Path, dataset: str, task: dict) -> None:
@@ -234,7 +408,7 @@ def copy_phantom(source: Path, raw: Path, pre: Path, dataset: str, task: dict) -
     except FileNotFoundError:
         raise SystemExit(f"--data-from {source}: no task.json there (not a convergence work folder, or prepared by "
                          f"an older version); leave --data-from out to generate the phantom here.") from None
-    differs = {k: (theirs.get(k), task[k]) for k in PHANTOM_KEYS if theirs.get(k) != task[k]}
+    differs = {k: (theirs.get(k), task.get(k)) for k in PHANTOM_KEYS if theirs.get(k) != task.get(k)}
     if differs:
         raise SystemExit(f"--data-from {source}: another phantom ({differs}: theirs, this run); leave --data-from "
                          f"out to generate the phantom here.")
@@ -277,8 +451,32 @@ def hidden_label_cases(pre: Path, raw: Path) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------- train / predict
+def round_dataset(source: str, r: int) -> Tuple[str, str]:
+    """(id, folder name) of the student dataset ``skcdf_pseudolabel`` writes in round ``r`` from the source dataset
+    folder ``source`` (``Dataset962_Convergence`` -> ``963``, ``Dataset963_ConvergencePseudoR1``)."""
+    number, name = source[len("Dataset"):].split("_", 1)
+    out = int(number) + r
+    if out > 999:
+        raise SystemExit(f"arm (p) writes its rounds as datasets {int(number) + 1}..{out}: over nnU-Net's 999; "
+                         f"use a smaller -d.")
+    return str(out), f"Dataset{out:03d}_{name}PseudoR{r}"
+
+
+def arm_dataset(dataset: str, raw: Path, arm: Arm) -> Tuple[str, str]:
+    """(id, folder name) of the dataset ``arm`` trains on: the source, or for (p) its last round's student dataset."""
+    return round_dataset(raw.name, arm.pseudo_rounds) if arm.pseudo_rounds else (dataset, raw.name)
+
+
+def student_arm(arm: Arm, r: int) -> Arm:
+    """The students of round ``r`` of a pseudo-labelling arm: the arm itself for its last round, otherwise the
+    teachers of round ``r + 1`` (trained like it, never stored as a run of their own)."""
+    if r == arm.pseudo_rounds:
+        return arm
+    return Arm(f"{arm.key}{r}", f"{arm.name}: round-{r} student", arm.trainer, skcdf=False, pseudo_rounds=r)
+
+
 def model_folder(env: dict, raw: Path, arm: Arm) -> Path:
-    return Path(env["nnUNet_results"]) / raw.name / f"{arm.trainer}__nnUNetPlans__{CONFIG}"
+    return Path(env["nnUNet_results"]) / arm_dataset("", raw, arm)[1] / f"{arm.trainer}__nnUNetPlans__{CONFIG}"
 
 
 TRAIN_COMMITS = "skcdf_train_commits.json"
@@ -288,8 +486,19 @@ def train(dataset: str, arm: Arm, fold: int, raw: Path, env: dict, log: Path) ->
     fold_dir = model_folder(env, raw, arm) / f"fold_{fold}"
     if not (fold_dir / "checkpoint_final.pth").exists():
         record_train_commit(fold_dir)
-        sh(["nnUNetv2_train", dataset, CONFIG, str(fold), "-tr", arm.trainer, "-device", "cpu", "--c"],
-           {**env, "nnUNet_n_proc_DA": "0"}, log)
+        sh(["nnUNetv2_train", arm_dataset(dataset, raw, arm)[0], CONFIG, str(fold), "-tr", arm.trainer, "-device",
+            "cpu", "--c"], {**env, "nnUNet_n_proc_DA": "0"}, log)
+
+
+def train_seconds(fold_dir: Path) -> Optional[float]:
+    """Training time of a finished run: the sum of its epochs' durations (nnU-Net's own timestamps)."""
+    import torch
+
+    path = fold_dir / "checkpoint_final.pth"
+    if not path.exists():
+        return None
+    logging = torch.load(path, map_location="cpu", weights_only=False)["logging"]
+    return float(np.sum(np.array(logging["epoch_end_timestamps"]) - np.array(logging["epoch_start_timestamps"])))
 
 
 def record_train_commit(fold_dir: Path) -> None:
@@ -309,21 +518,150 @@ def record_train_commit(fold_dir: Path) -> None:
 
 
 def predict_final(dataset: str, arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path) -> Path:
+    """Stock ``nnUNetv2_predict`` of the source's test images (imagesTs) with the arm's final checkpoint (for (p):
+    its student dataset's model)."""
     pred = work / "predictions" / f"{arm.key}_fold{fold}"
     if not (pred / "done").exists():
-        sh(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", dataset, "-c", CONFIG, "-f",
-            str(fold), "-tr", arm.trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env, log)
+        sh(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", arm_dataset(dataset, raw, arm)[0],
+            "-c", CONFIG, "-f", str(fold), "-tr", arm.trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env, log)
         (pred / "done").touch()
     return pred
 
 
 def schedule(arms: List[str], runs: int, ablation_runs: int) -> List[Tuple[Arm, int]]:
-    """Run-major: every run of the main arms before the next run, ablations last; a benchmark cut short
+    """Run-major: every run of the main arms before the next run, then the pseudo-labelling arm's runs (round 1's
+    teachers are all of (a)'s runs, which run-major order finishes last), ablations last; a benchmark cut short
     still compares (a), (b) and (c) over the runs it finished."""
-    main = [ARMS[k] for k in arms if not ARMS[k].ablation]
+    main = [ARMS[k] for k in arms if not ARMS[k].ablation and not ARMS[k].pseudo_rounds]
+    pseudo = [ARMS[k] for k in arms if ARMS[k].pseudo_rounds]
     ablations = [ARMS[k] for k in arms if ARMS[k].ablation]
     order = [(arm, arm.folds(runs)[r]) for r in range(runs) for arm in main]
+    order += [(arm, fold) for arm in pseudo for fold in arm.folds(runs)]
     return order + [(arm, fold) for arm in ablations for fold in arm.folds(ablation_runs)]
+
+
+# ---------------------------------------------------------------------------------------------- arm (p)
+def pseudo_chain(arm: Arm, dataset: str, raw: Path, env: dict, log: Path, np_: str, work: Path, budget: dict,
+                 task: dict) -> Optional[str]:
+    """Everything a run of the pseudo-labelling arm needs before its own training, each step resumable and done
+    once per work folder: round 1's teachers = (a)'s model folder, folds 0-2 (trained here if this work folder
+    lacks their checkpoints: stored runs of (a) from another work folder are results, not checkpoints);
+    ``skcdf_pseudolabel`` round 1 -> student dataset, its ``P_STUDENT_FOLDS`` students trained like (a); round 2
+    with those students as teachers and ``--previous`` round 1; ... Returns None when the last round's student
+    dataset is ready, else what it waits for."""
+    for r in range(1, arm.pseudo_rounds + 1):
+        teacher = ARMS["a"] if r == 1 else student_arm(arm, r - 1)
+        folds = P_TEACHER_FOLDS if r == 1 else tuple(range(P_STUDENT_FOLDS))
+        folder = model_folder(env, raw, teacher)
+        for f in folds:
+            train(dataset, teacher, f, raw, env, log)
+        missing = [f for f in folds if not (folder / f"fold_{f}" / "checkpoint_final.pth").exists()]
+        if missing:
+            return f"round {r}'s teachers ({folder.parent.name}/{folder.name}, folds {missing}) are not trained yet"
+        make_round(r, dataset, raw, env, log, np_, work, folder, folds, budget, task)
+    return None
+
+
+def round_summary_file(work: Path, r: int) -> Path:
+    return work / "pseudo_rounds" / f"round{r}.json"
+
+
+def make_round(r: int, dataset: str, raw: Path, env: dict, log: Path, np_: str, work: Path, teachers: Path,
+               folds, budget: dict, task: dict) -> dict:
+    """Round ``r`` of ``skcdf_pseudolabel`` (default threshold), once per work folder: the student dataset with
+    ``P_STUDENT_FOLDS`` identical folds, and ``<work>/pseudo_rounds/round<r>.json`` (:func:`round_summary`, the
+    command's wall time and the teachers' runs) for the store files of (p)."""
+    from nnunetv2_skcdf.utilities.io import atomic_save_json
+
+    out_id, name = round_dataset(raw.name, r)
+    done, path = Path(env["nnUNet_preprocessed"]) / name / ROUND_DONE, round_summary_file(work, r)
+    if done.exists() and path.exists():
+        return json.loads(path.read_text())
+    cmd = ["skcdf_pseudolabel", "-d", dataset, "-m", str(teachers), "-f", *map(str, folds), "--out-dataset", out_id,
+           "--out-name", name.split("_", 1)[1], "--student-folds", str(P_STUDENT_FOLDS), "-np", np_, "--overwrite"]
+    if r > 1:
+        cmd += ["--previous", round_dataset(raw.name, r - 1)[0]]
+    seconds = sh(cmd, env, log)  # --overwrite: only an interrupted attempt of this round can be there (no marker)
+    summary = round_summary(r, Path(env["nnUNet_raw"]) / name, raw, seconds, cmd)
+    summary["teacher_runs"] = teacher_runs(teachers, folds, budget, task, r == 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_json(summary, str(path))
+    done.touch()
+    return summary
+
+
+def teacher_runs(folder: Path, folds, budget: dict, task: dict, first_round: bool) -> List[dict]:
+    """Per teacher fold: its training commits and time; for round 1 also whether it is the stored (a) run of that
+    fold (same training starts) or a run of (a) trained again in this work folder."""
+    out = []
+    for f in folds:
+        fold_dir = folder / f"fold_{f}"
+        commits = json.loads((fold_dir / TRAIN_COMMITS).read_text()) if (fold_dir / TRAIN_COMMITS).exists() else None
+        entry = {"fold": f, "train_commits": commits, "train_s": train_seconds(fold_dir)}
+        if first_round:
+            stored_file = store_file(ARMS["a"], f, budget, task)
+            entry["stored_run"] = stored_file.exists() and commits is not None and \
+                json.loads(stored_file.read_text()).get("train_commits") == commits
+        out.append(entry)
+    return out
+
+
+def round_summary(r: int, round_raw: Path, source_raw: Path, seconds: Optional[float], cmd: List[str]) -> dict:
+    """What the store keeps of a round: ``skcdf_pseudolabel``'s record (kept cases, threshold, teachers, agreement)
+    and, benchmark side, the pseudo labels of the hidden-label training cases scored against their hidden labels
+    (all cases of the pool and the kept ones; per site on the multi-site phantom). The round itself never reads a
+    hidden label; the diagnostics here do, as ``convergence_eval.py`` does for SKCDF's ``D_l``."""
+    from convergence_eval import dice_per_class, mean_over_cases
+
+    record = json.loads((round_raw / "pseudolabel_round.json").read_text())
+    dataset_json = json.loads((source_raw / "dataset.json").read_text())
+    ending = dataset_json["file_ending"]
+    classes = sorted(int(v) for v in dataset_json["labels"].values() if int(v) > 0)
+    pool = sorted(c for c, rec in record["cases"].items() if rec.get("origin") == "pseudo")
+    kept = set(record["kept"])
+    hidden = {c: dice_per_class(_read_labels(round_raw / "pseudo_labels" / f"{c}{ending}"),
+                                _read_labels(source_raw / "labelsTr" / f"{c}{ending}"), classes)
+              for c in pool if (source_raw / "labelsTr" / f"{c}{ending}").is_file()}
+    sites = case_sites(source_raw)
+
+    def means(ids) -> Optional[Dict[str, float]]:
+        ids = [c for c in ids if c in hidden]
+        return mean_over_cases({c: hidden[c] for c in ids}) if ids else None
+
+    per_site = {}
+    for site in sorted(set(sites.get(c, "all") for c in pool)):
+        ids = [c for c in pool if sites.get(c, "all") == site]
+        kept_here = sorted(kept & set(ids))
+        per_site[site] = {"pool": len(ids), "kept": len(kept_here), "hidden": sum(c in hidden for c in ids),
+                          "hidden_kept": sum(c in hidden for c in kept_here),
+                          "pseudo_dice": means(ids), "pseudo_dice_kept": means(kept_here)}
+    return {"round": r, "dataset": round_raw.name, "command": " ".join(cmd), "seconds": seconds,
+            "seconds_prediction": record.get("seconds_prediction"), "threshold": record.get("threshold"),
+            "keep": record.get("keep"), "previous_round": record.get("previous_round"),
+            "teachers": record.get("teachers"), "pool": len(pool), "kept": len(kept), "kept_ids": sorted(kept),
+            "scores": {c: record["cases"][c].get("score") for c in pool},
+            "organ_mean_agreement": record.get("organ_mean_agreement"),
+            "hidden": len(hidden), "pseudo_dice": means(pool), "pseudo_dice_kept": means(sorted(kept)),
+            "per_site": per_site}
+
+
+def _read_labels(path: Path) -> np.ndarray:
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def student_result(arm: Arm, r: int, fold: int, raw: Path, work: Path, env: dict, log: Path, np_: str) -> dict:
+    """A round-``r`` student (not a stored run): its training time and its test Dice (stock predict +
+    skcdf_evaluate, per organ and per site), to show what each round adds."""
+    student = student_arm(arm, r)
+    pred = predict_final(arm_dataset("", raw, student)[0], student, fold, raw, work, env, log)
+    if not (pred / "summary.json").exists():
+        sh(["skcdf_evaluate", "-ref", str(raw / "labelsTs"), "-pred", str(pred), "-np", np_], env, log)
+    summary = json.loads((pred / "summary.json").read_text())
+    return {"fold": fold, "train_s": train_seconds(model_folder(env, raw, student) / f"fold_{fold}"),
+            "test_dice": {k: v["Dice"] for k, v in summary["mean"].items() if k != "0"},
+            "test_dice_per_site": dice_by_site(summary, case_sites(raw))}
 
 
 def stores_run(stages: List[str], arm: Arm) -> bool:
@@ -355,16 +693,24 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--runs", type=int, default=3, help="runs of the main arms a, b, c, d, g")
     parser.add_argument("--ablation-runs", type=int, default=1)
-    parser.add_argument("--num-train", type=int, default=24)
-    parser.add_argument("--num-unlabeled", type=int, default=12)
-    parser.add_argument("--num-test", type=int, default=8)
-    parser.add_argument("--labeled", default="4", help="labelled cases (count or fraction of the non-val ones)")
-    parser.add_argument("--val", default="4")
+    parser.add_argument("--num-train", type=int, help="training cases (default 24; 40 with --sites)")
+    parser.add_argument("--num-unlabeled", type=int, help="imagesUnlabeled images (default 12; 24 with --sites)")
+    parser.add_argument("--num-test", type=int, help="test cases (default 8; 16 with --sites: 4 per site)")
+    parser.add_argument("--labeled", default="4", help="labelled cases (count or fraction of the non-val ones; with "
+                        "--sites a count of the labelled site's cases)")
+    parser.add_argument("--val", default="4", help="validation cases (with --sites: of the labelled site)")
+    parser.add_argument("--sites", nargs="+", metavar="SITE", help="the multi-site task: the phantom with "
+                        "skcdf_make_phantom --sites (e.g. 'all' = A B C D; case i of every role from site i mod n), "
+                        "validation and labelled cases from --labelled-site, every other training case and every "
+                        "imagesUnlabeled image (all sites) unlabelled, the test set from every site")
+    parser.add_argument("--labelled-site", help="with --sites: the site of the validation and labelled cases "
+                        "(default: the first site)")
     parser.add_argument("--stages", nargs="+", default=["train", "curves", "final", "report"],
-                        choices=["train", "curves", "final", "report", "reevaluate"],
-                        help="reevaluate (never by default): stored runs whose predictions are still in the work "
-                        "folder get skcdf_evaluate's current metrics (e.g. islands); every metric they already have "
-                        "must come out the same")
+                        choices=["prepare", "train", "curves", "final", "report", "reevaluate"],
+                        help="prepare (always done first; alone: nothing else, e.g. before two runs side by side in "
+                        "one work folder); reevaluate (never by default): stored runs whose predictions are still in "
+                        "the work folder get skcdf_evaluate's current metrics (e.g. islands); every metric they "
+                        "already have must come out the same")
     parser.add_argument("--no-pseudo-curves", action="store_true", help="SKCDF arms' curves on the test set only, "
                         "without D_l's pseudo-label Dice on the hidden-label training cases (18 of the 26 cases each "
                         "snapshot predicts on the 2-labelled task): for a run that must be evaluated before its session ends (the snapshots "
@@ -380,15 +726,19 @@ def main() -> None:
                         "nnU-Net; 1 when other jobs share the machine: contended 2-thread barriers are 5-10x slower)")
     args = parser.parse_args()
 
-    work = Path(args.work) if args.work else default_work(args.labeled, args.iterations)
+    task = task_of(args)
+    work = Path(args.work) if args.work else default_work(task, args.iterations)
     budget = fixed_budget(work, args.iterations, args.points)
-    task = fixed_task(work, task_of(args), args.iterations)  # the same name as default_work
+    task = fixed_task(work, task, args.iterations)  # the same name as default_work
     env = environment(work, budget, args.np)
     if args.threads:
         env["SKCDF_CONV_THREADS"] = str(args.threads)
     log = work / "convergence.log"
     t0 = time.perf_counter()
     raw = prepare(args.dataset, env, log, args.np, args, Path(args.data_from) if args.data_from else None)
+    if args.stages == ["prepare"]:
+        print(f"{work}: prepared ({raw.name})", flush=True)
+        return
     pre = Path(env["nnUNet_preprocessed"]) / raw.name
     hidden = hidden_label_cases(pre, raw)
     for arm, fold in schedule(args.arms, args.runs, args.ablation_runs):
@@ -398,6 +748,11 @@ def main() -> None:
                 reevaluate(arm, fold, raw, work, env, log, budget, task, args.np)
             continue
         if "train" in args.stages:
+            if arm.pseudo_rounds:
+                waiting = pseudo_chain(arm, args.dataset, raw, env, log, args.np, work, budget, task)
+                if waiting:
+                    print(f"{arm.key} fold {fold}: {waiting}", flush=True)
+                    continue
             train(args.dataset, arm, fold, raw, env, log)
         if not (model_folder(env, raw, arm) / f"fold_{fold}" / "checkpoint_final.pth").exists():
             print(f"{arm.key} fold {fold}: not trained yet", flush=True)
@@ -421,9 +776,10 @@ def main() -> None:
 
 # ---------------------------------------------------------------------------------------------- the store
 def store_file(arm: Arm, fold: int, budget: dict, task: dict) -> Path:
-    """One file per arm, fold, task and budget (``a_fold0_4lab_4000it.json``, ``c_fold3_alllab_4000it.json``): a
+    """One file per arm, fold, task and budget (``a_fold0_4lab_4000it.json``, ``c_fold3_alllab_4000it.json``;
+    multi-site: ``a_fold0_4lab-siteA-ms_8000it.json``, ``c_fold3_alllab-siteA-ms_8000it.json``): a
     longer-budget check or a harder task is stored beside the main runs, never over them."""
-    return STORE / f"{arm.key}_fold{fold}_{arm_task(arm, task)['labeled']}lab_{budget['iterations']}it.json"
+    return STORE / f"{arm.key}_fold{fold}_{task_tag(arm_task(arm, task))}_{budget['iterations']}it.json"
 
 
 def stored(arm: Arm, fold: int, budget: dict, task: dict) -> bool:
@@ -452,6 +808,13 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
     rates = re.findall(r"SKCDF class keep-rates: (\[[^\]]*\])", log_text)
     epoch_s = np.array(logging["epoch_end_timestamps"]) - np.array(logging["epoch_start_timestamps"])
     curve = work / "curves" / f"{arm.key}_fold{fold}.json"
+    extra = {}
+    if arm.pseudo_rounds:  # the chain this run comes from: each round's summary, the earlier rounds' students
+        rounds = [json.loads(round_summary_file(work, r).read_text()) for r in range(1, arm.pseudo_rounds + 1)]
+        for r, summary in enumerate(rounds[:-1], start=1):
+            summary["students"] = [student_result(arm, r, f, raw, work, env, log, np_)
+                                   for f in range(P_STUDENT_FOLDS)]
+        extra["pseudo_rounds"] = rounds
     STORE.mkdir(parents=True, exist_ok=True)
     atomic_save_json({
         "arm": arm.key, "name": arm.name, "trainer": arm.trainer, "fold": fold, "budget": budget,
@@ -459,13 +822,13 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
         "commit": commit(), "date": datetime.date.today().isoformat(), "machine": machine(),
         "train_commits": json.loads((fold_dir / TRAIN_COMMITS).read_text()) if (fold_dir / TRAIN_COMMITS).exists()
         else None,  # runs trained before this was recorded: None
-        "train_epoch_s_median": float(np.median(epoch_s)),
+        "train_epoch_s_median": float(np.median(epoch_s)), "train_s": float(np.sum(epoch_s)),
         "curve": json.loads(curve.read_text()) if curve.exists() else None,
         "final_summary": json.loads((evaluation / "summary.json").read_text()),
         "lambda": [float(x) for x in logging.get("consistency_weight", [])],
         "train_pseudo_fractions": logging.get("pseudo_label_fractions", []),
         "keep_rates": json.loads(rates[-1]) if rates else None,
-        "prediction_folder": str(work / "predictions" / f"{arm.key}_fold{fold}")},
+        "prediction_folder": str(work / "predictions" / f"{arm.key}_fold{fold}"), **extra},
         str(store_file(arm, fold, budget, task)))
 
 
@@ -523,7 +886,7 @@ def summary_changes(old: dict, new: dict) -> List[str]:
 def load_store(budget: dict, task: dict, same: bool = True) -> Dict[str, list]:
     """{arm: [stored run, ...]} of this task and budget (``same``) or of this task and every other budget."""
     runs: Dict[str, list] = {}
-    for path in sorted(STORE.glob("*_fold*_*lab_*it.json")):
+    for path in sorted(STORE.glob("*_fold*_*lab*_*it.json")):
         run = json.loads(path.read_text())
         if run["arm"] in ARMS and run["task"] == arm_task(ARMS[run["arm"]], task) \
                 and (run["budget"] == budget) == same:
