@@ -19,6 +19,7 @@ from data_pipeline import machine, write_section
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PLATEAU_POINTS = 1.0  # the last quarter of the budget must add less than this many mean Dice points to (a), (c)
+ROOM_POINTS = 10.0  # issue 44: at the plateau the gap (a) -> (c) must be at least this (reported, not enforced)
 
 
 # ---------------------------------------------------------------------------------------------- class names
@@ -414,18 +415,227 @@ def missing_runs(arms: dict, chosen: List[str], n_runs: int, ablation_runs: int,
 
 
 def report_stem(task: dict, budget: dict) -> str:
-    """One report per task and budget: ``convergence_<n>lab_<iterations>it`` (JSON, PNGs, BENCHMARKS.md section);
-    each also lists the runs of the same task stored with other budgets."""
-    return f"convergence_{task['labeled']}lab_{budget['iterations']}it"
+    """One report per task and budget: ``convergence_<n>lab_<iterations>it``, multi-site
+    ``convergence_<n>lab-site<X>-ms_<iterations>it`` (JSON, PNGs, BENCHMARKS.md section); each also lists the
+    runs of the same task stored with other budgets."""
+    from convergence import task_tag
+
+    return f"convergence_{task_tag(task)}_{budget['iterations']}it"
+
+
+def plateau_arms(chosen: List[str]) -> tuple:
+    """The arms the plateau criterion applies to: (a) and (c), and (p) when the report's arms include it."""
+    return ("a", "c") + (("p",) if "p" in chosen else ())
+
+
+def _arm_list(keys, conjunction: str = "and") -> str:
+    names = [f"({k})" for k in keys]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {conjunction} {names[-1]}"
+
+
+# ---------------------------------------------------------------------------------------------- multi-site
+def site_tables(runs: Dict[str, list], sites: Dict[str, str], titles: Dict[str, str]) -> Optional[dict]:
+    """Final test Dice per site (test cases grouped by the site they come from): per arm, each run's mean over the
+    organs of the site's per-organ means (``skcdf_evaluate``'s way over all cases, restricted to the site), and the
+    per-organ means over runs. None on the original phantom (no sites)."""
+    from convergence import ARMS, dice_by_site
+
+    if not sites:
+        return None
+    out: dict = {"sites": sorted(set(sites.values())), "cases": {}, "arms": {}}
+    for key in ARMS:
+        stored = runs.get(key, [])
+        if not stored:
+            continue
+        per_run = [dice_by_site(r["final_summary"], sites) for r in stored]
+        if not out["cases"]:
+            names = [Path(c["reference_file"]).name.split(".")[0]
+                     for c in stored[0]["final_summary"]["metric_per_case"]]
+            out["cases"] = {site: sum(1 for n in names if sites.get(n) == site) for site in out["sites"]}
+        out["arms"][key] = {
+            "name": arm_name(stored[0]), "runs": len(stored),
+            "mean": {site: [_mean(d[site]) for d in per_run if site in d] for site in out["sites"]},
+            "all": [final_mean_dice(r) for r in stored],
+            "per_organ": {site: {titles.get(k, k): 100 * float(np.nanmean([d[site][k] for d in per_run if site in d]))
+                                 for k in titles} for site in out["sites"]}}
+    return out
+
+
+def _pm(values: List[float]) -> str:
+    if not values:
+        return "-"
+    return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
+
+
+def site_markdown(t: Optional[dict]) -> str:
+    if not t or not t["arms"]:
+        return ""
+    head = " | ".join(f"site {s} ({t['cases'].get(s, 0)})" for s in t["sites"])
+    rows = "\n".join(f"| ({k}) {x['name']} | {x['runs']} | " + " | ".join(_pm(x["mean"][s]) for s in t["sites"])
+                     + f" | {_pm(x['all'])} |" for k, x in t["arms"].items())
+    organs = list(next(iter(t["arms"].values()))["per_organ"][t["sites"][0]])
+    per_organ = "\n\n".join(
+        f"Site {s}, per organ (mean over runs):\n\n| arm | " + " | ".join(organs) + " |\n|---|"
+        + "---|" * len(organs) + "\n" + "\n".join(
+            f"| ({k}) | " + " | ".join(f"{x['per_organ'][s][o]:.1f}" for o in organs) + " |"
+            for k, x in t["arms"].items()) for s in t["sites"])
+    return ("Per site: final test Dice of the test cases of each site (number of cases in brackets; mean over the "
+            "organs of the site's per-organ means, mean ± sd over runs):\n\n"
+            f"| arm | runs | {head} | all |\n|---|---|" + "---|" * (len(t["sites"]) + 1) + "\n" + rows
+            + "\n\n" + per_organ)
+
+
+def pseudo_site_table(runs: Dict[str, list]) -> Dict[str, dict]:
+    """Per SKCDF arm: ``D_l``'s pseudo labels on the hidden-label training cases at the last curve snapshot, per
+    site (mean over organs, mean over the runs that measured them) and the number of cases per site."""
+    out = {}
+    for key, stored in sorted(runs.items()):
+        points = [r["curve"][str(max(map(int, r["curve"])))] for r in stored if r.get("curve")]
+        points = [p for p in points if "pseudo_dice_per_site" in p]
+        if not points:
+            continue
+        sites = sorted(points[0]["pseudo_dice_per_site"])
+        out[key] = {"runs": len(points), "cases": points[0].get("pseudo_cases_per_site", {}),
+                    "sites": {s: [_mean(p["pseudo_dice_per_site"][s]) for p in points if s in p["pseudo_dice_per_site"]]
+                              for s in sites}}
+    return out
+
+
+def pseudo_rounds_of(runs: Dict[str, list], key: str = "p") -> List[dict]:
+    """The rounds of the pseudo-labelling arm (shared by its runs: one chain per work folder), from its first
+    stored run."""
+    return next((r["pseudo_rounds"] for r in runs.get(key, []) if r.get("pseudo_rounds")), [])
+
+
+def _dice_or_dash(d: Optional[Dict[str, float]]) -> str:
+    return "-" if not d else f"{_mean(d):.1f}"
+
+
+def pseudo_markdown(skcdf: Dict[str, dict], rounds: List[dict]) -> str:
+    parts = []
+    if skcdf:
+        sites = sorted({s for x in skcdf.values() for s in x["sites"]})
+        rows = "\n".join(f"| ({k}) | {x['runs']} | " + " | ".join(_pm(x["sites"].get(s, [])) for s in sites) + " |"
+                         for k, x in skcdf.items())
+        cases = next(iter(skcdf.values()))["cases"]
+        parts.append("SKCDF's pseudo labels per site (`D_l` on the hidden-label training cases, last snapshot, mean "
+                     "Dice over organs, mean ± sd over the runs that measured them; cases per site in brackets):\n\n"
+                     "| arm | runs | " + " | ".join(f"site {s} ({cases.get(s, '?')})" for s in sites) + " |\n"
+                     "|---|---|" + "---|" * len(sites) + "\n" + rows)
+    if rounds:
+        rows = []
+        for r in rounds:
+            sites = " ; ".join(f"{s}: {x['kept']}/{x['pool']}, {_dice_or_dash(x['pseudo_dice'])} "
+                               f"({_dice_or_dash(x['pseudo_dice_kept'])})" for s, x in r["per_site"].items())
+            students = r.get("students") or []
+            student_text = (f"{_pm([_mean(x['test_dice']) for x in students])} over {len(students)}, "
+                            f"{np.mean([x['train_s'] for x in students]) / 3600:.1f} h each"
+                            if students else "the (p) runs")
+            teachers = f"{len(r['teachers'] or [])} x {(r['teachers'] or [{}])[0].get('trainer', '?')}"
+            seconds = f"{r['seconds'] / 60:.0f}" if r.get("seconds") is not None else "?"
+            rows.append(f"| {r['round']} | {teachers} | {r['kept']}/{r['pool']} | {sites} | "
+                        f"{_dice_or_dash(r['pseudo_dice'])} / {_dice_or_dash(r['pseudo_dice_kept'])} | {seconds} | "
+                        f"{student_text} |")
+        threshold = rounds[0].get("threshold")
+        parts.append(f"(p) rounds (`skcdf_pseudolabel`, threshold {threshold}: a case is kept when its teachers' "
+                     "mean organ Dice agreement, and from round 2 its agreement with the previous round, is at least "
+                     "that). Pseudo-label Dice against the hidden labels of the hidden-label training cases (the "
+                     "round never reads them): all cases of the pool / the kept ones (imagesUnlabeled cases have no "
+                     "label); per site: kept/pool, Dice all (kept):\n\n"
+                     "| round | teachers | kept/pool | per site | pseudo-label Dice all / kept | "
+                     "skcdf_pseudolabel min | students: test mean Dice, training |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- room, cost, (p) vs (d)
+def room(aggregate: dict, arms: dict) -> Optional[dict]:
+    """Issue 44's room check: the final (a) -> (c) gap in mean Dice points and whether it is >= ROOM_POINTS."""
+    by = {m["name"]: m for m in aggregate["methods"]}
+    a, c = by.get(arms["a"].name), by.get(arms["c"].name)
+    if a is None or c is None:
+        return None
+    gap = 100 * (c["average"]["Dice"]["mean"] - a["average"]["Dice"]["mean"])
+    return {"a": 100 * a["average"]["Dice"]["mean"], "c": 100 * c["average"]["Dice"]["mean"], "gap": gap,
+            "met": gap >= ROOM_POINTS}
+
+
+def room_line(x: Optional[dict]) -> str:
+    if x is None:
+        return "Room (a) -> (c): not known yet (needs a final result of both)."
+    verdict = (f"at least {ROOM_POINTS:.0f}: met" if x["met"] else
+               f"under {ROOM_POINTS:.0f}: **not met** (reported, not enforced: the remedy is a harder site shift or "
+               "fewer labelled cases, never a shorter training)")
+    return (f"Room to show anything: (a) {x['a']:.1f} -> (c) {x['c']:.1f}, a gap of {x['gap']:.1f} mean Dice points, "
+            f"{verdict}.")
+
+
+def versus(aggregate: dict, arms: dict, first: str = "p", second: str = "d") -> Optional[dict]:
+    """Final mean Dice of arm ``first`` against ``second`` (the practitioner's pseudo-labelling against SKCDF)."""
+    by = {m["name"]: m for m in aggregate["methods"]}
+    x, y = by.get(arms[first].name), by.get(arms[second].name)
+    if x is None or y is None:
+        return None
+    dx, dy = 100 * x["average"]["Dice"]["mean"], 100 * y["average"]["Dice"]["mean"]
+    return {first: dx, second: dy, "runs": {first: len(x.get("runs", [])), second: len(y.get("runs", []))},
+            "difference": dx - dy}
+
+
+def versus_line(v: Optional[dict], first: str = "p", second: str = "d") -> str:
+    if v is None:
+        return ""
+    d = v["difference"]
+    who = (f"({first}) beats ({second}) by {d:.1f}" if d > 0 else f"({first}) trails ({second}) by {-d:.1f}"
+           if d < 0 else f"({first}) and ({second}) tie")
+    return (f"The practitioner's baseline against SKCDF: ({first}) {v[first]:.1f} ({v['runs'][first]} run(s)), "
+            f"({second}) {v[second]:.1f} ({v['runs'][second]} run(s)): {who} mean Dice points.")
+
+
+def cost_per_arm(runs: Dict[str, list], budget: dict) -> Dict[str, dict]:
+    """Training hours per run of each arm (the sum of its epochs; runs stored before that was recorded: the median
+    epoch x epochs, marked estimated); for (p) also its chain, paid once for all its runs: the rounds'
+    ``skcdf_pseudolabel`` and the earlier rounds' students (round 1's teachers are (a)'s runs; those trained again
+    in (p)'s work folder are counted)."""
+    out = {}
+    for key, stored in sorted(runs.items()):
+        hours = [(r["train_s"] if r.get("train_s") is not None else r["train_epoch_s_median"] * budget["epochs"]) / 3600
+                 for r in stored]
+        out[key] = {"runs": len(stored), "hours_per_run": float(np.mean(hours)),
+                    "estimated": any(r.get("train_s") is None for r in stored)}
+    rounds = pseudo_rounds_of(runs)
+    if rounds:
+        retrained = [t["train_s"] or 0.0 for t in rounds[0].get("teacher_runs", []) if not t.get("stored_run")]
+        out["p"]["chain"] = {
+            "pseudolabel_h": sum((r.get("seconds") or 0.0) for r in rounds) / 3600,
+            "students_h": sum((x.get("train_s") or 0.0) for r in rounds for x in r.get("students") or []) / 3600,
+            "teachers_retrained": len(retrained), "teachers_retrained_h": sum(retrained) / 3600}
+    return out
+
+
+def cost_markdown(cost: Dict[str, dict]) -> str:
+    if not cost:
+        return ""
+    rows = "\n".join(f"| ({k}) | {x['runs']} | {x['hours_per_run']:.2f}{' (estimated)' if x['estimated'] else ''} |"
+                     for k, x in cost.items())
+    text = ("Cost: training hours per run (sum of the epochs' times; estimated = median epoch x epochs, for runs "
+            "stored before the sum was recorded):\n\n| arm | runs | training h per run |\n|---|---|---|\n" + rows)
+    chain = cost.get("p", {}).get("chain")
+    if chain:
+        text += (f"\n\n(p)'s chain, paid once for all its runs: skcdf_pseudolabel {chain['pseudolabel_h']:.2f} h over "
+                 f"the rounds, the earlier rounds' students {chain['students_h']:.2f} h; round 1's teachers are (a)'s "
+                 "runs" + (f" ({chain['teachers_retrained']} of them trained again in this work folder, "
+                           f"{chain['teachers_retrained_h']:.2f} h: the stored (a) runs' checkpoints were elsewhere)"
+                           if chain["teachers_retrained"] else "") + ".")
+    return text
 
 
 def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewhere: Dict[str, list], raw: Path,
            work: Path, wall_s: float) -> None:
-    from convergence import ARMS, SMALLEST
+    from convergence import ARMS, SMALLEST, case_sites
     from nnunetv2_skcdf.utilities.io import atomic_output
     from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
 
     dataset_json = json.loads((raw / "dataset.json").read_text())
+    sites = case_sites(raw)
     titles = class_titles(dataset_json)
     small_keys = [k for k, t in titles.items() if t in SMALLEST]
     curves = curve_table(runs, small_keys)
@@ -445,6 +655,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     goal = goals_per_arm(final["aggregate"], ARMS, list(SMALLEST)) if final else {}
     islands = islands_per_run(final["aggregate"], list(SMALLEST)) if final else {}
     gaps = gap_per_organ(final["aggregate"], ARMS, runs) if final else None
+    baselines = plateau_arms(args.arms)
     overlays = {}  # figure name -> its lines (arm: median case, slice)
     local = {}  # per arm, its first run whose predictions are in this work folder
     for k, rs in runs.items():
@@ -475,11 +686,17 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
                "curves": curves, "plateau": plateaus, "other_budgets": others, "goals": goal, "diagnostics": diag,
                "final_table": final["table"] if final else None, "islands_per_run": islands,
-               "gap_per_organ": gaps,
+               "gap_per_organ": gaps, "plateau_arms": list(baselines),
+               "regime": regime(plateaus, others, budget["iterations"], baselines),
+               "room": room(final["aggregate"], ARMS) if final else None,
+               "versus": versus(final["aggregate"], ARMS) if final else None,
+               "per_site": site_tables(runs, sites, titles), "pseudo_per_site": pseudo_site_table(runs),
+               "pseudo_rounds": pseudo_rounds_of(runs), "cost": cost_per_arm(runs, budget),
                **{name: overlays.get(name, []) for name in OVERLAYS}}
     with atomic_output(str(result_file)) as tmp:
         Path(tmp).write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print(json.dumps({k: results[k] for k in ("status", "missing_runs", "plateau", "goals")}, indent=1, default=str))
+    print(json.dumps({k: results[k] for k in ("status", "missing_runs", "plateau", "room", "versus", "goals")},
+                     indent=1, default=str))
     write_section(stem, markdown(results, figures))
 
 
@@ -493,12 +710,22 @@ def commit() -> str:
 
 def task_line(task: dict) -> str:
     other = f"{task['num_train'] - int(task['val'])}" if str(task["val"]).isdigit() else "non-validation"
+    if task.get("sites"):
+        sites, site = ", ".join(task["sites"]), task["labelled_site"]
+        hidden = task["num_train"] - int(task["val"]) - int(task["labeled"])
+        return (f"Task: multi-site phantom (`skcdf_make_phantom --sites {' '.join(task['sites'])}`: sites {sites}, "
+                f"case i of every role from site i mod {len(task['sites'])}) with {task['num_train']} training cases: "
+                f"{task['val']} validation and {task['labeled']} labelled cases, all of site {site} (its first "
+                f"training cases), the other {hidden} of every site with hidden labels; {task['num_unlabeled']} "
+                f"imagesUnlabeled images of every site; {task['num_test']} test cases of every site; (c) trains on "
+                f"all {other} non-validation training cases, every site, with labels. Split written by `skcdf_split "
+                f"--import-lists` from lists made of phantom_cases.json.")
     return (f"Task: phantom with {task['num_train']} training cases ({task['val']} validation, {task['labeled']} of "
             f"the other {other} labelled, the rest with hidden labels), {task['num_unlabeled']} imagesUnlabeled "
             f"images, {task['num_test']} test cases; (c) trains on all {other} with labels.")
 
 
-def longer_budget_gains(others: List[dict], iterations: int) -> List[dict]:
+def longer_budget_gains(others: List[dict], iterations: int, arms: tuple = ("a", "c")) -> List[dict]:
     """(a) and (c) runs stored with a longer budget beside the same fold at this one: what the longer schedule
     adds at its end (a last quarter that adds little can still sit below a longer schedule's end: the poly
     schedule anneals whatever the budget). One entry per arm and longer budget: ``gain`` is the mean over the
@@ -507,7 +734,7 @@ def longer_budget_gains(others: List[dict], iterations: int) -> List[dict]:
     fold 1 over 8000). ``fold_gains`` keeps each fold's."""
     groups: Dict[tuple, List[dict]] = {}
     for x in others:
-        if x["arm"] in ("a", "c") and x["iterations"] > iterations and x["this_budget_mean"] is not None:
+        if x["arm"] in arms and x["iterations"] > iterations and x["this_budget_mean"] is not None:
             groups.setdefault((x["arm"], x["iterations"]), []).append(x)
     out = []
     for (arm, its), xs in sorted(groups.items()):
@@ -531,17 +758,26 @@ def _per_fold(x: dict) -> str:
             + ", ".join(f"{g:+.1f}" for g in x["fold_gains"]) + ")")
 
 
-def regime(plateaus: Dict[str, Optional[dict]], others: List[dict] = (), iterations: int = 0) -> str:
-    """Whether this budget is the converged regime: (a) and (c) both meet the plateau criterion, and no longer
-    budget stored for (a) or (c) adds as much as the criterion, on the mean of the folds stored at both."""
-    longer = longer_budget_gains(list(others), iterations)
+def regime(plateaus: Dict[str, Optional[dict]], others: List[dict] = (), iterations: int = 0,
+           arms: tuple = ("a", "c")) -> str:
+    """Whether this budget is the converged regime: the baselines ``arms`` ((a) and (c); (p) too where the report's
+    arms include it) all meet the plateau criterion, and no longer budget stored for one of them adds as much as the
+    criterion, on the mean of the folds stored at both. A baseline beyond (a) and (c) without a stored curve yet is
+    named after the verdict on the others (it does not hide theirs)."""
+    pending = [k for k in arms if k not in ("a", "c") and plateaus.get(k) is None]
+    verdict = _regime(plateaus, others, iterations, tuple(k for k in arms if k not in pending))
+    return verdict + (f" {_arm_list(pending)}: no stored curve at this budget yet." if pending else "")
+
+
+def _regime(plateaus: Dict[str, Optional[dict]], others: List[dict], iterations: int, arms: tuple) -> str:
+    longer = longer_budget_gains(list(others), iterations, arms)
     beaten = [x for x in longer if x["gain"] >= PLATEAU_POINTS]
     if beaten:
         return ("**not converged**: " + ", ".join(
             f"{_which(x)} reaches {x['mean']:.1f} with {x['iterations']} iterations, "
             f"{x['gain']:+.1f} over its {x['this_budget_mean']:.1f} here{_per_fold(x)}" for x in beaten)
             + f" (criterion < {PLATEAU_POINTS}), whatever the last quarter adds; compare arms at the longer budget.")
-    status = {k: plateaus.get(k) for k in ("a", "c")}
+    status = {k: plateaus.get(k) for k in arms}
     if any(p is None for p in status.values()):
         return "plateau not known yet (" + ", ".join(f"({k})" for k, p in status.items() if p is None) + \
             " has no stored curve at this budget)."
@@ -549,8 +785,8 @@ def regime(plateaus: Dict[str, Optional[dict]], others: List[dict] = (), iterati
         checked = ("; a longer budget adds " + ", ".join(f"{x['gain']:+.1f} to {_which(x)} "
                                                         f"({x['iterations']} iterations){_per_fold(x)}"
                                                         for x in longer)
-                   if longer else "; no longer budget stored for (a) or (c) yet")
-        return (f"**converged**: (a) and (c) gain < {PLATEAU_POINTS} mean Dice point over the last quarter "
+                   if longer else f"; no longer budget stored for {_arm_list(arms, 'or')} yet")
+        return (f"**converged**: {_arm_list(arms)} gain < {PLATEAU_POINTS} mean Dice point over the last quarter "
                 f"(table below){checked}.")
     return ("**short budget, not converged**: " + ", ".join(f"({k}) gains {p['gain']:+.1f}" for k, p in
                                                               status.items() if not p["met"])
@@ -596,9 +832,17 @@ def markdown(r: dict, figures: dict) -> str:
     goal_text = json.dumps(g, indent=1, default=lambda x: round(x, 2) if isinstance(x, float) else str(x)) \
         if g else "no final table yet"
     labelled = f"{r['task']['labeled']} labelled cases"
+    if r["task"].get("sites"):
+        labelled += f" of site {r['task']['labelled_site']}, multi-site phantom ({', '.join(r['task']['sites'])})"
+    baselines = tuple(r.get("plateau_arms", ("a", "c")))
+    extra = "\n\n".join(x for x in (site_markdown(r.get("per_site")),
+                                      pseudo_markdown(r.get("pseudo_per_site") or {}, r.get("pseudo_rounds") or []),
+                                      cost_markdown(r.get("cost") or {})) if x)
     return f"""## Accuracy against nnU-Net, {labelled}, {r['budget']['iterations']} iterations (`benchmarks/convergence.py`) — status: **{r['status']}**
 
-Regime: {regime(r['plateau'], r['other_budgets'], r['budget']['iterations'])}
+Regime: {regime(r['plateau'], r['other_budgets'], r['budget']['iterations'], baselines)}
+
+{room_line(r.get('room'))} {versus_line(r.get('versus'))}
 
 Command: `{r['command']}` — {r['date']} — commit {r['commit']} — {r['machine']}.
 Runs stored in `benchmarks/results/convergence/` (arm: fold, commit, date): {r['stored_runs'] or 'none'}.
@@ -608,7 +852,7 @@ Runs still missing: {r['missing_runs'] or 'none'}. Median training epoch (50 ite
 Budget: {r['budget']['iterations']} iterations per arm (epochs of 50, nnU-Net's poly schedule over the budget),
 curve points at iterations {its}. Test-set Dice in these curves: nnU-Net sliding window on the preprocessed grid
 (`convergence_eval.py`); the final table below: stock `nnUNetv2_predict` + `skcdf_evaluate`.
-Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean Dice point to (a) and (c).
+Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean Dice point to {_arm_list(baselines)}.
 
 | arm | runs | final mean Dice | final 4 smallest | last-quarter gain (plateau) |
 |---|---|---|---|---|
@@ -623,6 +867,8 @@ Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean D
 {islands}
 
 {gap_markdown(r.get("gap_per_organ"))}
+
+{extra}
 
 Goals of each SKCDF arm with a final result against (a), gap (a)->(c); (d) = SKCDFTrainer's defaults since 0.4.0, (g) = 0.3's, (b) = up to 0.2:
 ```
