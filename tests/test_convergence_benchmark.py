@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -71,7 +72,7 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
     expected = {"b": "exclude", "g": "exclude", "i": "exclude",
                 "d": "multiply", "e1": "multiply", "f": "multiply", "h": "multiply", "j": "multiply", "k": "multiply",
                 "l": "multiply"}
-    assert set(expected) | {"a", "c", "e2"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
+    assert set(expected) | {"a", "c", "e2", "p"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
     for key, masking in expected.items():
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")
         trainer = trainer_factory(cls)
@@ -541,3 +542,401 @@ def test_skcdf_curves_evaluate_the_hidden_label_cases_unless_none_are_given(tmp_
     assert "--hidden" not in test_only and "--hidden" not in nnunet  # --no-pseudo-curves; a plain nnU-Net arm
     assert with_hidden[with_hidden.index("--epochs") + 1] == "30,240"
     assert test_only[test_only.index("--out") + 1] == str(tmp_path / "curves" / "d_fold0.json")
+
+
+# ---------------------------------------------------------------------------------------------- the multi-site task
+MS = {"num_train": 40, "num_unlabeled": 24, "num_test": 16, "val": "4", "labeled": "4", "sites": ["A", "B", "C", "D"],
+      "labelled_site": "A"}
+
+
+def _phantom_cases(counts=(("tr", 40), ("ts", 16), ("un", 24)), sites="ABCD") -> dict:
+    """phantom_cases.json's 'cases' as skcdf_make_phantom --sites writes them: case i of every role from site i mod n."""
+    return {f"phantom_{role}_{i:04d}": {"site": sites[i % len(sites)], "role": role, "phase": "x"}
+            for role, n in counts for i in range(n)}
+
+
+def _args(**kw):
+    import argparse
+
+    base = dict(num_train=None, num_unlabeled=None, num_test=None, val="4", labeled="4", sites=None,
+                labelled_site=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_the_task_of_the_original_phantom_keeps_its_keys_and_the_multisite_task_adds_its_sites():
+    assert C.task_of(_args()) == TASK  # exactly the keys its stored runs were matched on
+    assert C.task_of(_args(labeled="2", num_test=8)) == {**TASK, "labeled": "2"}
+    assert C.task_of(_args(sites=["all"])) == MS  # sizes of the multi-site task: 10 / 4 / 6 cases per site
+    assert C.task_of(_args(sites=["all"], labelled_site="C", num_test=20))["labelled_site"] == "C"
+    assert C.task_of(_args(sites=["B", "A"]))["labelled_site"] == "B"  # the first site by default
+    with pytest.raises(SystemExit, match="must cover every site"):
+        C.task_of(_args(sites=["all"], num_test=3))
+    with pytest.raises(SystemExit, match="--labelled-site E is not one of --sites A B C D"):
+        C.task_of(_args(sites=["all"], labelled_site="E"))
+    with pytest.raises(SystemExit, match="--labelled-site needs --sites"):
+        C.task_of(_args(labelled_site="A"))
+    with pytest.raises(SystemExit, match="counts"):
+        C.task_of(_args(sites=["all"], labeled="0.2"))
+    with pytest.raises(SystemExit, match="Unknown site"):
+        C.task_of(_args(sites=["Z"]))
+
+
+def test_multisite_split_labels_and_validates_one_site_and_stock_skcdf_split_imports_it(tmp_path):
+    from nnunetv2_skcdf.splits.published_lists import read_published_lists
+    from nnunetv2_skcdf.splits.semi_supervised_splits import compute_semi_supervised_splits
+
+    cases = _phantom_cases()
+    lists = C.multisite_lists(cases, "A", 4, 4)
+    assert lists["val"] == ["phantom_tr_0000", "phantom_tr_0004", "phantom_tr_0008", "phantom_tr_0012"]
+    assert lists["labeled"] == ["phantom_tr_0016", "phantom_tr_0020", "phantom_tr_0024", "phantom_tr_0028"]
+    assert {cases[c]["site"] for c in lists["val"] + lists["labeled"]} == {"A"}
+    hidden = lists["unlabeled"]
+    assert len(hidden) == 32 and {cases[c]["site"] for c in hidden} == {"A", "B", "C", "D"}
+    assert sum(cases[c]["site"] == "A" for c in hidden) == 2
+    assert sorted(hidden + lists["val"] + lists["labeled"]) == sorted(c for c in cases if "_tr_" in c)
+    # validation first: another labelled count keeps the validation cases, hence the same bound (c)
+    assert C.multisite_lists(cases, "A", 2, 4)["val"] == lists["val"]
+    assert {cases[c]["site"] for c in C.multisite_lists(cases, "C", 4, 4)["labeled"]} == {"C"}
+    with pytest.raises(SystemExit, match=r"site A has 10 training cases, fewer than --val 4 \+ --labeled 7"):
+        C.multisite_lists(cases, "A", 7, 4)
+
+    ratio = C.task_tag(MS)
+    C.write_lists(lists, tmp_path / "lists", ratio)
+    assert sorted(p.name for p in (tmp_path / "lists").iterdir()) == [
+        "eval.txt", "labeled_4lab-siteA-ms.txt", "unlabeled_4lab-siteA-ms.txt"]
+    training = sorted(c for c in cases if "_tr_" in c)
+    unlabelled_images = sorted(c for c in cases if "_un_" in c)
+    result = compute_semi_supervised_splits(training, unlabelled_images,
+                                            imported=read_published_lists(str(tmp_path / "lists"), ratio),
+                                            add_unlabeled_images=True, folds=3)  # what skcdf_split --import-lists does
+    assert len(result.folds) == 3 and all(f == result.folds[0] for f in result.folds)
+    fold = result.folds[0]
+    assert fold["train"] == lists["labeled"] and fold["val"] == lists["val"]
+    assert fold["unlabeled"] == sorted(hidden + unlabelled_images)
+    assert not result.notes  # every training case is in a list
+
+    # the bound (c): every non-validation training case of every site labelled, the same validation cases
+    raw, pre = tmp_path / "raw", tmp_path / "pre"
+    (raw / "imagesTr").mkdir(parents=True), pre.mkdir()
+    for c in training:
+        (raw / "imagesTr" / f"{c}_0000.nii.gz").touch()
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "x": 1},
+                                                  "numTraining": 40, "file_ending": ".nii.gz"}))
+    (pre / "splits_final.json").write_text(json.dumps(result.folds))
+    C.add_all_labelled_folds(pre, raw)
+    splits = json.loads((pre / "splits_final.json").read_text())
+    assert len(splits) == 6 and splits[:3] == result.folds
+    assert all(f["train"] == sorted(lists["labeled"] + hidden) and f["val"] == lists["val"] and not f["unlabeled"]
+               for f in splits[3:])
+    assert C.hidden_label_cases(pre, raw) == sorted(hidden)  # SKCDF's diagnostics: hidden-label cases, all sites
+
+
+def test_the_multisite_test_set_covers_every_site(tmp_path):
+    cases = _phantom_cases()
+    assert C.check_test_sites(cases, ["A", "B", "C", "D"]) == {"A": 4, "B": 4, "C": 4, "D": 4}
+    too_few = _phantom_cases((("tr", 40), ("ts", 3), ("un", 0)))
+    with pytest.raises(SystemExit, match=r"cover every site: test cases per site \{'A': 1, 'B': 1, 'C': 1, 'D': 0\}"):
+        C.check_test_sites(too_few, ["A", "B", "C", "D"])
+    (tmp_path / "phantom_cases.json").write_text(json.dumps({"cases": cases}))
+    assert C.case_sites(tmp_path)["phantom_ts_0005"] == "B" and len(C.case_sites(tmp_path)) == 80
+    assert C.case_sites(tmp_path / "original") == {}  # the original phantom: no sites
+
+
+def test_store_names_of_the_multisite_task_and_of_arm_p_leave_every_stored_name_unchanged(tmp_path, monkeypatch):
+    budget = {"iterations": 8000}
+    a, c, p = C.ARMS["a"], C.ARMS["c"], C.ARMS["p"]
+    assert C.store_file(a, 0, budget, MS).name == "a_fold0_4lab-siteA-ms_8000it.json"
+    assert C.store_file(c, 3, budget, MS).name == "c_fold3_alllab-siteA-ms_8000it.json"
+    assert C.store_file(p, 1, budget, MS).name == "p_fold1_4lab-siteA-ms_8000it.json"
+    assert C.store_file(p, 0, budget, {**TASK, "labeled": "2"}).name == "p_fold0_2lab_8000it.json"
+    assert C.store_file(a, 0, budget, {**MS, "sites": ["A", "C"]}).name == "a_fold0_4lab-siteA-msAC_8000it.json"
+    assert C.store_file(a, 0, budget, {**MS, "labelled_site": "B"}).name == "a_fold0_4lab-siteB-ms_8000it.json"
+    assert R.report_stem(MS, budget) == "convergence_4lab-siteA-ms_8000it"
+    assert C.default_work(MS, 8000).name == "convergence_4lab-siteA-ms_8000"
+    assert C.default_work({**TASK, "labeled": "2"}, 8000).name == "convergence_2lab_8000"
+    # every run stored so far is found under its own name, with its own task and budget
+    stored = sorted(C.STORE.glob("*.json"))
+    assert len(stored) >= 31
+    for path in stored:
+        run = json.loads(path.read_text())
+        arm = C.ARMS[run["arm"]]
+        task = {**run["task"], "labeled": "4"} if arm.all_labelled else run["task"]
+        assert C.store_file(arm, run["fold"], run["budget"], task) == path
+        assert C.stored(arm, run["fold"], run["budget"], task)
+    # the two tasks' stores do not mix
+    monkeypatch.setattr(C, "STORE", tmp_path)
+    two = {**TASK, "labeled": "2"}
+    for arm, fold, task in ((a, 0, two), (c, 3, two), (a, 0, MS), (c, 3, MS), (p, 0, MS), (p, 0, two)):
+        run = {"arm": arm.key, "fold": fold, "budget": budget, "task": C.arm_task(arm, task)}
+        C.store_file(arm, fold, budget, task).write_text(json.dumps(run))
+    ms_runs, two_runs = C.load_store(budget, MS), C.load_store(budget, two)
+    assert {k: [r["task"].get("sites") for r in v] for k, v in ms_runs.items()} == {
+        "a": [MS["sites"]], "c": [MS["sites"]], "p": [MS["sites"]]}
+    assert all(r["task"].get("sites") is None for v in two_runs.values() for r in v) and set(two_runs) == {"a", "c", "p"}
+    assert C.stored(c, 3, budget, MS) and C.stored(c, 3, budget, two) and not C.stored(c, 4, budget, MS)
+
+
+def test_copying_a_phantom_refuses_one_of_other_sites(tmp_path):
+    source = _work_folder(tmp_path / "four", TASK)
+    raw, pre = tmp_path / "ms" / "nnUNet_raw", tmp_path / "ms" / "nnUNet_preprocessed"
+    raw.mkdir(parents=True), pre.mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"another phantom \(\{'sites': \(None, \['A', 'B', 'C', 'D'\]\)\}"):
+        C.copy_phantom(source, raw, pre, "962", {**MS, "num_train": 24, "num_unlabeled": 12, "num_test": 8})
+
+
+def _summary(cases: dict) -> dict:
+    """skcdf_evaluate's per-case metrics: {case: {class: Dice}}."""
+    return {"metric_per_case": [{"reference_file": f"/x/labelsTs/{c}.nii.gz", "prediction_file": f"/p/{c}.nii.gz",
+                                 "metrics": {k: {"Dice": v} for k, v in d.items()}} for c, d in cases.items()],
+            "mean": {k: {"Dice": float(np.nanmean([d[k] for d in cases.values()]))} for k in ("1", "2")}}
+
+
+def test_per_site_grouping_of_final_dice_curves_and_reports():
+    import convergence_eval as E
+
+    sites = {"phantom_ts_0000": "A", "phantom_ts_0001": "B", "phantom_ts_0002": "A", "phantom_ts_0003": "B",
+             "phantom_tr_0001": "B"}
+    nan = float("nan")
+    one = _summary({"phantom_ts_0000": {"0": 1.0, "1": 0.8, "2": 0.9},
+                    "phantom_ts_0001": {"0": 1.0, "1": 0.4, "2": 0.6},
+                    "phantom_ts_0002": {"0": 1.0, "1": 0.6, "2": nan},
+                    "phantom_ts_0003": {"0": 1.0, "1": 0.2, "2": 0.5}})
+    by_site = C.dice_by_site(one, sites)
+    assert by_site["A"] == pytest.approx({"1": 0.7, "2": 0.9})  # an organ absent from a case: left out of its mean
+    assert by_site["B"] == pytest.approx({"1": 0.3, "2": 0.55})
+    # the curves' per-site means: the same grouping on convergence_eval's per-case Dice
+    per_case = {"phantom_ts_0000": {"1": 0.8}, "phantom_ts_0002": {"1": 0.6}, "phantom_ts_0001": {"1": 0.4},
+                "elsewhere": {"1": 0.0}}
+    assert E.per_site(per_case, sites) == {"A": pytest.approx({"1": 0.7}), "B": pytest.approx({"1": 0.4})}
+    assert E.per_site(per_case, {}) == {}
+
+    two = _summary({c: {"0": 1.0, "1": 0.5, "2": 0.5} for c in sites if "_ts_" in c})
+    runs = {"a": [{"arm": "a", "final_summary": one}, {"arm": "a", "final_summary": two}],
+            "p": [{"arm": "p", "final_summary": two}]}
+    t = R.site_tables(runs, sites, {"1": "Sp", "2": "Li"})
+    assert t["sites"] == ["A", "B"] and t["cases"] == {"A": 2, "B": 2} and list(t["arms"]) == ["a", "p"]
+    assert t["arms"]["a"]["mean"]["A"] == pytest.approx([80.0, 50.0]) and t["arms"]["a"]["runs"] == 2
+    assert t["arms"]["a"]["per_organ"]["B"] == pytest.approx({"Sp": 40.0, "Li": 52.5})
+    text = R.site_markdown(t)
+    assert "| arm | runs | site A (2) | site B (2) | all |" in text
+    assert "| (a) nnU-Net (labelled only) | 2 | 65.0 ± 15.0 | 46.2 ± 3.7 | 54.2 ± 4.2 |" in text
+    assert "Site B, per organ (mean over runs):\n\n| arm | Sp | Li |" in text and "| (p) | 50.0 | 50.0 |" in text
+    assert R.site_tables(runs, {}, {"1": "Sp"}) is None and R.site_markdown(None) == ""
+
+    # SKCDF's pseudo labels per site, from the last curve point of the runs that measured them
+    point = {"pseudo_dice_per_site": {"A": {"1": 0.9, "2": 0.7}, "B": {"1": 0.5, "2": 0.5}},
+             "pseudo_cases_per_site": {"A": 2, "B": 10}}
+    skcdf = R.pseudo_site_table({"d": [{"curve": {"20": {"test_dice": {}}, "160": point}},
+                                       {"curve": {"160": {"test_dice": {"1": 0.5}}}}],  # --no-pseudo-curves
+                                 "a": [{"curve": {"160": {"test_dice": {"1": 0.5}}}}]})
+    assert skcdf == {"d": {"runs": 1, "cases": {"A": 2, "B": 10}, "sites": {"A": [pytest.approx(80.0)],
+                                                                           "B": [pytest.approx(50.0)]}}}
+    assert "| (d) | 1 | 80.0 | 50.0 |" in R.pseudo_markdown(skcdf, [])
+    assert "site A (2) | site B (10)" in R.pseudo_markdown(skcdf, [])
+
+
+def _nifti(array, path: Path) -> None:
+    import SimpleITK as sitk
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(np.asarray(array, np.uint8)), str(path))
+
+
+def test_a_round_summary_scores_pseudo_labels_against_hidden_labels_per_site(tmp_path):
+    source, round_raw = tmp_path / "Dataset962_Convergence", tmp_path / "Dataset963_ConvergencePseudoR1"
+    (source / "dataset.json").parent.mkdir(parents=True)
+    (source / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2},
+                                                     "file_ending": ".nii.gz"}))
+    (source / "phantom_cases.json").write_text(json.dumps({"cases": {
+        "phantom_tr_0001": {"site": "B", "role": "tr"}, "phantom_tr_0002": {"site": "C", "role": "tr"},
+        "phantom_un_0000": {"site": "A", "role": "un"}, "phantom_tr_0000": {"site": "A", "role": "tr"}}}))
+    ref = np.zeros((2, 4, 4))
+    ref[:, :2, :] = 1
+    ref[:, 2:, :] = 2
+    good, half = ref.copy(), ref.copy()
+    half[:, 2:, :] = 1  # class 1: 2*16/(16+32), class 2: 0
+    for case, pseudo in (("phantom_tr_0001", good), ("phantom_tr_0002", half)):
+        _nifti(ref, source / "labelsTr" / f"{case}.nii.gz")
+        _nifti(pseudo, round_raw / "pseudo_labels" / f"{case}.nii.gz")
+    _nifti(good, round_raw / "pseudo_labels" / "phantom_un_0000.nii.gz")  # imagesUnlabeled: no label to score
+    record = {"round": 1, "kept": ["phantom_tr_0001", "phantom_un_0000"], "threshold": 0.9, "keep": None,
+              "previous_round": None, "seconds_prediction": 12.0, "organ_mean_agreement": {"1": 0.9},
+              "teachers": [{"trainer": "nnUNetTrainer_conv", "fold": "0"}] * 3,
+              "cases": {"phantom_tr_0000": {"origin": "labelled"},
+                        "phantom_tr_0001": {"origin": "pseudo", "score": 0.95},
+                        "phantom_tr_0002": {"origin": "pseudo", "score": 0.5},
+                        "phantom_un_0000": {"origin": "pseudo", "score": 0.97}}}
+    (round_raw / "pseudolabel_round.json").write_text(json.dumps(record))
+    s = C.round_summary(1, round_raw, source, 60.0, ["skcdf_pseudolabel", "-d", "962"])
+    assert (s["pool"], s["kept"], s["hidden"], s["threshold"]) == (3, 2, 2, 0.9)
+    assert s["kept_ids"] == ["phantom_tr_0001", "phantom_un_0000"] and s["command"] == "skcdf_pseudolabel -d 962"
+    assert s["pseudo_dice"] == pytest.approx({"1": (1 + 2 / 3) / 2, "2": 0.5})
+    assert s["pseudo_dice_kept"] == pytest.approx({"1": 1.0, "2": 1.0})
+    assert s["per_site"] == {
+        "A": {"pool": 1, "kept": 1, "hidden": 0, "hidden_kept": 0, "pseudo_dice": None, "pseudo_dice_kept": None},
+        "B": {"pool": 1, "kept": 1, "hidden": 1, "hidden_kept": 1, "pseudo_dice": {"1": 1.0, "2": 1.0},
+              "pseudo_dice_kept": {"1": 1.0, "2": 1.0}},
+        "C": {"pool": 1, "kept": 0, "hidden": 1, "hidden_kept": 0, "pseudo_dice": pytest.approx({"1": 2 / 3, "2": 0.0}),
+              "pseudo_dice_kept": None}}
+    text = R.pseudo_markdown({}, [{**s, "students": [{"test_dice": {"1": 0.8, "2": 0.6}, "train_s": 7200.0}]},
+                                  {**s, "round": 2}])
+    assert "| 1 | 3 x nnUNetTrainer_conv | 2/3 | A: 1/1, - (-) ; B: 1/1, 100.0 (100.0) ; C: 0/1, 33.3 (-) | " \
+           "66.7 / 100.0 | 1 | 70.0 over 1, 2.0 h each |" in text
+    assert "| 2 |" in text and "| the (p) runs |" in text and "threshold 0.9" in text
+
+
+def test_arm_p_runs_after_every_a_run_and_before_the_ablations():
+    order = [(arm.key, fold) for arm, fold in C.schedule(["p", "a", "c", "d", "e1"], 3, 1)]
+    assert order == [("a", 0), ("c", 3), ("d", 0), ("a", 1), ("c", 4), ("d", 1), ("a", 2), ("c", 5), ("d", 2),
+                     ("p", 0), ("p", 1), ("p", 2), ("e1", 0)]
+    assert [(arm.key, fold) for arm, fold in C.schedule(["a", "p"], 1, 1)] == [("a", 0), ("p", 0)]
+    assert C.ARMS["p"].folds(3) == (0, 1, 2) and "p" in C.CURVE_ARMS and not C.ARMS["p"].skcdf
+
+
+def test_arm_p_trains_a_then_two_rounds_each_once_and_its_students_on_the_round_datasets(tmp_path, monkeypatch):
+    """The chain of (p) without training: (a)'s folds 0-2 first (nothing else while one is missing), round 1 with
+    them as teachers, its 3 students on dataset 963, round 2 with those students and --previous 963, then (p)'s
+    own training on dataset 964; a second call repeats nothing."""
+    work, budget, task = tmp_path / "work", {"iterations": 100, "epochs": 2}, {**TASK, "labeled": "2"}
+    env = C.nnunet_paths(work)
+    raw = work / "nnUNet_raw" / "Dataset962_Convergence"
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
+    monkeypatch.setattr(C, "STORE", tmp_path / "store")
+    monkeypatch.setattr(C, "train_seconds", lambda fold_dir: 5.0)
+    calls, finish = [], {"training": False}
+
+    def fake_sh(cmd, env_, log):
+        calls.append(cmd)
+        if cmd[0] == "nnUNetv2_train" and finish["training"]:
+            name = next(p.name for p in Path(env["nnUNet_raw"]).iterdir() if p.name.startswith(f"Dataset{cmd[1]}_"))
+            fold_dir = Path(env["nnUNet_results"]) / name / f"{cmd[5]}__nnUNetPlans__3d_cpu" / f"fold_{cmd[3]}"
+            (fold_dir / "checkpoint_final.pth").touch()
+        if cmd[0] == "skcdf_pseudolabel":  # the student dataset as skcdf_pseudolabel writes it (no pool here)
+            out = Path(env["nnUNet_raw"]) / f"Dataset{cmd[cmd.index('--out-dataset') + 1]}_" \
+                f"{cmd[cmd.index('--out-name') + 1]}"
+            out.mkdir(parents=True)
+            (out / "pseudolabel_round.json").write_text(json.dumps({"kept": [], "cases": {}, "threshold": 0.9}))
+            (Path(env["nnUNet_preprocessed"]) / out.name).mkdir(parents=True)
+        if cmd[0] == "nnUNetv2_predict":
+            Path(cmd[cmd.index("-o") + 1]).mkdir(parents=True)
+        return 1.0
+
+    monkeypatch.setattr(C, "sh", fake_sh)
+    p = C.ARMS["p"]
+    waiting = C.pseudo_chain(p, "962", raw, env, tmp_path / "log", "1", work, budget, task)
+    assert waiting == ("round 1's teachers (Dataset962_Convergence/nnUNetTrainer_conv__nnUNetPlans__3d_cpu, folds "
+                       "[0, 1, 2]) are not trained yet")
+    assert [(c[0], c[1], c[3]) for c in calls] == [("nnUNetv2_train", "962", str(f)) for f in (0, 1, 2)]
+    # (a) fold 0 finished and is the stored run: its store file has the same training starts
+    a_dir = C.model_folder(env, raw, C.ARMS["a"]) / "fold_0"
+    (a_dir / "checkpoint_final.pth").touch()
+    C.STORE.mkdir()
+    C.store_file(C.ARMS["a"], 0, budget, task).write_text(json.dumps(
+        {"train_commits": json.loads((a_dir / C.TRAIN_COMMITS).read_text())}))
+
+    calls.clear()
+    finish["training"] = True
+    assert C.pseudo_chain(p, "962", raw, env, tmp_path / "log", "1", work, budget, task) is None
+    steps = [c[:2] if c[0] == "skcdf_pseudolabel" else (c[0], c[1], c[3]) for c in calls]
+    assert steps == [("nnUNetv2_train", "962", "1"), ("nnUNetv2_train", "962", "2"),  # fold 0: trained already
+                     ["skcdf_pseudolabel", "-d"],
+                     ("nnUNetv2_train", "963", "0"), ("nnUNetv2_train", "963", "1"), ("nnUNetv2_train", "963", "2"),
+                     ["skcdf_pseudolabel", "-d"]]
+    round1, round2 = [c for c in calls if c[0] == "skcdf_pseudolabel"]
+    a_folder = str(C.model_folder(env, raw, C.ARMS["a"]))
+    assert round1[round1.index("-m") + 1] == a_folder and "--previous" not in round1
+    assert round1[round1.index("-f") + 1: round1.index("-f") + 4] == ["0", "1", "2"]
+    assert round1[round1.index("--student-folds") + 1] == "3"
+    assert "--threshold" not in round1 and "--keep" not in round1  # skcdf_pseudolabel's default threshold
+    assert round2[round2.index("-m") + 1] == str(work / "nnUNet_results" / "Dataset963_ConvergencePseudoR1" /
+                                                 "nnUNetTrainer_conv__nnUNetPlans__3d_cpu")
+    assert round2[round2.index("--previous") + 1] == "963" and round2[round2.index("--out-dataset") + 1] == "964"
+    first = json.loads(C.round_summary_file(work, 1).read_text())
+    assert [t["stored_run"] for t in first["teacher_runs"]] == [True, False, False]
+    assert first["seconds"] == 1.0 and first["pool"] == 0 and first["round"] == 1
+    assert "stored_run" not in json.loads(C.round_summary_file(work, 2).read_text())["teacher_runs"][0]
+
+    calls.clear()  # everything made once: a rerun goes straight to (p)'s own training
+    assert C.pseudo_chain(p, "962", raw, env, tmp_path / "log", "1", work, budget, task) is None and calls == []
+    assert C.model_folder(env, raw, p) == Path(env["nnUNet_results"]) / "Dataset964_ConvergencePseudoR2" / \
+        "nnUNetTrainer_conv__nnUNetPlans__3d_cpu"
+    C.train("962", p, 1, raw, env, tmp_path / "log")
+    assert calls[-1][:4] == ["nnUNetv2_train", "964", "3d_cpu", "1"] and "nnUNetTrainer_conv" in calls[-1]
+    C.predict_final("962", p, 1, raw, work, env, tmp_path / "log")
+    predict = calls[-1]
+    assert predict[predict.index("-d") + 1] == "964" and predict[predict.index("-i") + 1] == str(raw / "imagesTs")
+    assert C.round_dataset("Dataset962_Convergence", 2) == ("964", "Dataset964_ConvergencePseudoR2")
+    with pytest.raises(SystemExit, match="over nnU-Net's 999"):
+        C.round_dataset("Dataset998_X", 2)
+
+
+def test_room_versus_and_the_plateau_of_p():
+    flat = R.plateau(_curve([50, 70, 80, 85, 86, 86.2, 86.5, 86.9]))
+    short = R.plateau(_curve([5.4, 25.5, 53.1, 62.3, 71.4, 76.8, 83.3, 84.0]))
+    assert R.plateau_arms(["a", "c", "d"]) == ("a", "c") and R.plateau_arms(["p"]) == ("a", "c", "p")
+    assert R.regime({"a": flat, "c": flat, "p": flat}, arms=("a", "c", "p")) == (
+        "**converged**: (a), (c) and (p) gain < 1.0 mean Dice point over the last quarter (table below); no longer "
+        "budget stored for (a), (c) or (p) yet.")
+    assert R.regime({"a": flat, "c": flat}, arms=("a", "c", "p")) == (
+        "**converged**: (a) and (c) gain < 1.0 mean Dice point over the last quarter (table below); no longer budget "
+        "stored for (a) or (c) yet. (p): no stored curve at this budget yet.")  # (p) pending: named, not hiding (a), (c)
+    assert R.regime({"a": flat, "c": flat, "p": short}, arms=("a", "c", "p")).startswith(
+        "**short budget, not converged**: (p) gains +7.2")
+    arms = {"a": C.Arm("a", "A", "t", skcdf=False), "c": C.Arm("c", "C", "t", all_labelled=True, skcdf=False),
+            "d": C.Arm("d", "D", "t"), "p": C.Arm("p", "P", "t", skcdf=False, pseudo_rounds=2)}
+    aggregate = {"classes": [], "methods": [_method("A", 0.75, 3, 0.7, 0.6), _method("C", 0.90, 2, 0.8, 0.8),
+                                            {**_method("D", 0.80, 3, 0.7, 0.6), "runs": [{}, {}, {}]},
+                                            {**_method("P", 0.82, 3, 0.7, 0.6), "runs": [{}]}]}
+    room = R.room(aggregate, arms)
+    assert room["gap"] == pytest.approx(15.0) and room["met"]
+    assert R.room_line(room).endswith("a gap of 15.0 mean Dice points, at least 10: met.")
+    aggregate["methods"][1] = _method("C", 0.81, 2, 0.8, 0.8)
+    assert not R.room(aggregate, arms)["met"] and "**not met**" in R.room_line(R.room(aggregate, arms))
+    assert R.room_line(None).startswith("Room (a) -> (c): not known yet")
+    v = R.versus(aggregate, arms)
+    assert v["difference"] == pytest.approx(2.0) and v["runs"] == {"p": 1, "d": 3}
+    assert R.versus_line(v) == ("The practitioner's baseline against SKCDF: (p) 82.0 (1 run(s)), (d) 80.0 (3 run(s)): "
+                                "(p) beats (d) by 2.0 mean Dice points.")
+    assert "(p) trails (d) by 2.0" in R.versus_line({**v, "difference": -2.0})
+    assert R.versus({"classes": [], "methods": aggregate["methods"][:2]}, arms) is None and R.versus_line(None) == ""
+
+
+def test_cost_per_arm_in_hours_with_the_chain_of_p():
+    budget = {"epochs": 160}
+    runs = {"a": [{"train_s": 3600.0, "train_epoch_s_median": 20.0}, {"train_s": 5400.0, "train_epoch_s_median": 30.0}],
+            "c": [{"train_epoch_s_median": 18.0}],  # stored before train_s was recorded
+            "p": [{"train_s": 3600.0, "train_epoch_s_median": 20.0, "pseudo_rounds": [
+                {"round": 1, "seconds": 900.0, "teacher_runs": [{"fold": 0, "train_s": 3600.0, "stored_run": False},
+                                                                {"fold": 1, "train_s": 3600.0, "stored_run": True}],
+                 "students": [{"train_s": 3600.0}] * 3},
+                {"round": 2, "seconds": 900.0}]}]}
+    cost = R.cost_per_arm(runs, budget)
+    assert cost["a"] == {"runs": 2, "hours_per_run": pytest.approx(1.25), "estimated": False}
+    assert cost["c"]["hours_per_run"] == pytest.approx(0.8) and cost["c"]["estimated"]
+    assert cost["p"]["chain"] == {"pseudolabel_h": pytest.approx(0.5), "students_h": pytest.approx(3.0),
+                                  "teachers_retrained": 1, "teachers_retrained_h": pytest.approx(1.0)}
+    text = R.cost_markdown(cost)
+    assert "| (c) | 1 | 0.80 (estimated) |" in text and "(1 of them trained again in this work folder, 1.00 h" in text
+
+
+def test_the_multisite_section_names_its_task_and_shows_sites_rounds_room_and_cost():
+    task = MS
+    assert R.task_line(task).startswith("Task: multi-site phantom (`skcdf_make_phantom --sites A B C D`")
+    assert "4 validation and 4 labelled cases, all of site A" in R.task_line(task)
+    assert "the other 32 of every site with hidden labels" in R.task_line(task)
+    assert "(c) trains on all 36 non-validation training cases" in R.task_line(task)
+    r = {"task": task, "budget": {"iterations": 8000}, "status": "partial", "command": "python x", "date": "d",
+         "commit": "c", "machine": "m", "stored_runs": {}, "missing_runs": {"p": 3}, "train_epoch_s_median": {},
+         "curves": {}, "plateau": {}, "other_budgets": [], "goals": {}, "final_table": None, "islands_per_run": {},
+         "gap_per_organ": None, "plateau_arms": ["a", "c", "p"], "room": {"a": 75.0, "c": 90.0, "gap": 15.0,
+                                                                           "met": True},
+         "versus": None, "per_site": None, "pseudo_per_site": {}, "pseudo_rounds": [],
+         "cost": {"a": {"runs": 1, "hours_per_run": 0.75, "estimated": False}}}
+    text = R.markdown(r, {})
+    assert text.startswith("## Accuracy against nnU-Net, 4 labelled cases of site A, multi-site phantom (A, B, C, D), "
+                           "8000 iterations")
+    assert "Regime: plateau not known yet ((a), (c) has no stored curve at this budget). (p): no stored curve at " \
+           "this budget yet." in text
+    assert "a gap of 15.0 mean Dice points, at least 10: met." in text
+    assert "adds < 1.0 mean Dice point to (a), (c) and (p)." in text and "| (a) | 1 | 0.75 |" in text
