@@ -581,7 +581,10 @@ def make_round(r: int, dataset: str, raw: Path, env: dict, log: Path, np_: str, 
            "--out-name", name.split("_", 1)[1], "--student-folds", str(P_STUDENT_FOLDS), "-np", np_, "--overwrite"]
     if r > 1:
         cmd += ["--previous", round_dataset(raw.name, r - 1)[0]]
-    seconds = sh(cmd, env, log)  # --overwrite: only an interrupted attempt of this round can be there (no marker)
+    # --overwrite: only an interrupted attempt of this round can be there (no marker); --threads holds for its
+    # predictions too (torch reads OMP_NUM_THREADS), as for the trainings beside it
+    threads = {"OMP_NUM_THREADS": env["SKCDF_CONV_THREADS"]} if env.get("SKCDF_CONV_THREADS") else {}
+    seconds = sh(cmd, {**env, **threads}, log)
     summary = round_summary(r, Path(env["nnUNet_raw"]) / name, raw, seconds, cmd)
     summary["teacher_runs"] = teacher_runs(teachers, folds, budget, task, r == 1)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -691,7 +694,7 @@ def main() -> None:
                         "either; 4000 is the short-budget regime of the first stored runs)")
     parser.add_argument("--points", type=int, default=8, help="snapshots for the learning curves")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--runs", type=int, default=3, help="runs of the main arms a, b, c, d, g")
+    parser.add_argument("--runs", type=int, default=3, help="runs of the main arms a, b, c, d, g, p")
     parser.add_argument("--ablation-runs", type=int, default=1)
     parser.add_argument("--num-train", type=int, help="training cases (default 24; 40 with --sites)")
     parser.add_argument("--num-unlabeled", type=int, help="imagesUnlabeled images (default 12; 24 with --sites)")
