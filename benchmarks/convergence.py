@@ -719,8 +719,9 @@ def main() -> None:
                         "snapshot predicts on the 2-labelled task): for a run that must be evaluated before its session ends (the snapshots "
                         "do not outlive it); the report's diagnostics then come from another stored run of the arm. "
                         "A snapshot already evaluated keeps what it has")
-    parser.add_argument("--work", help="work folder (default: skcdf_data/convergence_<labeled>lab_<iterations>); "
-                        "one budget and one task (phantom size, split) per folder")
+    parser.add_argument("--work", help="work folder (default: skcdf_data/convergence_<labeled>lab_<iterations>, "
+                        "multi-site: convergence_<labeled>lab-site<X>-ms_<iterations>); one budget and one task "
+                        "(phantom size, sites, split) per folder")
     parser.add_argument("--data-from", help="copy the phantom and its preprocessing from this work folder (same "
                         "--num-train/--num-unlabeled/--num-test) instead of generating them: another --labeled only "
                         "needs its own split")
