@@ -251,7 +251,10 @@ def task_of(args) -> dict:
     if task["num_test"] < len(sites):
         raise SystemExit(f"--num-test {task['num_test']}: the test set must cover every site ({len(sites)}); case i "
                          f"comes from site i mod {len(sites)}, so give at least {len(sites)} (16 by default).")
-    return {**task, "sites": sites, "labelled_site": labelled_site}
+    from nnunetv2_skcdf.dataset_conversion.phantom_sites import SITES_VERSION
+
+    # the site generator's version: runs stored for one version never match data of another
+    return {**task, "sites": sites, "labelled_site": labelled_site, "sites_version": SITES_VERSION}
 
 
 def sites_tag(sites: List[str]) -> str:

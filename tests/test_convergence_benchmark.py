@@ -546,7 +546,7 @@ def test_skcdf_curves_evaluate_the_hidden_label_cases_unless_none_are_given(tmp_
 
 # ---------------------------------------------------------------------------------------------- the multi-site task
 MS = {"num_train": 40, "num_unlabeled": 24, "num_test": 16, "val": "4", "labeled": "4", "sites": ["A", "B", "C", "D"],
-      "labelled_site": "A"}
+      "labelled_site": "A", "sites_version": "1"}
 
 
 def _phantom_cases(counts=(("tr", 40), ("ts", 16), ("un", 24)), sites="ABCD") -> dict:

@@ -242,3 +242,20 @@ def test_documentation_realism_table_is_the_stored_one():
     page = open(os.path.join(root, "documentation", "phantom.md")).read()
     table = open(os.path.join(root, "benchmarks", "results", "phantom_realism.md")).read().strip()
     assert table in page, "copy benchmarks/results/phantom_realism.md into documentation/phantom.md"
+
+
+def test_site_cases_golden_hashes_pin_sites_version():
+    """If a site case's pixels change, SITES_VERSION must be bumped (and these hashes updated): benchmark runs are
+    stored per sites version, so a silent change would mix data of two generators under one name."""
+    from nnunetv2_skcdf.dataset_conversion.phantom_sites import SITES_VERSION
+
+    golden = {"1": ["c4584ed027f22f35854f42f4a8e75016aae6cef16b166af21eb426a51da8d21f",
+                    "e50749676c5486e8dbe524b32c894bc3778b1da15f7f0ab3d31b5416b08a52f5",
+                    "f656c6ff22f0251ff6b44f78750bc7b61bde8ca33a7f989768a7eb53c62bce8f",
+                    "c0b71a404abb819782cb5949327d1d84bf8c9d8e314052dd1b0197d3219780c5"]}
+    assert SITES_VERSION in golden, f"add the golden hashes of SITES_VERSION {SITES_VERSION}"
+    for i, digest in enumerate(golden[SITES_VERSION]):
+        prot, shape, spacing = site_case(0, "tr", i, ALL, TINY["shape"], TINY["spacing"])
+        img, lab = generate_case(case_rng(0, "tr", i), shape, spacing, prot)
+        assert hashlib.sha256(img.tobytes() + lab.tobytes()).hexdigest() == digest, \
+            f"site case {i} changed: bump SITES_VERSION in phantom_sites.py and record its hashes here"

@@ -54,7 +54,14 @@ from nnunetv2_skcdf.dataset_conversion.phantom_geometry import (
     _rotation,
     _tube,
 )
-from nnunetv2_skcdf.dataset_conversion.phantom_sites import SITES, CaseProtocol, case_grid, check_sites, draw_protocol
+from nnunetv2_skcdf.dataset_conversion.phantom_sites import (
+    SITES,
+    SITES_VERSION,
+    CaseProtocol,
+    case_grid,
+    check_sites,
+    draw_protocol,
+)
 from nnunetv2_skcdf.utilities.dataset_files import (
     UNLABELED_IMAGES_FOLDER,
     SKCDFInputError,
@@ -550,6 +557,7 @@ def _dataset_json(name: str, counts: Tuple[int, int, int], shape: Shape3, spacin
             "doses, kernels, slice thicknesses, coverage, pathology; per-case parameters in phantom_cases.json)")
         dj["phantom_generator"].update({
             "sites": list(sites),
+            "sites_version": SITES_VERSION,
             "site_assignment": "case i of every role comes from sites[i % len(sites)]",
             "site_definitions": {n: asdict(SITES[n]) for n in dict.fromkeys(sites)},
             "base_grid": "shape/spacing above are the base grid; each case's grid is in phantom_cases.json",

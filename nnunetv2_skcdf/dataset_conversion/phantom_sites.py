@@ -25,6 +25,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+#: version of what a site case is: bump it whenever a site case's pixels change (a test holds the golden hash),
+#: so that benchmark runs stored for one version are never matched to data of another
+SITES_VERSION = "1"
 PHASES = ("non_contrast", "arterial", "portal_venous", "delayed")
 #: real slice thickness that the dataset's z spacing stands for (the original phantom's 5 mm protocol)
 REFERENCE_SLICE_MM = 5.0
