@@ -33,7 +33,8 @@ setup(
         "pandas",
     ],
     # medpy (GPL-3) is a test oracle for the surface metrics only; never imported by the package.
-    extras_require={"test": ["pytest>=7", "medpy>=0.5"]},
+    # build: the slow test that builds and installs the wheel (tests/test_wheel_install.py).
+    extras_require={"test": ["pytest>=7", "medpy>=0.5", "build"]},
     entry_points={
         "console_scripts": [
             "skcdf_make_phantom=nnunetv2_skcdf.dataset_conversion.phantom:make_phantom_entry",
