@@ -259,3 +259,10 @@ def test_site_cases_golden_hashes_pin_sites_version():
         img, lab = generate_case(case_rng(0, "tr", i), shape, spacing, prot)
         assert hashlib.sha256(img.tobytes() + lab.tobytes()).hexdigest() == digest, \
             f"site case {i} changed: bump SITES_VERSION in phantom_sites.py and record its hashes here"
+
+
+def test_documentation_sim_to_real_table_is_the_stored_one():
+    root = os.path.join(os.path.dirname(__file__), "..")
+    page = open(os.path.join(root, "documentation", "phantom.md")).read()
+    table = open(os.path.join(root, "benchmarks", "results", "sim_to_real.md")).read().strip()
+    assert table in page, "copy benchmarks/results/sim_to_real.md into documentation/phantom.md"
