@@ -698,6 +698,8 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     print(json.dumps({k: results[k] for k in ("status", "missing_runs", "plateau", "room", "versus", "goals")},
                      indent=1, default=str))
     write_section(stem, markdown(results, figures))
+    print("the result tables of README.md, documentation/results.md and BENCHMARKS.md's summary are generated from "
+          "the store: run `python benchmarks/results_tables.py` (tests/test_docs_generated.py checks them)")
 
 
 def commit() -> str:
@@ -793,6 +795,26 @@ def _regime(plateaus: Dict[str, Optional[dict]], others: List[dict], iterations:
             + f" mean Dice over the last quarter (criterion < {PLATEAU_POINTS}); read accuracy claims with that.")
 
 
+def goals_markdown(g: Optional[dict], stem: str) -> str:
+    """The goals as a table (gains in mean Dice points, the share of the (a)->(c) gap, which goals are met) and a
+    link to the JSON file that holds them in full (no raw JSON in BENCHMARKS.md)."""
+    link = f"All values: `goals` in [benchmarks/results/{stem}.json](benchmarks/results/{stem}.json)."
+    if not g:
+        return "no final table yet. " + link
+    rows = []
+    for key, x in g.items():
+        if "gain_mean" not in x:
+            rows.append(f"| ({key}) | {x.get('status', '-')} | | | |")
+            continue
+        met = [name for name in ("goal_gain_mean_5", "goal_gain_small_10", "goal_asd_nsd_not_worse",
+                                 "goal_gap_closed_40pct") if x.get(name)]
+        closed = f"{round(100 * x['gap_closed'])} %" if "gap_closed" in x else "-"
+        rows.append(f"| ({key}) | {x['gain_mean']:+.2f} | {x['gain_small']:+.2f} | {closed} | "
+                    f"{', '.join(met) or 'none'} |")
+    return ("| arm | gain, mean Dice | gain, 4 smallest | gap closed | goals met |\n|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n\n" + link)
+
+
 def markdown(r: dict, figures: dict) -> str:
     from convergence import SMALLEST
 
@@ -828,9 +850,7 @@ def markdown(r: dict, figures: dict) -> str:
                    f"{r['task']['num_test']} test cases; 4 smallest = {', '.join(SMALLEST)}):\n\n"
                    "| arm | runs | islands, all organs | volume cm³ | islands, 4 smallest | volume cm³ |\n"
                    "|---|---|---|---|---|---|\n" + islands)
-    g = r["goals"]
-    goal_text = json.dumps(g, indent=1, default=lambda x: round(x, 2) if isinstance(x, float) else str(x)) \
-        if g else "no final table yet"
+    goal_text = goals_markdown(r["goals"], report_stem(r["task"], r["budget"]))
     labelled = f"{r['task']['labeled']} labelled cases"
     if r["task"].get("sites"):
         labelled += f" of site {r['task']['labelled_site']}, multi-site phantom ({', '.join(r['task']['sites'])})"
@@ -871,6 +891,5 @@ Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean D
 {extra}
 
 Goals of each SKCDF arm with a final result against (a), gap (a)->(c); (d) = SKCDFTrainer's defaults since 0.4.0, (g) = 0.3's, (b) = up to 0.2:
-```
-{goal_text}
-```"""
+
+{goal_text}"""

@@ -1,0 +1,315 @@
+"""The result tables of README.md and documentation/results.md, generated from the stored JSON in benchmarks/results/.
+
+Each table sits between ``<!-- results_tables:<name>:start -->`` and ``<!-- results_tables:<name>:end -->`` in the
+files of :data:`TARGETS`. ``python benchmarks/results_tables.py`` rewrites them; ``--check`` only reports the tables
+that differ (exit 1), and tests/test_docs_generated.py fails on such a difference, so a figure cannot drift from
+its data. Accuracy figures reuse benchmarks/convergence.py's store loader and benchmarks/convergence_report.py's
+per-run functions (mean test Dice of a run, the last-quarter gain of its curve), mean ± sd (numpy, ddof 0) over runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from convergence import ARMS, SMALLEST, STORE, load_store  # noqa: E402
+from convergence_report import _pm, curve_table, final_mean_dice, plateau  # noqa: E402
+
+RESULTS = HERE / "results"
+#: the phantom's Synapse label ids of the four smallest organs (convergence.SMALLEST: LAG, RAG, PSV, Es)
+SMALL_KEYS = {"LAG": "13", "RAG": "12", "PSV": "10", "Es": "5"}
+#: the README's rows: labelled-only nnU-Net, SKCDF (today's defaults), the practitioner's recipe, the bound
+README_ARMS = ("a", "d", "p", "c")
+#: the README's names of its rows (arm (d) ran as SKCDFTrainer_multiplyMask, which pins SKCDFTrainer's defaults)
+README_NAMES = {"a": "nnU-Net, labelled cases only (`nnUNetTrainer`)",
+                "d": "SKCDF (`SKCDFTrainer`, defaults since 0.4.0)",
+                "p": "nnU-Net + pseudo-labelling recipe (`skcdf_pseudolabel`, 2 rounds)",
+                "c": "nnU-Net, all 20 cases labelled (upper bound)"}
+README_MIN_ITERATIONS = 8000  # shorter budgets left nnU-Net under-trained (results.md has them)
+
+
+def _small() -> List[str]:
+    return [SMALL_KEYS[c] for c in SMALLEST]
+
+
+def _tasks_and_budgets() -> List[tuple]:
+    """(task, budget) of every stored convergence run, each once, ordered by labelled cases then iterations."""
+    seen, out = set(), []
+    for path in sorted(STORE.glob("*_fold*_*lab*_*it.json")):
+        run = json.loads(path.read_text())
+        if run["arm"] not in ARMS or ARMS[run["arm"]].all_labelled:
+            continue
+        key = json.dumps([run["task"], run["budget"]], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append((run["task"], run["budget"]))
+    return sorted(out, key=lambda tb: (str(tb[0].get("labeled")), tb[1]["iterations"]))
+
+
+def _asd(run: dict) -> float:
+    """Mean over the organs of the run's mean ASD (mm) over the test cases."""
+    values = [v["ASD"] for k, v in run["final_summary"]["mean"].items() if k != "0"]
+    return float(np.nanmean(values))
+
+
+def _islands_cm3(run: dict) -> Optional[float]:
+    values = [v.get("island_volume") for k, v in run["final_summary"]["mean"].items() if k != "0"]
+    if any(v is None for v in values):
+        return None
+    n_cases = len(run["final_summary"].get("metric_per_case", [])) or 1
+    return float(np.nansum(values)) * n_cases / 1000
+
+
+def arm_rows(task: dict, budget: dict) -> List[dict]:
+    """One row per arm stored for this task and budget: runs, per-run values, mean ± sd."""
+    runs = load_store(budget, task)
+    curves = curve_table(runs, _small())
+    rows = []
+    for key in ARMS:
+        stored = sorted(runs.get(key, []), key=lambda r: r["fold"])
+        if not stored:
+            continue
+        p = plateau(curves[key]) if key in curves else None
+        rows.append({"arm": key, "name": ARMS[key].name, "trainer": ARMS[key].trainer,
+                     "iterations": budget["iterations"], "runs": len(stored),
+                     "folds": [r["fold"] for r in stored],
+                     "dice": [final_mean_dice(r) for r in stored],
+                     "small": [final_mean_dice(r, _small()) for r in stored],
+                     "asd": [_asd(r) for r in stored],
+                     "last_quarter": None if p is None else p["gain"],
+                     "dates": sorted({r["date"] for r in stored}), "commits": sorted({r["commit"] for r in stored})})
+    return rows
+
+
+def _values(values: List[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+def _gain(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:+.1f}"
+
+
+def readme_accuracy() -> str:
+    """README: labelled-only nnU-Net, SKCDF, the pseudo-labelling recipe and the all-labelled bound, 2 labelled
+    phantom cases, every budget stored for them."""
+    by_budget = [(t, b) for t, b in _tasks_and_budgets() if str(t.get("labeled")) == "2" and "sites" not in t
+                 and b["iterations"] >= README_MIN_ITERATIONS]
+    lines = ["| method | iterations | runs | mean test Dice | 4 smallest organs | ASD (mm) | last-quarter gain |",
+             "|---|---|---|---|---|---|---|"]
+    for key in README_ARMS:
+        arm = ARMS[key]
+        measured = False
+        for task, budget in by_budget:
+            for row in arm_rows(task, budget):
+                if row["arm"] != key:
+                    continue
+                measured = True
+                lines.append(f"| {README_NAMES[key]} | {row['iterations']} | "
+                             f"{row['runs']} | {_pm(row['dice'])} | {_pm(row['small'])} | {_pm(row['asd'])} | "
+                             f"{_gain(row['last_quarter'])} |")
+        if not measured:
+            lines.append(f"| {README_NAMES[key]} | - | 0 | not measured yet | - | - | - |")
+    return "\n".join(lines)
+
+
+def _speed(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _device(d: dict) -> str:
+    return d["machine"].split(" | ")[-1] + (" (" + d["machine"].split(" | ")[2] + ")" if "CPU only" in d["machine"]
+                                            else "")
+
+
+def readme_cost() -> str:
+    """README: cost of a training iteration and of inference, SKCDF against nnU-Net, from the stored speed runs."""
+    lines = ["| what | machine | configuration | nnU-Net | SKCDF | time ratio | memory ratio | date |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, note in (("train_step_speed_cpu", ""), ("train_step_speed_cuda_amp", ", AMP"),
+                       ("train_step_speed_cuda_amp_compile", ", AMP, torch.compile")):
+        if not (RESULTS / f"{name}.json").exists():
+            continue
+        d = _speed(name)
+        base, ours = (d["summary"][k]["median_s"] for k in sorted(d["summary"], key=lambda k: "SKCDF" in k))
+        unit, f = ("ms", 1000) if d["device"] == "cuda" else ("s", 1)
+        lines.append(f"| training iteration (batch fetch + step){note} | {_device(d)} | {d['configuration']} | "
+                     f"{base * f:.{0 if f > 1 else 2}f} {unit} | {ours * f:.{0 if f > 1 else 2}f} {unit} | "
+                     f"{d['time_ratio']:.2f}x | {d['memory_ratio']:.2f}x | {d['date']} |")
+    for name in ("predict_speed_cpu", "predict_speed_cuda"):
+        d = _speed(name)
+        base, ours = (d["summary"][k]["median_s"] for k in sorted(d["summary"], key=lambda k: "SKCDF" in k))
+        unit, f, digits = ("ms", 1000, 1) if "CPU" not in d["device"] else ("s", 1, 2)
+        lines.append(f"| inference per case (nnU-Net's predictor, {d['mode']} models) | {_device(d)} | "
+                     f"image {' x '.join(map(str, d['image_shape'][1:]))} | {base * f:.{digits}f} {unit} | "
+                     f"{ours * f:.{digits}f} {unit} | {d['ratio']:.2f}x | - | {d['date']} |")
+    return "\n".join(lines)
+
+
+def results_convergence() -> str:
+    """documentation/results.md: every arm of every stored task and budget, with the per-run values."""
+    lines = ["| labelled cases | iterations | arm | trainer | runs (folds) | mean test Dice | per run | "
+             "4 smallest organs | ASD (mm) | last-quarter gain | dates | commits |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task, budget in _tasks_and_budgets():
+        for row in arm_rows(task, budget):
+            labelled = "all" if ARMS[row["arm"]].all_labelled else task.get("labeled")
+            lines.append(f"| {labelled} | {row['iterations']} | ({row['arm']}) {row['name']} | `{row['trainer']}` | "
+                         f"{row['runs']} ({', '.join(map(str, row['folds']))}) | {_pm(row['dice'])} | "
+                         f"{_values(row['dice'])} | {_pm(row['small'])} | {_pm(row['asd'])} | "
+                         f"{_gain(row['last_quarter'])} | {', '.join(row['dates'])} | "
+                         f"{', '.join(row['commits'])} |")
+    return "\n".join(lines)
+
+
+def results_evaluation_speed() -> str:
+    d = _speed("evaluation_speed")
+    return ("| case | machine | `skcdf_evaluate` (median) | full-volume distance transforms | identical metrics | date |\n"
+            "|---|---|---|---|---|---|\n"
+            f"| {' x '.join(map(str, d['shape_zyx'][::-1]))} voxels, {len(d['organ_voxels_reference'])} organs | "
+            f"{_device(d)} | {d['ours_s_median']:.1f} s | {d['full_volume_s_median']:.0f} s | "
+            f"{d['identical_metrics']} | {d['date']} |")
+
+
+def _added_in(rel: str) -> str:
+    """The commit that first stored a result file (the file's own ``commit`` field where it has one)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%h", "--", rel], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return "-"
+    return out[-1] if out else "not committed"
+
+
+def _machine(d: dict) -> str:
+    parts = d["machine"].split(" | ")
+    return parts[-1] + (f", {parts[2]}" if parts[-1] == "CPU only" else "")
+
+
+def _convergence_row(stem: str, claim: str, arms=("a", "d", "c")) -> Optional[str]:
+    path = RESULTS / f"{stem}.json"
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    task, budget = d["task"], d["budget"]
+    rows = {r["arm"]: r for r in arm_rows(task, budget)}
+    values = "; ".join(f"({k}) {_pm(rows[k]['dice'])}" for k in arms if k in rows)
+    runs = ", ".join(f"({k}) {rows[k]['runs']}" for k in arms if k in rows)
+    dates = sorted({x for k in arms if k in rows for x in rows[k]["dates"]})
+    return (f"| {claim} | phantom, {task['labeled']} labelled of {task['num_train'] - int(task['val'])}, "
+            f"{task['num_test']} test cases, 3d_cpu | {_machine(d)} | {budget['iterations']} iterations | {runs} | "
+            f"mean test Dice {values} | {dates[0]} to {dates[-1]} | {d['commit']} (report) | "
+            f"`{stem}` |")
+
+
+def benchmarks_summary() -> str:
+    """BENCHMARKS.md's summary: one row per claim, from the stored result files."""
+    lines = ["| claim | task | machine | budget | runs | values | date | commit | section (marker) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for stem, claim in (("convergence_2lab_8000it", "SKCDF vs a trained nnU-Net, (a) nnU-Net, (d) SKCDF, (c) bound"),
+                        ("convergence_2lab_12000it", "the same, 50 % longer training"),
+                        ("convergence_2lab_4000it", "short budget: 0.2 (b) vs 0.3 (g) defaults"),
+                        ("convergence_4lab_4000it", "short budget, 4 labelled cases")):
+        row = _convergence_row(stem, claim, ("a", "d", "c") if "8000" in stem or "12000" in stem else ("a", "b", "g"))
+        if row:
+            lines.append(row)
+    for name, claim in (("train_step_speed_cpu", "training iteration, SKCDF / nnU-Net"),
+                        ("train_step_speed_cuda_amp", "training iteration, SKCDF / nnU-Net, AMP"),
+                        ("train_step_speed_cuda_amp_compile", "training iteration, AMP + torch.compile"),
+                        ("train_step_speed_cpu_strongView", "training iteration, strongView / SKCDFTrainer")):
+        d = _speed(name)
+        lines.append(f"| {claim} | phantom, {d['configuration']}, batch {d['batch_size']}, patch "
+                     f"{' x '.join(map(str, d['patch_size']))} | {_machine(d)} | {d['steps']} steps | "
+                     f"{d['repeats']} interleaved processes | time {d['time_ratio']:.2f}x, memory {d['memory_ratio']:.2f}x | "
+                     f"{d['date']} | {_added_in(f'benchmarks/results/{name}.json')} | `{name}` |")
+    for name in ("predict_speed_cpu", "predict_speed_cuda"):
+        d = _speed(name)
+        lines.append(f"| inference per case, SKCDF / nnU-Net ({d['mode']} models) | phantom test cases, image "
+                     f"{' x '.join(map(str, d['image_shape'][1:]))} | {_machine(d)} | {len(d['cases'])} cases | "
+                     f"{d['repeats']} repeats | {d['ratio']:.2f}x | {d['date']} | "
+                     f"{_added_in(f'benchmarks/results/{name}.json')} | `{name}` |")
+    d = _speed("skc_window_cost_cpu")
+    lines.append(f"| padded SKC window vs the divisor rule, iteration time | {d['configuration']}, bottleneck 5 x 7 x 6 | "
+                 f"{_machine(d)} | {d['steps']} steps | {d['repeats']} processes per rule | "
+                 f"{d['step_ratio']:.2f}x (SKC module {d['module_ratio']:.2f}x) | {d['date']} | "
+                 f"{_added_in('benchmarks/results/skc_window_cost_cpu.json')} | `skc_window_cost_cpu` |")
+    d = _speed("evaluation_speed")
+    lines.append(f"| `skcdf_evaluate` per case vs full-volume distance transforms | "
+                 f"{' x '.join(map(str, d['shape_zyx'][::-1]))}, {len(d['organ_voxels_reference'])} organs | "
+                 f"{_machine(d)} | 1 case | {len(d['ours_s'])} repeats | {d['ours_s_median']:.1f} s vs "
+                 f"{d['full_volume_s_median']:.0f} s | {d['date']} | {_added_in('benchmarks/results/evaluation_speed.json')} | "
+                 f"`evaluation_speed` |")
+    return "\n".join(lines)
+
+
+GENERATORS = {"accuracy": readme_accuracy, "cost": readme_cost, "convergence": results_convergence,
+              "evaluation_speed": results_evaluation_speed, "benchmarks_summary": benchmarks_summary}
+TARGETS = {"README.md": ("accuracy", "cost"),
+           "documentation/results.md": ("accuracy", "cost", "convergence", "evaluation_speed"),
+           "BENCHMARKS.md": ("benchmarks_summary",)}
+
+
+def _pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- results_tables:{name}:start -->\n)(.*?)\n?(<!-- results_tables:{name}:end -->)", re.S)
+
+
+def generated() -> Dict[str, str]:
+    return {name: fn() for name, fn in GENERATORS.items()}
+
+
+def differences(tables: Optional[Dict[str, str]] = None) -> List[str]:
+    """'<file>: <table>' for each table that is missing from its file or differs from the generated one."""
+    tables = tables or generated()
+    out = []
+    for rel, names in TARGETS.items():
+        text = (REPO / rel).read_text()
+        for name in names:
+            m = _pattern(name).search(text)
+            if m is None:
+                out.append(f"{rel}: {name} (no markers)")
+            elif m.group(2).rstrip("\n") != tables[name]:
+                out.append(f"{rel}: {name}")
+    return out
+
+
+def write() -> List[str]:
+    tables = generated()
+    changed = []
+    for rel, names in TARGETS.items():
+        path = REPO / rel
+        text = path.read_text()
+        new = text
+        for name in names:
+            new, n = _pattern(name).subn(lambda m: m.group(1) + tables[name] + "\n" + m.group(3), new)
+            if n != 1:
+                raise SystemExit(f"{rel}: markers of table {name!r} found {n} times (need exactly once)")
+        if new != text:
+            path.write_text(new)
+            changed.append(rel)
+    return changed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="report the tables that differ, write nothing")
+    args = parser.parse_args()
+    if args.check:
+        diff = differences()
+        print("\n".join(diff) or "all tables up to date")
+        raise SystemExit(1 if diff else 0)
+    print("rewrote: " + (", ".join(write()) or "nothing (all up to date)"))
+
+
+if __name__ == "__main__":
+    main()
