@@ -180,16 +180,20 @@ def results_evaluation_speed() -> str:
             f"{d['identical_metrics']} | {d['date']} |")
 
 
-def _added_in(rel: str) -> str:
-    """The commit that first stored a result file (the file's own ``commit`` field where it has one)."""
-    import subprocess
+#: the commit that stored each result file that has no ``commit`` field of its own (``git log -1 -- <file>`` when this
+#: table was made; fixed here so that the check needs no git history, e.g. in a shallow clone). A file stored anew
+#: with a ``commit`` field uses that.
+STORED_IN = {"train_step_speed_cpu": "c8ac296", "train_step_speed_cuda_amp": "8dc2ea7",
+             "train_step_speed_cuda_amp_compile": "8dc2ea7", "train_step_speed_cpu_strongView": "858a005",
+             "predict_speed_cpu": "c8ac296", "predict_speed_cuda": "8dc2ea7", "skc_window_cost_cpu": "3b97a91",
+             "evaluation_speed": "7f7c6da"}
 
-    try:
-        out = subprocess.run(["git", "log", "--diff-filter=A", "--format=%h", "--", rel], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError):
-        return "-"
-    return out[-1] if out else "not committed"
+
+def _added_in(rel: str) -> str:
+    """The commit of a stored result file: its own ``commit`` field, else :data:`STORED_IN`."""
+    name = Path(rel).stem
+    commit = json.loads((REPO / rel).read_text()).get("commit")
+    return commit or STORED_IN.get(name, "not recorded")
 
 
 def _machine(d: dict) -> str:
