@@ -257,11 +257,46 @@ def benchmarks_summary() -> str:
     return "\n".join(lines)
 
 
+def _window_tokens(bottleneck: List[int], window: List[int]) -> Dict[int, int]:
+    """{real tokens per window: windows} of a bottleneck padded at the far end of each axis to a multiple of the
+    window (the trainer's rule): per axis the chunks are full windows and, where the size is no multiple, one
+    shorter chunk."""
+    import itertools
+
+    chunks = [[w] * (b // w) + ([b % w] if b % w else []) for b, w in zip(bottleneck, window)]
+    out: Dict[int, int] = {}
+    for combo in itertools.product(*chunks):
+        n = int(np.prod(combo))
+        out[n] = out.get(n, 0) + 1
+    return dict(sorted(out.items(), reverse=True))
+
+
+def plan_windows() -> str:
+    """documentation/trainer_reference.md: the SKC local window on Synapse-like plans (benchmarks/plan_windows.py)."""
+    d = _speed("plan_windows")
+
+    def x(v):
+        return " x ".join(map(str, v))
+
+    lines = ["| configuration | planner | patch | total stride | bottleneck | window in 0.1 (tokens) | "
+             "window now (tokens; padded bottleneck) | windows now: count x real tokens |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        padded = f"; {x(r['padded_bottleneck'])}" if r["padded_bottleneck"] != r["bottleneck"] else ""
+        counts = ", ".join(f"{c} x {t}" for t, c in _window_tokens(r["bottleneck"], r["window_new"]).items())
+        lines.append(f"| {r['configuration']} | {r['planner']} | {x(r['patch'])} | {x(r['total_stride'])} | "
+                     f"{x(r['bottleneck'])} | {x(r['window_old'])} ({r['tokens_old']}) | "
+                     f"{x(r['window_new'])} ({r['tokens_new']}{padded}) | {counts} |")
+    return "\n".join(lines)
+
+
 GENERATORS = {"accuracy": readme_accuracy, "cost": readme_cost, "convergence": results_convergence,
-              "evaluation_speed": results_evaluation_speed, "benchmarks_summary": benchmarks_summary}
+              "evaluation_speed": results_evaluation_speed, "benchmarks_summary": benchmarks_summary,
+              "plan_windows": plan_windows}
 TARGETS = {"README.md": ("accuracy", "cost"),
            "documentation/results.md": ("accuracy", "cost", "convergence", "evaluation_speed"),
-           "BENCHMARKS.md": ("benchmarks_summary",)}
+           "BENCHMARKS.md": ("benchmarks_summary",),
+           "documentation/trainer_reference.md": ("plan_windows",)}
 
 
 def _pattern(name: str) -> re.Pattern:
