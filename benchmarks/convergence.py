@@ -107,7 +107,6 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -116,48 +115,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import REPO, machine, sh  # noqa: E402
 from trainers.convergence_trainers import ITERATIONS_PER_EPOCH  # noqa: E402
+from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_FOLDS, SMALLEST, Arm,  # noqa: E402,F401
+                                _nanmean, case_sites, commit, dice_by_site, sites_tag, task_tag)
 
 CONFIG = "3d_cpu"
 RESULTS = REPO / "benchmarks" / "results"
 STORE = RESULTS / "convergence"
-#: the four organs with the smallest voxel fraction in the phantom (BENCHMARKS.md, data pipeline section)
-SMALLEST = ("LAG", "RAG", "PSV", "Es")
-LABELLED_FOLDS, ALL_LABELLED_FOLDS = (0, 1, 2), (3, 4, 5)
-
-
-@dataclass(frozen=True)
-class Arm:
-    key: str
-    name: str
-    trainer: str
-    all_labelled: bool = False
-    skcdf: bool = True
-    ablation: bool = False  # one run unless --ablation-runs says otherwise
-    #: > 0: the students of round ``pseudo_rounds`` of ``skcdf_pseudolabel`` (their own dataset, see
-    #: :func:`pseudo_chain`), trained with ``trainer`` on that round's student dataset
-    pseudo_rounds: int = 0
-
-    def folds(self, runs: int) -> Tuple[int, ...]:
-        return (ALL_LABELLED_FOLDS if self.all_labelled else LABELLED_FOLDS)[:runs]
-
-
-ARMS = {a.key: a for a in (
-    Arm("a", "nnU-Net (labelled only)", "nnUNetTrainer_conv", skcdf=False),
-    Arm("b", "SKCDF 0.2 defaults (constant head EMA)", "SKCDFTrainer_constantHeadEMA_conv"),
-    Arm("c", "nnU-Net (all labelled)", "nnUNetTrainer_conv", all_labelled=True, skcdf=False),
-    Arm("d", "SKCDF multiply mask", "SKCDFTrainer_multiplyMask_conv"),  # a main arm: the defaults since 0.4.0
-    Arm("e1", "SKCDF w/o SKC", "SKCDFTrainer_noSKC_conv", ablation=True),
-    Arm("e2", "SKCDF w/o ABC", "SKCDFTrainer_noABC_conv", ablation=True),
-    Arm("f", "SKCDF per-head self mode", "SKCDFTrainer_perHeadSelf_conv", ablation=True),
-    Arm("g", "SKCDF 0.3 defaults (head EMA step x lr/lr0)", "SKCDFTrainer_lrScaledHeadEMA_conv"),  # a main arm
-    Arm("h", "SKCDF no head EMA", "SKCDFTrainer_noHeadEMA_conv", ablation=True),
-    Arm("i", "SKCDF consistency weight w = 1", "SKCDFTrainer_cw1_conv", ablation=True),
-    Arm("j", "SKCDF + strong intensity view for D_u", "SKCDFTrainer_strongView_conv", ablation=True),
-    Arm("k", "SKCDF without the unlabelled loss (w = 0)", "SKCDFTrainer_cw0_conv", ablation=True),
-    Arm("l", "SKCDF lambda ramp-up over 50 epochs", "SKCDFTrainer_rampup50_conv", ablation=True),
-    # the practitioner's baseline (issues 38, 44): stock nnU-Net students of 2 rounds of filtered pseudo-labelling
-    Arm("p", "nnU-Net + pseudo-labelling (2 rounds)", "nnUNetTrainer_conv", skcdf=False, pseudo_rounds=2),
-)}
 CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p")
 #: arm (p): round 1's teachers are the (a) runs (its model folder's folds 0-2), each round writes
 #: ``P_STUDENT_FOLDS`` identical student folds; the round-1 students (all of them) teach round 2, whose
@@ -257,23 +220,6 @@ def task_of(args) -> dict:
     return {**task, "sites": sites, "labelled_site": labelled_site, "sites_version": SITES_VERSION}
 
 
-def sites_tag(sites: List[str]) -> str:
-    """``ms`` for every built-in site in their order (``--sites all``), else ``ms`` + the sites' names."""
-    from nnunetv2_skcdf.dataset_conversion.phantom_sites import SITES
-
-    return "ms" if list(sites) == list(SITES) else "ms" + "".join(sites)
-
-
-def task_tag(task: dict) -> str:
-    """The task's part of work folder, store file and report names: ``2lab`` for the original phantom (the names
-    of the runs stored before the multi-site task existed), ``4lab-siteA-ms`` for 4 labelled cases of site A of
-    the multi-site phantom (``alllab-siteA-ms`` for its bound (c))."""
-    tag = f"{task['labeled']}lab"
-    if task.get("sites"):
-        tag += f"-site{task['labelled_site']}-{sites_tag(task['sites'])}"
-    return tag
-
-
 def default_work(task: dict, iterations: int) -> Path:
     """One work folder per task and budget: ``skcdf_data/convergence_<task tag>_<iterations>``
     (``convergence_2lab_8000``, ``convergence_4lab-siteA-ms_8000``)."""
@@ -336,17 +282,6 @@ def prepare(dataset: str, env: dict, log: Path, np_: str, args, data_from: Optio
 
 
 # ---------------------------------------------------------------------------------------------- multi-site task
-CASES_FILE = "phantom_cases.json"  # skcdf_make_phantom --sites: per-case site and parameters, next to dataset.json
-
-
-def case_sites(raw: Path) -> Dict[str, str]:
-    """{case id: site} of a multi-site phantom (every role); {} for the original phantom (no per-case file)."""
-    path = raw / CASES_FILE
-    if not path.is_file():
-        return {}
-    return {cid: rec["site"] for cid, rec in json.loads(path.read_text())["cases"].items()}
-
-
 def multisite_lists(cases: dict, labelled_site: str, labeled: int, val: int) -> Dict[str, List[str]]:
     """The multi-site split from ``phantom_cases.json``'s cases: validation = the first ``val`` training cases of
     ``labelled_site`` (by case number), labelled = its next ``labeled``; every other training case, of every
@@ -380,25 +315,6 @@ def check_test_sites(cases: dict, sites: List[str]) -> Dict[str, int]:
     if not all(counts.values()):
         raise SystemExit(f"the test set must cover every site: test cases per site {counts} (give more --num-test).")
     return counts
-
-
-def dice_by_site(summary: dict, sites: Dict[str, str]) -> Dict[str, Dict[str, float]]:
-    """{site: {class: mean Dice over the site's cases}} of an ``skcdf_evaluate`` summary (NaN-aware, like its own
-    per-class means); the case id is the reference file's name up to its first dot."""
-    grouped: Dict[str, Dict[str, List[float]]] = {}
-    for case in summary["metric_per_case"]:
-        site = sites.get(Path(case["reference_file"]).name.split(".")[0])
-        if site is None:
-            continue
-        for key, metrics in case["metrics"].items():
-            if key != "0":
-                grouped.setdefault(site, {}).setdefault(key, []).append(metrics["Dice"])
-    return {site: {k: _nanmean(v) for k, v in per.items()} for site, per in sorted(grouped.items())}
-
-
-def _nanmean(values) -> float:
-    values = [v for v in values if v is not None and not np.isnan(v)]
-    return float(np.mean(values)) if values else float("nan")
 
 
 def copy_phantom(source: Path, raw: Path, pre: Path, dataset: str, task: dict) -> None:
@@ -508,7 +424,6 @@ def record_train_commit(fold_dir: Path) -> None:
     """Appends the commit this training session starts from, and whether tracked files differed from it, to the
     run's ``skcdf_train_commits.json`` (one entry per start or resume): a run may span sessions, and its store
     file is written at the end by whatever commit is checked out then."""
-    from convergence_report import commit
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
     path = fold_dir / TRAIN_COMMITS
@@ -802,7 +717,6 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
     """One finished run -> its store file (atomic): what the report needs, without the checkpoints."""
     import torch
 
-    from convergence_report import commit
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
     fold_dir = model_folder(env, raw, arm) / f"fold_{fold}"
@@ -846,7 +760,6 @@ def reevaluate(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path,
     store unchanged, if the predictions are gone or any metric the run already had comes out different."""
     import shutil
 
-    from convergence_report import commit
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
     path = store_file(arm, fold, budget, task)

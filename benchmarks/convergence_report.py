@@ -8,13 +8,13 @@ from __future__ import annotations
 import datetime
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
+from convergence_common import commit  # noqa: F401 (convergence_report.commit: the scripts that import it)
 from data_pipeline import machine, write_section
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,7 +37,7 @@ def _mean(d: Dict[str, float], keys=None) -> float:
 # ---------------------------------------------------------------------------------------------- curves
 def arm_name(run: dict) -> str:
     """The arm's current name (a stored run keeps the name it had when it was stored)."""
-    from convergence import ARMS
+    from convergence_common import ARMS
 
     return ARMS[run["arm"]].name
 
@@ -207,7 +207,7 @@ def final_table(runs: Dict[str, list], dataset_json: dict) -> Optional[dict]:
     from nnunetv2_skcdf.evaluation.evaluate import aggregate_runs, label_names
     from nnunetv2_skcdf.evaluation.paper_table import column_title, paper_table
 
-    from convergence import ARMS
+    from convergence_common import ARMS
 
     ordered = [r for k in ARMS for r in runs.get(k, [])]
     if not ordered:
@@ -418,7 +418,7 @@ def report_stem(task: dict, budget: dict) -> str:
     """One report per task and budget: ``convergence_<n>lab_<iterations>it``, multi-site
     ``convergence_<n>lab-site<X>-ms_<iterations>it`` (JSON, PNGs, BENCHMARKS.md section); each also lists the
     runs of the same task stored with other budgets."""
-    from convergence import task_tag
+    from convergence_common import task_tag
 
     return f"convergence_{task_tag(task)}_{budget['iterations']}it"
 
@@ -438,7 +438,7 @@ def site_tables(runs: Dict[str, list], sites: Dict[str, str], titles: Dict[str, 
     """Final test Dice per site (test cases grouped by the site they come from): per arm, each run's mean over the
     organs of the site's per-organ means (``skcdf_evaluate``'s way over all cases, restricted to the site), and the
     per-organ means over runs. None on the original phantom (no sites)."""
-    from convergence import ARMS, dice_by_site
+    from convergence_common import ARMS, dice_by_site
 
     if not sites:
         return None
@@ -630,7 +630,7 @@ def cost_markdown(cost: Dict[str, dict]) -> str:
 
 def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewhere: Dict[str, list], raw: Path,
            work: Path, wall_s: float) -> None:
-    from convergence import ARMS, SMALLEST, case_sites
+    from convergence_common import ARMS, SMALLEST, case_sites
     from nnunetv2_skcdf.utilities.io import atomic_output
     from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
 
@@ -700,14 +700,6 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     write_section(stem, markdown(results, figures))
     print("the result tables of README.md, documentation/results.md and BENCHMARKS.md's summary are generated from "
           "the store: run `python benchmarks/results_tables.py` (tests/test_docs_generated.py checks them)")
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def task_line(task: dict) -> str:
@@ -816,7 +808,7 @@ def goals_markdown(g: Optional[dict], stem: str) -> str:
 
 
 def markdown(r: dict, figures: dict) -> str:
-    from convergence import SMALLEST
+    from convergence_common import SMALLEST
 
     rows = []
     for key, c in r["curves"].items():

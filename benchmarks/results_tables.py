@@ -107,7 +107,6 @@ def readme_accuracy() -> str:
     lines = ["| method | iterations | runs | mean test Dice | 4 smallest organs | ASD (mm) | last-quarter gain |",
              "|---|---|---|---|---|---|---|"]
     for key in README_ARMS:
-        arm = ARMS[key]
         measured = False
         for task, budget in by_budget:
             for row in arm_rows(task, budget):
