@@ -301,7 +301,7 @@ def test_file_is_replaced_atomically(env, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(skcdf_io.json, "dump", crash)
-    with pytest.raises(SKCDFWriteError, match=r"splits_final.json: cannot be written .*disk full"):
+    with pytest.raises(SKCDFWriteError, match=r"splits_final.json: cannot be written, .*disk full"):
         make_semi_supervised_splits(901, labeled=0.5, seed=2, overwrite=True)
     assert path.read_text() == current
     assert sorted(p.name for p in path.parent.iterdir()) == ["splits_final.json"]
