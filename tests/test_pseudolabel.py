@@ -129,6 +129,10 @@ def test_refusals_name_the_problem_and_leave_the_source_alone(fake_setup):
     refused(r"taken by .*Dataset962_Foreign", out_name="PLSourcePseudoR")
     refused(r"not a pseudo-label round of Dataset961_PLSource: refusing", out_name="Foreign", overwrite=True)
     refused(r"exists. Pass --overwrite", out_name="Foreign")
+    # an orphan preprocessed folder of the output name is not replaced either
+    orphan = Path(os.environ["nnUNet_preprocessed"]) / "Dataset968_Orphan"
+    orphan.mkdir()
+    refused(r"Dataset968_Orphan exists but .* is not a pseudo-label round", out_id=968, out_name="Orphan")
     # a previous round of another dataset
     prev = Path(os.environ["nnUNet_raw"]) / "Dataset963_OtherRound"
     prev.mkdir()

@@ -251,6 +251,10 @@ def _check_output(out_id: int, out_name: str, source: str, overwrite: bool) -> s
         if name.startswith(f"Dataset{out_id:03d}_") and name != target:
             raise SKCDFInputError(f"--out-dataset {out_id} is taken by {raw}/{name}; pick a free id.")
     path = os.path.join(raw, target)
+    pre_path = os.path.join(_env_folder("nnUNet_preprocessed"), target)
+    if os.path.exists(pre_path) and not os.path.isfile(os.path.join(path, RECORD)):
+        raise SKCDFInputError(f"{pre_path} exists but {path} is not a pseudo-label round: refusing to replace it. "
+                              f"Remove that folder or pick another --out-dataset.")
     if os.path.exists(path):
         record = os.path.join(path, RECORD)
         if not overwrite:
