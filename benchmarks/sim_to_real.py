@@ -24,8 +24,6 @@ import argparse
 import csv
 import datetime
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import REPO, machine, sh  # noqa: E402
+from convergence_common import commit  # noqa: E402
 from phantom_realism import ORGANS, TOTALSEG  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -43,21 +42,14 @@ GOAL_ORGANS = ("liver", "spleen", "right_kidney", "left_kidney", "aorta", "stoma
 TRAINER, CONFIG = "nnUNetTrainer_conv", "3d_cpu"
 
 
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
-
-
 def environment(work: Path, iterations: int, threads: int | None) -> dict:
-    from convergence import ext_trainer_path
+    """The convergence benchmark's environment (nnU-Net folders of ``work``, its trainers, the budget), with the
+    final epoch as the only snapshot."""
+    import convergence
+    from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
 
-    paths = {v: str(work / v) for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
-    for p in paths.values():
-        Path(p).mkdir(parents=True, exist_ok=True)
-    epochs = max(1, iterations // 50)
-    env = {**os.environ, **paths, "nnUNet_compile": "false", "nnUNet_def_n_proc": "2",
-           "nnUNet_extTrainer": ext_trainer_path(), "SKCDF_CONV_EPOCHS": str(epochs),
-           "SKCDF_CONV_SNAPSHOTS": str(epochs)}
+    epochs = max(1, iterations // ITERATIONS_PER_EPOCH)
+    env = convergence.environment(work, {"epochs": epochs, "snapshot_epochs": [epochs]}, "2")
     if threads:
         env["SKCDF_CONV_THREADS"] = str(threads)
     return env
