@@ -177,11 +177,16 @@ def _fold_entry(splits: list, fold: int, path: str) -> dict:
     return entry
 
 
-def case_images(raw: str, dataset_json: dict, ids: Sequence[str]) -> Dict[str, List[str]]:
-    """Image files of each id: imagesTr (images only: a hidden label is never opened) or imagesUnlabeled."""
+def training_files(raw: str, dataset_json: dict) -> dict:
+    """nnU-Net's listing of the labelled training cases: {case: {"images": [...], "label": path}}."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    training = get_filenames_of_train_images_and_targets(raw, dict(dataset_json))
+    return get_filenames_of_train_images_and_targets(raw, dict(dataset_json))
+
+
+def case_images(raw: str, dataset_json: dict, training: dict, ids: Sequence[str]) -> Dict[str, List[str]]:
+    """Image files of each id: imagesTr (images only: a hidden label is never opened; ``training`` is
+    ``training_files``) or imagesUnlabeled."""
     unlabeled = list_unlabeled_cases(raw, dataset_json)
     out = {}
     for cid in ids:
@@ -305,7 +310,8 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
     previous_folder, round_no, _ = load_previous(previous, source)
     teachers = load_teachers(model_folders, folds, checkpoint)
     check_teachers(teachers, source, source_json, split_fold, roles, splits)
-    images = case_images(raw, source_json, roles["unlabeled"])
+    training = training_files(raw, source_json)
+    images = case_images(raw, source_json, training, roles["unlabeled"])
     labels = sorted(int(v) for k, v in source_json["labels"].items() if k != "background" and int(v) > 0)
 
     dev = torch.device(device)
@@ -336,7 +342,7 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
         kept = select_kept(scores, threshold, keep)
         for cid in cases:
             cases[cid]["kept"] = cid in kept
-        _write_student(staging, raw, source_json, roles, kept, images, cases, ending)
+        _write_student(staging, raw, source_json, training, roles, kept, images, cases, ending)
         record = {
             "round": round_no, "source_dataset": source, "source_fold": split_fold, "previous_round": previous and
             dataset_name(previous), "teachers": [t.describe() for t in teachers],
@@ -371,13 +377,10 @@ def _organ_means(cases: dict) -> Dict[int, float]:
     return {lab: float(np.mean(v)) for lab, v in sorted(per.items())}
 
 
-def _write_student(staging: str, raw: str, source_json: dict, roles: dict, kept: List[str],
+def _write_student(staging: str, raw: str, source_json: dict, training: dict, roles: dict, kept: List[str],
                    images: Dict[str, List[str]], cases: dict, ending: str) -> None:
-    """imagesTr/labelsTr of the student: labelled and validation cases with their real labels, kept cases with
-    their pseudo labels; dataset.json with the source's labels and channels."""
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-    training = get_filenames_of_train_images_and_targets(raw, dict(source_json))
+    """imagesTr/labelsTr of the student: labelled and validation cases with their real labels (``training``:
+    ``training_files``), kept cases with their pseudo labels; dataset.json with the source's labels and channels."""
     os.makedirs(os.path.join(staging, "imagesTr"))
     os.makedirs(os.path.join(staging, "labelsTr"))
     for origin, ids in (("labelled", roles["train"]), ("validation", roles["val"])):
