@@ -17,7 +17,7 @@ from nnunetv2_skcdf.pseudo_labelling.agreement import (
     member_agreement,
     select_kept,
 )
-from nnunetv2_skcdf.pseudo_labelling.pseudo_label_round import RECORD, run_round
+from nnunetv2_skcdf.pseudo_labelling.pseudo_label_round import RECORD, Teacher, check_single_teacher, run_round
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 
 
@@ -139,6 +139,16 @@ def test_refusals_name_the_problem_and_leave_the_source_alone(fake_setup):
     (prev / RECORD).write_text(json.dumps({"round": 1, "source_dataset": "Dataset001_Other"}))
     refused(r"--previous Dataset963_OtherRound is a round of Dataset001_Other", previous="963", out_id=964)
     assert (_digest(s["raw"]), _digest(s["pre"])) == before  # the source dataset is never written
+
+
+def test_one_teacher_without_mirroring_is_refused_unless_a_previous_round_scores_the_cases():
+    teacher = Teacher("/models/nnUNetTrainer_noMirroring__nnUNetPlans__3d_fullres", "0", "nnUNetTrainer_noMirroring",
+                      "nnUNetPlans", "3d_fullres", {}, {})
+    with pytest.raises(SKCDFInputError, match=r"nnUNetTrainer_noMirroring__nnUNetPlans__3d_fullres \(fold 0\) is "
+                                              r"the only teacher .* disallows mirroring .* Give several teachers"):
+        check_single_teacher(teacher, 1, None)
+    check_single_teacher(teacher, 1, "/raw/Dataset962_PseudoR1")  # the previous round's agreement scores them
+    check_single_teacher(teacher, 8, None)  # its 8 mirror variants vote
 
 
 # ------------------------------------------------------------------------------------------ a real round (slow)

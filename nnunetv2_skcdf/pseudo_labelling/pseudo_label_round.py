@@ -167,6 +167,18 @@ def check_teachers(teachers: Sequence[Teacher], source: str, source_json: dict, 
                                   f"{derived[t.dataset].get('source_fold')} of {source}, not {split_fold}.")
 
 
+def check_single_teacher(teacher: Teacher, variants: int, previous_folder: Optional[str]) -> None:
+    """Refuse one teacher that cannot vote with itself: trained without mirroring, it gives one member per case,
+    every organ agrees with itself (score 1) and every case would be kept unfiltered. With ``--previous`` the
+    agreement with the previous round still scores the cases, so that is allowed."""
+    if variants < 2 and previous_folder is None:
+        raise SKCDFInputError(
+            f"{teacher.folder} (fold {teacher.fold}) is the only teacher and its trainer disallows mirroring at "
+            f"inference, so each case gets a single prediction and no agreement can be measured: every case would "
+            f"be kept unfiltered. Give several teachers (-f 0 1 2, or several -m model folders), a teacher trained "
+            f"with mirroring, or --previous with an earlier round to score against.")
+
+
 def _fold_entry(splits: list, fold: int, path: str) -> dict:
     if not 0 <= fold < len(splits):
         raise SKCDFInputError(f"{path} has {len(splits)} folds; fold {fold} does not exist.")
@@ -316,6 +328,8 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
 
     dev = torch.device(device)
     predictors = [_predictor(t, len(teachers) > 1, dev, checkpoint) for t in teachers]
+    if len(teachers) == 1:
+        check_single_teacher(teachers[0], len(_mirror_variants(predictors[0])), previous_folder)
     reader = predictors[0].plans_manager.image_reader_writer_class()
     ending = source_json["file_ending"]
     staging = new_staging_folder(target)
