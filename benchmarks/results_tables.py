@@ -280,7 +280,8 @@ def _window_tokens(bottleneck: List[int], window: List[int]) -> Dict[int, int]:
 
 
 def plan_windows() -> str:
-    """documentation/trainer_reference.md: the SKC local window on Synapse-like plans (benchmarks/plan_windows.py)."""
+    """documentation/trainer_reference.md: the SKC local window on Synapse-like plans
+    (benchmarks/diagnostics/plan_windows.py)."""
     d = _speed("plan_windows")
 
     def x(v):

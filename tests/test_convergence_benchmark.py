@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+sys.path[:0] = [str(BENCH), str(BENCH / "diagnostics")]  # the benchmark modules; head_drift, grad_norms
 
 import convergence as C  # noqa: E402
 import convergence_report as R  # noqa: E402

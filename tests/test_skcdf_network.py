@@ -364,12 +364,12 @@ def test_ema_lists_are_cached_and_follow_parameter_replacement(tiny_plans):
 
 
 def test_benchmark_decoder_views_run_d_u_and_d_l(tiny_plans):
-    """benchmarks/teacher_student.py compares the two inference paths: D_u is the network's own forward, D_l
-    the same encoder and SKC (self mode) into D_l's main head; a plain network has one path."""
+    """benchmarks/diagnostics/teacher_student.py compares the two inference paths: D_u is the network's own
+    forward, D_l the same encoder and SKC (self mode) into D_l's main head; a plain network has one path."""
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "diagnostics"))
     import teacher_student as T
 
     net, cm = build(tiny_plans, deep_supervision=False)
@@ -402,14 +402,14 @@ def test_benchmark_decoder_views_run_d_u_and_d_l(tiny_plans):
 
 
 def test_teacher_student_case_sets_test_or_the_split_s_hidden_label_cases(tmp_path):
-    """benchmarks/teacher_student.py --cases hidden evaluates on the hidden-label training cases of the split (the
-    pseudo-label diagnostics' cases): read from splits_final.json as convergence.py reads them, never mixed with
-    test-set results in one file, and a clear error without the split."""
+    """benchmarks/diagnostics/teacher_student.py --cases hidden evaluates on the hidden-label training cases of
+    the split (the pseudo-label diagnostics' cases): read from splits_final.json as convergence.py reads them,
+    never mixed with test-set results in one file, and a clear error without the split."""
     import json
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "diagnostics"))
     import teacher_student as T
 
     raw, pre = tmp_path / "raw", tmp_path / "pre"

@@ -330,16 +330,18 @@ class SKCDFUNet(nn.Module):
 
     def _ema_steps(self, couple_decoders: bool, buffers: bool = False) -> List[Tuple[List[torch.Tensor], ...]]:
         """(targets, sources) tensor lists of ema_update's steps, as cached. Not used by training itself: it is
-        the handle through which ``benchmarks/ema_host_time.py`` times the cached lists and the tests check them."""
+        the handle through which ``benchmarks/diagnostics/ema_host_time.py`` times the cached lists and the tests
+        check them."""
         return self._ema_cached(couple_decoders, buffers)[1]
 
     def _ema_cached(self, couple_decoders: bool, buffers: bool = False) \
             -> Tuple[List[str], List[Tuple[List[torch.Tensor], ...]]]:
         """(kinds, steps) of ema_update, built once per flags from ``_ema_plan``. Matching ~100 parameters by name
-        walks the module tree (measured in benchmarks/ema_host_time.py), so the lists are kept: parameters stay the
-        same objects while training (optimisers, DDP and load_state_dict update them in place); ``_apply``
-        (``.to()``, ``.cuda()``, ...) and ``load_state_dict`` may replace them and clear the cache. The lists hold
-        the tensors themselves (not ``.data`` views), so a deep copy of the network maps them onto its own copies."""
+        walks the module tree (measured in benchmarks/diagnostics/ema_host_time.py), so the lists are kept:
+        parameters stay the same objects while training (optimisers, DDP and load_state_dict update them in
+        place); ``_apply`` (``.to()``, ``.cuda()``, ...) and ``load_state_dict`` may replace them and clear the
+        cache. The lists hold the tensors themselves (not ``.data`` views), so a deep copy of the network maps
+        them onto its own copies."""
         key = (bool(couple_decoders), bool(buffers))
         if key not in self._ema_cache:
             plan = self._ema_plan(key[0])

@@ -51,11 +51,12 @@ computes on the window ``R`` alone, with every kernel restricted to ``R``:
   positions), then the padded positions are cropped; the 1x1 convolution acts per position.
 Cost: the padded map has ``prod(S') / prod(S)`` times the positions (``6*8*6 / 5*7*6`` = 1.37 on the
 Synapse-like plan), but the attention -- the block's main cost -- forms one ``hK x M`` score matrix per window,
-and the reference window makes fewer windows than the old rule (36 of 8 tokens instead of 105 of 2 on
-``5 x 7 x 6``): the module is faster, not slower (measured in ``benchmarks/skc_window_cost.py``; figures in the
-README). Where ``S`` is a multiple of the window
-nothing is padded or masked, and the block runs exactly the operations it ran before padding existed
-(bit-identical results, tested on ``4 x 8 x 8``). The global block always works on the whole unpadded map.
+and the reference window makes fewer windows than the old rule (on ``5 x 7 x 6``: 36 windows, 18 with 8 real
+tokens, 15 with 4 and 3 with 2, instead of 105 of 2): the module is faster, not slower (measured by
+``benchmarks/diagnostics/skc_window_cost.py``; benchmarks/diagnostics/README.md says where its figures are).
+Where ``S`` is a multiple of the window nothing is padded or masked, and the block runs exactly the operations
+it ran before padding existed (bit-identical results, tested on ``4 x 8 x 8``). The global block always works on
+the whole unpadded map.
 
 Heads in self mode: ``self_heads="joint"`` (one ``hK x hK`` score matrix, default) or ``"per_head"`` (the
 reference code's ``h`` separate ``K x K`` matrices; the local block groups projected channels as the

@@ -3,7 +3,7 @@ once and cached, side by side (A B A B ... in one process) on a network built fr
 
 Prints and writes ``benchmarks/results/ema_host_time_<device>.json`` and a section of ``BENCHMARKS.md``:
 
-    python benchmarks/ema_host_time.py -d 950 -c 3d_fullres [--device cpu] [--repeats 200]
+    python benchmarks/diagnostics/ema_host_time.py -d 950 -c 3d_fullres [--device cpu] [--repeats 200]
 
 Three figures per variant: the whole ``ema_update`` (on CPU it includes the lerp arithmetic itself, which both
 variants share), and the list matching alone (the host work the cache removes).
@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from data_pipeline import REPO, device_name, machine, write_section  # noqa: E402
 
 
@@ -107,9 +108,9 @@ def main() -> None:
     out = REPO / "benchmarks" / "results" / f"ema_host_time_{args.device}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     rows = "\n".join(f"| {name} | {value:.3f} |" for name, value in ms.items())
-    write_section(f"ema_host_time_{args.device}", f"""## EMA update: cached tensor lists, {results['device_name']} (`benchmarks/ema_host_time.py`)
+    write_section(f"ema_host_time_{args.device}", f"""## EMA update: cached tensor lists, {results['device_name']} (`benchmarks/diagnostics/ema_host_time.py`)
 
-Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
+Command: `python benchmarks/diagnostics/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
 
 SKCDF network of dataset {args.dataset}{' (' + args.dataset_note + ')' if args.dataset_note else ''} `{args.configuration}` ({args.plans}, patch {patch}; {results['decoder_parameters']:,}
 parameters per decoder; {results['tensors_per_step']} tensors in the three EMA steps), {args.repeats} interleaved

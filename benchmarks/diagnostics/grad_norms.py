@@ -19,7 +19,7 @@ Reported per snapshot, mean over the batches:
 - ``sup_step``: the norm of the supervised gradient after clipping (what the labels move the weights by);
 - ``cos_encoder``: cosine between the supervised and the (lambda-weighted) unlabelled gradient on the encoder.
 
-    python benchmarks/grad_norms.py --model a=MODEL_FOLDER_a:0 --model g=MODEL_FOLDER_g:0 \\
+    python benchmarks/diagnostics/grad_norms.py --model a=MODEL_FOLDER_a:0 --model g=MODEL_FOLDER_g:0 \\
         --out benchmarks/results/grad_norms_2lab_8000it.json
 
 Benchmark side only (reads no hidden labels). CPU, single-threaded data loading; measured with the default 6
@@ -40,7 +40,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 CLIP = 12.0  # nnU-Net's clip_grad_norm_ threshold (nnUNetTrainer.train_step)
 

@@ -17,9 +17,9 @@ self mode (``LabelledDecoderView``). Writes one JSON (atomically) and prints a t
 ``D_l`` predictions are the pseudo-label diagnostics of the curves): there a labelled-only nnU-Net's Dice is the
 direct comparator of SKCDF's pseudo labels. One file holds one case set.
 
-    python benchmarks/teacher_student.py --raw RAW --out benchmarks/results/teacher_student_2lab_8000it.json \\
+    python benchmarks/diagnostics/teacher_student.py --raw RAW --out benchmarks/results/teacher_student_2lab_8000it.json \\
         --model a=MODEL_FOLDER_a:0 --model g=MODEL_FOLDER_g:0 --model i=MODEL_FOLDER_i:0
-    python benchmarks/teacher_student.py --raw RAW --cases hidden --preprocessed PREPROCESSED_DATASET_FOLDER \\
+    python benchmarks/diagnostics/teacher_student.py --raw RAW --cases hidden --preprocessed PREPROCESSED_DATASET_FOLDER \\
         --out benchmarks/results/teacher_student_hidden_2lab_8000it.json --model a=MODEL_FOLDER_a:2
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from convergence_eval import (LabelledDecoderView, cpu_predictor, dice_per_class, mean_over_cases, predict,  # noqa
                               preprocessed, raw_cases, test_case_ids)
 

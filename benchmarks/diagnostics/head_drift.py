@@ -7,7 +7,7 @@ heads can end up as copies of the balanced heads. This script measures it on the
 ``benchmarks/convergence.py`` keeps: the relative distance ``|H - H_b| / |H|`` of the full-resolution 1x1x1 head
 (weights, and bias separately), per decoder (D_l, the pseudo-label source; D_u, the one nnU-Net predicts with).
 
-    python benchmarks/head_drift.py <model folder>/fold_0 [--out benchmarks/results/head_drift_<tag>.json]
+    python benchmarks/diagnostics/head_drift.py <model folder>/fold_0 [--out benchmarks/results/head_drift_<tag>.json]
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ stride, bottleneck, the local window of the rule of release 0.2 (largest divisor
 axis, padded), tokens per window and the padded bottleneck. Steps already done in ``--workdir`` are skipped.
 Prints, writes ``benchmarks/results/plan_windows.json`` and a section of ``BENCHMARKS.md``:
 
-    python benchmarks/plan_windows.py [--workdir skcdf_data/plan_windows] [-np 2]
+    python benchmarks/diagnostics/plan_windows.py [--workdir skcdf_data/plan_windows] [-np 2]
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from data_pipeline import REPO, machine, sh, write_section  # noqa: E402
 
 DATASET_ID, NAME = 971, "SynapseGeom"
@@ -96,9 +97,9 @@ def main() -> None:
                "spacing_zyx_mm": SPACING, "rows": rows}
     out = REPO / "benchmarks" / "results" / "plan_windows.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    write_section("plan_windows", f"""## SKC local window on Synapse-like plans (`benchmarks/plan_windows.py`)
+    write_section("plan_windows", f"""## SKC local window on Synapse-like plans (`benchmarks/diagnostics/plan_windows.py`)
 
-Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
+Command: `python benchmarks/diagnostics/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
 
 Phantom of Synapse-like geometry (`skcdf_make_phantom --shape {' '.join(map(str, SHAPE))} --spacing
 {' '.join(map(str, SPACING))} --num-train 4`), nnU-Net 2.8 fingerprint + `nnUNetv2_plan_experiment` (default planner)

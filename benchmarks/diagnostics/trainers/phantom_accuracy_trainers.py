@@ -1,4 +1,4 @@
-"""Equal-budget trainers of ``benchmarks/phantom_accuracy.py`` (found through ``nnUNet_extTrainer``, which the
+"""Equal-budget trainers of ``benchmarks/diagnostics/phantom_accuracy.py`` (found through ``nnUNet_extTrainer``, which the
 script extends with this folder). Every one trains ``PHANTOM_ACC_EPOCHS`` epochs of 50 iterations, without
 mirroring, and skips nnU-Net's final validation (the benchmark evaluates the separate test set instead).
 Only the method differs: labelled-only nnU-Net, SKCDF, and SKCDF without the SKC module / the ABC heads."""

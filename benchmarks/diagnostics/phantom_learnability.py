@@ -5,7 +5,7 @@ configuration (``skcdf_add_cpu_config``), predicts the 6 test cases with the sto
 evaluates them with nnU-Net's evaluation; prints per-organ Dice and writes
 ``benchmarks/results/phantom_learnability.json`` plus a section in ``BENCHMARKS.md``.
 
-    python benchmarks/phantom_learnability.py [--trainer nnUNetTrainer_5epochs] [--keep DIR]
+    python benchmarks/diagnostics/phantom_learnability.py [--trainer nnUNetTrainer_5epochs] [--keep DIR]
 
 Default budget: ``nnUNetTrainer_5epochs`` (5 x 250 iterations), 16 labelled + 4 validation cases.
 """
@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from data_pipeline import REPO, machine, sh, write_section  # noqa: E402
 
 DATASET = "950"
@@ -72,9 +73,9 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     header = "| " + " | ".join(dice) + " | mean |"
     row = "| " + " | ".join(f"{100 * v:.1f}" for v in dice.values()) + f" | {100 * results['mean_dice']:.1f} |"
-    body = f"""## Phantom learnability (`benchmarks/phantom_learnability.py`)
+    body = f"""## Phantom learnability (`benchmarks/diagnostics/phantom_learnability.py`)
 
-Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
+Command: `python benchmarks/diagnostics/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
 
 Plain `{args.trainer}` (labelled data only: 16 training + 4 validation cases of the default phantom),
 configuration `{CONFIG}` (patch {plans['patch_size']}, batch {plans['batch_size']}), training

@@ -5,12 +5,12 @@ Set-up (skipped when the dataset already exists): ``skcdf_make_phantom`` (20 tra
 cases), ``nnUNetv2_plan_and_preprocess``, ``skcdf_split --labeled 0.2 --val 0.2 --add-unlabeled-images
 --folds 3`` (3 identical folds = 3 runs with different random initialisation and sampling, as the paper's 3
 seeds), ``skcdf_preprocess_unlabeled``, ``skcdf_add_cpu_config`` (3d_cpu). Every run: ``nnUNetv2_train`` with
-the equal-budget trainers of ``benchmarks/trainers/``, ``nnUNetv2_predict`` on imagesTs, then one
+the equal-budget trainers of ``benchmarks/diagnostics/trainers/``, ``nnUNetv2_predict`` on imagesTs, then one
 ``skcdf_evaluate`` over all runs prints the paper table. Finished trainings and predictions are reused, so an
 interrupted benchmark continues where it stopped. Writes ``benchmarks/results/phantom_accuracy.json`` and a
 ``BENCHMARKS.md`` section.
 
-    python benchmarks/phantom_accuracy.py [-d 960] [--runs 3] [--work skcdf_data/phantom_accuracy]
+    python benchmarks/diagnostics/phantom_accuracy.py [-d 960] [--runs 3] [--work skcdf_data/phantom_accuracy]
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from data_pipeline import REPO, machine, sh, write_section  # noqa: E402
 
 CONFIG = "3d_cpu"
@@ -77,8 +78,9 @@ def main() -> None:
     from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
 
     work = Path(args.work)
+    trainers = Path(__file__).resolve().parent / "trainers"  # this benchmark's equal-budget trainers
     env = {**os.environ, "nnUNet_compile": "false", "nnUNet_def_n_proc": args.np,
-           "nnUNet_extTrainer": os.pathsep.join((trainer_folder(), str(REPO / "benchmarks" / "trainers")))}
+           "nnUNet_extTrainer": os.pathsep.join((trainer_folder(), str(trainers)))}
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[var] = str(work / var)
         Path(env[var]).mkdir(parents=True, exist_ok=True)
@@ -114,9 +116,9 @@ def report(args, runs: dict, evaluation: Path, wall_s: float) -> None:
     print(table)
     print(json.dumps(gains, indent=2))
     from trainers.phantom_accuracy_trainers import PHANTOM_ACC_EPOCHS
-    write_section("phantom_accuracy", f"""## Accuracy on the phantom: nnU-Net vs SKCDF (`benchmarks/phantom_accuracy.py`)
+    write_section("phantom_accuracy", f"""## Accuracy on the phantom: nnU-Net vs SKCDF (`benchmarks/diagnostics/phantom_accuracy.py`)
 
-Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} —
+Command: `python benchmarks/diagnostics/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} —
 {results['machine']} — {wall_s / 60:.0f} min in all.
 
 Built-in phantom, 20 training cases: 4 validation, 3 labelled (20 % of the rest), 13 with hidden labels + 10

@@ -14,7 +14,7 @@ Prints, writes ``benchmarks/results/skc_window_cost_<device>.json`` and a sectio
 a phantom with a configuration of bottleneck 5 x 7 x 6 (the Synapse-like plans' one):
 
     skcdf_add_cpu_config -d 950 --name 3d_cpu_odd --patch 40 56 48
-    python benchmarks/skc_window_cost.py -d 950 -c 3d_cpu_odd [--repeats 3] [--steps 15]
+    python benchmarks/diagnostics/skc_window_cost.py -d 950 -c 3d_cpu_odd [--repeats 3] [--steps 15]
 """
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from data_pipeline import REPO, device_name, machine, write_section  # noqa: E402
 
 PADDED, UNPADDED = "SKCDFTrainer", "SKCDFTrainer_divisorWindow"
-STEP_SCRIPT = Path(__file__).resolve().parent / "train_step_speed.py"
+STEP_SCRIPT = Path(__file__).resolve().parents[1] / "train_step_speed.py"
 
 
 def train_step_runs(args, env: dict) -> dict:
@@ -126,9 +127,9 @@ def main() -> None:
     rows = "\n".join(
         f"| `{t}` | {module['windows'][t]} | {module['padded_size'][t]} | {step[t]:.3f} "
         f"({spread[t][0]:.3f}-{spread[t][1]:.3f}) | {module['median_ms'][t]:.2f} |" for t in (UNPADDED, PADDED))
-    write_section(f"skc_window_cost_{args.device}", f"""## SKC local window on an odd bottleneck, {results['device_name']} (`benchmarks/skc_window_cost.py`)
+    write_section(f"skc_window_cost_{args.device}", f"""## SKC local window on an odd bottleneck, {results['device_name']} (`benchmarks/diagnostics/skc_window_cost.py`)
 
-Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
+Command: `python benchmarks/diagnostics/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
 
 Dataset {args.dataset}, configuration `{args.configuration}` (patch {results['patch_size']}, batch {results['batch_size']}
 labelled + {results['batch_size']} unlabelled patches, bottleneck {module['bottleneck']} x {module['channels']} channels).
