@@ -807,6 +807,22 @@ def goals_markdown(g: Optional[dict], stem: str) -> str:
             + "\n".join(rows) + "\n\n" + link)
 
 
+def nest_report(table: str, prefix: str) -> str:
+    """``skcdf_evaluate``'s report (``## Results``, ``### Further metrics``, ...) as sub-headings of the section
+    that embeds it: one level deeper, each title led by ``prefix`` (e.g. "2 labelled cases, 8000 iterations:
+    further metrics"), so that no two headings of BENCHMARKS.md read alike."""
+    out = []
+    for line in table.split("\n"):
+        m = re.match(r"^(#{1,5}) (.+)$", line)
+        if m:
+            title = m.group(2)
+            title = "per-organ " + title[0].lower() + title[1:] if title.startswith("Results") \
+                else title[0].lower() + title[1:]
+            line = f"{m.group(1)}# {prefix}: {title}"
+        out.append(line)
+    return "\n".join(out)
+
+
 def markdown(r: dict, figures: dict) -> str:
     from convergence_common import SMALLEST
 
@@ -845,7 +861,10 @@ def markdown(r: dict, figures: dict) -> str:
     goal_text = goals_markdown(r["goals"], report_stem(r["task"], r["budget"]))
     labelled = f"{r['task']['labeled']} labelled cases"
     if r["task"].get("sites"):
-        labelled += f" of site {r['task']['labelled_site']}, multi-site phantom ({', '.join(r['task']['sites'])})"
+        labelled += f" of site {r['task']['labelled_site']}"
+    run_label = f"{labelled}, {r['budget']['iterations']} iterations"  # leads the embedded report's headings
+    if r["task"].get("sites"):
+        labelled += f", multi-site phantom ({', '.join(r['task']['sites'])})"
     baselines = tuple(r.get("plateau_arms", ("a", "c")))
     extra = "\n\n".join(x for x in (site_markdown(r.get("per_site")),
                                       pseudo_markdown(r.get("pseudo_per_site") or {}, r.get("pseudo_rounds") or []),
@@ -874,7 +893,7 @@ Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean D
 
 {pics}
 
-{r['final_table'] or ''}
+{nest_report(r['final_table'] or '', run_label)}
 
 {islands}
 

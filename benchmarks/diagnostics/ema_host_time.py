@@ -1,7 +1,7 @@
 """Host time of SKCDFUNet.ema_update: tensor lists matched by name at every step (release 0.2) vs built
 once and cached, side by side (A B A B ... in one process) on a network built from real plans.
 
-Prints and writes ``benchmarks/results/ema_host_time_<device>.json`` and a section of ``BENCHMARKS.md``:
+Prints and writes ``benchmarks/results/ema_host_time_<device>.json`` and a section of ``BENCHMARKS_FINDINGS.md``:
 
     python benchmarks/diagnostics/ema_host_time.py -d 950 -c 3d_fullres [--device cpu] [--repeats 200]
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 # this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from data_pipeline import REPO, device_name, machine, write_section  # noqa: E402
+from data_pipeline import FINDINGS_MD, REPO, device_name, machine, write_section  # noqa: E402
 
 
 def uncached_lists(net):
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("-p", "--plans", default="nnUNetPlans")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--dataset-note", default="", help="how the dataset was made, for the BENCHMARKS.md section")
+    parser.add_argument("--dataset-note", default="", help="how the dataset was made, for the section")
     args = parser.parse_args()
     import torch
 
@@ -124,7 +124,7 @@ the lists once; the "lists only" rows are that matching alone, the host work the
 Host time saved: {results['host_saving_ms_per_step']:.3f} ms per training step. The whole `ema_update` takes
 {results['time_ratio']:.2f}x its uncached time here; on a CPU that figure is dominated by the lerp arithmetic over
 both decoders, which the two variants share (and by the machine's load), so the list matching is the measured
-saving.""")
+saving.""", FINDINGS_MD)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Gradient norms per loss term at a run's snapshots, and what nnU-Net's clipping (total norm 12) makes of them.
 
-Question it answers (BENCHMARKS.md, convergence findings): SKCDF's labelled decoder ``D_l`` ends below a
+Question it answers (BENCHMARKS_FINDINGS.md, item 12): SKCDF's labelled decoder ``D_l`` ends below a
 labelled-only nnU-Net trained on the same cases with the same optimiser and schedule. Both clip the total
 gradient norm to 12 before the SGD step; SKCDF's total is the sum of four terms (supervised main + balanced,
 lambda x unlabelled main + balanced). If that sum is clipped where nnU-Net's gradient is not, every term,

@@ -8,7 +8,7 @@ seeds), ``skcdf_preprocess_unlabeled``, ``skcdf_add_cpu_config`` (3d_cpu). Every
 the equal-budget trainers of ``benchmarks/diagnostics/trainers/``, ``nnUNetv2_predict`` on imagesTs, then one
 ``skcdf_evaluate`` over all runs prints the paper table. Finished trainings and predictions are reused, so an
 interrupted benchmark continues where it stopped. Writes ``benchmarks/results/phantom_accuracy.json`` and a
-``BENCHMARKS.md`` section.
+``BENCHMARKS_FINDINGS.md`` section.
 
     python benchmarks/diagnostics/phantom_accuracy.py [-d 960] [--runs 3] [--work skcdf_data/phantom_accuracy]
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 # this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from data_pipeline import REPO, machine, sh, write_section  # noqa: E402
+from data_pipeline import FINDINGS_MD, REPO, machine, sh, write_section  # noqa: E402
 
 CONFIG = "3d_cpu"
 TRAINERS = {  # method name in the table -> trainer
@@ -115,6 +115,7 @@ def report(args, runs: dict, evaluation: Path, wall_s: float) -> None:
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(table)
     print(json.dumps(gains, indent=2))
+    from convergence_report import nest_report
     from trainers.phantom_accuracy_trainers import PHANTOM_ACC_EPOCHS
     write_section("phantom_accuracy", f"""## Accuracy on the phantom: nnU-Net vs SKCDF (`benchmarks/diagnostics/phantom_accuracy.py`)
 
@@ -128,10 +129,10 @@ patches), no mirroring, {args.runs} runs (folds of identical splits). Test-set D
 std over runs of the per-run means (`skcdf_evaluate`, default empty-mask rules: a missed organ counts Dice 0
 and is left out of ASD).
 
-{table}
+{nest_report(table, f'Phantom, {PHANTOM_ACC_EPOCHS * 50} iterations')}
 
 SKCDF minus baseline: **{gains.get('mean_dice_gain', float('nan')):+.1f}** mean Dice points (goal +5),
-**{gains.get('smallest_gain', float('nan')):+.1f}** on the four smallest organs {', '.join(SMALLEST)} (goal +10).""")
+**{gains.get('smallest_gain', float('nan')):+.1f}** on the four smallest organs {', '.join(SMALLEST)} (goal +10).""", FINDINGS_MD)
 
 
 def goal_check(aggregate: dict, methods: list) -> dict:

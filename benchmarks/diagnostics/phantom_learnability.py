@@ -3,7 +3,7 @@
 Trains plain ``nnUNetTrainer`` (labelled data only) on the default phantom with the small CPU
 configuration (``skcdf_add_cpu_config``), predicts the 6 test cases with the stock predictor and
 evaluates them with nnU-Net's evaluation; prints per-organ Dice and writes
-``benchmarks/results/phantom_learnability.json`` plus a section in ``BENCHMARKS.md``.
+``benchmarks/results/phantom_learnability.json`` plus a section in ``BENCHMARKS_FINDINGS.md``.
 
     python benchmarks/diagnostics/phantom_learnability.py [--trainer nnUNetTrainer_5epochs] [--keep DIR]
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 # this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from data_pipeline import REPO, machine, sh, write_section  # noqa: E402
+from data_pipeline import FINDINGS_MD, REPO, machine, sh, write_section  # noqa: E402
 
 DATASET = "950"
 CONFIG = "3d_cpu"
@@ -84,7 +84,7 @@ configuration `{CONFIG}` (patch {plans['patch_size']}, batch {plans['batch_size'
 {header}
 |{'---|' * (len(dice) + 1)}
 {row}"""
-    write_section(f"phantom_learnability_{args.trainer}", body)
+    write_section(f"phantom_learnability_{args.trainer}", body, FINDINGS_MD)
     if not args.keep:
         shutil.rmtree(root)
 

@@ -4,7 +4,7 @@ Makes a phantom of Synapse-like geometry (96 x 512 x 512 voxels at 3 x 0.78 x 0.
 fingerprint and planning (no preprocessing), and tabulates per configuration and planner: patch, total encoder
 stride, bottleneck, the local window of the rule of release 0.2 (largest divisor <= 2) and of today's rule (2 per
 axis, padded), tokens per window and the padded bottleneck. Steps already done in ``--workdir`` are skipped.
-Prints, writes ``benchmarks/results/plan_windows.json`` and a section of ``BENCHMARKS.md``:
+Prints, writes ``benchmarks/results/plan_windows.json`` and a section of ``BENCHMARKS_FINDINGS.md``:
 
     python benchmarks/diagnostics/plan_windows.py [--workdir skcdf_data/plan_windows] [-np 2]
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 # this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from data_pipeline import REPO, machine, sh, write_section  # noqa: E402
+from data_pipeline import FINDINGS_MD, REPO, machine, sh, write_section  # noqa: E402
 
 DATASET_ID, NAME = 971, "SynapseGeom"
 SHAPE, SPACING = (96, 512, 512), (3, 0.78, 0.78)
@@ -106,7 +106,7 @@ Phantom of Synapse-like geometry (`skcdf_make_phantom --shape {' '.join(map(str,
 and `-pl nnUNetPlannerResEncM`; no preprocessing. The reference code was built for a 4 x 8 x 8 bottleneck with
 2 x 2 x 2 windows (8 tokens per window).
 
-{md}""")
+{md}""", FINDINGS_MD)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ side by side on a configuration whose bottleneck is odd.
 Both parts use ``--threads`` intra-op threads (default 1: on a 2-core VM whose other core runs another job, two
 OpenMP threads measured that job's load, with 5-10x swings between consecutive iterations).
 
-Prints, writes ``benchmarks/results/skc_window_cost_<device>.json`` and a section of ``BENCHMARKS.md``, e.g. on
-a phantom with a configuration of bottleneck 5 x 7 x 6 (the Synapse-like plans' one):
+Prints, writes ``benchmarks/results/skc_window_cost_<device>.json`` and a section of
+``BENCHMARKS_FINDINGS.md``, e.g. on a phantom with a configuration of bottleneck 5 x 7 x 6 (the Synapse-like
+plans' one):
 
     skcdf_add_cpu_config -d 950 --name 3d_cpu_odd --patch 40 56 48
     python benchmarks/diagnostics/skc_window_cost.py -d 950 -c 3d_cpu_odd [--repeats 3] [--steps 15]
@@ -30,7 +31,7 @@ from pathlib import Path
 
 # this folder (the other diagnostics) and benchmarks/ (the shared modules: data_pipeline, convergence, ...)
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from data_pipeline import REPO, device_name, machine, write_section  # noqa: E402
+from data_pipeline import FINDINGS_MD, REPO, device_name, machine, write_section  # noqa: E402
 
 PADDED, UNPADDED = "SKCDFTrainer", "SKCDFTrainer_divisorWindow"
 STEP_SCRIPT = Path(__file__).resolve().parents[1] / "train_step_speed.py"
@@ -143,7 +144,7 @@ thread(s) per process.
 {rows}
 
 The reference window with padding costs {results['step_ratio']:.3f}x the iteration time of the old rule
-(SKC module alone: {results['module_ratio']:.2f}x).""")
+(SKC module alone: {results['module_ratio']:.2f}x).""", FINDINGS_MD)
 
 
 if __name__ == "__main__":

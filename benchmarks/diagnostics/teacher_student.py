@@ -3,7 +3,7 @@ side: ``D_u`` (the inference path, the student of the pseudo labels) and ``D_l``
 trained on the labelled cases only), and of any other nnU-Net model folder's network on the same grid
 (benchmark side only).
 
-Question it answers (BENCHMARKS.md, convergence findings): when SKCDF ends below a converged labelled-only
+Question it answers (BENCHMARKS_FINDINGS.md, items 11 and 24): when SKCDF ends below a converged labelled-only
 nnU-Net, is the student below its teacher (the distillation into ``D_u`` loses), or is the teacher itself
 below nnU-Net (what the shared encoder and the loss composition do to ``D_l``)?
 

@@ -100,20 +100,20 @@ class SKCDFTrainer_noHeadEMA_conv(_ConvergenceBudget, SKCDFTrainer_noHeadEMA):
 class SKCDFTrainer_cw1_conv(_ConvergenceBudget, SKCDFTrainer_excludeMask, SKCDFTrainer_cw1):
     """Arm (i): consistency weight w = 1 instead of the reference's 10 (lambda(t) ramps to 1), on top of the 0.3
     defaults: does the unlabelled loss at ten times the supervised weight hold SKCDF at its pseudo labels'
-    quality (BENCHMARKS.md, findings item 10)?"""
+    quality (BENCHMARKS_FINDINGS.md, item 10)?"""
 
 
 class SKCDFTrainer_strongView_conv(_ConvergenceBudget, SKCDFTrainer_strongView):
     """Arm (j), an extension: D_u learns on a strongly intensity-perturbed copy of the view the pseudo labels come
     from, on top of SKCDFTrainer's defaults (since 0.4.0 the multiplied masking of arm d): does a teacher/student
     perturbation let the unlabelled images add what nnU-Net's own augmentation of the labelled cases does not
-    (BENCHMARKS.md, findings item 13)?"""
+    (BENCHMARKS_FINDINGS.md, item 13)?"""
 
 
 class SKCDFTrainer_cw0_conv(_ConvergenceBudget, SKCDFTrainer_cw0):
     """Arm (k): SKCDFTrainer's 0.4 defaults without the unlabelled loss (w = 0): what do the pseudo labels on the
     unlabelled images add to the gain of arm (d) over nnU-Net, beyond the architecture, the diluted balanced
-    heads of the labelled pass and the cross-attention to the unlabelled images (BENCHMARKS.md, findings item 16)?"""
+    heads of the labelled pass and the cross-attention to the unlabelled images (BENCHMARKS_FINDINGS.md, item 16)?"""
 
 
 class SKCDFTrainer_rampup50_conv(_ConvergenceBudget, SKCDFTrainer_rampup50):

@@ -91,7 +91,7 @@ def multiply_mask(logits: Scales, target: Scales, keep: Scales):
     """The reference implementation's masking: logits and labels multiplied by the mask, which turns dropped
     voxels into zero logits with a 'background' target. They get no gradient but still count in the CE mean and
     the Dice sums, so the kept voxels' gradients are diluted. ``SKCDFTrainer``'s default since 0.4.0 (measured:
-    BENCHMARKS.md, convergence findings 14-15); :func:`masked_target` is the full-strength alternative."""
+    BENCHMARKS_FINDINGS.md, items 14-15); :func:`masked_target` is the full-strength alternative."""
     if isinstance(logits, (list, tuple)):
         pairs = [multiply_mask(lg, t, k) for lg, t, k in zip(logits, target, keep)]
         return [p[0] for p in pairs], [p[1] for p in pairs]

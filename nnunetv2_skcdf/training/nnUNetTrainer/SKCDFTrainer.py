@@ -74,19 +74,19 @@ class SKCDFTrainer(nnUNetTrainer):
         #                                   buffers too (BatchNorm running statistics), the rule up to 0.4. Only
         #                                   BatchNorm plans have such buffers (nnU-Net's default InstanceNorm: none)
         self.head_ema = "lr_scaled"       # main heads <- balanced heads: step (1-m) x lr / initial lr (default since
-        #                                   0.3.0, measured: BENCHMARKS.md); "constant": m every iteration (the
-        #                                   reference, default up to 0.2); "off": no head EMA
+        #                                   0.3.0, measured: BENCHMARKS_FINDINGS.md items 4-8); "constant": m every
+        #                                   iteration (the reference, default up to 0.2); "off": no head EMA
         self.consistency_weight = 10.0    # w in lambda(t) = w exp(-5 (1 - t/T_ramp)^2)
         self.rampup_epochs = None         # T_ramp; None = all epochs (reference), 0 = no ramp-up
         self.masking = "multiply"         # "multiply": the reference code's, masked voxels become zero logits with a
-        #                                   background target (default since 0.4.0, measured: BENCHMARKS.md item 15);
+        #                                   background target (default since 0.4.0; BENCHMARKS_FINDINGS.md item 15);
         #                                   "exclude": masked voxels leave CE and Dice (the default up to 0.3)
         self.unlabeled_batch_size = None  # None = the plans' (DDP-adjusted) labelled batch size
         self.keep_rate_source = "labelled_cases"  # class keep-rates from the voxel counts of the fold's labelled
         #                                   training cases (the reference counts its first 4; not implemented)
         self.unlabelled_view = "same"     # "same": D_u learns on the view the pseudo labels come from (reference);
         #                                   "strong_intensity": on a copy perturbed by nnU-Net's intensity transforms
-        #                                   at high probability (extension, opt-in; BENCHMARKS.md findings 13)
+        #                                   at high probability (extension, opt-in; BENCHMARKS_FINDINGS.md item 13)
         self.max_nonfinite_steps = 5      # non-finite losses in a row before training stops (each one is skipped)
         # --- state ---
         self.dataloader_unlabeled = None
@@ -460,8 +460,8 @@ class SKCDFTrainer(nnUNetTrainer):
         """m_h of the head EMA (main head <- balanced head). "lr_scaled" (default): the step (1 - m) follows the
         schedule (lr / initial lr), as an SGD step would; "constant": the reference's m every iteration, whatever
         the learning rate, so that once nnU-Net's poly schedule has annealed SGD's pull the main heads converge to
-        the balanced ones and over-segment the rare organs (BENCHMARKS.md, accuracy at convergence: the reason
-        for the 0.3.0 default); "off": 1.0, no head EMA."""
+        the balanced ones and over-segment the rare organs (BENCHMARKS_FINDINGS.md, items 4-8: the
+        reason for the 0.3.0 default); "off": 1.0, no head EMA."""
         mode = self._setting("head_ema")
         if mode == "constant":
             return self.ema_momentum
