@@ -17,7 +17,7 @@ from nnunetv2_skcdf.pseudo_labelling.agreement import (
     member_agreement,
     select_kept,
 )
-from nnunetv2_skcdf.pseudo_labelling.pseudo_label_round import RECORD, Teacher, check_single_teacher, run_round
+from nnunetv2_skcdf.pseudo_labelling.pseudo_label_round import RECORD, Teacher, _mirror_variants, check_single_teacher, run_round
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 
 
@@ -139,6 +139,22 @@ def test_refusals_name_the_problem_and_leave_the_source_alone(fake_setup):
     (prev / RECORD).write_text(json.dumps({"round": 1, "source_dataset": "Dataset001_Other"}))
     refused(r"--previous Dataset963_OtherRound is a round of Dataset001_Other", previous="963", out_id=964)
     assert (_digest(s["raw"]), _digest(s["pre"])) == before  # the source dataset is never written
+
+
+def test_mirror_variants_are_the_raw_axes_of_the_patch_axes_in_2d_and_3d():
+    from types import SimpleNamespace as NS
+
+    def variants(allowed, forward, patch):
+        return _mirror_variants(NS(allowed_mirroring_axes=allowed, plans_manager=NS(transpose_forward=forward),
+                                   configuration_manager=NS(patch_size=patch)))
+
+    assert variants((0, 1, 2), [0, 1, 2], [16, 32, 32]) == [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)]
+    # 3D, transposed: patch axis 0 is raw axis 2
+    assert variants((0,), [2, 0, 1], [16, 32, 32]) == [(), (3,)]
+    # 2D: patch axes (0, 1) are the in-plane axes (raw 1, 2), never the slicing axis 0
+    assert variants((0, 1), [0, 1, 2], [64, 64]) == [(), (2,), (3,), (2, 3)]
+    assert variants((0, 1), [2, 0, 1], [64, 64]) == [(), (1,), (2,), (1, 2)]
+    assert variants(None, [0, 1, 2], [64, 64]) == [()]
 
 
 def test_one_teacher_without_mirroring_is_refused_unless_a_previous_round_scores_the_cases():

@@ -223,10 +223,14 @@ def _predictor(teacher: Teacher, mirroring: bool, device, checkpoint: str):
 
 
 def _mirror_variants(predictor) -> List[Tuple[int, ...]]:
-    """Raw-image axes of every mirror variant nnU-Net's mirroring averages (the empty tuple = no flip)."""
+    """Raw-image axes of every mirror variant nnU-Net's mirroring averages (the empty tuple = no flip).
+
+    The allowed axes are the patch's: for a 2D configuration axis 0 of the patch is axis 1 of the (transposed)
+    volume, whose first axis is the one nnU-Net slices along."""
     allowed = predictor.allowed_mirroring_axes or ()
     forward = predictor.plans_manager.transpose_forward
-    raw_axes = sorted(forward[a] + 1 for a in allowed)  # +1: channel axis first
+    offset = len(forward) - len(predictor.configuration_manager.patch_size)  # 1 for 2D configurations
+    raw_axes = sorted(forward[a + offset] + 1 for a in allowed)  # +1: channel axis first
     return [c for r in range(len(raw_axes) + 1) for c in combinations(raw_axes, r)]
 
 
