@@ -110,7 +110,8 @@ def test_registered_through_nnunet_ext_trainer(monkeypatch):
 
     monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
     for name in ("SKCDFTrainer", "SKCDFTrainer_5epochs", "SKCDFTrainer_cpuTest",
-                 "nnUNetTrainer_demo8epochs", "SKCDFTrainer_demo8epochs"):
+                 "nnUNetTrainer_demo8epochs", "SKCDFTrainer_demo8epochs", "nnUNetTrainer_demo", "SKCDFTrainer_demo",
+                 "nnUNetTrainer_demoLong", "SKCDFTrainer_demoLong"):
         cls = recursive_find_trainer_class_by_name(name)
         assert cls.__name__ == name and "__" not in name
 

@@ -1,0 +1,123 @@
+"""run_demo.sh: its configuration is the one README.md and getting_started.md describe (not its accuracy), its
+trainers train that budget with the optimiser the docs name, and its report reads its figures from files."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo import demo_trainers as demo
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import demo_report  # noqa: E402
+
+
+def demo_settings() -> dict:
+    """The task settings assigned at the top of run_demo.sh (NAME=value or NAME="value")."""
+    text = (REPO / "run_demo.sh").read_text()
+    names = ("SHAPE", "SPACING", "NUM_TRAIN", "NUM_TEST", "NUM_UNLABELED", "VAL", "LABELED", "CONFIG", "PATCH",
+             "BATCH", "STAGES", "FEATURES", "PSEUDO_KEEP")
+    out = {}
+    for name in names:
+        m = re.search(rf'^{name}="?([^"\n#]*?)"?\s*(#.*)?$', text, flags=re.M)
+        assert m, f"run_demo.sh no longer assigns {name}"
+        out[name] = m.group(1).strip()
+    return out
+
+
+def description(s: dict) -> str:
+    """The one-line description of the demo task that README.md and getting_started.md must carry verbatim."""
+    hidden = int(s["NUM_TRAIN"]) - int(s["VAL"]) - int(s["LABELED"])
+    x = " x ".join
+    return (f"{s['NUM_TRAIN']} training cases ({s['LABELED']} labelled, {s['VAL']} validation, {hidden} with hidden "
+            f"labels) + {s['NUM_UNLABELED']} unlabelled images, {s['NUM_TEST']} test cases, "
+            f"{x(s['SHAPE'].split())} voxels at {x(s['SPACING'].split())} mm; nnU-Net 2d plans, "
+            f"patch {x(s['PATCH'].split())}, batch {s['BATCH']}, {s['STAGES']} stages, "
+            f"{'-'.join(s['FEATURES'].split())} features; {demo.DEMO_EPOCHS * 50} iterations per arm, "
+            f"Adam, learning rate {demo.DEMO_LR:g}; one pseudo-label round keeping the best "
+            f"{100 * float(s['PSEUDO_KEEP']):.0f} % of the unlabelled images")
+
+
+def test_readme_and_getting_started_describe_the_demo_that_run_demo_sh_runs():
+    line = description(demo_settings())
+    for doc in ("README.md", "documentation/getting_started.md"):
+        assert line in (REPO / doc).read_text(), f"{doc} does not describe run_demo.sh's task; expected:\n{line}"
+
+
+def test_demo_trainers_budget_optimiser_and_plateau_snapshot():
+    import torch
+
+    assert demo.nnUNetTrainer_demo.demo_epochs == demo.SKCDFTrainer_demo.demo_epochs == demo.DEMO_EPOCHS
+    assert demo.nnUNetTrainer_demoLong.demo_epochs == demo.SKCDFTrainer_demoLong.demo_epochs == 2 * demo.DEMO_EPOCHS
+    # the optimiser is nnU-Net's nnUNetTrainerVanillaAdam's (Adam, poly schedule) at DEMO_LR
+    from types import SimpleNamespace as NS
+
+    fake = NS(network=torch.nn.Linear(2, 2), initial_lr=demo.DEMO_LR, weight_decay=3e-5, num_epochs=40)
+    optimizer, scheduler = demo._AdamDemo.configure_optimizers(fake)
+    assert type(optimizer) is torch.optim.Adam and optimizer.param_groups[0]["lr"] == demo.DEMO_LR
+    assert type(scheduler).__name__ == "PolyLRScheduler"
+    # the plateau snapshot is saved once, after epoch 3/4 of the budget
+    saved = []
+
+    class Base:
+        def on_epoch_end(self):
+            self.current_epoch += 1
+
+    class T(demo._AdamDemo, Base):
+        def __init__(self):
+            self.num_epochs, self.current_epoch, self.output_folder = 40, 0, "/out"
+
+        def save_checkpoint(self, path):
+            saved.append((self.current_epoch + 1, path))
+
+    t = T()
+    for _ in range(40):
+        t.on_epoch_end()
+    assert saved == [(30, "/out/" + demo.PLATEAU_CHECKPOINT)]
+
+
+def _summary(dice: dict) -> dict:
+    return {"foreground_mean": {"Dice": sum(dice.values()) / len(dice)},
+            "mean": {str(k): {"Dice": v} for k, v in dice.items()}}
+
+
+def test_report_reads_every_figure_from_files(tmp_path):
+    out = tmp_path / "demo"
+    values = {"nnunet": {1: 0.80, 2: 0.60}, "pseudolabel": {1: 0.82, 2: 0.64}, "skcdf": {1: 0.85, 2: 0.70},
+              "nnunet_plateau": {1: 0.79, 2: 0.58}}
+    for arm, dice in values.items():
+        (out / arm).mkdir(parents=True)
+        (out / arm / "summary.json").write_text(json.dumps(_summary(dice)))
+    (out / "times.tsv").write_text("setup\t20\nnnunet\t120\npseudolabel\t200\nskcdf\t300\nskcdf\t330\ntotal\t840\n")
+    dj = tmp_path / "dataset.json"
+    dj.write_text(json.dumps({"labels": {"background": 0, "spleen": 1, "liver": 2}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- results_tables:accuracy:start -->\n| method | Dice |\n|---|---|\n| a | 1 |\n"
+                      "<!-- results_tables:accuracy:end -->\n")
+    text = demo_report.report(out, dj, 3, 13, 16, 8, 2000, 1500, "demo task", readme)
+    assert "3 labelled training cases, 13 training cases with hidden labels + 16 extra unlabelled images; 2000 " \
+           "iterations per arm; 1 run; 8 test cases" in text
+    assert "| nnU-Net, labelled cases only | 70.0 | 80.0 | 60.0 |" in text
+    assert "| SKCDF | 77.5 | 85.0 | 70.0 |" in text
+    assert "SKCDF: 5.5 min" in text  # the last entry of an arm wins (a rerun appends)
+    assert "set-up included: 14.0 min" in text
+    assert "68.5 at 1500 iterations, 70.0 at 2000: the last quarter added +1.5 points (at its plateau" in text
+    assert "| a | 1 |" in text  # the converged table comes from the README's generated block
+    # a missing arm is named
+    (out / "skcdf" / "summary.json").unlink()
+    with pytest.raises(FileNotFoundError, match="the arm 'SKCDF' has no evaluation"):
+        demo_report.report(out, dj, 3, 13, 16, 8, 2000, 1500, "demo task", readme)
+
+
+def test_run_demo_sh_is_valid_bash_and_runs_the_three_arms():
+    subprocess.run(["bash", "-n", str(REPO / "run_demo.sh")], check=True)
+    text = (REPO / "run_demo.sh").read_text()
+    for arm in ("timed nnunet arm_nnunet", "timed pseudolabel arm_pseudolabel", "timed skcdf arm_skcdf",
+                "-chk checkpoint_plateau.pth", "scripts/demo_report.py"):
+        assert arm in text
+    assert demo.PLATEAU_CHECKPOINT == "checkpoint_plateau.pth"
