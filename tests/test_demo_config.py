@@ -106,7 +106,7 @@ def test_report_reads_every_figure_from_files(tmp_path):
     assert "| SKCDF | 77.5 | 85.0 | 70.0 |" in text
     assert "SKCDF: 5.5 min" in text  # the last entry of an arm wins (a rerun appends)
     assert "set-up included: 14.0 min" in text
-    assert "68.5 at 1500 iterations, 70.0 at 2000: the last quarter added +1.5 points (at its plateau" in text
+    assert "68.5 at 1500 iterations, 70.0 at 2000: the last quarter added +1.5 points (plateau criterion, < 2 points: met)" in text
     assert "| a | 1 |" in text  # the converged table comes from the README's generated block
     # a missing arm is named
     (out / "skcdf" / "summary.json").unlink()
