@@ -43,8 +43,8 @@ NP="${SKCDF_NUM_PROCESSES:-2}"
 NAME="Dataset${D}_SKCDFPhantom"
 TRN="nnUNetTrainer_demo${SUFFIX}"
 TRS="SKCDFTrainer_demo${SUFFIX}"
-EPOCHS=$(python -c "from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo.demo_trainers import $TRN as T; print(T.demo_epochs)")
-PLATEAU_EPOCHS=$(python -c "from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo.demo_trainers import PLATEAU_EPOCH_FRACTION as f; print(round(f * $EPOCHS))")
+read -r EPOCHS PLATEAU_EPOCHS < <(python -c "from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo.demo_trainers \
+import $TRN as T, plateau_epoch; print(T.demo_epochs, plateau_epoch(T.demo_epochs))")
 OUT="$repo/skcdf_data/demo${SUFFIX}"
 rm -rf "$OUT" && mkdir -p "$OUT"
 echo -e "setup\t$(( $(date +%s) - t_start ))" >> "$OUT/times.tsv"

@@ -32,6 +32,11 @@ PLATEAU_EPOCH_FRACTION = 0.75
 PLATEAU_CHECKPOINT = "checkpoint_plateau.pth"
 
 
+def plateau_epoch(num_epochs: int) -> int:
+    """The epoch after which the plateau snapshot is saved (run_demo.sh reports it in iterations)."""
+    return round(PLATEAU_EPOCH_FRACTION * num_epochs)
+
+
 class _AdamDemo:
     """The demo's budget and optimiser (module docstring); ``demo_epochs`` set by each class."""
 
@@ -47,7 +52,7 @@ class _AdamDemo:
         return nnUNetTrainerVanillaAdam.configure_optimizers(self)
 
     def on_epoch_end(self):
-        if self.current_epoch + 1 == round(PLATEAU_EPOCH_FRACTION * self.num_epochs):
+        if self.current_epoch + 1 == plateau_epoch(self.num_epochs):
             self.save_checkpoint(os.path.join(self.output_folder, PLATEAU_CHECKPOINT))
         super().on_epoch_end()
 
