@@ -36,11 +36,12 @@ EXPECTED = {
     "SKCDFTrainer_lrScaledHeadEMA": {},  # the default since 0.3.0, pinned under the name its benchmark runs used
     "SKCDFTrainer_noHeadEMA": {"head_ema": "off"},
     "SKCDFTrainer_strongView": {"unlabelled_view": "strong_intensity"},
+    "SKCDFTrainer_crossWholeBatch": {"skc_cross_group": None},
 }
 SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_self_heads",
             "skc_heads", "skc_window", "skc_dropout", "balanced_heads", "decoupled", "masking", "ema_couple_decoders",
             "consistency_weight", "rampup_epochs", "ema_momentum", "head_ema", "num_epochs", "unlabeled_batch_size",
-            "unlabelled_view", "ema_buffers", "keep_rate_source")
+            "unlabelled_view", "ema_buffers", "keep_rate_source", "skc_cross_group")
 
 
 def _settings(trainer) -> dict:
@@ -263,6 +264,9 @@ def test_unknown_head_ema_mode_is_refused(trainer_factory):
     ("consistency_weight", -1.0, r"consistency_weight = -1.0 is out of range"),
     ("rampup_epochs", -5, r"rampup_epochs = -5 is out of range"),
     ("unlabeled_batch_size", 0, r"unlabeled_batch_size = 0 is out of range"),
+    ("skc_cross_group", 0, r"skc_cross_group = 0 is out of range"),
+    ("skc_cross_group", 2.5, r"skc_cross_group = 2.5 is out of range"),
+    ("skc_cross_group", True, r"skc_cross_group = True is out of range"),
 ])
 def test_unknown_training_switch_is_refused_at_initialize(trainer_factory, name, value, message):
     """A misspelt switch fails before the network is built or any worker starts (unchecked, a misspelt

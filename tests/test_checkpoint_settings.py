@@ -24,7 +24,7 @@ from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 RECORDED = {"skc_enabled", "skc_heads", "skc_window", "skc_order", "skc_self_heads", "skc_dropout",
             "skc_attention_dropout", "labelled_attention_mode", "balanced_heads", "decoupled",
             "masking", "head_ema", "ema_momentum", "ema_couple_decoders", "ema_buffers", "consistency_weight",
-            "rampup_epochs", "unlabeled_batch_size", "unlabelled_view", "keep_rate_source"}
+            "rampup_epochs", "unlabeled_batch_size", "unlabelled_view", "keep_rate_source", "skc_cross_group"}
 #: attributes of the hyperparameter block that are state or a safety stop, not a training rule
 NOT_RULES = {"dataloader_unlabeled", "masked_loss", "nonfinite_in_a_row", "max_nonfinite_steps", "_strong_transform",
              "_resumed_from"}
@@ -39,13 +39,14 @@ def _record(checkpoint: dict) -> dict:
 @pytest.fixture
 def make(tiny_training):
     """make(cls, configuration='3d_tiny') -> a CPU trainer; '3d_odd' has a 3 x 5 x 6 bottleneck, where the old
-    (divisor) window rule gives (1, 1, 2) and today's (2, 2, 2)."""
+    (divisor) window rule gives (1, 1, 2) and today's (2, 2, 2); '3d_b4' is 3d_tiny with a batch of 4."""
     pre = tiny_training["preprocessed"]
     plans_file = pre / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())
     tiny = plans["configurations"]["3d_tiny"]
     total = np.prod(np.array(tiny["architecture"]["arch_kwargs"]["strides"]), axis=0)
     plans["configurations"]["3d_odd"] = {**tiny, "patch_size": [int(b * t) for b, t in zip((3, 5, 6), total)]}
+    plans["configurations"]["3d_b4"] = {**tiny, "batch_size": 4}
     plans_file.write_text(json.dumps(plans))
 
     def make_trainer(cls=SKCDFTrainer, configuration="3d_tiny"):
@@ -155,6 +156,19 @@ def test_resume_with_other_rules_is_refused_naming_each_difference_and_the_train
     checkpoint = shutil.move(str(Path(checkpoint).parents[1]),
                              str(Path(checkpoint).parents[2] / "SKCDFTrainer_v02__nnUNetPlans__3d_tiny"))
     _accepted(_resume(make, _release("SKCDFTrainer_v02"), str(Path(checkpoint) / "fold_0" / "checkpoint_latest.pth")))
+
+
+def test_cross_attention_groups_count_only_where_they_act(make):
+    """Cross-attention groups of 2 (today's default) change nothing at a batch of 2 per half: a 0.4 run resumes
+    under SKCDFTrainer. At a batch of 4 they do: the 0.4 run (whole other half) is refused, naming the setting and
+    SKCDFTrainer_v04, which resumes it."""
+    v04 = _release("SKCDFTrainer_v04")
+    _accepted(_resume(make, SKCDFTrainer, _old_run(make, v04, folder_name="SKCDFTrainer")))
+    checkpoint = _old_run(make, v04, "3d_b4", folder_name="SKCDFTrainer")
+    _refused(_resume(make, SKCDFTrainer, checkpoint, "3d_b4"),
+             r"(?s)skc_cross_group: None in the checkpoint, 2 in SKCDFTrainer.*SKCDFTrainer_v04")
+    checkpoint = _old_run(make, v04, "3d_b4")
+    _accepted(_resume(make, v04, checkpoint, "3d_b4"))
 
 
 def test_resume_with_the_same_rules_is_silent_and_validation_needs_the_architecture_only(make, recwarn):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,17 +90,23 @@ def reference_mix(att: ChannelAttention, x: torch.Tensor, sources: list, mode: s
     return (wo @ (reference_weights(q, keys) @ values)).T
 
 
-def reference_attention(att: ChannelAttention, tokens: torch.Tensor, mode: str, n_labelled=None) -> torch.Tensor:
+def reference_attention(att: ChannelAttention, tokens: torch.Tensor, mode: str, n_labelled=None,
+                        cross_group=None) -> torch.Tensor:
     """tokens (N, T, L, K) -> (N, T, L, K), explicit loops over samples and groups; cross mode splits at
-    ``n_labelled`` (default N / 2)."""
+    ``n_labelled`` (default N / 2) and, with ``cross_group`` g, cuts each half into ceil(min(B_l, B_u) / g)
+    near-equal consecutive chunks (np.array_split), labelled chunk j reading unlabelled chunk j and back."""
     n, t = tokens.shape[:2]
     b = n // 2 if n_labelled is None else n_labelled
+    n_groups = 1 if cross_group is None else -(-min(b, n - b) // cross_group)
+    lab = [list(c) for c in np.array_split(np.arange(b), n_groups)]
+    unl = [list(c) for c in np.array_split(np.arange(b, n), n_groups)]
     out = torch.empty_like(tokens)
     for i in range(n):
         if mode == "self":
             sources = [i]
         else:
-            sources = list(range(b, n)) if i < b else list(range(b))
+            j = next(j for j, chunk in enumerate(lab + unl) if i in chunk) % n_groups
+            sources = unl[j] if i < b else lab[j]
         for g in range(t):
             out[i, g] = reference_mix(att, tokens[i, g], [tokens[j, g] for j in sources], mode)
     return out
@@ -190,6 +197,41 @@ def test_cross_mode_unequal_halves_values_gradients_and_isolation(n, n_labelled)
     for a, b in zip(g_fused, g_expected):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     assert torch.all(g_fused[0][n_labelled:] == 0) and torch.all(g_fused[0][:n_labelled].abs().sum((1, 2, 3)) > 0)
+
+
+@pytest.mark.parametrize("n,n_labelled,group", [(8, None, 2), (8, None, 1), (8, None, 3), (6, None, 2),
+                                                (7, 3, 2), (7, 4, 2), (8, None, 4), (4, None, 2)])
+def test_cross_groups_match_explicit_formula_values_and_gradients(n, n_labelled, group):
+    """Cross mode in groups of ``group`` samples per half (the trainer's skc_cross_group): each labelled query
+    reads only the unlabelled samples of its group and back -- fused (equal halves the group divides) and
+    per-group (uneven chunks, unequal halves) paths, values and gradients; no gradient to the unlabelled half."""
+    att = ChannelAttention(K, heads=2).eval()
+    tokens, weight = torch.randn(n, 2, 4, K), torch.randn(n, 2, 4, K)
+    params = list(att.parameters())
+    b = n // 2 if n_labelled is None else n_labelled
+    got, g_got = _values_and_grads(lambda x: att(x, "cross", n_labelled, cross_group=group), tokens, params, weight)
+
+    def explicit(x):
+        x = torch.cat((x[:b], x[b:].detach()))
+        return reference_attention(att, x, "cross", n_labelled, group)
+
+    expected, g_expected = _values_and_grads(explicit, tokens, params, weight)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    for a, c in zip(g_got, g_expected):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-3)
+    assert torch.all(g_got[0][b:] == 0)
+    with torch.no_grad():
+        whole = att(tokens, "cross", n_labelled)
+        if group >= min(b, n - b):  # one group: the whole other half, exactly
+            torch.testing.assert_close(got, whole, atol=0, rtol=0)
+        else:  # a real switch: the whole other half gives something else
+            assert (got - whole).abs().max() > 1e-3
+
+
+def test_cross_group_must_be_positive():
+    att = ChannelAttention(K)
+    with pytest.raises(ValueError, match="cross-attention group"):
+        att(torch.randn(4, 1, 2, K), "cross", cross_group=0)
 
 
 def test_cross_split_is_checked():

@@ -476,3 +476,24 @@ def test_ema_update_with_batch_norm_decoders_moves_buffers_only_when_asked(tiny_
     assert torch.equal(net.decoder_u.stat, torch.zeros(3))
     net.ema_update(0.5, buffers=True)
     assert torch.equal(net.decoder_u.stat, torch.full((3,), 0.5))
+
+
+def test_labelled_pass_reads_the_cross_attention_group_the_trainer_sets(tiny_plans):
+    """``cross_group`` (the trainer's skc_cross_group) reaches the SKC module in the labelled pass: with 4 + 4
+    samples, groups of 2 change the labelled outputs (each sample reads 2 unlabelled samples, not 4) and groups of
+    4 are the whole other half (identical outputs); the unlabelled pass (self mode) never depends on it."""
+    net, cm = build(tiny_plans)
+    net.eval()  # no dropout: the passes are comparable
+    torch.manual_seed(1)
+    x_l, x_u = torch.randn(4, 1, *cm.patch_size), torch.randn(4, 1, *cm.patch_size)
+    outputs = {}
+    with torch.no_grad():
+        for group in (None, 2, 4):
+            net.cross_group = group
+            out = net.forward_labelled(x_l, x_u)
+            outputs[group] = (out.main[0], out.main_u[0], net.forward_unlabelled(out.features_u)[0][0])
+    for a, b in zip(outputs[None], outputs[4]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert (outputs[None][0] - outputs[2][0]).abs().max() > 1e-4
+    assert (outputs[None][1] - outputs[2][1]).abs().max() > 1e-4
+    torch.testing.assert_close(outputs[None][2], outputs[2][2], atol=0, rtol=0)

@@ -26,7 +26,7 @@ ARCHITECTURE_SETTINGS = ("skc_enabled", "skc_heads", "skc_window", "skc_order", 
 #: the hyperparameter block of SKCDFTrainer.__init__ (``max_nonfinite_steps`` is a safety stop, not a rule)
 TRAINING_SETTINGS = ("masking", "head_ema", "ema_momentum", "ema_couple_decoders", "ema_buffers",
                      "consistency_weight", "rampup_epochs", "unlabeled_batch_size", "unlabelled_view",
-                     "keep_rate_source")
+                     "keep_rate_source", "skc_cross_group")
 SETTINGS = ARCHITECTURE_SETTINGS + TRAINING_SETTINGS
 #: architecture settings the weights' shapes reveal (a checkpoint without a record still tells them)
 SHAPE_SETTINGS = ("skc_enabled", "skc_heads", "skc_window", "balanced_heads")
@@ -38,7 +38,7 @@ _V04 = dict(skc_enabled=True, skc_heads=2, skc_window=None, skc_order="local_glo
             skc_dropout=0.1, skc_attention_dropout=0.0, labelled_attention_mode="cross", balanced_heads=True,
             decoupled=True, masking="multiply", head_ema="lr_scaled", ema_momentum=0.99, ema_couple_decoders=True,
             ema_buffers=True, consistency_weight=10.0, rampup_epochs=None, unlabeled_batch_size=None,
-            unlabelled_view="same", keep_rate_source="labelled_cases")
+            unlabelled_view="same", keep_rate_source="labelled_cases", skc_cross_group=None)
 _V03 = {**_V04, "masking": "exclude"}
 _V02 = {**_V03, "head_ema": "constant"}
 _V01 = {**_V02, "skc_window": "divisor"}
@@ -66,14 +66,15 @@ RELEASE_TRAINERS: Dict[str, dict] = {
         "written_by": "release 0.1.0 from commit 0b7890b up to 15e93fc (its first day): 0.1's rules with dropout 0.1 "
                       "on the attention weights"},
 }
-#: SKCDFTrainer's own defaults (tested against the trainer): 0.4's, the decoder EMA on parameters only
-CURRENT_DEFAULTS = {**_V04, "ema_buffers": False}
+#: SKCDFTrainer's own defaults (tested against the trainer): 0.4's, the decoder EMA on parameters only, cross
+#: attention in groups of 2 samples per half (acts only on batches of more than 2 per half: 2D plans)
+CURRENT_DEFAULTS = {**_V04, "ema_buffers": False, "skc_cross_group": 2}
 #: the value a setting had in the releases before it existed (reading an old debug.json); skc_attention_dropout,
 #: absent before 15e93fc, equalled skc_dropout then (one dropout on both)
 BEFORE_IT_EXISTED = {"head_ema": "constant", "skc_self_heads": "joint", "ema_couple_decoders": True,
                      "unlabelled_view": "same", "skc_enabled": True, "labelled_attention_mode": "cross",
                      "balanced_heads": True, "decoupled": True, "ema_buffers": True,
-                     "keep_rate_source": "labelled_cases"}
+                     "keep_rate_source": "labelled_cases", "skc_cross_group": None}
 
 
 def raw_settings(obj) -> dict:
@@ -81,10 +82,17 @@ def raw_settings(obj) -> dict:
     return {k: getattr(obj, k) for k in SETTINGS}
 
 
-def effective(raw: dict, bottleneck: Optional[Sequence[int]], float_buffers: bool) -> dict:
+def effective(raw: dict, bottleneck: Optional[Sequence[int]], float_buffers: bool,
+              batch: Optional[Tuple[int, int]] = None) -> dict:
     """The settings as they act on one network: ``bottleneck`` its SKC module's spatial size (None without SKC),
-    ``float_buffers`` whether its decoders hold floating buffers (see the module docstring)."""
+    ``float_buffers`` whether its decoders hold floating buffers, ``batch`` the (labelled, unlabelled) batch
+    sizes it trains with (None: unknown, the cross-attention group is kept as given; see the module
+    docstring). A cross-attention group acts only in cross mode and when it is smaller than both halves."""
     s = dict(raw)
+    group = s.get("skc_cross_group")
+    if not (s["skc_enabled"] and bottleneck is not None and s["labelled_attention_mode"] == "cross") or (
+            group is not None and batch is not None and group >= min(batch)):
+        s["skc_cross_group"] = None
     if s["skc_enabled"] and bottleneck is not None:
         s["skc_window"] = list(resolve_window(bottleneck, s["skc_window"]))
         s["skc_dropout"], s["skc_attention_dropout"] = float(s["skc_dropout"]), float(s["skc_attention_dropout"])
@@ -104,17 +112,19 @@ def differences(checkpoint: dict, own: dict) -> List[Tuple[str, Any, Any]]:
     return [(k, checkpoint.get(k), own.get(k)) for k in SETTINGS if checkpoint.get(k) != own.get(k)]
 
 
-def release_candidates(settings: dict, bottleneck, float_buffers: bool, keys: Sequence[str] = SETTINGS) -> List[str]:
+def release_candidates(settings: dict, bottleneck, float_buffers: bool, keys: Sequence[str] = SETTINGS,
+                       batch: Optional[Tuple[int, int]] = None) -> List[str]:
     """The release trainers (newest first), then ``SKCDFTrainer`` (today's defaults), whose effective settings equal
-    ``settings`` on ``keys`` for this network."""
+    ``settings`` on ``keys`` for this network (``batch``: as in ``effective``)."""
     tables = {**{name: entry["settings"] for name, entry in RELEASE_TRAINERS.items()}, "SKCDFTrainer": CURRENT_DEFAULTS}
     return [name for name, table in tables.items()
-            if all(effective(table, bottleneck, float_buffers)[k] == settings.get(k) for k in keys)]
+            if all(effective(table, bottleneck, float_buffers, batch)[k] == settings.get(k) for k in keys)]
 
 
-def closest_release(settings: dict, bottleneck, float_buffers: bool) -> Tuple[str, List[Tuple[str, Any, Any]]]:
+def closest_release(settings: dict, bottleneck, float_buffers: bool,
+                    batch: Optional[Tuple[int, int]] = None) -> Tuple[str, List[Tuple[str, Any, Any]]]:
     """The release trainer with the fewest differences to ``settings`` (newest first on ties), and those."""
-    scored = [(name, differences(settings, effective(entry["settings"], bottleneck, float_buffers)))
+    scored = [(name, differences(settings, effective(entry["settings"], bottleneck, float_buffers, batch)))
               for name, entry in RELEASE_TRAINERS.items()]
     return min(scored, key=lambda item: len(item[1]))
 

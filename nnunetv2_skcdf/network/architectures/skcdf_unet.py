@@ -108,7 +108,8 @@ class DecoderWithBalancedHeads(nn.Module):
 class PlainBottleneck(nn.Module):
     """The no-SKC ablation: the bottleneck features pass unchanged, ``(N, K, *S) -> (N, K, *S)``, any mode."""
 
-    def forward(self, z: torch.Tensor, mode: str = "self", n_labelled: Optional[int] = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mode: str = "self", n_labelled: Optional[int] = None,
+                cross_group: Optional[int] = None) -> torch.Tensor:
         return z
 
 
@@ -140,6 +141,9 @@ class SKCDFUNet(nn.Module):
         # entry), and the state dict keeps both prefixes so that every variant's checkpoint has the same layout
         self.decoder_u = decoder_l if decoder_u is None else decoder_u
         self.labelled_attention_mode = labelled_attention_mode
+        # samples per half in one cross-attention group of the labelled pass (None: the whole other half), a
+        # training rule set by the trainer (its skc_cross_group; channel_attention's docstring)
+        self.cross_group: Optional[int] = None
         # voxels per class of the labelled training cases (the keep-rates' source), filled once by the trainer;
         # a buffer so that every checkpoint carries it
         self.register_buffer("class_voxel_counts", torch.zeros(num_classes, dtype=torch.long))
@@ -176,7 +180,8 @@ class SKCDFUNet(nn.Module):
         backward pass for B_u samples that would only receive zero gradient."""
         b = x_l.shape[0]
         skips = self.encoder(torch.cat((x_l, x_u), 0))
-        bottleneck = self.skc(skips[-1], mode=self.labelled_attention_mode, n_labelled=b)
+        bottleneck = self.skc(skips[-1], mode=self.labelled_attention_mode, n_labelled=b,
+                              cross_group=self.cross_group)
         decoder_input = self._with_bottleneck(skips, bottleneck)
         if self._decoder_mixes_samples:  # batch norm: its statistics need the joint batch
             main, balanced = self.decoder_l(decoder_input)

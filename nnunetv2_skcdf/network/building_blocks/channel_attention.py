@@ -58,6 +58,17 @@ reaches the unlabelled tokens through the attention (neither through the keys/va
 read, nor through the unlabelled queries); the labelled keys/values read by unlabelled queries keep their
 graph, as in the reference (in SKCDF that half's output only yields pseudo labels, without gradient). Equal
 halves run as one fused call; unequal halves (``B_l != B_u``) as one call per half.
+
+Cross-attention groups (``group``, the trainer's ``skc_cross_group``). The reference trained with 2 labelled + 2
+unlabelled samples, where "all samples of the other half" are 2. Its cost grows with the square of the batch:
+each of ``B`` queries per half reads ``B hK`` keys, so on nnU-Net's 2D plans (batch 8 to 100+) each sample
+would pay 4 to 50+ times the reference's attention. With ``group = g`` the batch is cut into ``n_g = ceil(min(B_l, B_u) / g)`` groups: the
+labelled samples into ``n_g`` consecutive chunks of near-equal size (the first ones one larger where they do
+not divide, as ``torch.tensor_split``), the unlabelled samples likewise, and labelled chunk ``j`` reads only
+unlabelled chunk ``j`` (and the other way round). ``group=None``, or ``g >= min(B_l, B_u)``, is one group: the
+whole other half. With ``g = 2`` every group is the reference's batch (2 + 2 where both halves are
+multiples of 2), so the per-sample cost no longer grows with the batch. Equal halves that ``g`` divides run as
+one fused call; other splits as one call per group.
 """
 from __future__ import annotations
 
@@ -151,14 +162,26 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
     return out.reshape(*batch, *out.shape[-2:])
 
 
-def other_half_concat(x: torch.Tensor) -> torch.Tensor:
-    """(2B, T, M, L) -> (2, 1, T, B*M, L): for each half, the *other* half's samples stacked along the
-    channel axis (half 0 = labelled reads the unlabelled samples, half 1 the labelled ones). The singleton
-    dim broadcasts over the B queries of a half."""
+def other_half_concat(x: torch.Tensor, group: Optional[int] = None) -> torch.Tensor:
+    """(2B, T, M, L) -> (2, G, 1, T, g*M, L), ``G = B / g`` groups of ``g`` samples (``group=None``: ``g = B``,
+    one group; ``g`` must divide ``B``): for each half and group, the *other* half's samples of that group
+    stacked along the channel axis (half 0 = labelled reads the unlabelled samples, half 1 the labelled ones).
+    The singleton dim broadcasts over the g queries of a half's group."""
     two_b, t, m, l = x.shape
     b = two_b // 2
-    other = x.reshape(2, b, t, m, l).flip(0)
-    return other.permute(0, 2, 1, 3, 4).reshape(2, 1, t, b * m, l)
+    g = b if group is None else group
+    other = x.reshape(2, b // g, g, t, m, l).flip(0)
+    return other.permute(0, 1, 3, 2, 4, 5).reshape(2, b // g, 1, t, g * m, l)
+
+
+def cross_groups(n_labelled: int, n_unlabelled: int, group: Optional[int] = None) -> int:
+    """The number of cross-attention groups ``n_g`` (module docstring): ``ceil(min(B_l, B_u) / group)``, 1 for
+    ``group=None``."""
+    if group is None:
+        return 1
+    if int(group) < 1:
+        raise ValueError(f"the cross-attention group must be None (the whole other half) or >= 1, got {group!r}")
+    return -(-min(n_labelled, n_unlabelled) // int(group))
 
 
 def samples_concat(x: torch.Tensor) -> torch.Tensor:
@@ -168,18 +191,33 @@ def samples_concat(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 0, 2, 3).reshape(1, t, b * m, l)
 
 
+def _chunks(start: int, stop: int, n: int) -> list:
+    """``range(start, stop)`` cut into ``n`` consecutive slices as ``torch.tensor_split`` cuts it (the first
+    ``(stop - start) % n`` one longer)."""
+    size, extra = divmod(stop - start, n)
+    bounds = [start]
+    for i in range(n):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return [slice(a, z) for a, z in zip(bounds[:-1], bounds[1:])]
+
+
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_labelled: int,
-                    dropout_p: float = 0.0) -> torch.Tensor:
+                    dropout_p: float = 0.0, group: Optional[int] = None) -> torch.Tensor:
     """Cross mode: q, k, v (B_l + B_u, T, hK, L) -> (B_l + B_u, T, hK, L). Labelled queries read the keys/values
-    of all unlabelled samples, unlabelled queries those of all labelled samples."""
+    of the unlabelled samples of their group, unlabelled queries those of the labelled samples of theirs
+    (``group=None``: one group, the whole other half; module docstring)."""
     n, b = q.shape[0], n_labelled
-    if 2 * b == n:  # equal halves: both directions in one fused call
-        mixed = channel_attention(q.reshape(2, b, *q.shape[1:]), other_half_concat(k), other_half_concat(v),
-                                  dropout_p)  # (2, B, T, hK, L)
+    n_groups = cross_groups(b, n - b, group)
+    if 2 * b == n and b % n_groups == 0:  # equal halves in equal groups: both directions in one fused call
+        g = b // n_groups
+        mixed = channel_attention(q.reshape(2, n_groups, g, *q.shape[1:]), other_half_concat(k, g),
+                                  other_half_concat(v, g), dropout_p)  # (2, G, g, T, hK, L)
         return mixed.reshape(q.shape)
-    mixed_l = channel_attention(q[:b], samples_concat(k[b:]), samples_concat(v[b:]), dropout_p)
-    mixed_u = channel_attention(q[b:], samples_concat(k[:b]), samples_concat(v[:b]), dropout_p)
-    return torch.cat((mixed_l, mixed_u), 0)
+    mixed_l, mixed_u = [], []
+    for il, iu in zip(_chunks(0, b, n_groups), _chunks(b, n, n_groups)):
+        mixed_l.append(channel_attention(q[il], samples_concat(k[iu]), samples_concat(v[iu]), dropout_p))
+        mixed_u.append(channel_attention(q[iu], samples_concat(k[il]), samples_concat(v[il]), dropout_p))
+    return torch.cat(mixed_l + mixed_u, 0)
 
 
 def split_heads(x: torch.Tensor, heads: int, grouping: str) -> torch.Tensor:
@@ -239,10 +277,11 @@ class ChannelAttention(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
 
     def forward(self, tokens: torch.Tensor, mode: str = "self", n_labelled: Optional[int] = None,
-                token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                token_mask: Optional[torch.Tensor] = None, cross_group: Optional[int] = None) -> torch.Tensor:
         """tokens: (N, T, L, K) -> (N, T, L, K).
 
-        ``mode="cross"``: N = B_l + B_u, [labelled; unlabelled], split at ``n_labelled`` (default N / 2).
+        ``mode="cross"``: N = B_l + B_u, [labelled; unlabelled], split at ``n_labelled`` (default N / 2), read in
+        groups of ``cross_group`` samples per half (None: the whole other half; module docstring).
         ``token_mask``: (T, L), 1 for real tokens and 0 for tokens left out of the scores (padding), or None."""
         check_mode(mode)
         if tokens.ndim != 4 or tokens.shape[-1] != self.channels:
@@ -257,7 +296,7 @@ class ChannelAttention(nn.Module):
             k = k * token_mask[:, None, :].to(k.dtype)  # (T, 1, L): masked tokens leave every score
         p = self.attention_dropout if self.training else 0.0
         if mode == "cross":
-            mixed = cross_attention(q, k, v, n_labelled, p)  # (N, T, hK, L)
+            mixed = cross_attention(q, k, v, n_labelled, p, cross_group)  # (N, T, hK, L)
         elif self.self_heads == "per_head" and self.heads > 1:
             q, k, v = (split_heads(x, self.heads, self.head_grouping) for x in (q, k, v))  # (N, T, h, K, L)
             mixed = merge_heads(channel_attention(q, k, v, p))

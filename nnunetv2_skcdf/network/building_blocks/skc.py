@@ -310,9 +310,11 @@ class SKCBlock(nn.Module):
             raise ValueError(f"the global block's window is the whole map {list(spatial_size)}, got {window}")
         return spatial_size
 
-    def forward(self, z: torch.Tensor, mode: str = "self", n_labelled: Optional[int] = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mode: str = "self", n_labelled: Optional[int] = None,
+                cross_group: Optional[int] = None) -> torch.Tensor:
         """z: (N, K, *S) -> (N, K, *S); ``mode="cross"``: [labelled; unlabelled], split at ``n_labelled``
-        (default N / 2)."""
+        (default N / 2), read in groups of ``cross_group`` samples per half (None: the whole other half;
+        ``channel_attention``)."""
         check_mode(mode)
         self._check_input(z)
         if mode == "cross":
@@ -322,7 +324,8 @@ class SKCBlock(nn.Module):
         # padding: _pad's zeros are not what makes it harmless; the token learner's position mask is (it reads padded
         # positions as 0 whatever they hold: tested with NaN padding). _pad writes zeros only for a cheap, finite map
         tokens = self.token_learner(self._pad(z), self.token_mask)  # (N, T, P, K), also the residual
-        x = self.out_norm(tokens + self.attention(self.attn_norm(tokens), mode, n_labelled, self.token_mask))
+        x = self.out_norm(tokens + self.attention(self.attn_norm(tokens), mode, n_labelled, self.token_mask,
+                                                          cross_group))
         if self.token_mask is not None:  # padded tokens must not reach real positions through a learned inverse
             x = torch.where(self.token_mask[..., None], x, 0.0)
         return self.map_out(self._crop(self.token_inverse(x)))
@@ -388,14 +391,16 @@ class SKCModule(nn.Module):
                                  learned_inverse, attention_dropout, self_heads) for kind in ("local", "global")}
         self.local_block, self.global_block = blocks["local"], blocks["global"]
 
-    def forward(self, z: torch.Tensor, mode: str = "self", n_labelled: Optional[int] = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, mode: str = "self", n_labelled: Optional[int] = None,
+                cross_group: Optional[int] = None) -> torch.Tensor:
         """z: (N, K, *S) -> (N, K, *S); ``mode="cross"``: [labelled; unlabelled], split at ``n_labelled``
-        (default N / 2)."""
+        (default N / 2), read in groups of ``cross_group`` samples per half (None: the whole other half)."""
         if self.order == "parallel":
-            return self.local_block(z, mode, n_labelled) + self.global_block(z, mode, n_labelled)
+            return self.local_block(z, mode, n_labelled, cross_group) + self.global_block(z, mode, n_labelled,
+                                                                                          cross_group)
         first, second = ((self.local_block, self.global_block) if self.order == "local_global"
                          else (self.global_block, self.local_block))
-        return second(first(z, mode, n_labelled), mode, n_labelled)
+        return second(first(z, mode, n_labelled, cross_group), mode, n_labelled, cross_group)
 
     def reset_parameters(self) -> None:
         self.local_block.reset_parameters()

@@ -87,6 +87,10 @@ class SKCDFTrainer(nnUNetTrainer):
         self.unlabelled_view = "same"     # "same": D_u learns on the view the pseudo labels come from (reference);
         #                                   "strong_intensity": on a copy perturbed by nnU-Net's intensity transforms
         #                                   at high probability (extension, opt-in; BENCHMARKS_FINDINGS.md item 13)
+        self.skc_cross_group = 2          # cross attention of the labelled pass in groups of this many labelled and
+        #                                   unlabelled samples (the reference's batch of 2 + 2); None: every sample
+        #                                   reads the whole other half, whose cost grows with the batch squared
+        #                                   (channel_attention's docstring). Acts only on batches > 2 per half (2D)
         self.max_nonfinite_steps = 5      # non-finite losses in a row before training stops (each one is skipped)
         # --- state ---
         self.dataloader_unlabeled = None
@@ -109,6 +113,7 @@ class SKCDFTrainer(nnUNetTrainer):
     def initialize(self):
         self._check_settings()  # before the network is built or a dataloader started: a typo fails at once
         super().initialize()
+        self._net().cross_group = self.skc_cross_group
         self._net().training_record = self._training_record()  # on every rank, so that DDP ranks stay identical
 
     def skcdf_settings(self) -> dict:
@@ -116,7 +121,11 @@ class SKCDFTrainer(nnUNetTrainer):
         records and what ``--c`` compares."""
         net = self._net()
         bottleneck = net.skc.spatial_size if isinstance(net.skc, SKCModule) else None
-        return S.effective(S.raw_settings(self), bottleneck, net.decoders_have_float_buffers)
+        return S.effective(S.raw_settings(self), bottleneck, net.decoders_have_float_buffers, self._batch_halves())
+
+    def _batch_halves(self) -> Tuple[int, int]:
+        """(labelled, unlabelled) samples per training step on this process (the cross-attention groups' halves)."""
+        return self.batch_size, self.unlabeled_batch_size or self.batch_size
 
     def _training_record(self) -> dict:
         """The trainer's part of the settings record (the network adds its architecture as built)."""
@@ -131,12 +140,15 @@ class SKCDFTrainer(nnUNetTrainer):
         numbers = {"ema_momentum": 0.0 <= self.ema_momentum <= 1.0,
                    "consistency_weight": self.consistency_weight >= 0,
                    "rampup_epochs": self.rampup_epochs is None or self.rampup_epochs >= 0,
-                   "unlabeled_batch_size": self.unlabeled_batch_size is None or self.unlabeled_batch_size >= 1}
+                   "unlabeled_batch_size": self.unlabeled_batch_size is None or self.unlabeled_batch_size >= 1,
+                   "skc_cross_group": self.skc_cross_group is None or (
+                       isinstance(self.skc_cross_group, int) and not isinstance(self.skc_cross_group, bool)
+                       and self.skc_cross_group >= 1)}
         for name, ok in numbers.items():
             if not ok:
                 raise ValueError(f"{type(self).__name__}.{name} = {getattr(self, name)!r} is out of range "
                                  f"(ema_momentum in [0, 1], consistency_weight >= 0, rampup_epochs None or >= 0, "
-                                 f"unlabeled_batch_size None or >= 1).")
+                                 f"unlabeled_batch_size and skc_cross_group None or an integer >= 1).")
 
     def _setting(self, name: str) -> str:
         """The value of a named training switch, refused with the accepted values if unknown (also when it was
@@ -288,7 +300,8 @@ class SKCDFTrainer(nnUNetTrainer):
         bottleneck = net.skc.spatial_size if isinstance(net.skc, SKCModule) else None
         debug, why = self._trusted_debug_settings()
         if debug is not None:
-            settings = {**S.effective(debug, bottleneck, net.decoders_have_float_buffers), **known}
+            settings = {**S.effective(debug, bottleneck, net.decoders_have_float_buffers, self._batch_halves()),
+                        **known}
             return settings, (f"not recorded; inferred from {os.path.join(self.output_folder, 'debug.json')}, written "
                               f"when the session that trained its last epoch started, and from the weights' shapes")
         if self.skcdf_release is not None:
@@ -326,13 +339,13 @@ class SKCDFTrainer(nnUNetTrainer):
                 f"(the checkpoint's settings: {source}):\n{lines}\n{fix} Prediction and --val need no change.")
 
     def _exact_fix(self, settings: dict, bottleneck, floats: bool) -> str:
-        matches = S.release_candidates(settings, bottleneck, floats)
+        matches = S.release_candidates(settings, bottleneck, floats, batch=self._batch_halves())
         if matches:
             also = f" (identical on this network: {', '.join(matches[1:])})" if len(matches) > 1 else ""
             written = S.RELEASE_TRAINERS.get(matches[0], {}).get("written_by", "today's defaults")
             return (f"To finish it unchanged, resume it with {matches[0]} ({written}){also}: "
                     f"{self._commands(matches[0])}")
-        closest, rest = S.closest_release(settings, bottleneck, floats)
+        closest, rest = S.closest_release(settings, bottleneck, floats, self._batch_halves())
         pins = ", ".join(f"{k} = {a!r}" for k, a, _ in rest)
         return (f"No shipped trainer has exactly these settings; the closest is {closest}, which differs in {pins}. "
                 f"To finish it unchanged, define a subclass of {closest} that sets those (class attributes for skc_* "

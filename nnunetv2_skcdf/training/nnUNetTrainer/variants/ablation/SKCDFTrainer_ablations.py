@@ -134,3 +134,8 @@ SKCDFTrainer_strongView = _hyperparameter_variant(
     "SKCDFTrainer_strongView", "Extension (not in the reference): D_u learns the pseudo labels of x_u on a copy of "
     "x_u perturbed by nnU-Net's intensity transforms at high probability (unlabelled_view='strong_intensity').",
     unlabelled_view="strong_intensity")
+SKCDFTrainer_crossWholeBatch = _hyperparameter_variant(
+    "SKCDFTrainer_crossWholeBatch", "Cross-attention over the whole other half of the batch (skc_cross_group=None: "
+    "every labelled sample reads all unlabelled samples and back), the rule up to 0.4. Identical to SKCDFTrainer at "
+    "a batch of 2 per half (the reference's, nnU-Net's 3D plans); on larger batches (2D plans) its attention costs "
+    "grow with the batch squared.", skc_cross_group=None)
