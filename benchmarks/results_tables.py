@@ -56,6 +56,15 @@ def _tasks_and_budgets() -> List[tuple]:
     return sorted(out, key=lambda tb: (str(tb[0].get("labeled")), tb[1]["iterations"]))
 
 
+def _labelled(task: dict, all_labelled: bool = False) -> str:
+    """The labelled-cases cell of a task: '2' / 'all', or on the multi-site phantom '4 of site A (sites A-D)' /
+    'all (sites A-D)'."""
+    if "sites" not in task:
+        return "all" if all_labelled else str(task.get("labeled"))
+    sites = f"(sites {task['sites'][0]}-{task['sites'][-1]})"
+    return f"all {sites}" if all_labelled else f"{task.get('labeled')} of site {task.get('labelled_site')} {sites}"
+
+
 def _asd(run: dict) -> float:
     """Mean over the organs of the run's mean ASD (mm) over the test cases."""
     values = [v["ASD"] for k, v in run["final_summary"]["mean"].items() if k != "0"]
@@ -161,7 +170,7 @@ def results_convergence() -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, budget in _tasks_and_budgets():
         for row in arm_rows(task, budget):
-            labelled = "all" if ARMS[row["arm"]].all_labelled else task.get("labeled")
+            labelled = _labelled(task, all_labelled=ARMS[row["arm"]].all_labelled)
             lines.append(f"| {labelled} | {row['iterations']} | ({row['arm']}) {row['name']} | `{row['trainer']}` | "
                          f"{row['runs']} ({', '.join(map(str, row['folds']))}) | {_pm(row['dice'])} | "
                          f"{_values(row['dice'])} | {_pm(row['small'])} | {_pm(row['asd'])} | "
@@ -210,7 +219,9 @@ def _convergence_row(stem: str, claim: str, arms=("a", "d", "c")) -> Optional[st
     values = "; ".join(f"({k}) {_pm(rows[k]['dice'])}" for k in arms if k in rows)
     runs = ", ".join(f"({k}) {rows[k]['runs']}" for k in arms if k in rows)
     dates = sorted({x for k in arms if k in rows for x in rows[k]["dates"]})
-    return (f"| {claim} | phantom, {task['labeled']} labelled of {task['num_train'] - int(task['val'])}, "
+    labelled = (f"multi-site phantom (sites {', '.join(task['sites'])}), {task['labeled']} of site "
+                f"{task['labelled_site']}" if "sites" in task else f"phantom, {task['labeled']}")
+    return (f"| {claim} | {labelled} labelled of {task['num_train'] - int(task['val'])}, "
             f"{task['num_test']} test cases, 3d_cpu | {_machine(d)} | {budget['iterations']} iterations | {runs} | "
             f"mean test Dice {values} | {dates[0]} to {dates[-1]} | {d['commit']} (report) | "
             f"{_section(stem)} |")
@@ -230,11 +241,15 @@ def benchmarks_summary() -> str:
     """BENCHMARKS.md's summary: one row per claim, from the stored result files."""
     lines = ["| claim | task | machine | budget | runs | values | date | commit | section |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for stem, claim in (("convergence_2lab_8000it", "SKCDF vs a trained nnU-Net, (a) nnU-Net, (d) SKCDF, (c) bound"),
+    for stem, claim in (("convergence_4lab-siteA-ms_8000it", "multi-site task: (a) nnU-Net, (d) SKCDF, (p) "
+                                                             "pseudo-labelling recipe, (c) bound"),
+                        ("convergence_2lab_8000it", "SKCDF vs a trained nnU-Net, (a) nnU-Net, (d) SKCDF, (c) bound"),
                         ("convergence_2lab_12000it", "the same, 50 % longer training"),
                         ("convergence_2lab_4000it", "short budget: 0.2 (b) vs 0.3 (g) defaults"),
                         ("convergence_4lab_4000it", "short budget, 4 labelled cases")):
-        row = _convergence_row(stem, claim, ("a", "d", "c") if "8000" in stem or "12000" in stem else ("a", "b", "g"))
+        arms = (("a", "d", "p", "c") if "-ms_" in stem else ("a", "d", "c") if "8000" in stem or "12000" in stem
+                else ("a", "b", "g"))
+        row = _convergence_row(stem, claim, arms)
         if row:
             lines.append(row)
     for name, claim in (("train_step_speed_cpu", "training iteration, SKCDF / nnU-Net"),
