@@ -62,13 +62,13 @@ halves run as one fused call; unequal halves (``B_l != B_u``) as one call per ha
 Cross-attention groups (``group``, the trainer's ``skc_cross_group``). The reference trained with 2 labelled + 2
 unlabelled samples, where "all samples of the other half" are 2. Its cost grows with the square of the batch:
 each of ``B`` queries per half reads ``B hK`` keys, so on nnU-Net's 2D plans (batch 8 to 100+) each sample
-would pay 4 to 50+ times the reference's attention. With ``group = g`` the batch is cut into ``n_g = ceil(min(B_l, B_u) / g)`` groups: the
-labelled samples into ``n_g`` consecutive chunks of near-equal size (the first ones one larger where they do
-not divide, as ``torch.tensor_split``), the unlabelled samples likewise, and labelled chunk ``j`` reads only
-unlabelled chunk ``j`` (and the other way round). ``group=None``, or ``g >= min(B_l, B_u)``, is one group: the
-whole other half. With ``g = 2`` every group is the reference's batch (2 + 2 where both halves are
-multiples of 2), so the per-sample cost no longer grows with the batch. Equal halves that ``g`` divides run as
-one fused call; other splits as one call per group.
+would pay 4 to 50+ times the reference's attention. With ``group = g`` the batch is cut into
+``n_g = ceil(min(B_l, B_u) / g)`` groups: the labelled samples into ``n_g`` consecutive chunks of near-equal size
+(the first ones one larger where they do not divide, as ``torch.tensor_split``), the unlabelled samples likewise,
+and labelled chunk ``j`` reads only unlabelled chunk ``j`` (and the other way round). ``group=None``, or
+``g >= min(B_l, B_u)``, is one group: the whole other half. With ``g = 2`` every group is the reference's batch
+(2 + 2 where both halves are multiples of 2), so the per-sample cost no longer grows with the batch. Equal halves
+that ``g`` divides run as one fused call; other splits as one call per group.
 """
 from __future__ import annotations
 
