@@ -259,7 +259,13 @@ def benchmarks_summary() -> str:
     for name, claim in (("train_step_speed_cpu", "training iteration, SKCDF / nnU-Net"),
                         ("train_step_speed_cuda_amp", "training iteration, SKCDF / nnU-Net, AMP"),
                         ("train_step_speed_cuda_amp_compile", "training iteration, AMP + torch.compile"),
-                        ("train_step_speed_cpu_strongView", "training iteration, strongView / SKCDFTrainer")):
+                        ("train_step_speed_cpu_strongView", "training iteration, strongView / SKCDFTrainer"),
+                        ("train_step_speed_cpu_2d_demo", "training iteration, SKCDF / nnU-Net, the demo's 2D "
+                                                         "configuration"),
+                        ("train_step_speed_cpu_crossGroups", "training iteration, 2D: cross-attention in groups of "
+                                                             "2 (SKCDFTrainer) / over the whole batch")):
+        if not (RESULTS / f"{name}.json").exists():
+            continue
         d = _speed(name)
         lines.append(f"| {claim} | phantom, {d['configuration']}, batch {d['batch_size']}, patch "
                      f"{' x '.join(map(str, d['patch_size']))} | {_machine(d)} | {d['steps']} steps | "

@@ -124,6 +124,8 @@ def main() -> None:
     rows = "\n".join(f"| {t} | {s['median_s']:.3f} | {s['spread_s'][0]:.3f}-{s['spread_s'][1]:.3f} | "
                      f"{s['peak_mb']:.0f} |" for t, s in summary.items())
     which = "" if trainers == TRAINERS else f", {trainers[0]} vs {trainers[1]}"
+    # a configuration other than the usual CPU / GPU one is named, so that its section's title differs
+    which += "" if args.configuration in ("3d_cpu", "3d_fullres") else f", {args.configuration}"
     # nnU-Net trains with autocast on CUDA; the setting is in the title so that two runs on one card differ
     which += (", AMP" if args.device == "cuda" else "") + (", torch.compile" if results["compile"] == "true" else "")
     write_section(f"train_step_speed_{tag}", f"""## Training-iteration time and memory, {results['device_name']}{which} (`benchmarks/train_step_speed.py`)
