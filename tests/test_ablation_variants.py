@@ -87,7 +87,8 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
     assert found.__name__ == "SKCDFTrainer" and found.__mro__[1].__name__ == "nnUNetTrainer"
     added_since = {"SKCDFTrainer_perHeadSelf", "SKCDFTrainer_divisorWindow", "SKCDFTrainer_lrScaledHeadEMA",
                    "SKCDFTrainer_noHeadEMA", "SKCDFTrainer_constantHeadEMA", "SKCDFTrainer_cw0",
-                   "SKCDFTrainer_strongView", "SKCDFTrainer_excludeMask"}  # never had an old name
+                   "SKCDFTrainer_strongView", "SKCDFTrainer_excludeMask",
+                   "SKCDFTrainer_crossWholeBatch"}  # never had an old name
     expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
                     "nnUNetTrainerSKCDF_demo40epochs", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_20epochs",
                     "nnUNetTrainerSKCDF_100epochs"} | \
