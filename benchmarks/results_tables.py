@@ -223,9 +223,7 @@ def _convergence_row(stem: str, claim: str, arms=("a", "d", "c")) -> Optional[st
     values = "; ".join(f"({k}) {_pm(rows[k]['dice'])}" for k in arms if k in rows)
     runs = ", ".join(f"({k}) {rows[k]['runs']}" for k in arms if k in rows)
     dates = sorted({x for k in arms if k in rows for x in rows[k]["dates"]})
-    labelled = (f"multi-site phantom (sites {', '.join(task['sites'])}), {task['labeled']} of site "
-                f"{task['labelled_site']}" if "sites" in task else f"phantom, {task['labeled']}")
-    return (f"| {claim} | {labelled} labelled of {task['num_train'] - int(task['val'])}, "
+    return (f"| {claim} | phantom, {_labelled(task)} labelled of {task['num_train'] - int(task['val'])}, "
             f"{task['num_test']} test cases, 3d_cpu | {_machine(d)} | {budget['iterations']} iterations | {runs} | "
             f"mean test Dice {values} | {dates[0]} to {dates[-1]} | {d['commit']} (report) | "
             f"{_section(stem)} |")
@@ -245,14 +243,13 @@ def benchmarks_summary() -> str:
     """BENCHMARKS.md's summary: one row per claim, from the stored result files."""
     lines = ["| claim | task | machine | budget | runs | values | date | commit | section |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for stem, claim in (("convergence_4lab-siteA-ms_8000it", "multi-site task: (a) nnU-Net, (d) SKCDF, (p) "
-                                                             "pseudo-labelling recipe, (c) bound"),
-                        ("convergence_2lab_8000it", "SKCDF vs a trained nnU-Net, (a) nnU-Net, (d) SKCDF, (c) bound"),
-                        ("convergence_2lab_12000it", "the same, 50 % longer training"),
-                        ("convergence_2lab_4000it", "short budget: 0.2 (b) vs 0.3 (g) defaults"),
-                        ("convergence_4lab_4000it", "short budget, 4 labelled cases")):
-        arms = (("a", "d", "p", "c") if "-ms_" in stem else ("a", "d", "c") if "8000" in stem or "12000" in stem
-                else ("a", "b", "g"))
+    for stem, claim, arms in (
+            ("convergence_4lab-siteA-ms_8000it", "multi-site task: (a) nnU-Net, (d) SKCDF, (p) pseudo-labelling "
+                                                 "recipe, (c) bound", ("a", "d", "p", "c")),
+            ("convergence_2lab_8000it", "SKCDF vs a trained nnU-Net, (a) nnU-Net, (d) SKCDF, (c) bound", ("a", "d", "c")),
+            ("convergence_2lab_12000it", "the same, 50 % longer training", ("a", "d", "c")),
+            ("convergence_2lab_4000it", "short budget: 0.2 (b) vs 0.3 (g) defaults", ("a", "b", "g")),
+            ("convergence_4lab_4000it", "short budget, 4 labelled cases", ("a", "b", "g"))):
         row = _convergence_row(stem, claim, arms)
         if row:
             lines.append(row)
