@@ -14,13 +14,14 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import binary_erosion, gaussian_filter
 
-from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES, synapse_labels_dict
+from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE8, SYNAPSE_CLASSES, synapse_labels_dict
 from nnunetv2_skcdf.dataset_conversion.phantom import (
     DEFAULT_SHAPE,
     DEFAULT_SPACING,
     case_rng,
     generate_case,
     make_phantom_dataset,
+    resolve_organs,
 )
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 
@@ -282,6 +283,47 @@ def test_bad_options_and_missing_env(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_resolve_organs_names_abbreviations_sets_and_errors():
+    assert resolve_organs(()) == () and resolve_organs(["all"]) == ()
+    assert resolve_organs(["synapse8"]) == tuple(sorted(ID[n] for n in SYNAPSE8)) == (1, 2, 3, 4, 6, 7, 8, 11)
+    # any order and spelling; label order out; all 13 named one by one is "all"
+    assert resolve_organs(["pancreas", "Sp", "lag"]) == (ID["spleen"], ID["pancreas"], ID["left_adrenal_gland"])
+    assert resolve_organs([abbr for _, _, abbr in SYNAPSE_CLASSES][::-1]) == ()
+    with pytest.raises(SKCDFInputError, match=r"Unknown organ 'kidney'.*right_kidney.*RK.*synapse8"):
+        resolve_organs(["kidney"])
+    with pytest.raises(SKCDFInputError, match=r"'Sp' is named twice"):
+        resolve_organs(["spleen", "Sp"])
+    with pytest.raises(SKCDFInputError, match=r"'synapse8' is a set name: give it alone"):
+        resolve_organs(["liver", "synapse8"])
+
+
+def test_organ_subset_labels_renumbered_images_unchanged(tmp_path, tiny_dataset):
+    _, full = tiny_dataset
+    root = str(tmp_path)
+    folder = make_phantom_dataset(root, 951, "Tiny", num_train=2, num_test=1, num_unlabeled=2, seed=3,
+                                  progress=False, organs=["synapse8"], **TINY)
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dj = json.load(f)
+    assert dj["labels"] == {"background": 0, **{name: i for i, name in enumerate(SYNAPSE8, start=1)}}
+    assert dj["phantom_generator"]["organs"] == list(SYNAPSE8)
+    assert "8 of the 13 Synapse/BTCV organs labelled" in dj["description"]
+    assert sorted(os.listdir(root)) == ["Dataset951_Tiny"]
+    for rel in ("imagesTr/phantom_tr_0001_0000.nii.gz", "imagesTs/phantom_ts_0000_0000.nii.gz",
+                "imagesUnlabeled/phantom_un_0000_0000.nii.gz"):
+        assert filecmp.cmp(os.path.join(full, rel), os.path.join(folder, rel), shallow=False), rel
+    for rel in ("labelsTr/phantom_tr_0001.nii.gz", "labelsTs/phantom_ts_0000.nii.gz"):
+        all13 = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(full, rel)))
+        sub = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, rel)))
+        assert sub.dtype == np.uint8 and sub.max() <= 8
+        for new, name in enumerate(SYNAPSE8, start=1):
+            assert np.array_equal(sub == new, all13 == ID[name]), (rel, name)
+        dropped = np.isin(all13, [ID[n] for n in ("esophagus", "inferior_vena_cava", "right_adrenal_gland")])
+        assert dropped.any() and (sub[dropped] == 0).all()
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    verify_dataset_integrity(folder, num_processes=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # console script
 # ----------------------------------------------------------------------------------------------
@@ -294,14 +336,15 @@ def _script() -> str:
 def test_cli_help():
     out = subprocess.run([_script(), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    for text in ("nnUNet_raw", "950", "SKCDFPhantom", "imagesUnlabeled", "--overwrite", "-np", "48", "3.6"):
+    for text in ("nnUNet_raw", "950", "SKCDFPhantom", "imagesUnlabeled", "--overwrite", "-np", "48", "3.6", "--organs",
+                 "synapse8"):
         assert text in out.stdout, text
 
 
 def test_cli_run_and_existing_folder_error(tmp_path):
     env = dict(os.environ, nnUNet_raw=str(tmp_path))
     cmd = [_script(), "-d", "953", "--num-train", "1", "--num-test", "0", "--num-unlabeled", "1",
-           "--shape", "16", "32", "32", "--spacing", "12", "10", "10", "--seed", "7"]
+           "--shape", "16", "32", "32", "--spacing", "12", "10", "10", "--seed", "7", "--organs", "Li", "Sp"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     folder = tmp_path / "Dataset953_SKCDFPhantom"
@@ -309,6 +352,11 @@ def test_cli_run_and_existing_folder_error(tmp_path):
     assert (folder / "imagesUnlabeled" / "phantom_un_0000_0000.nii.gz").is_file()
     img = sitk.ReadImage(str(folder / "labelsTr" / "phantom_tr_0000.nii.gz"))
     assert np.allclose(img.GetSpacing(), (10, 10, 12)) and img.GetSize() == (32, 32, 16)
+    assert set(np.unique(sitk.GetArrayFromImage(img))) == {0, 1, 2}  # spleen 1, liver 2
+    assert json.loads((folder / "dataset.json").read_text())["labels"] == {"background": 0, "spleen": 1, "liver": 2}
+    bad = subprocess.run(cmd[:-2] + ["kidney", "--overwrite"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("ERROR: Unknown organ 'kidney'")
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 2
     assert again.stderr.startswith("ERROR: ") and "--overwrite" in again.stderr

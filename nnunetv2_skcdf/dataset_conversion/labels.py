@@ -26,6 +26,18 @@ SYNAPSE_CLASSES: Tuple[Tuple[int, str, str], ...] = (
 )
 
 
+#: The 8 organs of the common Synapse evaluation protocol (TransUNet, Chen et al. 2021, and most papers after it):
+#: the 13 classes without esophagus, inferior vena cava, portal/splenic veins and the adrenal glands.
+SYNAPSE8: Tuple[str, ...] = ("spleen", "right_kidney", "left_kidney", "gallbladder", "liver", "stomach", "aorta",
+                             "pancreas")
+
+#: named organ sets (``skcdf_make_phantom --organs``)
+ORGAN_SETS: Dict[str, Tuple[str, ...]] = {
+    "all": tuple(name for _, name, _ in SYNAPSE_CLASSES),
+    "synapse8": SYNAPSE8,
+}
+
+
 def synapse_labels_dict() -> Dict[str, int]:
     """The ``labels`` entry of an nnU-Net v2 dataset.json: ``{"background": 0, "spleen": 1, ...}``."""
     labels = {"background": 0}

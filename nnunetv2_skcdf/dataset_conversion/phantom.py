@@ -35,7 +35,7 @@ import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
 from nnunetv2_skcdf.dataset_conversion import phantom_variation as variation
-from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES, synapse_labels_dict
+from nnunetv2_skcdf.dataset_conversion.labels import ORGAN_SETS, SYNAPSE_CLASSES, synapse_labels_dict
 from nnunetv2_skcdf.dataset_conversion.phantom_geometry import (
     _TISSUES,
     T,
@@ -493,6 +493,52 @@ def _write_nifti(array: np.ndarray, spacing: Spacing3, path: str, z_centre_mm: f
         sitk.WriteImage(img, tmp, True)
 
 
+def resolve_organs(organs: Sequence[str]) -> Tuple[int, ...]:
+    """The Synapse label ids of the organs to label (``--organs``), in label order; ``()`` means all 13.
+
+    ``organs``: nnU-Net label names (``spleen``), the paper's abbreviations (``Sp``, any case) or one set name
+    from ``labels.ORGAN_SETS`` (``all``, ``synapse8``).
+    """
+    if not organs:
+        return ()
+    by_name = {name: lid for lid, name, _ in SYNAPSE_CLASSES}
+    by_abbr = {abbr.lower(): lid for lid, _, abbr in SYNAPSE_CLASSES}
+    ids = []
+    for item in organs:
+        key = item.strip()
+        if key.lower() in ORGAN_SETS and len(organs) == 1:
+            ids = [by_name[name] for name in ORGAN_SETS[key.lower()]]
+            break
+        lid = by_name.get(key.lower(), by_abbr.get(key.lower()))
+        if lid is None:
+            hint = (f"'{key}' is a set name: give it alone" if key.lower() in ORGAN_SETS else
+                    f"use label names ({', '.join(by_name)}), abbreviations "
+                    f"({', '.join(abbr for _, _, abbr in SYNAPSE_CLASSES)}) or one set ({', '.join(ORGAN_SETS)})")
+            raise SKCDFInputError(f"Unknown organ {item!r} in --organs: {hint}.")
+        if lid in ids:
+            raise SKCDFInputError(f"Organ {item!r} is named twice in --organs.")
+        ids.append(lid)
+    ids = sorted(ids)
+    return () if len(ids) == len(SYNAPSE_CLASSES) else tuple(ids)
+
+
+def organ_label_lut(organ_ids: Sequence[int]) -> np.ndarray:
+    """uint8 look-up table from Synapse ids to the dataset's labels: the kept organs numbered 1..k in Synapse
+    order, every other organ background (0)."""
+    lut = np.zeros(256, dtype=np.uint8)
+    for new, lid in enumerate(organ_ids, start=1):
+        lut[lid] = new
+    return lut
+
+
+def organ_labels_dict(organ_ids: Sequence[int]) -> dict:
+    """dataset.json ``labels`` of a phantom that labels ``organ_ids`` (``()``: all 13)."""
+    if not organ_ids:
+        return synapse_labels_dict()
+    names = {lid: name for lid, name, _ in SYNAPSE_CLASSES}
+    return {"background": 0, **{names[lid]: new for new, lid in enumerate(organ_ids, start=1)}}
+
+
 _FOLDERS = {"tr": ("imagesTr", "labelsTr"), "ts": ("imagesTs", "labelsTs"), "un": (UNLABELED_IMAGES_FOLDER, None)}
 
 
@@ -504,16 +550,19 @@ def site_case(seed: int, role: str, index: int, sites: Sequence[str], base_shape
     return protocol, shape, spacing
 
 
-def _write_case(job: Tuple[str, str, int, int, Shape3, Spacing3, Tuple[str, ...]]) -> Tuple[str, Optional[dict]]:
+def _write_case(job: Tuple[str, str, int, int, Shape3, Spacing3, Tuple[str, ...], Tuple[int, ...]]
+                ) -> Tuple[str, Optional[dict]]:
     """Generate and write one case (top-level so that worker processes can run it); returns its id and,
-    for a site case, its record for ``phantom_cases.json``."""
-    folder, role, index, seed, shape, spacing, sites = job
+    for a site case, its record for ``phantom_cases.json``. ``organs``: the labelled subset (``()``: all)."""
+    folder, role, index, seed, shape, spacing, sites, organs = job
     protocol, record, z_centre = None, None, 0.0
     if sites:
         protocol, shape, spacing = site_case(seed, role, index, sites, shape, spacing)
         z_centre = protocol.centre_mm
         record = {"role": role, "shape_zyx_voxels": list(shape), "spacing_zyx_mm": list(spacing), **protocol.to_json()}
     image, label = generate_case(case_rng(seed, role, index), shape, spacing, protocol)
+    if organs:  # the image is the same whatever is labelled
+        label = organ_label_lut(organs)[label]
     images_dir, labels_dir = _FOLDERS[role]
     cid = case_id(role, index)
     _write_nifti(image, spacing, os.path.join(folder, images_dir, f"{cid}_0000.nii.gz"), z_centre)
@@ -523,11 +572,11 @@ def _write_case(job: Tuple[str, str, int, int, Shape3, Spacing3, Tuple[str, ...]
 
 
 def _dataset_json(name: str, counts: Tuple[int, int, int], shape: Shape3, spacing: Spacing3, seed: int,
-                  sites: Sequence[str] = ()) -> dict:
+                  sites: Sequence[str] = (), organs: Sequence[int] = ()) -> dict:
     n_tr, n_ts, n_un = counts
     dj = {
         "channel_names": {"0": "CT"},
-        "labels": synapse_labels_dict(),
+        "labels": organ_labels_dict(organs),
         "numTraining": n_tr,
         "file_ending": ".nii.gz",
         "name": name,
@@ -551,6 +600,12 @@ def _dataset_json(name: str, counts: Tuple[int, int, int], shape: Shape3, spacin
             "orientation": "identity direction (LPS), FOV centre at (0, 0, 0) mm",
         },
     }
+    if organs:
+        kept = list(organ_labels_dict(organs))[1:]
+        dj["description"] = dj["description"].replace(
+            "with the 13 Synapse/BTCV organ labels", f"with {len(kept)} of the 13 Synapse/BTCV organs labelled (the "
+            "other organs are in the images but labelled background)")
+        dj["phantom_generator"]["organs"] = kept
     if sites:
         dj["description"] = dj["description"].replace(
             "(portal-venous phase)", f"from {len(sites)} acquisition site(s) ({', '.join(sites)}: contrast phases, "
@@ -626,7 +681,7 @@ def make_phantom_dataset(output_root: Optional[str] = None, dataset_id: int = 95
                          num_train: int = 20, num_test: int = 6, num_unlabeled: int = 10,
                          shape: Sequence[int] = DEFAULT_SHAPE, spacing: Sequence[float] = DEFAULT_SPACING,
                          seed: int = 0, num_processes: int = 1, overwrite: bool = False,
-                         progress: bool = True, sites: Sequence[str] = ()) -> str:
+                         progress: bool = True, sites: Sequence[str] = (), organs: Sequence[str] = ()) -> str:
     """Write the phantom as ``<output_root>/Dataset<id>_<name>`` (nnU-Net v2 raw format); return that path.
 
     ``output_root`` defaults to ``$nnUNet_raw``. ``shape`` is in voxels (z, y, x), ``spacing`` in mm
@@ -638,12 +693,16 @@ def make_phantom_dataset(output_root: Optional[str] = None, dataset_id: int = 95
     population from a site (case ``i`` from ``sites[i % len(sites)]``); every case then has its own grid
     (``shape``/``spacing`` become the base grid) and ``phantom_cases.json`` records its parameters.
     Without sites the cases are the original phantom's, bit-identical.
+
+    ``organs`` (see ``resolve_organs``; default all 13): label only these organs, numbered 1..k in Synapse order;
+    the other organs stay in the images and are labelled background. The images do not depend on it.
     """
     counts = (int(num_train), int(num_test), int(num_unlabeled))
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
     _check_options(dataset_id, name, counts, shape, spacing, int(seed), int(num_processes))
     sites = tuple(s.name for s in check_sites(sites)) if sites else ()
+    organ_ids = resolve_organs(organs)
     root = os.path.abspath(output_root if output_root is not None else _env_folder("nnUNet_raw"))
     folder_name = f"Dataset{int(dataset_id):03d}_{name}"
     target = _check_target(root, folder_name, dataset_id, overwrite)
@@ -652,7 +711,8 @@ def make_phantom_dataset(output_root: Optional[str] = None, dataset_id: int = 95
     try:
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", UNLABELED_IMAGES_FOLDER):
             os.makedirs(os.path.join(tmp, sub))
-        jobs = [(tmp, role, i, int(seed), shape, spacing, sites) for role, n in zip(ROLES, counts) for i in range(n)]
+        jobs = [(tmp, role, i, int(seed), shape, spacing, sites, organ_ids)
+                for role, n in zip(ROLES, counts) for i in range(n)]
         records = {}
         for cid, record in imap_with_progress(_write_case, jobs, int(num_processes), "phantom cases", progress):
             records[cid] = record
@@ -660,7 +720,7 @@ def make_phantom_dataset(output_root: Optional[str] = None, dataset_id: int = 95
             records = dict(sorted(records.items()))
             atomic_save_json({"cases_per_site": _case_counts_by_site(records), "cases": records},
                              os.path.join(tmp, CASES_FILE))
-        atomic_save_json(_dataset_json(name, counts, shape, spacing, int(seed), sites),
+        atomic_save_json(_dataset_json(name, counts, shape, spacing, int(seed), sites, organ_ids),
                          os.path.join(tmp, "dataset.json"))
         _check_target(root, folder_name, dataset_id, overwrite)  # nobody created it meanwhile
         _swap_in(tmp, target)
@@ -710,6 +770,11 @@ def _parser() -> argparse.ArgumentParser:
                         f"{', '.join(sorted(SITES))} or 'all' (see documentation/phantom.md). Each case then has its "
                         "own contrast phase, dose, kernel, slice thickness, FOV, coverage, habitus and pathology, and "
                         "--shape/--spacing are the base grid. Without --sites: the original single-protocol phantom")
+    p.add_argument("--organs", nargs="+", metavar="ORGAN", default=None,
+                   help="label only these organs (label names such as 'pancreas', the paper's abbreviations such as "
+                        f"'Pa', or one set: {', '.join(ORGAN_SETS)}; 'synapse8' = the 8 organs of the common Synapse "
+                        "evaluation protocol), numbered 1..k in Synapse order; the other organs stay in the images, "
+                        "labelled background (default: all 13)")
     p.add_argument("-np", "--num-processes", type=int, default=1, help="worker processes (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset folder (without it an existing folder is an error)")
@@ -724,7 +789,7 @@ def make_phantom_entry(argv: Optional[Sequence[str]] = None) -> None:
         folder = make_phantom_dataset(
             args.output_root, args.dataset_id, args.name, args.num_train, args.num_test, args.num_unlabeled,
             tuple(args.shape), tuple(args.spacing), args.seed, args.num_processes, args.overwrite,
-            progress=not args.no_progress, sites=args.sites or (),
+            progress=not args.no_progress, sites=args.sites or (), organs=args.organs or (),
         )
     print(f"Wrote {folder}")
 
