@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the main job on the built-in synthetic abdominal CT dataset (CPU, no GPU): a small
-# phantom (13 organs, 32 x 64 x 64 voxels of 7.5 x 5.4 x 5.4 mm), planned and preprocessed by nnU-Net (2d), a split
-# with 3 labelled training cases (the others' labels hidden) plus 16 extra unlabelled images, then three arms on the
-# same split, configuration and budget: the labelled-only nnU-Net, one round of the pseudo-labelling recipe
-# (skcdf_pseudolabel with the labelled-only model as teacher, then a stock nnU-Net student), and SKCDF. Each is
-# evaluated on the 8 test cases with nnU-Net's evaluation; scripts/demo_report.py prints per-organ Dice, wall times,
-# the labelled-only model's plateau check and the converged benchmark's (generated) table.
+# phantom (32 x 64 x 64 voxels of 7.5 x 5.4 x 5.4 mm, the 8 organs of the common Synapse protocol labelled),
+# planned and preprocessed by nnU-Net (2d), a split with 3 labelled training cases (the others' labels hidden) plus
+# 16 extra unlabelled images, then three arms on the same split, configuration and budget: the labelled-only
+# nnU-Net, one round of the pseudo-labelling recipe (skcdf_pseudolabel with the labelled-only model as teacher, then
+# a stock nnU-Net student), and SKCDF. Two lanes run side by side, one core each: the labelled-only model and then
+# the recipe (which needs it), and SKCDF. Each arm is evaluated on the 8 test cases with nnU-Net's evaluation;
+# scripts/demo_report.py prints per-organ Dice, wall times, the labelled-only model's plateau check and the
+# converged benchmark's (generated) table.
 # `bash run_demo.sh --long` trains twice as many iterations (does a longer budget change the result?).
 # Data goes to ./skcdf_data unless nnUNet_* are set. The configuration below is what README.md describes
 # (tests/test_demo_config.py checks it).
@@ -18,15 +20,16 @@ if [ "${1:-}" = "--long" ]; then SUFFIX="Long"; fi
 # --- the demo task (README.md, documentation/getting_started.md) ---
 SHAPE="32 64 64"            # voxels z y x
 SPACING="7.5 5.4 5.4"       # mm
+ORGANS="synapse8"           # skcdf_make_phantom --organs: Sp RK LK Ga Li St Ao Pa labelled, the other 5 background
 NUM_TRAIN=20
 NUM_TEST=8
 NUM_UNLABELED=16            # extra images in imagesUnlabeled
 VAL=4                       # validation cases (labelled, never trained on)
 LABELED=3                   # labelled training cases; the other NUM_TRAIN - VAL - LABELED have their labels hidden
-CONFIG=2d_demo              # nnU-Net 2d plans, a smaller network: patch 64 x 64, batch 8, 4 stages, 16-128 features
+CONFIG=2d_demo              # nnU-Net 2d plans, a smaller network: patch 64 x 64, batch 4, 5 stages, 16-128 features
 PATCH="64 64"
-BATCH=8
-STAGES=4
+BATCH=4
+STAGES=5
 FEATURES="16 128"
 PSEUDO_KEEP=0.5             # skcdf_pseudolabel --keep: the fraction of unlabelled cases kept (best agreement first)
 
@@ -43,14 +46,14 @@ NP="${SKCDF_NUM_PROCESSES:-2}"
 NAME="Dataset${D}_SKCDFPhantom"
 TRN="nnUNetTrainer_demo${SUFFIX}"
 TRS="SKCDFTrainer_demo${SUFFIX}"
-read -r EPOCHS PLATEAU_EPOCHS < <(python -c "from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo.demo_trainers \
-import $TRN as T, plateau_epoch; print(T.demo_epochs, plateau_epoch(T.demo_epochs))")
+read -r EPOCHS PLATEAU_EPOCHS LR < <(python -c "from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo.demo_trainers \
+import $TRN as T, plateau_epoch, DEMO_LR; print(T.demo_epochs, plateau_epoch(T.demo_epochs), f'{DEMO_LR:g}')")
 OUT="$repo/skcdf_data/demo${SUFFIX}"
 rm -rf "$OUT" && mkdir -p "$OUT"
 echo -e "setup\t$(( $(date +%s) - t_start ))" >> "$OUT/times.tsv"
 
-train() {  # 0 augmentation workers: as fast as 2 on a 2-core machine for these patches (never set for planning)
-  nnUNet_n_proc_DA=0 nnUNetv2_train "$@" -device cpu
+train() {  # 0 augmentation workers, 1 torch thread: the two lanes share the 2 cores (never set for planning)
+  nnUNet_n_proc_DA=0 SKCDF_DEMO_THREADS=1 nnUNetv2_train "$@" -device cpu
 }
 predict_and_evaluate() {  # <dataset> <trainer> <arm folder> [extra nnUNetv2_predict arguments]
   local dataset="$1" trainer="$2" arm="$3"; shift 3
@@ -79,24 +82,57 @@ arm_skcdf() {
   train "$D" "$CONFIG" 0 -tr "$TRS"
   predict_and_evaluate "$D" "$TRS" skcdf
 }
+lane_nnunet() {  # the labelled-only model, its snapshot at 3/4 of the budget (how much did the last quarter add?),
+  # then the pseudo-labelling round it teaches
+  timed nnunet arm_nnunet
+  predict_and_evaluate "$D" "$TRN" nnunet_plateau -chk checkpoint_plateau.pth
+  timed pseudolabel arm_pseudolabel
+}
+lane_skcdf() {
+  timed skcdf arm_skcdf
+}
+run_lanes() {  # each lane in the background with its own log; the first failure stops the other lane
+  local pids=() names=(nnunet skcdf) running=(1 1) i failed="" tick=0
+  for i in 0 1; do
+    ( set -euo pipefail; "lane_${names[$i]}" ) > "$OUT/lane_${names[$i]}.log" 2>&1 &
+    pids+=($!)
+  done
+  echo "Two lanes side by side, one core each (logs: $OUT/lane_nnunet.log, $OUT/lane_skcdf.log):"
+  while [ -z "$failed" ] && [ "${running[*]}" != "0 0" ]; do
+    sleep 5; tick=$(( tick + 5 ))
+    for i in 0 1; do
+      if [ "${running[$i]}" = 1 ] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
+        running[$i]=0
+        wait "${pids[$i]}" || failed="${names[$i]}"
+      fi
+    done
+    if [ $(( tick % 60 )) = 0 ]; then  # progress: the last epoch each lane's training reached
+      echo "  $(( tick / 60 )) min: nnunet lane $(grep -ao 'Epoch [0-9][0-9]*' "$OUT/lane_nnunet.log" | tail -n 1 || true)," \
+        "skcdf lane $(grep -ao 'Epoch [0-9][0-9]*' "$OUT/lane_skcdf.log" | tail -n 1 || true) (of $EPOCHS per training)"
+    fi
+  done
+  if [ -n "$failed" ]; then
+    for i in 0 1; do pkill -TERM -P "${pids[$i]}" 2>/dev/null || true; kill "${pids[$i]}" 2>/dev/null || true; done
+    wait || true
+    for i in 0 1; do echo "--- end of $OUT/lane_${names[$i]}.log:"; tail -n 25 "$OUT/lane_${names[$i]}.log"; done
+    echo "ERROR: the demo's $failed lane failed (the ends of both logs above)." >&2
+    return 1
+  fi
+}
 
 set -x
-timed data skcdf_make_phantom -d "$D" --shape $SHAPE --spacing $SPACING --num-train "$NUM_TRAIN" --num-test "$NUM_TEST" \
+timed data skcdf_make_phantom -d "$D" --shape $SHAPE --spacing $SPACING --organs $ORGANS --num-train "$NUM_TRAIN" --num-test "$NUM_TEST" \
   --num-unlabeled "$NUM_UNLABELED" -np "$NP" --overwrite --no-progress
 timed plan nnUNetv2_plan_and_preprocess -d "$D" -c 2d -np "$NP" -npfp "$NP" --verify_dataset_integrity
 skcdf_split -d "$D" --val "$VAL" --labeled "$LABELED" --add-unlabeled-images --folds 1 --overwrite
 timed unlabeled skcdf_preprocess_unlabeled -d "$D" -c 2d -np "$NP" --overwrite
 skcdf_add_cpu_config -d "$D" --base 2d --name "$CONFIG" --patch $PATCH --batch "$BATCH" --stages "$STAGES" \
   --features $FEATURES --overwrite
-timed nnunet arm_nnunet
-# the labelled-only model's snapshot at 3/4 of its budget: how much did the last quarter add?
-predict_and_evaluate "$D" "$TRN" nnunet_plateau -chk checkpoint_plateau.pth
-timed pseudolabel arm_pseudolabel
-timed skcdf arm_skcdf
 set +x
+timed lanes run_lanes
 echo -e "total\t$(( $(date +%s) - t_start ))" >> "$OUT/times.tsv"
 echo
 python "$repo/scripts/demo_report.py" --out "$OUT" --dataset-json "$nnUNet_preprocessed/$NAME/dataset.json" \
   --labelled "$LABELED" --hidden $(( NUM_TRAIN - VAL - LABELED )) --extra-unlabelled "$NUM_UNLABELED" \
   --test-cases "$NUM_TEST" --iterations $(( EPOCHS * 50 )) --plateau-iterations $(( PLATEAU_EPOCHS * 50 )) \
-  --task "phantom (13 organs) at 7.5 x 5.4 x 5.4 mm, nnU-Net 2d ($CONFIG), Adam 1e-3 for every arm"
+  --task "phantom with the $ORGANS organs labelled, ${SPACING// / x } mm, nnU-Net 2d ($CONFIG), Adam $LR for every arm"

@@ -274,6 +274,11 @@ def benchmarks_summary() -> str:
                      f"{' x '.join(map(str, d['image_shape'][1:]))} | {_machine(d)} | {len(d['cases'])} cases | "
                      f"{d['repeats']} repeats | {d['ratio']:.2f}x | {d['date']} | "
                      f"{_added_in(f'benchmarks/results/{name}.json')} | {_section(name)} |")
+    if (RESULTS / "demo_time.json").exists():
+        d = _speed("demo_time")
+        lines.append(f"| `bash run_demo.sh` from a fresh clone, set-up included (README's first command) | the demo task "
+                     f"(run_demo.sh) | {_machine(d)} | the demo's budget | 1 | {d['wall_s'] / 60:.1f} min | {d['date']} | "
+                     f"{d['commit']} | {_section('demo_time')} |")
     d = _speed("skc_window_cost_cpu")
     lines.append(f"| padded SKC window vs the divisor rule, iteration time | {d['configuration']}, bottleneck 5 x 7 x 6 | "
                  f"{_machine(d)} | {d['steps']} steps | {d['repeats']} processes per rule | "
@@ -303,6 +308,18 @@ def benchmarks_summary() -> str:
                  f"{loader[0]['patches_per_s']:.1f} / {loader[2]['patches_per_s']:.1f} patches/s | {d['date']} | "
                  f"{_added_in('benchmarks/results/data_pipeline.json')} | {_section('data_pipeline')} |")
     return "\n".join(lines)
+
+
+def readme_demo_time() -> str:
+    """README: the demo's wall time from a fresh clone (benchmarks/demo_time.py), or that it is not measured yet."""
+    path = RESULTS / "demo_time.json"
+    if not path.exists():
+        return "Its wall time from a fresh clone has not been measured yet (`python benchmarks/demo_time.py`)."
+    d = json.loads(path.read_text())
+    cores = d["machine"].split(" | ")[2]
+    return (f"Measured from a fresh clone, set-up included: **{d['wall_s'] / 60:.1f} min** on {cores}, nothing else "
+            f"running (load average {d['load_before']:.2f} before the start; {d['date']}, commit {d['commit']}, "
+            f"`benchmarks/demo_time.py`, [BENCHMARKS.md](BENCHMARKS.md#demo_time)).")
 
 
 def _window_tokens(bottleneck: List[int], window: List[int]) -> Dict[int, int]:
@@ -341,8 +358,8 @@ def plan_windows() -> str:
 
 GENERATORS = {"accuracy": readme_accuracy, "cost": readme_cost, "convergence": results_convergence,
               "evaluation_speed": results_evaluation_speed, "benchmarks_summary": benchmarks_summary,
-              "plan_windows": plan_windows}
-TARGETS = {"README.md": ("accuracy", "cost"),
+              "plan_windows": plan_windows, "demo_time": readme_demo_time}
+TARGETS = {"README.md": ("accuracy", "cost", "demo_time"),
            "documentation/results.md": ("accuracy", "cost", "convergence", "evaluation_speed"),
            "BENCHMARKS.md": ("benchmarks_summary",),
            "documentation/trainer_reference.md": ("plan_windows",)}

@@ -72,11 +72,13 @@ def report(out: Path, dataset_json: Path, labelled: int, hidden: int, extra_unla
         "",
         dice_table(summaries, labels),
         "",
-        "Wall time per arm (training + prediction of the test set; the pseudo-labelling arm: the round "
-        "(pseudo labels of the unlabelled images by the labelled-only model) + its student's training + prediction, "
-        "after the labelled-only model it starts from):",
+        "Wall time per arm (training + prediction of the test set, on one core, the other lane running on the "
+        "other; the pseudo-labelling arm: the round (pseudo labels of the unlabelled images by the labelled-only "
+        "model) + its student's training + prediction, after the labelled-only model it starts from):",
     ]
     lines += [f"  {name}: {minutes(times.get(folder))}" for folder, name in ARMS]
+    if "lanes" in times:
+        lines.append(f"  both lanes (labelled-only -> pseudo-labelling | SKCDF), side by side: {minutes(times['lanes'])}")
     if "total" in times:
         lines.append(f"  whole demo, set-up included: {minutes(times['total'])}")
     plateau_path = out / PLATEAU_ARM / "summary.json"

@@ -20,7 +20,7 @@ import demo_report  # noqa: E402
 def demo_settings() -> dict:
     """The task settings assigned at the top of run_demo.sh (NAME=value or NAME="value")."""
     text = (REPO / "run_demo.sh").read_text()
-    names = ("SHAPE", "SPACING", "NUM_TRAIN", "NUM_TEST", "NUM_UNLABELED", "VAL", "LABELED", "CONFIG", "PATCH",
+    names = ("SHAPE", "SPACING", "ORGANS", "NUM_TRAIN", "NUM_TEST", "NUM_UNLABELED", "VAL", "LABELED", "CONFIG", "PATCH",
              "BATCH", "STAGES", "FEATURES", "PSEUDO_KEEP")
     out = {}
     for name in names:
@@ -32,11 +32,17 @@ def demo_settings() -> dict:
 
 def description(s: dict) -> str:
     """The one-line description of the demo task that README.md and getting_started.md must carry verbatim."""
+    from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES
+    from nnunetv2_skcdf.dataset_conversion.phantom import resolve_organs
+
     hidden = int(s["NUM_TRAIN"]) - int(s["VAL"]) - int(s["LABELED"])
+    kept = resolve_organs(s["ORGANS"].split()) or [lid for lid, _, _ in SYNAPSE_CLASSES]
+    organs = " ".join(abbr for lid, _, abbr in SYNAPSE_CLASSES if lid in kept)
     x = " x ".join
     return (f"{s['NUM_TRAIN']} training cases ({s['LABELED']} labelled, {s['VAL']} validation, {hidden} with hidden "
             f"labels) + {s['NUM_UNLABELED']} unlabelled images, {s['NUM_TEST']} test cases, "
-            f"{x(s['SHAPE'].split())} voxels at {x(s['SPACING'].split())} mm; nnU-Net 2d plans, "
+            f"{x(s['SHAPE'].split())} voxels at {x(s['SPACING'].split())} mm, {len(kept)} organs labelled "
+            f"({organs}); nnU-Net 2d plans, "
             f"patch {x(s['PATCH'].split())}, batch {s['BATCH']}, {s['STAGES']} stages, "
             f"{'-'.join(s['FEATURES'].split())} features; {demo.DEMO_EPOCHS * 50} iterations per arm, "
             f"Adam, learning rate {demo.DEMO_LR:g}; one pseudo-label round keeping the best "
@@ -47,6 +53,17 @@ def test_readme_and_getting_started_describe_the_demo_that_run_demo_sh_runs():
     line = description(demo_settings())
     for doc in ("README.md", "documentation/getting_started.md"):
         assert line in (REPO / doc).read_text(), f"{doc} does not describe run_demo.sh's task; expected:\n{line}"
+
+
+def test_demo_threads_from_the_environment(monkeypatch):
+    monkeypatch.delenv(demo.THREADS_ENV, raising=False)
+    assert demo.demo_threads() == 0
+    monkeypatch.setenv(demo.THREADS_ENV, "1")
+    assert demo.demo_threads() == 1
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv(demo.THREADS_ENV, bad)
+        with pytest.raises(ValueError, match=f"SKCDF_DEMO_THREADS={bad!r}: give a positive number"):
+            demo.demo_threads()
 
 
 def test_demo_trainers_budget_optimiser_and_plateau_snapshot():
@@ -93,7 +110,8 @@ def test_report_reads_every_figure_from_files(tmp_path):
     for arm, dice in values.items():
         (out / arm).mkdir(parents=True)
         (out / arm / "summary.json").write_text(json.dumps(_summary(dice)))
-    (out / "times.tsv").write_text("setup\t20\nnnunet\t120\npseudolabel\t200\nskcdf\t300\nskcdf\t330\ntotal\t840\n")
+    (out / "times.tsv").write_text("setup\t20\nnnunet\t120\nskcdf\t300\npseudolabel\t200\nskcdf\t330\nlanes\t400\n"
+                                   "total\t840\n")
     dj = tmp_path / "dataset.json"
     dj.write_text(json.dumps({"labels": {"background": 0, "spleen": 1, "liver": 2}}))
     readme = tmp_path / "README.md"
@@ -105,7 +123,7 @@ def test_report_reads_every_figure_from_files(tmp_path):
     assert "| nnU-Net, labelled cases only | 70.0 | 80.0 | 60.0 |" in text
     assert "| SKCDF | 77.5 | 85.0 | 70.0 |" in text
     assert "SKCDF: 5.5 min" in text  # the last entry of an arm wins (a rerun appends)
-    assert "set-up included: 14.0 min" in text
+    assert "side by side: 6.7 min" in text and "set-up included: 14.0 min" in text
     assert "68.5 at 1500 iterations, 70.0 at 2000: the last quarter added +1.5 points (plateau criterion, < 2 points: met)" in text
     assert "| a | 1 |" in text  # the converged table comes from the README's generated block
     # a missing arm is named
@@ -118,6 +136,10 @@ def test_run_demo_sh_is_valid_bash_and_runs_the_three_arms():
     subprocess.run(["bash", "-n", str(REPO / "run_demo.sh")], check=True)
     text = (REPO / "run_demo.sh").read_text()
     for arm in ("timed nnunet arm_nnunet", "timed pseudolabel arm_pseudolabel", "timed skcdf arm_skcdf",
-                "-chk checkpoint_plateau.pth", "scripts/demo_report.py"):
+                "-chk checkpoint_plateau.pth", "scripts/demo_report.py", "timed lanes run_lanes",
+                "SKCDF_DEMO_THREADS=1 nnUNetv2_train", '--organs $ORGANS'):
         assert arm in text
+    # the recipe's teacher is the labelled-only model: same lane, after it
+    lane = text.split("lane_nnunet() {", 1)[1].split("\n}", 1)[0]
+    assert lane.index("timed nnunet arm_nnunet") < lane.index("timed pseudolabel arm_pseudolabel")
     assert demo.PLATEAU_CHECKPOINT == "checkpoint_plateau.pth"

@@ -3,14 +3,15 @@ student (a ``nnUNetTrainer_demo`` trained on ``skcdf_pseudolabel``'s student dat
 
 ``nnUNetTrainer_demo`` / ``SKCDFTrainer_demo`` (the demo, ``DEMO_EPOCHS`` x 50 iterations) and ``_demoLong`` (twice
 that, ``run_demo.sh --long``: does a doubled budget change the result?) differ from their parents in the budget and
-the optimiser only: nnU-Net's own ``nnUNetTrainerVanillaAdam`` (Adam, initial learning rate 1e-3 =
-``nnUNetTrainerVanillaAdam1en3``, poly schedule), because nnU-Net's SGD (0.01, momentum 0.99) needs ~8000
-iterations on the phantom to learn the 13 organs, more than a 15-minute CPU demo affords, while Adam at 1e-3 reaches
-its plateau in ``DEMO_EPOCHS`` epochs on the demo task (documentation/getting_started.md, "The demo"). Every arm
-uses the same optimiser and budget. Mirroring (augmentation and inference) stays nnU-Net's, so that one model's
+the optimiser only: nnU-Net's own ``nnUNetTrainerVanillaAdam`` (Adam, poly schedule) at ``DEMO_LR``, because
+nnU-Net's SGD (0.01, momentum 0.99) needs ~8000 iterations on the phantom to learn its organs, more than a 15-minute
+CPU demo affords, while Adam at 2e-3 reaches its plateau in ``DEMO_EPOCHS`` epochs on the demo task
+(documentation/getting_started.md, "The demo"). Every arm uses the same optimiser and budget. Mirroring (augmentation and inference) stays nnU-Net's, so that one model's
 mirror variants can vote in ``skcdf_pseudolabel``. At ``PLATEAU_EPOCH_FRACTION`` of the budget a snapshot
 ``checkpoint_plateau.pth`` is saved: the demo predicts the test set with it too, to show how much the last quarter
-added. The final validation is skipped (the demo evaluates the test set).
+added. The final validation is skipped (the demo evaluates the test set). ``SKCDF_DEMO_THREADS`` (if set) is the
+number of torch threads of the training: ``run_demo.sh`` trains two arms at a time, one core each, and nnU-Net's
+``nnUNetv2_train`` would otherwise give each of them every core.
 
 ``_demo8epochs`` / ``_demo40epochs`` are the demo trainers of releases <= 0.4 (3D, 400 / 2000 SGD iterations, no
 mirroring), kept so that their model folders still predict and resume.
@@ -26,10 +27,21 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring impor
 
 
 #: epochs of 50 iterations of the demo (``run_demo.sh``); ``run_demo.sh --long`` trains twice as many
-DEMO_EPOCHS = 40
-DEMO_LR = 1e-3
+DEMO_EPOCHS = 24
+DEMO_LR = 2e-3
 PLATEAU_EPOCH_FRACTION = 0.75
 PLATEAU_CHECKPOINT = "checkpoint_plateau.pth"
+THREADS_ENV = "SKCDF_DEMO_THREADS"
+
+
+def demo_threads() -> int:
+    """``$SKCDF_DEMO_THREADS`` as a positive int, 0 where unset (nnU-Net's own choice: every core)."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return 0
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{THREADS_ENV}={value!r}: give a positive number of torch threads, or unset it.")
+    return int(value)
 
 
 def plateau_epoch(num_epochs: int) -> int:
@@ -47,6 +59,9 @@ class _AdamDemo:
         super().__init__(plans, configuration, fold, dataset_json, device)
         _demo_budget(self, self.demo_epochs)
         self.initial_lr = DEMO_LR
+        threads = demo_threads()
+        if threads:  # after run_training's torch.set_num_threads(cpu_count)
+            torch.set_num_threads(threads)
 
     def configure_optimizers(self):
         return nnUNetTrainerVanillaAdam.configure_optimizers(self)
