@@ -91,10 +91,19 @@ lane_nnunet() {  # the labelled-only model, its snapshot at 3/4 of the budget (h
 lane_skcdf() {
   timed skcdf arm_skcdf
 }
+lane_status() {  # the lane's training epoch (of $EPOCHS), or the last thing it printed
+  local log="$OUT/lane_$1.log" epoch
+  epoch=$(grep -ao 'Epoch [0-9][0-9]*$' "$log" | tail -n 1 || true)
+  if [ -n "$epoch" ] && [ "$(tail -n 3 "$log" | grep -c 'Epoch\|learning rate\|loss\|dice' || true)" != 0 ]; then
+    echo "training, $epoch of $EPOCHS"
+  else
+    tail -n 1 "$log" | tr '\r' '\n' | grep -v '^$' | tail -n 1 | cut -c1-70
+  fi
+}
 run_lanes() {  # each lane in the background with its own log; the first failure stops the other lane
   local pids=() names=(nnunet skcdf) running=(1 1) i failed="" tick=0
   for i in 0 1; do
-    ( set -euo pipefail; "lane_${names[$i]}" ) > "$OUT/lane_${names[$i]}.log" 2>&1 &
+    ( set -euo pipefail; export PYTHONUNBUFFERED=1; "lane_${names[$i]}" ) > "$OUT/lane_${names[$i]}.log" 2>&1 &
     pids+=($!)
   done
   echo "Two lanes side by side, one core each (logs: $OUT/lane_nnunet.log, $OUT/lane_skcdf.log):"
@@ -106,9 +115,8 @@ run_lanes() {  # each lane in the background with its own log; the first failure
         wait "${pids[$i]}" || failed="${names[$i]}"
       fi
     done
-    if [ $(( tick % 60 )) = 0 ]; then  # progress: the last epoch each lane's training reached
-      echo "  $(( tick / 60 )) min: nnunet lane $(grep -ao 'Epoch [0-9][0-9]*' "$OUT/lane_nnunet.log" | tail -n 1 || true)," \
-        "skcdf lane $(grep -ao 'Epoch [0-9][0-9]*' "$OUT/lane_skcdf.log" | tail -n 1 || true) (of $EPOCHS per training)"
+    if [ $(( tick % 60 )) = 0 ]; then  # progress: the last line each lane wrote
+      echo "  $(( tick / 60 )) min: nnunet lane: $(lane_status nnunet) | skcdf lane: $(lane_status skcdf)"
     fi
   done
   if [ -n "$failed" ]; then
