@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,26 @@ def test_run_demo_sh_is_valid_bash_and_runs_the_three_arms():
     lane = text.split("lane_nnunet() {", 1)[1].split("\n}", 1)[0]
     assert lane.index("timed nnunet arm_nnunet") < lane.index("timed pseudolabel arm_pseudolabel")
     assert demo.PLATEAU_CHECKPOINT == "checkpoint_plateau.pth"
+
+
+def _lanes_script(tmp_path, nnunet: str, skcdf: str) -> subprocess.CompletedProcess:
+    """run_demo.sh's own lane_status / run_lanes functions, with stand-in lanes."""
+    text = (REPO / "run_demo.sh").read_text()
+    functions = "\n".join(re.search(rf"^{name}\(\) {{.*?^}}", text, flags=re.S | re.M).group(0)
+                          for name in ("lane_status", "run_lanes"))
+    script = (f"set -euo pipefail\nOUT={tmp_path}\nEPOCHS=24\n{functions}\n"
+              f"lane_nnunet() {{ {nnunet}; }}\nlane_skcdf() {{ {skcdf}; }}\nrun_lanes\n")
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_run_lanes_runs_both_lanes_and_a_failure_stops_the_other(tmp_path):
+    ok = _lanes_script(tmp_path, "echo teacher; echo done-a > $OUT/a", "echo done-b > $OUT/b")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "a").read_text() == "done-a\n" and (tmp_path / "b").read_text() == "done-b\n"
+    assert (tmp_path / "lane_nnunet.log").read_text() == "teacher\n"  # each lane's output goes to its log
+    # the first lane fails: the other (a long sleep) is stopped, both logs' ends and the failed lane are named
+    t0 = time.time()
+    bad = _lanes_script(tmp_path, "echo boom; false", "sleep 100; echo never > $OUT/c")
+    assert bad.returncode != 0 and time.time() - t0 < 60
+    assert "the demo's nnunet lane failed" in bad.stderr and "boom" in bad.stdout
+    assert not (tmp_path / "c").exists()
