@@ -100,8 +100,15 @@ lane_status() {  # the lane's training epoch (of $EPOCHS), or the last thing it 
     tail -n 1 "$log" | tr '\r' '\n' | grep -v '^$' | tail -n 1 | cut -c1-70
   fi
 }
-run_lanes() {  # each lane in the background with its own log; the first failure stops the other lane
+stop_lanes() {  # the lanes' subshells and the commands they run (pids: run_lanes's)
+  local p
+  for p in "${pids[@]}"; do pkill -TERM -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
+  wait || true
+}
+run_lanes() {  # each lane in the background with its own log; the first failure (or Ctrl-C) stops both lanes
   local pids=() names=(nnunet skcdf) running=(1 1) i failed="" tick=0
+  # background jobs of a script ignore Ctrl-C, and so would their trainings: stop them explicitly
+  trap 'echo "Interrupted: stopping both lanes." >&2; stop_lanes; exit 130' INT TERM
   for i in 0 1; do
     ( set -euo pipefail; export PYTHONUNBUFFERED=1; "lane_${names[$i]}" ) > "$OUT/lane_${names[$i]}.log" 2>&1 &
     pids+=($!)
@@ -119,9 +126,9 @@ run_lanes() {  # each lane in the background with its own log; the first failure
       echo "  $(( tick / 60 )) min: nnunet lane: $(lane_status nnunet) | skcdf lane: $(lane_status skcdf)"
     fi
   done
+  trap - INT TERM
   if [ -n "$failed" ]; then
-    for i in 0 1; do pkill -TERM -P "${pids[$i]}" 2>/dev/null || true; kill "${pids[$i]}" 2>/dev/null || true; done
-    wait || true
+    stop_lanes
     for i in 0 1; do echo "--- end of $OUT/lane_${names[$i]}.log:"; tail -n 25 "$OUT/lane_${names[$i]}.log"; done
     echo "ERROR: the demo's $failed lane failed (the ends of both logs above)." >&2
     return 1
@@ -129,8 +136,8 @@ run_lanes() {  # each lane in the background with its own log; the first failure
 }
 
 set -x
-timed data skcdf_make_phantom -d "$D" --shape $SHAPE --spacing $SPACING --organs $ORGANS --num-train "$NUM_TRAIN" --num-test "$NUM_TEST" \
-  --num-unlabeled "$NUM_UNLABELED" -np "$NP" --overwrite --no-progress
+timed data skcdf_make_phantom -d "$D" --shape $SHAPE --spacing $SPACING --organs $ORGANS --num-train "$NUM_TRAIN" \
+  --num-test "$NUM_TEST" --num-unlabeled "$NUM_UNLABELED" -np "$NP" --overwrite --no-progress
 timed plan nnUNetv2_plan_and_preprocess -d "$D" -c 2d -np "$NP" -npfp "$NP" --verify_dataset_integrity
 skcdf_split -d "$D" --val "$VAL" --labeled "$LABELED" --add-unlabeled-images --folds 1 --overwrite
 timed unlabeled skcdf_preprocess_unlabeled -d "$D" -c 2d -np "$NP" --overwrite

@@ -146,12 +146,16 @@ def test_run_demo_sh_is_valid_bash_and_runs_the_three_arms():
     assert demo.PLATEAU_CHECKPOINT == "checkpoint_plateau.pth"
 
 
-def _lanes_script(tmp_path, nnunet: str, skcdf: str) -> subprocess.CompletedProcess:
-    """run_demo.sh's own lane_status / run_lanes functions, with stand-in lanes."""
+def _lane_functions() -> str:
+    """run_demo.sh's own lane_status / stop_lanes / run_lanes functions (bash source)."""
     text = (REPO / "run_demo.sh").read_text()
-    functions = "\n".join(re.search(rf"^{name}\(\) {{.*?^}}", text, flags=re.S | re.M).group(0)
-                          for name in ("lane_status", "run_lanes"))
-    script = (f"set -euo pipefail\nOUT={tmp_path}\nEPOCHS=24\n{functions}\n"
+    return "\n".join(re.search(rf"^{name}\(\) {{.*?^}}", text, flags=re.S | re.M).group(0)
+                     for name in ("lane_status", "stop_lanes", "run_lanes"))
+
+
+def _lanes_script(tmp_path, nnunet: str, skcdf: str) -> subprocess.CompletedProcess:
+    """run_lanes with stand-in lanes."""
+    script = (f"set -euo pipefail\nOUT={tmp_path}\nEPOCHS=24\n{_lane_functions()}\n"
               f"lane_nnunet() {{ {nnunet}; }}\nlane_skcdf() {{ {skcdf}; }}\nrun_lanes\n")
     return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
 
@@ -167,3 +171,13 @@ def test_run_lanes_runs_both_lanes_and_a_failure_stops_the_other(tmp_path):
     assert bad.returncode != 0 and time.time() - t0 < 60
     assert "the demo's nnunet lane failed" in bad.stderr and "boom" in bad.stdout
     assert not (tmp_path / "c").exists()
+    # Ctrl-C / TERM while both lanes run: both are stopped (a script's background jobs ignore SIGINT themselves)
+    script = (f"OUT={tmp_path}\nEPOCHS=24\n{_lane_functions()}\nlane_nnunet() {{ sleep 100; echo x > $OUT/d; }}\n"
+              f"lane_skcdf() {{ sleep 100; echo x > $OUT/e; }}\nrun_lanes\n")
+    proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Interrupted: stopping both lanes." in err
+    sleeps = subprocess.run(["pgrep", "-f", "^sleep 100$"], capture_output=True, text=True).stdout.split()
+    assert sleeps == [], f"lane commands still running: {sleeps}"
