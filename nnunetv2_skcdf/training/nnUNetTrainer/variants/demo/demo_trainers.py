@@ -5,9 +5,10 @@ student (a ``nnUNetTrainer_demo`` trained on ``skcdf_pseudolabel``'s student dat
 that, ``run_demo.sh --long``: does a doubled budget change the result?) differ from their parents in the budget and
 the optimiser only: nnU-Net's own ``nnUNetTrainerVanillaAdam`` (Adam, poly schedule) at ``DEMO_LR``, because
 nnU-Net's SGD (0.01, momentum 0.99) needs ~8000 iterations on the phantom to learn its organs, more than a 15-minute
-CPU demo affords, while Adam at 2e-3 reaches its plateau in ``DEMO_EPOCHS`` epochs on the demo task
-(documentation/getting_started.md, "The demo"). Every arm uses the same optimiser and budget. Mirroring (augmentation and inference) stays nnU-Net's, so that one model's
-mirror variants can vote in ``skcdf_pseudolabel``. At ``PLATEAU_EPOCH_FRACTION`` of the budget a snapshot
+CPU demo affords, while Adam at 2e-3 learns the demo task's organs in ``DEMO_EPOCHS`` epochs (close to its plateau,
+not at it: documentation/getting_started.md, "The demo and the tests"). Every arm uses the same optimiser and
+budget. Mirroring (augmentation and inference) stays nnU-Net's, so that one model's mirror variants can vote in
+``skcdf_pseudolabel``. At ``PLATEAU_EPOCH_FRACTION`` of the budget a snapshot
 ``checkpoint_plateau.pth`` is saved: the demo predicts the test set with it too, to show how much the last quarter
 added. The final validation is skipped (the demo evaluates the test set). ``SKCDF_DEMO_THREADS`` (if set) is the
 number of torch threads of the training: ``run_demo.sh`` trains two arms at a time, one core each, and nnU-Net's
