@@ -115,7 +115,7 @@ run_lanes() {  # each lane in the background with its own log; the first failure
   done
   echo "Two lanes side by side, one core each (logs: $OUT/lane_nnunet.log, $OUT/lane_skcdf.log):"
   while [ -z "$failed" ] && [ "${running[*]}" != "0 0" ]; do
-    sleep 5; tick=$(( tick + 5 ))
+    sleep 1; tick=$(( tick + 1 ))
     for i in 0 1; do
       if [ "${running[$i]}" = 1 ] && ! kill -0 "${pids[$i]}" 2>/dev/null; then
         running[$i]=0
