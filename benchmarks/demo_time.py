@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 from data_pipeline import RESULTS, write_section  # noqa: E402
 
 sys.path.insert(0, str(REPO / "scripts"))
-from demo_report import ARMS, PLATEAU_ARM, read_times  # noqa: E402
+from demo_report import ARMS, PLATEAU_ARM, mean_dice, read_times  # noqa: E402
 
 NAME = "demo_time"
 
@@ -52,10 +52,6 @@ def machine() -> str:
 
     return f"{platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | " \
            f"Python {platform.python_version()} | CPU only"  # run_demo.sh trains and predicts with -device cpu
-
-
-def mean_dice(summary: Path) -> float:
-    return 100 * json.loads(summary.read_text())["foreground_mean"]["Dice"]
 
 
 def measure(workdir: Path, log: Path) -> dict:
@@ -83,8 +79,9 @@ def measure(workdir: Path, log: Path) -> dict:
         raise SystemExit(f"run_demo.sh failed (exit {rc}); its output: {log}")
     out = clone / "skcdf_data" / "demo"
     steps = read_times(out / "times.tsv")
-    dice = {folder: round(mean_dice(out / folder / "summary.json"), 2) for folder, _ in ARMS}
-    plateau = round(mean_dice(out / PLATEAU_ARM / "summary.json"), 2)
+    dice = {folder: round(mean_dice(json.loads((out / folder / "summary.json").read_text())), 2)
+            for folder, _ in ARMS}
+    plateau = round(mean_dice(json.loads((out / PLATEAU_ARM / "summary.json").read_text())), 2)
     return {"date": datetime.date.today().isoformat(), "commit": commit, "machine": machine(),
             "wall_s": round(wall, 1), "steps_s": steps, "mean_dice": dice, "plateau_mean_dice": plateau,
             "load_before": before, "load_during_mean": round(sum(samples) / max(len(samples), 1), 2),
@@ -127,8 +124,9 @@ def main() -> None:
                    help="refuse to start while the 1-minute load average is above this (default: %(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the temporary clone (its path is printed)")
     a = p.parse_args()
-    if load1() > a.max_load:
-        raise SystemExit(f"load average {load1():.2f} > --max-load {a.max_load}: the machine is busy, so the demo's "
+    load = load1()
+    if load > a.max_load:
+        raise SystemExit(f"load average {load:.2f} > --max-load {a.max_load}: the machine is busy, so the demo's "
                          f"time would not be a newcomer's. Stop the other jobs (or wait) and run this again.")
     workdir = Path(tempfile.mkdtemp(prefix="skcdf_demo_time_"))
     log = workdir / "run_demo.log"
@@ -141,8 +139,9 @@ def main() -> None:
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
     atomic_save_json(r, str(RESULTS / f"{NAME}.json"))
-    write_section(NAME, markdown(r, command))
-    print(markdown(r, command))
+    section = markdown(r, command)
+    write_section(NAME, section)
+    print(section)
     if not a.keep:
         shutil.rmtree(workdir / "clone", ignore_errors=True)
 

@@ -312,10 +312,9 @@ def benchmarks_summary() -> str:
 
 def readme_demo_time() -> str:
     """README: the demo's wall time from a fresh clone (benchmarks/demo_time.py), or that it is not measured yet."""
-    path = RESULTS / "demo_time.json"
-    if not path.exists():
+    if not (RESULTS / "demo_time.json").exists():
         return "Its wall time from a fresh clone has not been measured yet (`python benchmarks/demo_time.py`)."
-    d = json.loads(path.read_text())
+    d = _speed("demo_time")
     cores = d["machine"].split(" | ")[2]
     gain = d["mean_dice"]["nnunet"] - d["plateau_mean_dice"]
     return (f"Measured from a fresh clone, set-up included: **{d['wall_s'] / 60:.1f} min** on {cores}, nothing else "

@@ -43,6 +43,11 @@ def read_times(path: Path) -> Dict[str, float]:
     return times
 
 
+def mean_dice(summary: dict) -> float:
+    """Mean foreground Dice of an nnU-Net ``summary.json`` (loaded), in %."""
+    return 100 * summary["foreground_mean"]["Dice"]
+
+
 def minutes(seconds: Optional[float]) -> str:
     return "-" if seconds is None else f"{seconds / 60:.1f} min"
 
@@ -83,8 +88,8 @@ def report(out: Path, dataset_json: Path, labelled: int, hidden: int, extra_unla
         lines.append(f"  whole demo, set-up included: {minutes(times['total'])}")
     plateau_path = out / PLATEAU_ARM / "summary.json"
     if plateau_path.exists():
-        early = 100 * json.loads(plateau_path.read_text())["foreground_mean"]["Dice"]
-        final = 100 * summaries[ARMS[0][1]]["foreground_mean"]["Dice"]
+        early = mean_dice(json.loads(plateau_path.read_text()))
+        final = mean_dice(summaries[ARMS[0][1]])
         verdict = "met" if final - early < PLATEAU_POINTS else "not met: still rising"
         lines += ["", f"Plateau check, labelled-only nnU-Net: mean test Dice {early:.1f} at {plateau_iterations} "
                       f"iterations, {final:.1f} at {iterations}: the last quarter added {final - early:+.1f} points "

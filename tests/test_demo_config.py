@@ -153,11 +153,15 @@ def _lane_functions() -> str:
                      for name in ("lane_status", "stop_lanes", "run_lanes"))
 
 
+def _lanes_source(tmp_path, nnunet: str, skcdf: str) -> str:
+    """A bash script: run_lanes with stand-in lanes, under run_demo.sh's shell options."""
+    return (f"set -euo pipefail\nOUT={tmp_path}\nEPOCHS=24\n{_lane_functions()}\n"
+            f"lane_nnunet() {{ {nnunet}; }}\nlane_skcdf() {{ {skcdf}; }}\nrun_lanes\n")
+
+
 def _lanes_script(tmp_path, nnunet: str, skcdf: str) -> subprocess.CompletedProcess:
-    """run_lanes with stand-in lanes."""
-    script = (f"set -euo pipefail\nOUT={tmp_path}\nEPOCHS=24\n{_lane_functions()}\n"
-              f"lane_nnunet() {{ {nnunet}; }}\nlane_skcdf() {{ {skcdf}; }}\nrun_lanes\n")
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    return subprocess.run(["bash", "-c", _lanes_source(tmp_path, nnunet, skcdf)], capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_run_lanes_runs_both_lanes_and_a_failure_stops_the_other(tmp_path):
@@ -172,8 +176,7 @@ def test_run_lanes_runs_both_lanes_and_a_failure_stops_the_other(tmp_path):
     assert "the demo's nnunet lane failed" in bad.stderr and "boom" in bad.stdout
     assert not (tmp_path / "c").exists()
     # Ctrl-C / TERM while both lanes run: both are stopped (a script's background jobs ignore SIGINT themselves)
-    script = (f"OUT={tmp_path}\nEPOCHS=24\n{_lane_functions()}\nlane_nnunet() {{ sleep 100; echo x > $OUT/d; }}\n"
-              f"lane_skcdf() {{ sleep 100; echo x > $OUT/e; }}\nrun_lanes\n")
+    script = _lanes_source(tmp_path, "sleep 100; echo x > $OUT/d", "sleep 100; echo x > $OUT/e")
     proc = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(3)
     proc.terminate()
