@@ -36,10 +36,12 @@ BENCHMARKS_MD = Path(os.environ.get("SKCDF_BENCHMARKS_MD") or REPO / "BENCHMARKS
 FINDINGS_MD = Path(os.environ.get("SKCDF_FINDINGS_MD") or REPO / "BENCHMARKS_FINDINGS.md")
 
 
-def machine() -> str:
+def machine(cpu_only: bool = False) -> str:
+    """Host, cores, Python, torch and the GPU torch sees ("CPU only" where none, or where ``cpu_only``: a benchmark
+    that runs everything with ``-device cpu``)."""
     import torch
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() and not cpu_only else "CPU only"
     return f"{platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | " \
            f"Python {platform.python_version()} | torch {torch.__version__} | {gpu}"
 

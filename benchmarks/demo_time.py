@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from data_pipeline import RESULTS, write_section  # noqa: E402
+from data_pipeline import RESULTS, machine, write_section  # noqa: E402
 
 sys.path.insert(0, str(REPO / "scripts"))
 from demo_report import ARMS, PLATEAU_ARM, mean_dice, read_times  # noqa: E402
@@ -45,13 +45,6 @@ def clean_env(home: str) -> dict:
     keep = {k: v for k, v in os.environ.items() if k.startswith("PIP_")}
     return {**keep, "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home,
             "LANG": os.environ.get("LANG", "C.UTF-8")}
-
-
-def machine() -> str:
-    import platform
-
-    return f"{platform.node()} | {platform.processor() or platform.machine()} | {os.cpu_count()} cores | " \
-           f"Python {platform.python_version()} | CPU only"  # run_demo.sh trains and predicts with -device cpu
 
 
 def measure(workdir: Path, log: Path) -> dict:
@@ -82,7 +75,8 @@ def measure(workdir: Path, log: Path) -> dict:
     dice = {folder: round(mean_dice(json.loads((out / folder / "summary.json").read_text())), 2)
             for folder, _ in ARMS}
     plateau = round(mean_dice(json.loads((out / PLATEAU_ARM / "summary.json").read_text())), 2)
-    return {"date": datetime.date.today().isoformat(), "commit": commit, "machine": machine(),
+    # run_demo.sh trains and predicts with -device cpu
+    return {"date": datetime.date.today().isoformat(), "commit": commit, "machine": machine(cpu_only=True),
             "wall_s": round(wall, 1), "steps_s": steps, "mean_dice": dice, "plateau_mean_dice": plateau,
             "load_before": before, "load_during_mean": round(sum(samples) / max(len(samples), 1), 2),
             "load_during_max": max(samples, default=before),
