@@ -8,14 +8,21 @@
 # the recipe (which needs it), and SKCDF. Each arm is evaluated on the 8 test cases with nnU-Net's evaluation;
 # scripts/demo_report.py prints per-organ Dice, wall times, the labelled-only model's plateau check and the
 # converged benchmark's (generated) table.
-# `bash run_demo.sh --long` trains twice as many iterations (does a longer budget change the result?).
+# `bash run_demo.sh --long` trains twice as many iterations (does a longer budget change the result?);
+# `bash run_demo.sh --prepare` stops after the data, plans and split (benchmarks/demo_plateau.py trains on them).
 # Data goes to ./skcdf_data unless nnUNet_* are set. The configuration below is what README.md describes
 # (tests/test_demo_config.py checks it).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 t_start=$(date +%s)
 SUFFIX=""
-if [ "${1:-}" = "--long" ]; then SUFFIX="Long"; fi
+PREPARE_ONLY=""
+case "${1:-}" in
+  "") ;;
+  --long) SUFFIX="Long" ;;
+  --prepare) PREPARE_ONLY=1 ;;
+  *) echo "usage: bash run_demo.sh [--long | --prepare]  (unknown argument: $1)" >&2; exit 2 ;;
+esac
 
 # --- the demo task (README.md, documentation/getting_started.md) ---
 SHAPE="32 64 64"            # voxels z y x
@@ -48,7 +55,7 @@ TRN="nnUNetTrainer_demo${SUFFIX}"
 TRS="SKCDFTrainer_demo${SUFFIX}"
 read -r EPOCHS PLATEAU_EPOCHS LR < <(python -c "from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo.demo_trainers \
 import $TRN as T, plateau_epoch, DEMO_LR; print(T.demo_epochs, plateau_epoch(T.demo_epochs), f'{DEMO_LR:g}')")
-OUT="$repo/skcdf_data/demo${SUFFIX}"
+OUT="${SKCDF_DEMO_OUT:-$repo/skcdf_data/demo${SUFFIX}}"  # the demo's tables, logs and predictions (emptied first)
 rm -rf "$OUT" && mkdir -p "$OUT"
 echo -e "setup\t$(( $(date +%s) - t_start ))" >> "$OUT/times.tsv"
 
@@ -144,6 +151,7 @@ timed unlabeled skcdf_preprocess_unlabeled -d "$D" -c 2d -np "$NP" --overwrite
 skcdf_add_cpu_config -d "$D" --base 2d --name "$CONFIG" --patch $PATCH --batch "$BATCH" --stages "$STAGES" \
   --features $FEATURES --overwrite
 set +x
+if [ -n "$PREPARE_ONLY" ]; then echo "Prepared: dataset $D ($CONFIG) in $nnUNet_preprocessed"; exit 0; fi
 timed lanes run_lanes
 echo -e "total\t$(( $(date +%s) - t_start ))" >> "$OUT/times.tsv"
 echo

@@ -279,6 +279,14 @@ def benchmarks_summary() -> str:
         lines.append(f"| `bash run_demo.sh` from a fresh clone, set-up included (README's first command) | the demo task "
                      f"(run_demo.sh) | {_machine(d)} | the demo's budget | 1 | {d['wall_s'] / 60:.1f} min | {d['date']} | "
                      f"{d['commit']} | {_section('demo_time')} |")
+    if (RESULTS / "demo_plateau.json").exists():
+        d = _speed("demo_plateau")
+        finals = "; ".join(f"{b} it. {v:.1f} (last quarter " + ", ".join(f"{g:+.1f}" for g in d["last_quarter"][b].values())
+                           + ")" for b, v in d["final_mean"].items())
+        lines.append(f"| the demo's labelled-only nnU-Net: learning curve at the demo's budget and at twice it | the demo "
+                     f"task (run_demo.sh --prepare), 8 test cases | {_machine(d)} | "
+                     f"{', '.join(d['final_mean'])} iterations | {d['runs']} | mean test Dice at the end: {finals} | "
+                     f"{d['date']} | {d['commit']} | {_section('demo_plateau')} |")
     d = _speed("skc_window_cost_cpu")
     lines.append(f"| padded SKC window vs the divisor rule, iteration time | {d['configuration']}, bottleneck 5 x 7 x 6 | "
                  f"{_machine(d)} | {d['steps']} steps | {d['repeats']} processes per rule | "
@@ -321,7 +329,21 @@ def readme_demo_time() -> str:
             f"running (load average {d['load_before']:.2f} before the start; {d['date']}, commit {d['commit']}, "
             f"`benchmarks/demo_time.py`, [BENCHMARKS.md](BENCHMARKS.md#demo_time)). In that run the labelled-only "
             f"model's last quarter added {gain:+.1f} mean Dice points (plateau criterion < 2: "
-            f"{'met' if gain < 2 else 'not met, still rising'}).")
+            f"{'met' if gain < 2 else 'not met, still rising'}).{readme_demo_plateau()}")
+
+
+def readme_demo_plateau() -> str:
+    """README, after the demo's time: the labelled-only model's curves at the demo's budget and at twice it
+    (benchmarks/demo_plateau.py), where measured."""
+    if not (RESULTS / "demo_plateau.json").exists():
+        return ""
+    d = _speed("demo_plateau")
+    parts = [f"{v:.1f} after {b} iterations (last quarter "
+             + ", ".join(f"{g:+.1f}" for g in d["last_quarter"][b].values()) + ")" for b, v in d["final_mean"].items()]
+    runs = f"{d['runs']} run{'s' if d['runs'] > 1 else ''} per budget"
+    return (f" Its learning curve (`benchmarks/demo_plateau.py`, {runs}, "
+            f"[BENCHMARKS.md](BENCHMARKS.md#demo_plateau)): mean test Dice {' and '.join(parts)}; "
+            f"`bash run_demo.sh --long` trains the longer budget.")
 
 
 def _window_tokens(bottleneck: List[int], window: List[int]) -> Dict[int, int]:
