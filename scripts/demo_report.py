@@ -5,7 +5,8 @@ Nothing here is typed in by hand: the Dice values come from the arms' ``summary.
 (``nnUNetv2_evaluate_folder``), the times from ``times.tsv`` (written by ``run_demo.sh`` around each arm), the
 regime from ``run_demo.sh``'s own settings (passed as arguments), and the converged figures from the table between
 ``<!-- results_tables:accuracy:start/end -->`` in README.md, which ``benchmarks/results_tables.py`` generates from
-``benchmarks/results/``.
+``benchmarks/results/``; the labelled-only model's stored learning curves at this budget and at twice it, from
+``benchmarks/results/demo_plateau.json`` (``benchmarks/demo_plateau.py``).
 """
 from __future__ import annotations
 
@@ -61,8 +62,31 @@ def converged_table(readme: Path) -> str:
     return text.split(start, 1)[1].split(end, 1)[0].strip()
 
 
+def stored_curves(store: Path, iterations: int) -> List[str]:
+    """What ``benchmarks/demo_plateau.py`` stored about the labelled-only model at this budget and at twice it (the
+    curve of more than this one run: does a longer budget end higher?); nothing where it has no such figures."""
+    if not store.exists():
+        return []
+    d = json.loads(store.read_text())
+    here, twice = str(iterations), str(2 * iterations)
+    if here not in d.get("final_mean", {}):
+        return []
+    runs = f"{d['runs']} run{'s' if d['runs'] > 1 else ''} per budget"
+    text = (f"Stored learning curves of this labelled-only model (benchmarks/demo_plateau.py, {runs}, commit "
+            f"{d['commit']}, BENCHMARKS.md#demo_plateau): mean test Dice {d['final_mean'][here]:.1f} after {here} "
+            f"iterations")
+    if twice in d["final_mean"]:
+        gain = d["final_mean"][twice] - d["final_mean"][here]
+        verdict = ("within the criterion: a longer budget does not change it" if gain < PLATEAU_POINTS else
+                   "so at this budget the arms are compared below the labelled-only model's plateau; "
+                   "`bash run_demo.sh --long` trains twice as long")
+        text += f", {d['final_mean'][twice]:.1f} after {twice}: twice the budget ends {gain:+.1f} points higher, {verdict}"
+    return ["", text + "."]
+
+
 def report(out: Path, dataset_json: Path, labelled: int, hidden: int, extra_unlabelled: int, test_cases: int,
-           iterations: int, plateau_iterations: int, task: str, readme: Path) -> str:
+           iterations: int, plateau_iterations: int, task: str, readme: Path,
+           curves_store: Path = REPO / "benchmarks" / "results" / "demo_plateau.json") -> str:
     labels = {v: k for k, v in json.loads(dataset_json.read_text())["labels"].items() if isinstance(v, int)}
     summaries = {}
     for folder, name in ARMS:
@@ -94,6 +118,7 @@ def report(out: Path, dataset_json: Path, labelled: int, hidden: int, extra_unla
         lines += ["", f"Plateau check, labelled-only nnU-Net: mean test Dice {early:.1f} at {plateau_iterations} "
                       f"iterations, {final:.1f} at {iterations}: the last quarter added {final - early:+.1f} points "
                       f"(plateau criterion, < {PLATEAU_POINTS:.0f} points: {verdict})."]
+    lines += stored_curves(curves_store, iterations)
     lines += [
         "",
         "One run on an easy 2D demo task: differences of a few points are within run-to-run spread here. The real",

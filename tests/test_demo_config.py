@@ -133,6 +133,23 @@ def test_report_reads_every_figure_from_files(tmp_path):
         demo_report.report(out, dj, 3, 13, 16, 8, 2000, 1500, "demo task", readme)
 
 
+def test_report_quotes_the_stored_curves_of_its_budget_only(tmp_path):
+    store = tmp_path / "demo_plateau.json"
+    assert demo_report.stored_curves(store, 1200) == []  # nothing stored: nothing said
+    store.write_text(json.dumps({"runs": 2, "commit": "abc1234", "final_mean": {"1200": 79.8, "2400": 85.5}}))
+    text = " ".join(demo_report.stored_curves(store, 1200))
+    assert "(benchmarks/demo_plateau.py, 2 runs per budget, commit abc1234, BENCHMARKS.md#demo_plateau): mean test " \
+           "Dice 79.8 after 1200 iterations, 85.5 after 2400: twice the budget ends +5.7 points higher, so at this " \
+           "budget the arms are compared below the labelled-only model's plateau" in text
+    store.write_text(json.dumps({"runs": 1, "commit": "abc1234", "final_mean": {"1200": 84.8, "2400": 85.5}}))
+    assert "ends +0.7 points higher, within the criterion" in " ".join(demo_report.stored_curves(store, 1200))
+    # --long (2400): its own final is stored, twice it is not
+    text = " ".join(demo_report.stored_curves(store, 2400))
+    assert text.endswith("1 run per budget, commit abc1234, BENCHMARKS.md#demo_plateau): mean test Dice 85.5 after "
+                         "2400 iterations.")
+    assert demo_report.stored_curves(store, 2000) == []  # another budget: the store says nothing about it
+
+
 def test_run_demo_sh_is_valid_bash_and_runs_the_three_arms():
     subprocess.run(["bash", "-n", str(REPO / "run_demo.sh")], check=True)
     text = (REPO / "run_demo.sh").read_text()
