@@ -279,6 +279,11 @@ def benchmarks_summary() -> str:
         lines.append(f"| `bash run_demo.sh` from a fresh clone, set-up included (README's first command) | the demo task "
                      f"(run_demo.sh) | {_machine(d)} | the demo's budget | 1 | {d['wall_s'] / 60:.1f} min | {d['date']} | "
                      f"{d['commit']} | {_section('demo_time')} |")
+    if (RESULTS / "demo_time_long.json").exists():
+        d = _speed("demo_time_long")
+        lines.append(f"| `bash run_demo.sh --long` from a fresh clone, set-up included (twice the demo's budget) | the "
+                     f"demo task (run_demo.sh) | {_machine(d)} | twice the demo's budget | 1 | {d['wall_s'] / 60:.1f} min | "
+                     f"{d['date']} | {d['commit']} | {_section('demo_time_long')} |")
     if (RESULTS / "demo_plateau.json").exists():
         d = _speed("demo_plateau")
         finals = "; ".join(f"{b} it. {v:.1f} (last quarter " + ", ".join(f"{g:+.1f}" for g in d["last_quarter"][b].values())
@@ -341,9 +346,14 @@ def readme_demo_plateau() -> str:
     parts = [f"{v:.1f} after {b} iterations (last quarter "
              + ", ".join(f"{g:+.1f}" for g in d["last_quarter"][b].values()) + ")" for b, v in d["final_mean"].items()]
     runs = f"{d['runs']} run{'s' if d['runs'] > 1 else ''} per budget"
+    long = ""
+    if (RESULTS / "demo_time_long.json").exists():
+        d_long = _speed("demo_time_long")
+        long = (f" ({d_long['wall_s'] / 60:.1f} min from a fresh clone, {d_long['date']}, commit {d_long['commit']}, "
+                f"[BENCHMARKS.md](BENCHMARKS.md#demo_time_long))")
     return (f" Its learning curve (`benchmarks/demo_plateau.py`, {runs}, "
             f"[BENCHMARKS.md](BENCHMARKS.md#demo_plateau)): mean test Dice {' and '.join(parts)}; "
-            f"`bash run_demo.sh --long` trains the longer budget.")
+            f"`bash run_demo.sh --long` trains the longer budget{long}.")
 
 
 def _window_tokens(bottleneck: List[int], window: List[int]) -> Dict[int, int]:

@@ -59,3 +59,21 @@ def test_run_demo_refuses_an_unknown_argument_before_setting_anything_up(tmp_pat
     assert r.returncode == 2
     assert "usage: bash run_demo.sh [--long | --prepare]  (unknown argument: --lnog)" in r.stderr
     assert not (tmp_path / "skcdf_data").exists() and r.stdout == ""
+
+
+def test_demo_time_section_names_the_long_variant_and_the_clean_environment_keeps_pip_only(monkeypatch):
+    import demo_time
+
+    r = {"date": "2026-12-07", "commit": "abc1234", "machine": "vm | CPU only", "wall_s": 1500.0,
+         "steps_s": {"setup": 100.0, "lanes": 1300.0}, "mean_dice": {"nnunet": 85.0, "skcdf": 80.0},
+         "plateau_mean_dice": 84.9, "load_before": 0.1, "load_during_mean": 2.0, "load_during_max": 2.5,
+         "table": "closing text"}
+    md = demo_time.markdown(r, "python benchmarks/demo_time.py --long", long=True)
+    assert md.startswith("## `run_demo.sh --long`'s wall time from a fresh clone (`benchmarks/demo_time.py --long`)")
+    assert "`bash run_demo.sh --long` in a fresh clone, clean environment, set-up (a new `.venv`) included: **25.0 min**" in md
+    assert "| lanes | 21.7 min |" in md and "| SKCDF | 80.0 |" in md and "closing text" in md
+    assert demo_time.markdown(r, "python benchmarks/demo_time.py").startswith("## The demo's wall time")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://x")
+    monkeypatch.setenv("nnUNet_raw", "/elsewhere")
+    env = demo_time.clean_env("/home/u")
+    assert env["PIP_INDEX_URL"] == "http://x" and env["HOME"] == "/home/u" and "nnUNet_raw" not in env
