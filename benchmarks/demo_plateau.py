@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -32,30 +31,33 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "trainers"))
+from convergence import ext_trainer_path  # noqa: E402
 from convergence_common import commit  # noqa: E402
+from convergence_trainers import ITERATIONS_PER_EPOCH  # noqa: E402
 from data_pipeline import RESULTS, machine, sh, write_section  # noqa: E402
 from demo_plateau_trainers import CURVE_POINTS, snapshot_epochs, snapshot_name  # noqa: E402
 
 sys.path.insert(0, str(REPO / "scripts"))
 from demo_report import PLATEAU_POINTS, mean_dice  # noqa: E402
 
-from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo.demo_trainers import DEMO_EPOCHS, DEMO_LR  # noqa: E402
+from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo.demo_trainers import (  # noqa: E402
+    DEMO_EPOCHS,
+    DEMO_LR,
+    PLATEAU_EPOCH_FRACTION,
+)
 
 NAME = "demo_plateau"
 DATASET = "950"
 DATASET_NAME = f"Dataset{DATASET}_SKCDFPhantom"
 CONFIG = "2d_demo"
-ITERATIONS_PER_EPOCH = 50
 #: budget factor -> trainer (1: the demo's budget, 2: run_demo.sh --long's)
 TRAINERS = {1: "nnUNetTrainer_demoCurve", 2: "nnUNetTrainer_demoLongCurve"}
 
 
 def environment(work: Path, results: Path, threads: int) -> dict:
-    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
-
     return {**os.environ, "nnUNet_raw": str(work / "nnUNet_raw"),
             "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"), "nnUNet_results": str(results),
-            "nnUNet_extTrainer": os.pathsep.join((trainer_folder(), str(HERE / "trainers"))),
+            "nnUNet_extTrainer": ext_trainer_path(),
             "nnUNet_compile": "false", "nnUNet_n_proc_DA": "0", "SKCDF_DEMO_THREADS": str(threads),
             "SKCDF_DEMO_DATASET": DATASET}
 
@@ -103,14 +105,19 @@ def curve(work: Path, factor: int, run: int, threads: int, log: Path) -> Dict[in
     return points
 
 
+def final(points: dict) -> dict:
+    """The last point of a curve (keys: iterations, as int or as the stored str)."""
+    return points[max(points, key=int)]
+
+
 def last_quarter(points: Dict[int, dict]) -> float:
-    """Mean Dice at the end minus at 3/4 of the budget (the demo's plateau check)."""
-    its = sorted(points)
-    return points[its[-1]]["mean"] - points[round(0.75 * its[-1])]["mean"]
+    """Mean Dice at the end minus at 3/4 of the budget (the demo's plateau check, the snapshot run_demo.sh keeps)."""
+    end = max(points)
+    return points[end]["mean"] - points[round(PLATEAU_EPOCH_FRACTION * end)]["mean"]
 
 
 def markdown(r: dict, command: str) -> str:
-    lines = [f"## Is the demo's labelled-only nnU-Net at its plateau? (`benchmarks/demo_plateau.py`)", "",
+    lines = ["## Is the demo's labelled-only nnU-Net at its plateau? (`benchmarks/demo_plateau.py`)", "",
              f"Command: `{command}` — {r['date']} — commit {r['commit']} — {r['machine']}", "",
              f"The demo's task and labelled-only trainer (`run_demo.sh --prepare`, `nnUNetTrainer_demo`: Adam "
              f"{r['lr']:g}, nnU-Net's poly schedule over the budget), at the demo's budget and at twice it "
@@ -128,11 +135,11 @@ def markdown(r: dict, command: str) -> str:
               "|---|---|---|---|---|---|"]
     for budget, runs in r["curves"].items():
         for run, pts in runs.items():
-            final = pts[str(max(int(i) for i in pts))]
+            end = final(pts)
             gain = r["last_quarter"][budget][run]
-            organ = min(final["organs"], key=final["organs"].get)
-            lines.append(f"| {budget} | {run} | {final['mean']:.1f} | {gain:+.1f} | "
-                         f"{'met' if gain < PLATEAU_POINTS else 'not met'} | {organ} {final['organs'][organ]:.1f} |")
+            organ = min(end["organs"], key=end["organs"].get)
+            lines.append(f"| {budget} | {run} | {end['mean']:.1f} | {gain:+.1f} | "
+                         f"{'met' if gain < PLATEAU_POINTS else 'not met'} | {organ} {end['organs'][organ]:.1f} |")
     if r.get("doubling") is not None:
         lines += ["", f"Twice the budget ends {r['doubling']:+.1f} mean Dice points from the demo's budget (mean "
                       f"final over the runs: {r['final_mean'][str(2 * r['iterations'])]:.1f} vs "
@@ -154,15 +161,15 @@ def main(argv: List[str] = None) -> None:
     prepare(work, log)
     iterations = DEMO_EPOCHS * ITERATIONS_PER_EPOCH
     curves: Dict[str, Dict[str, dict]] = {}
+    gains: Dict[str, Dict[str, float]] = {}
     for factor in a.budgets:
+        budget = str(factor * iterations)
         for run in range(1, a.runs + 1):
-            print(f"{factor * iterations} iterations, run {run}", flush=True)
+            print(f"{budget} iterations, run {run}", flush=True)
             pts = curve(work, factor, run, a.threads, log)
-            curves.setdefault(str(factor * iterations), {})[str(run)] = {str(i): v for i, v in pts.items()}
-    gains = {b: {run: round(last_quarter({int(i): v for i, v in pts.items()}), 2) for run, pts in runs.items()}
-             for b, runs in curves.items()}
-    finals = {b: round(sum(pts[str(max(map(int, pts)))]["mean"] for pts in runs.values()) / len(runs), 2)
-              for b, runs in curves.items()}
+            curves.setdefault(budget, {})[str(run)] = {str(i): v for i, v in pts.items()}
+            gains.setdefault(budget, {})[str(run)] = round(last_quarter(pts), 2)
+    finals = {b: round(sum(final(pts)["mean"] for pts in runs.values()) / len(runs), 2) for b, runs in curves.items()}
     doubling = (round(finals[str(2 * iterations)] - finals[str(iterations)], 2)
                 if {str(iterations), str(2 * iterations)} <= set(finals) else None)
     r = {"date": datetime.date.today().isoformat(), "commit": commit(), "machine": machine(cpu_only=True),

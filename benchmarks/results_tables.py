@@ -286,8 +286,7 @@ def benchmarks_summary() -> str:
                      f"{d['date']} | {d['commit']} | {_section('demo_time_long')} |")
     if (RESULTS / "demo_plateau.json").exists():
         d = _speed("demo_plateau")
-        finals = "; ".join(f"{b} it. {v:.1f} (last quarter " + ", ".join(f"{g:+.1f}" for g in d["last_quarter"][b].values())
-                           + ")" for b, v in d["final_mean"].items())
+        finals = "; ".join(f"{b} it. {v:.1f} (last quarter {g})" for b, v, g in _demo_plateau_finals(d))
         lines.append(f"| the demo's labelled-only nnU-Net: learning curve at the demo's budget and at twice it | the demo "
                      f"task (run_demo.sh --prepare), 8 test cases | {_machine(d)} | "
                      f"{', '.join(d['final_mean'])} iterations | {d['runs']} | mean test Dice at the end: {finals} | "
@@ -337,14 +336,18 @@ def readme_demo_time() -> str:
             f"{'met' if gain < 2 else 'not met, still rising'}).{readme_demo_plateau()}")
 
 
+def _demo_plateau_finals(d: dict) -> List[tuple]:
+    """(budget, mean final Dice, each run's last-quarter gain as text) per budget of demo_plateau.json."""
+    return [(b, v, ", ".join(f"{g:+.1f}" for g in d["last_quarter"][b].values())) for b, v in d["final_mean"].items()]
+
+
 def readme_demo_plateau() -> str:
     """README, after the demo's time: the labelled-only model's curves at the demo's budget and at twice it
     (benchmarks/demo_plateau.py), where measured."""
     if not (RESULTS / "demo_plateau.json").exists():
         return ""
     d = _speed("demo_plateau")
-    parts = [f"{v:.1f} after {b} iterations (last quarter "
-             + ", ".join(f"{g:+.1f}" for g in d["last_quarter"][b].values()) + ")" for b, v in d["final_mean"].items()]
+    parts = [f"{v:.1f} after {b} iterations (last quarter {g})" for b, v, g in _demo_plateau_finals(d)]
     runs = f"{d['runs']} run{'s' if d['runs'] > 1 else ''} per budget"
     long = ""
     if (RESULTS / "demo_time_long.json").exists():

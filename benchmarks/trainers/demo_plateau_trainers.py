@@ -9,6 +9,8 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.demo.demo_trainers import (
     nnUNetTrainer_demoLong,
 )
 
+from convergence_trainers import snapshot_name  # noqa: F401 (the convergence benchmark's snapshot names)
+
 #: snapshots per budget (the last one is checkpoint_final.pth)
 CURVE_POINTS = 8
 
@@ -16,10 +18,6 @@ CURVE_POINTS = 8
 def snapshot_epochs(num_epochs: int) -> list:
     """Completed-epoch counts after which a snapshot is kept: every eighth of the budget, the end excluded."""
     return [round(k * num_epochs / CURVE_POINTS) for k in range(1, CURVE_POINTS)]
-
-
-def snapshot_name(epochs_done: int) -> str:
-    return f"checkpoint_ep{epochs_done:04d}.pth"
 
 
 class _Curve:
