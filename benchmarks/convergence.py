@@ -97,12 +97,17 @@ once it is prepared:
     python benchmarks/convergence.py $M --arms p --runs 3 --threads 1     # (p): after (a)'s folds 0-2 (its teachers)
     python benchmarks/convergence.py $M --arms a c d p --stages report     # the section, when runs are stored
 (p) on the original 2-labelled task (1 run; this work folder trains (a)'s 3 teachers first, the stored (a) runs'
-checkpoints being gone): ``python benchmarks/convergence.py --labeled 2 --arms p --runs 1 --threads 1``. Never run
-(p) beside a process that trains (a) in the same work folder: both would train the same (a) fold.
+checkpoints being gone): ``python benchmarks/convergence.py --labeled 2 --arms p --runs 1 --threads 1``.
+Processes side by side in one work folder share its work: the process that runs a run (arm x fold), trains one of
+(p)'s teachers or students, or makes one of its rounds claims it (``<work>/claims/<name>.json``: pid, command) until
+it is done; another process skips what is claimed and takes the next free item (e.g. two ``--arms p --runs 3``
+processes train different students of a round). A claim whose process is gone (killed, machine restarted) is taken
+over.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -111,7 +116,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -461,6 +466,94 @@ def schedule(arms: List[str], runs: int, ablation_runs: int) -> List[Tuple[Arm, 
     return order + [(arm, fold) for arm in ablations for fold in arm.folds(ablation_runs)]
 
 
+# ---------------------------------------------------------------------------------------------- claims
+#: what one process is doing in a work folder, so that two processes side by side never train, evaluate or store
+#: the same run (or make the same pseudo-label round) twice: ``<work>/claims/<name>.json`` (pid, boot id, command)
+CLAIMS = "claims"
+_HELD: set = set()  # the claims this process holds (a nested claim of the same name is its own)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _holder_alive(holder: dict) -> bool:
+    """The claiming process still runs: same boot, its pid alive and (where /proc tells) still this benchmark, not
+    another process that got the pid after a restart."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or holder.get("boot_id", "") != _boot_id():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    try:
+        return "convergence" in cmdline.read_bytes().decode(errors="replace")
+    except OSError:
+        return not cmdline.parent.parent.exists()  # no /proc: the pid is alive, take it as the holder
+
+
+def claim_holder(work: Path, name: str) -> Optional[dict]:
+    """The live process holding claim ``name`` of ``work`` (its record), or None (free, stale or ours)."""
+    path = work / CLAIMS / f"{name}.json"
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if holder.get("pid") != os.getpid() and _holder_alive(holder) else None
+
+
+@contextlib.contextmanager
+def claimed(work: Path, name: str) -> Iterator[Optional[dict]]:
+    """Claim ``name`` in ``work`` for the ``with`` block: yields None when this process holds it (then released at
+    the end), else the record of the live process that does (the caller skips the work). A claim whose process is
+    gone (killed, machine restarted) is stale and taken over; the claim file is created exclusively, so of two
+    processes starting at once one gets it."""
+    key = (str(work), name)
+    if key in _HELD:
+        yield None
+        return
+    folder = work / CLAIMS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    record = {"pid": os.getpid(), "boot_id": _boot_id(), "command": " ".join(sys.argv),
+              "since": datetime.datetime.now().isoformat(timespec="seconds")}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = claim_holder(work, name)
+            if holder is not None:
+                yield holder
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        break
+    else:
+        yield claim_holder(work, name) or {"pid": None, "command": "another process (claim file kept reappearing)"}
+        return
+    _HELD.add(key)
+    try:
+        yield None
+    finally:
+        _HELD.discard(key)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def held_by(holder: dict) -> str:
+    return f"held by process {holder.get('pid')} ({holder.get('command', '?')}, since {holder.get('since', '?')})"
+
+
 # ---------------------------------------------------------------------------------------------- arm (p)
 def pseudo_chain(arm: Arm, dataset: str, raw: Path, env: dict, log: Path, np_: str, work: Path, budget: dict,
                  task: dict) -> Optional[str]:
@@ -474,12 +567,21 @@ def pseudo_chain(arm: Arm, dataset: str, raw: Path, env: dict, log: Path, np_: s
         teacher = ARMS["a"] if r == 1 else student_arm(arm, r - 1)
         folds = P_TEACHER_FOLDS if r == 1 else tuple(range(P_STUDENT_FOLDS))
         folder = model_folder(env, raw, teacher)
+        busy = {}  # fold -> the process training it (a second process side by side takes the next free fold)
         for f in folds:
-            train(dataset, teacher, f, raw, env, log)
+            with claimed(work, f"{teacher.key}_fold{f}") as holder:
+                if holder is None:
+                    train(dataset, teacher, f, raw, env, log)
+                else:
+                    busy[f] = holder
         missing = [f for f in folds if not (folder / f"fold_{f}" / "checkpoint_final.pth").exists()]
         if missing:
-            return f"round {r}'s teachers ({folder.parent.name}/{folder.name}, folds {missing}) are not trained yet"
-        make_round(r, dataset, raw, env, log, np_, work, folder, folds, budget, task)
+            return (f"round {r}'s teachers ({folder.parent.name}/{folder.name}, folds {missing}) are not trained yet"
+                    + "".join(f"; fold {f} {held_by(h)}" for f, h in busy.items() if f in missing))
+        with claimed(work, f"round{r}") as holder:
+            if holder is not None:
+                return f"round {r} is being made, {held_by(holder)}"
+            make_round(r, dataset, raw, env, log, np_, work, folder, folds, budget, task)
     return None
 
 
@@ -672,31 +774,41 @@ def main() -> None:
             if "reevaluate" in args.stages:
                 reevaluate(arm, fold, raw, work, env, log, budget, task, args.np)
             continue
-        if "train" in args.stages:
-            if arm.pseudo_rounds:
-                waiting = pseudo_chain(arm, args.dataset, raw, env, log, args.np, work, budget, task)
-                if waiting:
-                    print(f"{arm.key} fold {fold}: {waiting}", flush=True)
-                    continue
-            train(args.dataset, arm, fold, raw, env, log)
-        if not (model_folder(env, raw, arm) / f"fold_{fold}" / "checkpoint_final.pth").exists():
-            print(f"{arm.key} fold {fold}: not trained yet", flush=True)
-            continue
-        if "curves" in args.stages and arm.key in CURVE_ARMS:
-            curves(arm, fold, raw, env, work, budget, [] if args.no_pseudo_curves else hidden)
-        if "final" in args.stages:
-            predict_final(args.dataset, arm, fold, raw, work, env, log)
-        if stores_run(args.stages, arm):
-            store_run(arm, fold, raw, work, env, log, budget, task, args.np)
-            print(f"{arm.key} ({arm.name}) fold {fold}: done and stored", flush=True)
-        elif "final" in args.stages:
-            print(f"{arm.key} fold {fold}: predicted, not stored: a curve arm is stored with --stages curves final",
-                  flush=True)
+        with claimed(work, f"{arm.key}_fold{fold}") as holder:
+            if holder is not None:  # another process side by side runs it: take the next run
+                print(f"{arm.key} fold {fold}: skipped, {held_by(holder)}", flush=True)
+                continue
+            run(arm, fold, args, raw, work, env, log, budget, task, hidden)
     if "report" in args.stages:
         from convergence_report import report
 
         report(args, budget, task, load_store(budget, task), load_store(budget, task, same=False), raw, work,
                time.perf_counter() - t0)
+
+
+def run(arm: Arm, fold: int, args, raw: Path, work: Path, env: dict, log: Path, budget: dict, task: dict,
+        hidden: List[str]) -> None:
+    """One run (arm x fold) as far as ``--stages`` go: train (for (p) its chain first), curves, final, store."""
+    if "train" in args.stages:
+        if arm.pseudo_rounds:
+            waiting = pseudo_chain(arm, args.dataset, raw, env, log, args.np, work, budget, task)
+            if waiting:
+                print(f"{arm.key} fold {fold}: {waiting}", flush=True)
+                return
+        train(args.dataset, arm, fold, raw, env, log)
+    if not (model_folder(env, raw, arm) / f"fold_{fold}" / "checkpoint_final.pth").exists():
+        print(f"{arm.key} fold {fold}: not trained yet", flush=True)
+        return
+    if "curves" in args.stages and arm.key in CURVE_ARMS:
+        curves(arm, fold, raw, env, work, budget, [] if args.no_pseudo_curves else hidden)
+    if "final" in args.stages:
+        predict_final(args.dataset, arm, fold, raw, work, env, log)
+    if stores_run(args.stages, arm):
+        store_run(arm, fold, raw, work, env, log, budget, task, args.np)
+        print(f"{arm.key} ({arm.name}) fold {fold}: done and stored", flush=True)
+    elif "final" in args.stages:
+        print(f"{arm.key} fold {fold}: predicted, not stored: a curve arm is stored with --stages curves final",
+              flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- the store

@@ -940,3 +940,84 @@ def test_the_multisite_section_names_its_task_and_shows_sites_rounds_room_and_co
            "this budget yet." in text
     assert "a gap of 15.0 mean Dice points, at least 10: met." in text
     assert "adds < 1.0 mean Dice point to (a), (c) and (p)." in text and "| (a) | 1 | 0.75 |" in text
+
+
+def _sleeper():
+    """A live process whose command line names the benchmark (as a claim holder's does)."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "convergence.py"])
+
+
+def test_a_claim_is_exclusive_released_after_its_block_and_taken_over_when_its_process_is_gone(tmp_path):
+    work = tmp_path / "work"
+    with C.claimed(work, "a_fold1") as holder:
+        assert holder is None
+        record = json.loads((work / C.CLAIMS / "a_fold1.json").read_text())
+        assert record["pid"] == os.getpid() and "since" in record
+        with C.claimed(work, "a_fold1") as nested:  # this process's own claim: no self-block
+            assert nested is None
+        assert (work / C.CLAIMS / "a_fold1.json").exists()  # the nested block does not release the outer claim
+    assert not (work / C.CLAIMS / "a_fold1.json").exists()
+
+    other = _sleeper()
+    try:
+        (work / C.CLAIMS / "c_fold3.json").write_text(json.dumps(
+            {"pid": other.pid, "boot_id": C._boot_id(), "command": "convergence.py --arms c", "since": "now"}))
+        with C.claimed(work, "c_fold3") as holder:
+            assert holder["pid"] == other.pid
+            assert C.held_by(holder) == f"held by process {other.pid} (convergence.py --arms c, since now)"
+        assert json.loads((work / C.CLAIMS / "c_fold3.json").read_text())["pid"] == other.pid  # left as it was
+        # the same pid after a restart (another boot) is not the holder
+        (work / C.CLAIMS / "c_fold3.json").write_text(json.dumps({"pid": other.pid, "boot_id": "another boot"}))
+        with C.claimed(work, "c_fold3") as holder:
+            assert holder is None
+            assert json.loads((work / C.CLAIMS / "c_fold3.json").read_text())["pid"] == os.getpid()
+    finally:
+        other.kill()
+        other.wait()
+    # a holder that died (killed mid-training): stale, taken over
+    (work / C.CLAIMS / "d_fold0.json").write_text(json.dumps({"pid": other.pid, "boot_id": C._boot_id()}))
+    with C.claimed(work, "d_fold0") as holder:
+        assert holder is None
+    assert sorted(p.name for p in (work / C.CLAIMS).iterdir()) == []
+
+
+def test_a_process_beside_another_trains_the_next_free_teacher_and_waits_for_the_claimed_one(tmp_path, monkeypatch):
+    """Two (p) processes side by side: what one trains the other skips (naming the holder), and a claimed round is
+    not made twice."""
+    work, budget, task = tmp_path / "work", {"iterations": 100, "epochs": 2}, {**TASK, "labeled": "2"}
+    env = C.nnunet_paths(work)
+    raw = work / "nnUNet_raw" / "Dataset962_Convergence"
+    raw.mkdir(parents=True)
+    trained = []
+
+    def fake_sh(cmd, env_, log):
+        assert cmd[0] == "nnUNetv2_train", cmd
+        trained.append(cmd[3])
+        fold_dir = C.model_folder(env, raw, C.ARMS["a"]) / f"fold_{cmd[3]}"
+        (fold_dir / "checkpoint_final.pth").touch()
+        return 1.0
+
+    monkeypatch.setattr(C, "sh", fake_sh)
+    other = _sleeper()
+    try:
+        (work / C.CLAIMS).mkdir(parents=True)
+        (work / C.CLAIMS / "a_fold1.json").write_text(json.dumps(
+            {"pid": other.pid, "boot_id": C._boot_id(), "command": "convergence.py --arms a", "since": "then"}))
+        waiting = C.pseudo_chain(C.ARMS["p"], "962", raw, env, tmp_path / "log", "1", work, budget, task)
+        assert trained == ["0", "2"]
+        assert waiting == ("round 1's teachers (Dataset962_Convergence/nnUNetTrainer_conv__nnUNetPlans__3d_cpu, "
+                           f"folds [1]) are not trained yet; fold 1 held by process {other.pid} (convergence.py "
+                           "--arms a, since then)")
+        (C.model_folder(env, raw, C.ARMS["a"]) / "fold_1").mkdir()  # the other process finished it
+        (C.model_folder(env, raw, C.ARMS["a"]) / "fold_1" / "checkpoint_final.pth").touch()
+        (work / C.CLAIMS / "a_fold1.json").unlink()
+        (work / C.CLAIMS / "round1.json").write_text(json.dumps(
+            {"pid": other.pid, "boot_id": C._boot_id(), "command": "convergence.py --arms p", "since": "then"}))
+        waiting = C.pseudo_chain(C.ARMS["p"], "962", raw, env, tmp_path / "log", "1", work, budget, task)
+        assert trained == ["0", "2"]  # nothing trained again
+        assert waiting == f"round 1 is being made, held by process {other.pid} (convergence.py --arms p, since then)"
+    finally:
+        other.kill()
+        other.wait()
