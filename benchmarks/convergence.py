@@ -34,7 +34,11 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      Dice). Threshold: skcdf_pseudolabel's default 0.90, chosen a priori there (issue 38); tuning it on hidden or
      test labels would leak them, and issue 44 asks for the recipe as users run it. Several teachers per round
      matter: the *_conv trainers have no mirroring, so one model alone would be one member agreeing with itself
-     (score 1, every case kept)
+     (score 1, every case kept). The rounds are made with ``--student-unlabeled`` (the dropped cases are also the
+     student dataset's unlabelled images; a stock nnU-Net student does not read them), for arm q
+  q  issue 39's combination candidate: SKCDF (d's trainer and settings) as the student of (p)'s round 1 (the same
+     round dataset: labelled + kept pseudo-labelled cases as labels, the cases the filter dropped as unlabelled
+     images); with curves. One round, so it is ready as soon as round 1 is
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -129,7 +133,7 @@ from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_F
 CONFIG = "3d_cpu"
 RESULTS = REPO / "benchmarks" / "results"
 STORE = RESULTS / "convergence"
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q")
 #: arm (p): round 1's teachers are the (a) runs (its model folder's folds 0-2), each round writes
 #: ``P_STUDENT_FOLDS`` identical student folds; the round-1 students (all of them) teach round 2, whose
 #: students are the (p) runs. The threshold is skcdf_pseudolabel's default (0.90, chosen a priori there).
@@ -600,8 +604,11 @@ def make_round(r: int, dataset: str, raw: Path, env: dict, log: Path, np_: str, 
     done, path = Path(env["nnUNet_preprocessed"]) / name / ROUND_DONE, round_summary_file(work, r)
     if done.exists() and path.exists():
         return json.loads(path.read_text())
+    # --student-unlabeled: the dropped cases also go to the student dataset as unlabelled images, which (q)'s SKCDF
+    # student learns from; (p)'s stock nnU-Net students ignore them (their split's train/val lists are unchanged)
     cmd = ["skcdf_pseudolabel", "-d", dataset, "-m", str(teachers), "-f", *map(str, folds), "--out-dataset", out_id,
-           "--out-name", name.split("_", 1)[1], "--student-folds", str(P_STUDENT_FOLDS), "-np", np_, "--overwrite"]
+           "--out-name", name.split("_", 1)[1], "--student-folds", str(P_STUDENT_FOLDS), "-np", np_, "--overwrite",
+           "--student-unlabeled"]
     if r > 1:
         cmd += ["--previous", round_dataset(raw.name, r - 1)[0]]
     # --overwrite: only an interrupted attempt of this round can be there (no marker); --threads holds for its

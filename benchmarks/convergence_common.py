@@ -48,6 +48,9 @@ ARMS = {a.key: a for a in (
     Arm("l", "SKCDF lambda ramp-up over 50 epochs", "SKCDFTrainer_rampup50_conv", ablation=True),
     # the practitioner's baseline (issues 38, 44): stock nnU-Net students of 2 rounds of filtered pseudo-labelling
     Arm("p", "nnU-Net + pseudo-labelling (2 rounds)", "nnUNetTrainer_conv", skcdf=False, pseudo_rounds=2),
+    # issue 39's combination candidate: SKCDF (d's trainer) as the student of (p)'s round 1, the cases its filter
+    # dropped as unlabelled images (skcdf_pseudolabel --student-unlabeled)
+    Arm("q", "SKCDF student of pseudo-label round 1", "SKCDFTrainer_multiplyMask_conv", pseudo_rounds=1),
 )}
 
 

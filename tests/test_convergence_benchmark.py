@@ -71,7 +71,7 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
     monkeypatch.setenv("SKCDF_CONV_SNAPSHOTS", "1,2")
     expected = {"b": "exclude", "g": "exclude", "i": "exclude",
                 "d": "multiply", "e1": "multiply", "f": "multiply", "h": "multiply", "j": "multiply", "k": "multiply",
-                "l": "multiply"}
+                "l": "multiply", "q": "multiply"}
     assert set(expected) | {"a", "c", "e2", "p"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
     for key, masking in expected.items():
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")
@@ -849,6 +849,7 @@ def test_arm_p_trains_a_then_two_rounds_each_once_and_its_students_on_the_round_
     assert round1[round1.index("-f") + 1: round1.index("-f") + 4] == ["0", "1", "2"]
     assert round1[round1.index("--student-folds") + 1] == "3"
     assert "--threshold" not in round1 and "--keep" not in round1  # skcdf_pseudolabel's default threshold
+    assert "--student-unlabeled" in round1 and "--student-unlabeled" in round2  # for (q)'s SKCDF student
     assert round2[round2.index("-m") + 1] == str(work / "nnUNet_results" / "Dataset963_ConvergencePseudoR1" /
                                                  "nnUNetTrainer_conv__nnUNetPlans__3d_cpu")
     assert round2[round2.index("--previous") + 1] == "963" and round2[round2.index("--out-dataset") + 1] == "964"
@@ -869,6 +870,14 @@ def test_arm_p_trains_a_then_two_rounds_each_once_and_its_students_on_the_round_
     assert C.round_dataset("Dataset962_Convergence", 2) == ("964", "Dataset964_ConvergencePseudoR2")
     with pytest.raises(SystemExit, match="over nnU-Net's 999"):
         C.round_dataset("Dataset998_X", 2)
+    # (q): SKCDF as the student of the same round 1 (made once, shared), on dataset 963, with its curve
+    calls.clear()
+    q = C.ARMS["q"]
+    assert C.pseudo_chain(q, "962", raw, env, tmp_path / "log", "1", work, budget, task) is None and calls == []
+    C.train("962", q, 0, raw, env, tmp_path / "log")
+    assert calls[-1][:4] == ["nnUNetv2_train", "963", "3d_cpu", "0"] and "SKCDFTrainer_multiplyMask_conv" in calls[-1]
+    assert q.skcdf and q.key in C.CURVE_ARMS and q.trainer == C.ARMS["d"].trainer
+    assert C.store_file(q, 0, budget, task).name == "q_fold0_2lab_100it.json"
 
 
 def test_room_versus_and_the_plateau_of_p():

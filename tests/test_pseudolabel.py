@@ -170,8 +170,9 @@ def test_one_teacher_without_mirroring_is_refused_unless_a_previous_round_scores
 # ------------------------------------------------------------------------------------------ a real round (slow)
 @pytest.mark.slow
 def test_round_end_to_end_with_stock_nnunet(tmp_path):
-    """2 tiny stock nnU-Net teachers -> round 1 -> a stock student trains on it -> round 2 (one teacher: its
-    mirror variants vote, scored against round 1 too). Source labels untouched; hidden labels never copied."""
+    """2 tiny stock nnU-Net teachers -> round 1 with --student-unlabeled -> a stock student and an SKCDF student
+    (the cases not kept as its unlabelled images) train on it -> round 2 (one teacher: its mirror variants vote,
+    scored against round 1 too). Source labels untouched; hidden labels never copied."""
     from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
 
     trainers = str(Path(__file__).parent / "trainers")
@@ -191,8 +192,10 @@ def test_round_end_to_end_with_stock_nnunet(tmp_path):
         run_cli(["nnUNetv2_train", ds, cfg, fold, "-tr", tr, "-device", "cpu"], train_env, timeout=900)
     teachers = str(Path(env["nnUNet_results"]) / name / f"{tr}__nnUNetPlans__{cfg}")
     out = run_cli(["skcdf_pseudolabel", "-d", ds, "-m", teachers, "-f", "0", "1", "--out-dataset", "966", "--keep",
-                   "0.5"], env, timeout=900)
-    assert "kept 3 of 5 pseudo-labelled cases (round 1)" in out.stdout, out.stdout[-2000:]
+                   "0.5", "--student-unlabeled"], env, timeout=900)
+    assert "kept 3 of 5 pseudo-labelled cases (round 1): " in out.stdout, out.stdout[-2000:]
+    assert "; the other 2 go to the student as unlabelled images" in out.stdout
+    assert "-tr SKCDFTrainer" in out.stdout.strip().splitlines()[-1]
     r1 = Path(env["nnUNet_raw"]) / "Dataset966_PLE2EPseudoR"
     rec = json.loads((r1 / RECORD).read_text())
     print(f"round 1: {rec['seconds_prediction']} s to predict and score {len(rec['kept'])} kept of 5 cases; "
@@ -211,15 +214,34 @@ def test_round_end_to_end_with_stock_nnunet(tmp_path):
     student_split = json.loads((Path(env["nnUNet_preprocessed"]) / r1.name / "splits_final.json").read_text())
     assert student_split[0]["val"] == sorted(split["val"])
     assert sorted(student_split[0]["train"]) == sorted(split["train"] + rec["kept"])
+    # --student-unlabeled: the cases not kept, images only, are the student's unlabelled data (preprocessed)
+    rest = sorted(set(split["unlabeled"]) - set(rec["kept"]))
+    assert len(rest) == 2 and rec["student_unlabeled"] == rest == student_split[0]["unlabeled"]
+    assert sorted(f.name for f in (r1 / "imagesUnlabeled").iterdir()) == [f"{c}_0000.nii.gz" for c in rest]
+    for cid in rest:
+        source_image = next(raw.glob(f"images*/{cid}_0000.nii.gz"))
+        assert (r1 / "imagesUnlabeled" / source_image.name).read_bytes() == source_image.read_bytes()
+        assert not (r1 / "labelsTr" / f"{cid}.nii.gz").exists()
+    assert json.loads((r1 / "dataset.json").read_text())["numUnlabeled"] == 2
+    unlabelled_pre = list((Path(env["nnUNet_preprocessed"]) / r1.name).glob("*_unlabeled"))
+    assert len(unlabelled_pre) == 1 and sorted(f.name.split(".")[0] for f in unlabelled_pre[0].glob("*.pkl")) == rest
     assert _digest(raw) == source_digest  # the source dataset is never written
     run_cli(["nnUNetv2_train", "966", cfg, "0", "-tr", tr, "-device", "cpu"], train_env, timeout=900)
+    skcdf = run_cli(["nnUNetv2_train", "966", cfg, "0", "-tr", "SKCDFTrainer_plTest", "-device", "cpu"], train_env,
+                    timeout=900)
+    assert (Path(env["nnUNet_results"]) / r1.name / f"SKCDFTrainer_plTest__nnUNetPlans__{cfg}" / "fold_0" /
+            "checkpoint_final.pth").is_file(), skcdf.stdout[-2000:]
     student = str(Path(env["nnUNet_results"]) / r1.name / f"{tr}__nnUNetPlans__{cfg}")
     assert (Path(student) / "fold_0" / "checkpoint_final.pth").is_file()
     out = run_cli(["skcdf_pseudolabel", "-d", ds, "-m", student, "-f", "0", "--out-dataset", "967", "--previous",
-                   "966", "--threshold", "0.0"], env, timeout=900)
+                   "966", "--threshold", "0.0", "--student-unlabeled"], env, timeout=900)
     rec2 = json.loads((Path(env["nnUNet_raw"]) / "Dataset967_PLE2EPseudoR" / RECORD).read_text())
     assert rec2["round"] == 2 and rec2["members"] == "mirror variants of one model"
     assert len(rec2["kept"]) == 5  # threshold 0 keeps every case
+    # so nothing is left for an SKCDF student: said, and no empty unlabelled folder is written
+    assert "every case was kept, so the student has no unlabelled images" in out.stdout
+    assert rec2["student_unlabeled"] == [] and not (Path(env["nnUNet_raw"]) / "Dataset967_PLE2EPseudoR" /
+                                                     "imagesUnlabeled").exists()
     # every case was compared with round 1's pseudo label (an empty dict: neither has any organ)
     assert all(rec2["cases"][c]["previous_agreement"] is not None for c in rec2["kept"])
     assert _digest(raw) == source_digest

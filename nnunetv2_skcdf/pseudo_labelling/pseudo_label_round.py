@@ -21,6 +21,11 @@ on labelled + kept pseudo-labelled cases, repeat. One call of ``skcdf_pseudolabe
    teachers, scores per organ). Then its ``nnUNet_preprocessed`` folder: the teachers' plans (identical
    plans: same spacing, patch, normalisation), ``splits_final.json`` with train = labelled + kept and the
    same validation cases, preprocessed with nnU-Net's own preprocessor.
+6. With ``--student-unlabeled`` (for an SKCDF student): the cases not kept go to the student as unlabelled
+   images (their images in ``imagesUnlabeled/``, the split's ``unlabeled`` list, preprocessed with
+   ``skcdf_preprocess_unlabeled``'s code), so that ``nnUNetv2_train <out> ... -tr SKCDFTrainer`` learns from
+   the kept cases' pseudo labels and, online, from the images the filter dropped. A stock nnU-Net student
+   ignores them.
 
 Why a new dataset id and not a split of the source: the pseudo labels need a ``labelsTr`` file, and the
 source's ``labelsTr`` holds the hidden real labels of the benchmark's hidden-label cases; writing there
@@ -51,6 +56,7 @@ from nnunetv2_skcdf.pseudo_labelling.agreement import (
     select_kept,
 )
 from nnunetv2_skcdf.utilities.dataset_files import (
+    UNLABELED_IMAGES_FOLDER,
     SKCDFInputError,
     _env_folder,
     dataset_name,
@@ -305,7 +311,7 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
               threshold: float = DEFAULT_THRESHOLD, keep: Optional[float] = None,
               checkpoint: str = "checkpoint_final.pth", device: str = "cpu", student_folds: int = 1,
               num_processes: int = 1, overwrite: bool = False, preprocess: bool = True,
-              log=print) -> str:
+              student_unlabeled: bool = False, log=print) -> str:
     """One pseudo-label round (module docstring); returns the student dataset's raw folder."""
     import torch
 
@@ -360,13 +366,15 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
         kept = select_kept(scores, threshold, keep)
         for cid in cases:
             cases[cid]["kept"] = cid in kept
-        _write_student(staging, raw, source_json, training, roles, kept, images, cases, ending)
+        rest = sorted(set(images) - set(kept)) if student_unlabeled else []
+        _write_student(staging, raw, source_json, training, roles, kept, images, cases, ending, rest)
         record = {
             "round": round_no, "source_dataset": source, "source_fold": split_fold, "previous_round": previous and
             dataset_name(previous), "teachers": [t.describe() for t in teachers],
             "members": "models (each with mirroring)" if len(teachers) > 1 else "mirror variants of one model",
             "threshold": None if keep is not None else threshold, "keep": keep,
             "kept": kept, "labelled": sorted(roles["train"]), "validation": sorted(roles["val"]),
+            "student_unlabeled": rest if student_unlabeled else None,
             "organ_mean_agreement": _organ_means(cases), "cases": cases,
             "seconds_prediction": round(time.time() - t0, 1),
         }
@@ -375,15 +383,27 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
-    log(f"kept {len(kept)} of {len(images)} pseudo-labelled cases (round {round_no}): {', '.join(kept) or 'none'}")
-    _write_preprocessed(target, pre, teachers[0], roles, kept, student_folds)
+    log(f"kept {len(kept)} of {len(images)} pseudo-labelled cases (round {round_no}): {', '.join(kept) or 'none'}"
+        + (f"; the other {len(rest)} go to the student as unlabelled images" if student_unlabeled else ""))
+    if student_unlabeled and not rest:
+        log("--student-unlabeled: every case was kept, so the student has no unlabelled images and SKCDFTrainer "
+            "would refuse it; train a stock nnU-Net student on this round, or keep fewer cases (--threshold, --keep)")
+    _write_preprocessed(target, pre, teachers[0], roles, kept, student_folds, rest if student_unlabeled else None)
+    configuration = teachers[0].configuration
     if preprocess:
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
-        preprocess_dataset(int(out_id), teachers[0].plans_name, [teachers[0].configuration], [num_processes],
+        preprocess_dataset(int(out_id), teachers[0].plans_name, [configuration], [num_processes],
                            show_progress_bar=False)
-    log(f"student dataset {target} ready ({time.time() - t0:.0f} s): nnUNetv2_train {out_id} "
-        f"{teachers[0].configuration} 0 -p {teachers[0].plans_name}")
+        if rest:
+            from nnunetv2_skcdf.preprocessing.unlabeled import preprocess_unlabeled
+
+            preprocess_unlabeled(int(out_id), [configuration], teachers[0].plans_name, num_processes, verbose=False)
+    train = f"nnUNetv2_train {out_id} {configuration} 0 -p {teachers[0].plans_name}"
+    log(f"student dataset {target} ready ({time.time() - t0:.0f} s): {train}"
+        + (" -tr SKCDFTrainer" if student_unlabeled else "")
+        + ("" if preprocess or not rest else
+           f" (first: skcdf_preprocess_unlabeled -d {out_id} -c {configuration} -p {teachers[0].plans_name})"))
     return target
 
 
@@ -396,9 +416,11 @@ def _organ_means(cases: dict) -> Dict[int, float]:
 
 
 def _write_student(staging: str, raw: str, source_json: dict, training: dict, roles: dict, kept: List[str],
-                   images: Dict[str, List[str]], cases: dict, ending: str) -> None:
+                   images: Dict[str, List[str]], cases: dict, ending: str, unlabeled: Sequence[str] = ()) -> None:
     """imagesTr/labelsTr of the student: labelled and validation cases with their real labels (``training``:
-    ``training_files``), kept cases with their pseudo labels; dataset.json with the source's labels and channels."""
+    ``training_files``), kept cases with their pseudo labels; ``unlabeled`` cases' images in imagesUnlabeled
+    (``--student-unlabeled``: images only, a hidden label is never copied); dataset.json with the source's labels
+    and channels."""
     os.makedirs(os.path.join(staging, "imagesTr"))
     os.makedirs(os.path.join(staging, "labelsTr"))
     for origin, ids in (("labelled", roles["train"]), ("validation", roles["val"])):
@@ -411,18 +433,26 @@ def _write_student(staging: str, raw: str, source_json: dict, training: dict, ro
         for f in images[cid]:
             _link_or_copy(f, os.path.join(staging, "imagesTr", os.path.basename(f)))
         shutil.copy2(os.path.join(staging, PSEUDO_FOLDER, cid + ending), os.path.join(staging, "labelsTr", cid + ending))
+    if unlabeled:
+        os.makedirs(os.path.join(staging, UNLABELED_IMAGES_FOLDER))
+        for cid in unlabeled:
+            for f in images[cid]:
+                _link_or_copy(f, os.path.join(staging, UNLABELED_IMAGES_FOLDER, os.path.basename(f)))
     dj = {k: v for k, v in source_json.items() if k not in ("dataset", "numTest", "numUnlabeled",
                                                              "unlabeled_images_folder")}
     dj["numTraining"] = len(roles["train"]) + len(roles["val"]) + len(kept)
+    if unlabeled:
+        dj["numUnlabeled"] = len(unlabeled)
     dj["description"] = (f"Pseudo-label round made by skcdf_pseudolabel from {os.path.basename(raw)}: labelled and "
                          f"validation cases with their labels, {len(kept)} kept pseudo-labelled cases; see {RECORD}.")
     atomic_save_json(dj, os.path.join(staging, "dataset.json"))
 
 
 def _write_preprocessed(target: str, source_pre: str, teacher: Teacher, roles: dict, kept: List[str],
-                        student_folds: int) -> None:
+                        student_folds: int, unlabeled: Optional[Sequence[str]] = None) -> None:
     """The student's nnUNet_preprocessed folder: the teachers' plans (renamed), the source's fingerprint and
-    a split with the same validation cases (``student_folds`` identical folds = that many runs)."""
+    a split with the same validation cases (``student_folds`` identical folds = that many runs), and with
+    ``unlabeled`` (``--student-unlabeled``) the unlabelled list an SKCDF student reads."""
     name = os.path.basename(target)
     pre = os.path.join(_env_folder("nnUNet_preprocessed"), name)
     if os.path.isdir(pre):
@@ -435,6 +465,8 @@ def _write_preprocessed(target: str, source_pre: str, teacher: Teacher, roles: d
     if os.path.isfile(fingerprint):
         shutil.copy2(fingerprint, os.path.join(pre, "dataset_fingerprint.json"))
     fold = {"train": sorted(roles["train"]) + kept, "val": sorted(roles["val"])}
+    if unlabeled is not None:
+        fold["unlabeled"] = sorted(unlabeled)
     atomic_save_json([fold] * int(student_folds), os.path.join(pre, "splits_final.json"))
 
 
@@ -476,6 +508,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier round written to --out-dataset")
     p.add_argument("--no-preprocess", action="store_true", help="write the student's raw and plans, do not "
                    "preprocess it (run nnUNetv2_preprocess later)")
+    p.add_argument("--student-unlabeled", action="store_true", help="for an SKCDF student: the cases not kept "
+                   "become the student's unlabelled images (imagesUnlabeled, the split's 'unlabeled' list, "
+                   "preprocessed), so that -tr SKCDFTrainer also learns from the images the filter dropped")
     return p
 
 
@@ -484,7 +519,7 @@ def pseudolabel_entry(argv: Optional[Sequence[str]] = None) -> None:
     with exit_on_input_error():
         run_round(args.dataset, args.models, args.folds, args.out_dataset, args.out_name, args.split_fold,
                   args.previous, args.threshold, args.keep, args.checkpoint, args.device, args.student_folds,
-                  args.num_processes, args.overwrite, not args.no_preprocess,
+                  args.num_processes, args.overwrite, not args.no_preprocess, args.student_unlabeled,
                   log=lambda m: print(m, file=sys.stdout, flush=True))
 
 
