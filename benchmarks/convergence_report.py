@@ -590,6 +590,18 @@ def versus_line(v: Optional[dict], first: str = "p", second: str = "d") -> str:
             f"({second}) {v[second]:.1f} ({v['runs'][second]} run(s)): {who} mean Dice points.")
 
 
+def versus_q_lines(v: Optional[Dict[str, Optional[dict]]]) -> str:
+    """(q), SKCDF as the student of the recipe's round 1, against (p) and (d), where both have a final result."""
+    lines = []
+    for other, what in (("p", "the recipe's 2 rounds"), ("d", "SKCDF alone")):
+        x = (v or {}).get(other)
+        if x is not None:
+            d = x["difference"]
+            lines.append(f"(q) {x['q']:.1f} ({x['runs']['q']} run(s)) against {what} ({other}) {x[other]:.1f} "
+                         f"({x['runs'][other]} run(s)): {d:+.1f} mean Dice points.")
+    return "".join(" " + line for line in lines)
+
+
 def cost_per_arm(runs: Dict[str, list], budget: dict) -> Dict[str, dict]:
     """Training hours per run of each arm (the sum of its epochs; runs stored before that was recorded: the median
     epoch x epochs, marked estimated); for (p) also its chain, paid once for all its runs: the rounds'
@@ -690,6 +702,8 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "regime": regime(plateaus, others, budget["iterations"], baselines),
                "room": room(final["aggregate"], ARMS) if final else None,
                "versus": versus(final["aggregate"], ARMS) if final else None,
+               # issue 39's combination candidate (q) against the recipe and against SKCDF alone
+               "versus_q": {k: versus(final["aggregate"], ARMS, "q", k) for k in ("p", "d")} if final else None,
                "per_site": site_tables(runs, sites, titles), "pseudo_per_site": pseudo_site_table(runs),
                "pseudo_rounds": pseudo_rounds_of(runs), "cost": cost_per_arm(runs, budget),
                **{name: overlays.get(name, []) for name in OVERLAYS}}
@@ -873,7 +887,7 @@ def markdown(r: dict, figures: dict) -> str:
 
 Regime: {regime(r['plateau'], r['other_budgets'], r['budget']['iterations'], baselines)}
 
-{room_line(r.get('room'))} {versus_line(r.get('versus'))}
+{room_line(r.get('room'))} {versus_line(r.get('versus'))}{versus_q_lines(r.get('versus_q'))}
 
 Command: `{r['command']}` — {r['date']} — commit {r['commit']} — {r['machine']}.
 Runs stored in `benchmarks/results/convergence/` (arm: fold, commit, date): {r['stored_runs'] or 'none'}.

@@ -909,6 +909,14 @@ def test_room_versus_and_the_plateau_of_p():
                                 "(p) beats (d) by 2.0 mean Dice points.")
     assert "(p) trails (d) by 2.0" in R.versus_line({**v, "difference": -2.0})
     assert R.versus({"classes": [], "methods": aggregate["methods"][:2]}, arms) is None and R.versus_line(None) == ""
+    # (q), SKCDF as the student of round 1, against (p) and (d): a line each where both have a final result
+    arms["q"] = C.Arm("q", "Q", "t", pseudo_rounds=1)
+    assert R.versus_q_lines({k: R.versus(aggregate, arms, "q", k) for k in ("p", "d")}) == ""
+    aggregate["methods"].append({**_method("Q", 0.835, 3, 0.7, 0.6), "runs": [{}]})
+    assert R.versus_q_lines({k: R.versus(aggregate, arms, "q", k) for k in ("p", "d")}) == (
+        " (q) 83.5 (1 run(s)) against the recipe's 2 rounds (p) 82.0 (1 run(s)): +1.5 mean Dice points."
+        " (q) 83.5 (1 run(s)) against SKCDF alone (d) 80.0 (3 run(s)): +3.5 mean Dice points.")
+    assert R.versus_q_lines(None) == ""
 
 
 def test_cost_per_arm_in_hours_with_the_chain_of_p():
