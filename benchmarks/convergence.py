@@ -39,6 +39,10 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
   q  issue 39's combination candidate: SKCDF (d's trainer and settings) as the student of (p)'s round 1 (the same
      round dataset: labelled + kept pseudo-labelled cases as labels, the cases the filter dropped as unlabelled
      images); with curves. One round, so it is ready as soon as round 1 is
+  r  issue 39's appearance candidate: SKCDF 0.4 with each labelled sample histogram-matched to an unlabelled one of
+     the step with probability 0.5 (``SKCDFTrainer_histMatch``); with curves
+  s  the same appearance transfer in stock nnU-Net (``nnUNetTrainer_histMatch``): what (r) owes to it alone; with
+     curves
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -133,7 +137,7 @@ from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_F
 CONFIG = "3d_cpu"
 RESULTS = REPO / "benchmarks" / "results"
 STORE = RESULTS / "convergence"
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q", "r", "s")
 #: arm (p): round 1's teachers are the (a) runs (its model folder's folds 0-2), each round writes
 #: ``P_STUDENT_FOLDS`` identical student folds; the round-1 students (all of them) teach round 2, whose
 #: students are the (p) runs. The threshold is skcdf_pseudolabel's default (0.90, chosen a priori there).

@@ -51,6 +51,9 @@ ARMS = {a.key: a for a in (
     # issue 39's combination candidate: SKCDF (d's trainer) as the student of (p)'s round 1, the cases its filter
     # dropped as unlabelled images (skcdf_pseudolabel --student-unlabeled)
     Arm("q", "SKCDF student of pseudo-label round 1", "SKCDFTrainer_multiplyMask_conv", pseudo_rounds=1),
+    # issue 39's appearance candidate: labelled samples histogram-matched to unlabelled ones, in SKCDF and in nnU-Net
+    Arm("r", "SKCDF + appearance transfer", "SKCDFTrainer_histMatch_conv"),
+    Arm("s", "nnU-Net + appearance transfer", "nnUNetTrainer_histMatch_conv", skcdf=False),
 )}
 
 

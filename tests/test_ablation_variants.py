@@ -37,11 +37,12 @@ EXPECTED = {
     "SKCDFTrainer_noHeadEMA": {"head_ema": "off"},
     "SKCDFTrainer_strongView": {"unlabelled_view": "strong_intensity"},
     "SKCDFTrainer_crossWholeBatch": {"skc_cross_group": None},
+    "SKCDFTrainer_histMatch": {"appearance_transfer": 0.5},
 }
 SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_self_heads",
             "skc_heads", "skc_window", "skc_dropout", "balanced_heads", "decoupled", "masking", "ema_couple_decoders",
             "consistency_weight", "rampup_epochs", "ema_momentum", "head_ema", "num_epochs", "unlabeled_batch_size",
-            "unlabelled_view", "ema_buffers", "keep_rate_source", "skc_cross_group")
+            "unlabelled_view", "ema_buffers", "keep_rate_source", "skc_cross_group", "appearance_transfer")
 
 
 def _settings(trainer) -> dict:
@@ -84,11 +85,12 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
     monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
     # nnU-Net imports the extension folder under its own module names: classes compare by name
     found = recursive_find_trainer_class_by_name("SKCDFTrainer")
-    assert found.__name__ == "SKCDFTrainer" and found.__mro__[1].__name__ == "nnUNetTrainer"
+    assert found.__name__ == "SKCDFTrainer" and [c.__name__ for c in found.__mro__[1:3]] == ["UnlabelledStream",
+                                                                                            "nnUNetTrainer"]
     added_since = {"SKCDFTrainer_perHeadSelf", "SKCDFTrainer_divisorWindow", "SKCDFTrainer_lrScaledHeadEMA",
                    "SKCDFTrainer_noHeadEMA", "SKCDFTrainer_constantHeadEMA", "SKCDFTrainer_cw0",
                    "SKCDFTrainer_strongView", "SKCDFTrainer_excludeMask",
-                   "SKCDFTrainer_crossWholeBatch"}  # never had an old name
+                   "SKCDFTrainer_crossWholeBatch", "SKCDFTrainer_histMatch"}  # never had an old name
     expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
                     "nnUNetTrainerSKCDF_demo40epochs", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_20epochs",
                     "nnUNetTrainerSKCDF_100epochs"} | \

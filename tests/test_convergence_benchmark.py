@@ -71,8 +71,8 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
     monkeypatch.setenv("SKCDF_CONV_SNAPSHOTS", "1,2")
     expected = {"b": "exclude", "g": "exclude", "i": "exclude",
                 "d": "multiply", "e1": "multiply", "f": "multiply", "h": "multiply", "j": "multiply", "k": "multiply",
-                "l": "multiply", "q": "multiply"}
-    assert set(expected) | {"a", "c", "e2", "p"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
+                "l": "multiply", "q": "multiply", "r": "multiply"}
+    assert set(expected) | {"a", "c", "e2", "p", "s"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
     for key, masking in expected.items():
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")
         trainer = trainer_factory(cls)
@@ -962,8 +962,15 @@ def test_the_multisite_section_names_its_task_and_shows_sites_rounds_room_and_co
 def _sleeper():
     """A live process whose command line names the benchmark (as a claim holder's does)."""
     import subprocess
+    import time
 
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "convergence.py"])
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "convergence.py"])
+    cmdline = Path(f"/proc/{process.pid}/cmdline")
+    for _ in range(200):  # until it runs its own command (between fork and exec it shows pytest's, or nothing)
+        if not cmdline.exists() or b"time.sleep(60)" in cmdline.read_bytes():
+            break
+        time.sleep(0.05)
+    return process
 
 
 def test_a_claim_is_exclusive_released_after_its_block_and_taken_over_when_its_process_is_gone(tmp_path):

@@ -25,8 +25,10 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablati
     SKCDFTrainer_noHeadEMA,
     SKCDFTrainer_perHeadSelf,
     SKCDFTrainer_rampup50,
+    SKCDFTrainer_histMatch,
     SKCDFTrainer_strongView,
 )
+from nnunetv2_skcdf.training.nnUNetTrainer.variants.appearance.nnUNetTrainer_histMatch import nnUNetTrainer_histMatch
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
 
 ITERATIONS_PER_EPOCH = 50
@@ -120,3 +122,13 @@ class SKCDFTrainer_rampup50_conv(_ConvergenceBudget, SKCDFTrainer_rampup50):
     """Arm (l): SKCDFTrainer's 0.4 defaults with lambda(t) ramped over the first 50 epochs (2500 iterations)
     instead of the whole budget, full weight w = 10 after: the unlabelled loss is the part of SKCDF that pays
     (findings item 18) and, ramped over the whole budget, reaches its weight only at the last epoch."""
+
+
+class SKCDFTrainer_histMatch_conv(_ConvergenceBudget, SKCDFTrainer_histMatch):
+    """Arm (r), issue 39's appearance candidate: SKCDFTrainer's defaults with each labelled sample histogram-matched
+    to an unlabelled one with probability 0.5 (the multi-site task's labelled-only model fails where the contrast
+    phase differs: sites B and C)."""
+
+
+class nnUNetTrainer_histMatch_conv(_ConvergenceBudget, nnUNetTrainer_histMatch):
+    """Arm (s): the same appearance transfer in stock nnU-Net, the baseline that tells what (r) owes to it alone."""

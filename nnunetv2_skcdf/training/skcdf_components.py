@@ -142,3 +142,76 @@ def perturbed_view(x: torch.Tensor, transform) -> torch.Tensor:
     """A perturbed copy of a batch (B, C, *S), ``transform`` applied to each sample; ``x`` is left unchanged."""
     with torch.no_grad():
         return torch.stack([transform(image=s.clone())["image"] for s in x]).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ appearance transfer
+def match_histogram(x: torch.Tensor, reference: torch.Tensor, levels: int = 256, max_voxels: int = 1 << 16,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``x`` (C, *S) with each channel's intensities mapped monotonically so that its distribution becomes that of
+    the same channel of ``reference`` (C, *S'): a voxel at quantile t of its own channel gets ``reference``'s
+    quantile t. Quantiles at ``levels`` points, estimated from at most ``max_voxels`` voxels drawn per image (the
+    exact order statistics of a patch cost a full sort); between them the map is linear. A run of equal values
+    (e.g. air clipped by the CT normalisation) maps to the middle of its quantile range, not to one end. Values
+    outside the sample's range map to the reference's extremes. Returns a new tensor; no gradient (an input
+    transform)."""
+    if x.shape[0] != reference.shape[0]:
+        raise ValueError(f"match_histogram: {x.shape[0]} channels against {reference.shape[0]} in the reference")
+    with torch.no_grad():
+        t = torch.linspace(0, 1, levels, device=x.device, dtype=torch.float32)
+        out = torch.empty_like(x)
+        for c in range(x.shape[0]):
+            values = x[c].reshape(-1).float()
+            qx = torch.quantile(_voxel_sample(values, max_voxels, generator), t)
+            qr = torch.quantile(_voxel_sample(reference[c].reshape(-1).float(), max_voxels, generator), t)
+            # knots of the map: each distinct source quantile at the middle of its run of equal quantiles
+            knots, counts = torch.unique_consecutive(qx, return_counts=True)
+            first = torch.cumsum(counts, 0) - counts
+            position = first.float() + (counts.float() - 1) / 2
+            i0 = position.floor().long().clamp(max=levels - 2)
+            targets = torch.lerp(qr[i0], qr[i0 + 1], position - i0.float())
+            if knots.numel() == 1:  # a constant image: one value, the reference's median
+                out[c] = targets[0].to(x.dtype)
+                continue
+            # the map tabulated on a uniform grid over the knots' range, then read per voxel by elementwise ops
+            # (a per-voxel search among the knots costs several times more on a CPU)
+            grid = torch.linspace(float(knots[0]), float(knots[-1]), _TABLE, device=x.device)
+            table = _piecewise_linear(grid, knots, targets)
+            scaled = ((values - knots[0]) * ((_TABLE - 1) / (knots[-1] - knots[0]))).clamp(0, _TABLE - 1)
+            j = scaled.floor().clamp(max=_TABLE - 2)
+            out[c] = torch.lerp(table[j.long()], table[j.long() + 1], scaled - j).reshape(x.shape[1:]).to(x.dtype)
+        return out
+
+
+#: grid points of match_histogram's tabulated map: 4096 over the source's quantile range (at most 256 knots)
+_TABLE = 4096
+
+
+def _piecewise_linear(v: torch.Tensor, knots: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The linear interpolation of (knots, targets) at ``v`` (knots increasing), constant beyond the ends."""
+    i = (torch.searchsorted(knots, v, right=True) - 1).clamp(0, knots.numel() - 2)
+    w = ((v - knots[i]) / (knots[i + 1] - knots[i])).clamp(0, 1)
+    return torch.lerp(targets[i], targets[i + 1], w)
+
+
+def _voxel_sample(values: torch.Tensor, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    if values.numel() <= n:
+        return values
+    index = torch.randint(values.numel(), (n,), device=values.device, generator=generator)
+    return values[index]
+
+
+def appearance_transfer(x_l: torch.Tensor, x_u: torch.Tensor, probability: float,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The labelled batch (B, C, *S) with each sample, with ``probability``, histogram-matched
+    (:func:`match_histogram`) to one sample of the unlabelled batch ``x_u`` drawn at random: the labels stay
+    valid (a monotonic intensity map moves no voxel) while the labelled images take on the intensity distribution
+    of unlabelled images, e.g. another site's contrast phase. ``x_l`` is left unchanged."""
+    if probability <= 0:
+        return x_l
+    draw = torch.rand(x_l.shape[0], generator=generator)
+    pick = torch.randint(x_u.shape[0], (x_l.shape[0],), generator=generator)
+    out = x_l.clone()
+    for i in range(x_l.shape[0]):
+        if draw[i] < probability:
+            out[i] = match_histogram(x_l[i], x_u[int(pick[i])], generator=generator)
+    return out

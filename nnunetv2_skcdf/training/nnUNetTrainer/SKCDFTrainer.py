@@ -19,13 +19,11 @@ that resumes the run unchanged (the release trainers of ``variants/releases`` pi
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from torch import autocast
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
@@ -37,15 +35,14 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet, build_skcdf_unet
 from nnunetv2_skcdf.network.building_blocks.skc import SKCModule, resolve_window
-from nnunetv2_skcdf.splits.semi_supervised_splits import load_semi_supervised_fold, validate_splits
 from nnunetv2_skcdf.training import skcdf_components as C
 from nnunetv2_skcdf.training import skcdf_settings as S
-from nnunetv2_skcdf.training.dataloading.unlabeled_loader import get_unlabeled_dataloader
 from nnunetv2_skcdf.training.skcdf_logger import SKCDFLocalLogger
-from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, refusal_first
+from nnunetv2_skcdf.training.unlabelled_stream import UnlabelledStream
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 
 
-class SKCDFTrainer(nnUNetTrainer):
+class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
     # --- architecture (class attributes: build_network_architecture is called on the class by the predictor) ---
     skc_heads: int = 2               # attention heads h of the SKC module (reference: 2)
     skc_window = None                # local window; None = 2 per axis (1 on size-1 axes), masked padding; "divisor":
@@ -87,6 +84,10 @@ class SKCDFTrainer(nnUNetTrainer):
         self.unlabelled_view = "same"     # "same": D_u learns on the view the pseudo labels come from (reference);
         #                                   "strong_intensity": on a copy perturbed by nnU-Net's intensity transforms
         #                                   at high probability (extension, opt-in; BENCHMARKS_FINDINGS.md item 13)
+        self.appearance_transfer = 0.0    # probability that a labelled sample is histogram-matched to an unlabelled
+        #                                   one of the step (its intensities take on an unlabelled image's
+        #                                   distribution, e.g. another site's contrast phase; labels unchanged).
+        #                                   0: off (reference); SKCDFTrainer_histMatch: 0.5 (extension)
         self.skc_cross_group = 2          # cross attention of the labelled pass in groups of this many labelled and
         #                                   unlabelled samples (the reference's batch of 2 + 2); None: every sample
         #                                   reads the whole other half, whose cost grows with the batch squared
@@ -138,6 +139,7 @@ class SKCDFTrainer(nnUNetTrainer):
         for name in self._CHOICES:
             self._setting(name)
         numbers = {"ema_momentum": 0.0 <= self.ema_momentum <= 1.0,
+                   "appearance_transfer": 0.0 <= self.appearance_transfer <= 1.0,
                    "consistency_weight": self.consistency_weight >= 0,
                    "rampup_epochs": self.rampup_epochs is None or self.rampup_epochs >= 0,
                    "unlabeled_batch_size": self.unlabeled_batch_size is None or self.unlabeled_batch_size >= 1,
@@ -147,8 +149,9 @@ class SKCDFTrainer(nnUNetTrainer):
         for name, ok in numbers.items():
             if not ok:
                 raise ValueError(f"{type(self).__name__}.{name} = {getattr(self, name)!r} is out of range "
-                                 f"(ema_momentum in [0, 1], consistency_weight >= 0, rampup_epochs None or >= 0, "
-                                 f"unlabeled_batch_size and skc_cross_group None or an integer >= 1).")
+                                 f"(ema_momentum in [0, 1], appearance_transfer in [0, 1], consistency_weight >= 0, "
+                                 f"rampup_epochs None or >= 0, unlabeled_batch_size and skc_cross_group None or an "
+                                 f"integer >= 1).")
 
     def _setting(self, name: str) -> str:
         """The value of a named training switch, refused with the accepted values if unknown (also when it was
@@ -196,38 +199,7 @@ class SKCDFTrainer(nnUNetTrainer):
             else self.label_manager.ignore_label
 
     # ------------------------------------------------------------------------------------------ data
-    def get_dataloaders(self):
-        # a refusal (split, missing or stale unlabelled data) is printed before nnUNetv2_train's long traceback
-        with refusal_first(type(self).__name__, lambda line: self.print_to_log_file(line, also_print_to_console=False)):
-            unlabeled = self._checked_unlabeled_ids()
-            self.dataloader_unlabeled = self._get_unlabeled_dataloader(unlabeled)  # first: refuse before workers start
-        return super().get_dataloaders()
-
-    def _checked_unlabeled_ids(self) -> List[str]:
-        """This fold's unlabelled ids, after checking the split before nnU-Net reads it: every fold's labelled and
-        validation ids must be preprocessed training cases, and no case may have two roles (a labelled case in
-        'unlabeled' would leak its label into the unlabelled loss' bookkeeping, a validation case in training
-        would inflate validation). Unlabelled ids are checked by the unlabelled loader, which knows where each
-        image was preprocessed."""
-        path = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
-        # file, fold and 'unlabeled' key, with their own messages; then every fold of the same file
-        _, _, unlabeled = load_semi_supervised_fold(self.preprocessed_dataset_folder_base, self.fold)
-        with open(path) as f:
-            splits = json.load(f)
-        training = set(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
-        unlabeled_images = {c for fold in splits for c in fold.get("unlabeled", [])} - training
-        try:
-            validate_splits(splits, training, unlabeled_images,
-                            hint="Fix the split or make it anew with skcdf_split -d <dataset> ... --overwrite.")
-        except SKCDFInputError as e:
-            raise SKCDFInputError(f"{path}: {e}") from None
-        return unlabeled
-
-    def _get_unlabeled_dataloader(self, unlabeled: List[str]):
-        rank, world = (dist.get_rank(), dist.get_world_size()) if self.is_ddp else (0, 1)
-        return get_unlabeled_dataloader(self, unlabeled, self.unlabeled_batch_size or self.batch_size,
-                                        rank=rank, world_size=world, view_transform=self._student_view_transform())
-
+    # the unlabelled stream's start, split check and end: UnlabelledStream; the student's view (opt-in) here
     def _student_view_transform(self):
         """The per-sample transform of the student's view (``unlabelled_view = "strong_intensity"``), run by the
         unlabelled loader on the CPU; None for the reference (D_u reuses x_u's encoder features)."""
@@ -295,7 +267,10 @@ class SKCDFTrainer(nnUNetTrainer):
         net = self._net()
         record, shapes = net.loaded_record, net.architecture()  # after loading: the checkpoint's window
         if record is not None and record.get("training") is not None:
-            return {**record["architecture"], **record["training"]}, f"recorded by {record.get('trainer')}"
+            recorded = {**record["architecture"], **record["training"]}
+            # a setting added after the record was written: the value every earlier run trained with
+            older = {k: S.BEFORE_IT_EXISTED[k] for k in S.SETTINGS if k not in recorded and k in S.BEFORE_IT_EXISTED}
+            return {**older, **recorded}, f"recorded by {record.get('trainer')}"
         known = (record or {}).get("architecture") or {k: shapes[k] for k in S.SHAPE_SETTINGS}
         bottleneck = net.skc.spatial_size if isinstance(net.skc, SKCModule) else None
         debug, why = self._trusted_debug_settings()
@@ -421,11 +396,6 @@ class SKCDFTrainer(nnUNetTrainer):
             if os.path.isfile(tmp):
                 os.remove(tmp)
 
-    def on_train_end(self):
-        super().on_train_end()
-        if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
-            self.dataloader_unlabeled._finish()
-
     # ------------------------------------------------------------------------------------------ training step
     def train_step(self, batch: dict) -> dict:
         x_l = batch["data"].to(self.device, non_blocking=True)
@@ -434,6 +404,7 @@ class SKCDFTrainer(nnUNetTrainer):
         x_u = unlabelled["data"].to(self.device, non_blocking=True)
         # the student's view (opt-in) was perturbed by the loader, on the CPU; None: D_u reuses x_u's features
         x_u_view = self._student_view(unlabelled)
+        x_l = C.appearance_transfer(x_l, x_u, self.appearance_transfer)  # opt-in; identity at 0 (the reference)
         net = self._net()
 
         self.optimizer.zero_grad(set_to_none=True)

@@ -134,6 +134,12 @@ SKCDFTrainer_strongView = _hyperparameter_variant(
     "SKCDFTrainer_strongView", "Extension (not in the reference): D_u learns the pseudo labels of x_u on a copy of "
     "x_u perturbed by nnU-Net's intensity transforms at high probability (unlabelled_view='strong_intensity').",
     unlabelled_view="strong_intensity")
+SKCDFTrainer_histMatch = _hyperparameter_variant(
+    "SKCDFTrainer_histMatch", "Extension (not in the reference): each labelled sample, with probability 0.5, is "
+    "histogram-matched to an unlabelled sample of the same step (appearance_transfer=0.5): the labelled images take "
+    "on the intensity distributions of the unlabelled ones (another site's contrast phase, dose, calibration) while "
+    "their labels stay valid. Costs one quantile estimate and one table look-up per matched sample.",
+    appearance_transfer=0.5)
 SKCDFTrainer_crossWholeBatch = _hyperparameter_variant(
     "SKCDFTrainer_crossWholeBatch", "Cross-attention over the whole other half of the batch (skc_cross_group=None: "
     "every labelled sample reads all unlabelled samples and back), the rule up to 0.4. Identical to SKCDFTrainer at "

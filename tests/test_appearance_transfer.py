@@ -1,0 +1,122 @@
+"""Appearance transfer (issue 39's candidate): labelled samples histogram-matched to unlabelled ones of the same
+step, in SKCDF (``SKCDFTrainer_histMatch``) and in stock nnU-Net (``nnUNetTrainer_histMatch``)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nnunetv2_skcdf.training import skcdf_components as C
+
+
+def _quantiles(x: torch.Tensor, t=(0.05, 0.25, 0.5, 0.75, 0.95)) -> torch.Tensor:
+    return torch.quantile(x.reshape(-1)[:200_000].float(), torch.tensor(t))
+
+
+def test_matched_image_has_the_reference_distribution_and_keeps_the_voxel_order():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 24, 48, 48, generator=g) * 2 + 5              # source: N(5, 2)
+    ref = torch.rand(1, 20, 40, 40, generator=g) ** 2 * 10 - 3        # another shape, a skewed distribution
+    y = C.match_histogram(x, ref, generator=g)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.allclose(_quantiles(y), _quantiles(ref), atol=0.08)  # the reference's quantiles (sampled, 64k)
+    order = torch.argsort(x.reshape(-1))
+    assert (y.reshape(-1)[order].diff() >= -1e-5).all()               # monotonic: no two voxels swap
+    assert y.min() >= ref.min() - 1e-5 and y.max() <= ref.max() + 1e-5
+    with pytest.raises(ValueError, match="1 channels against 2"):
+        C.match_histogram(x, torch.zeros(2, 4, 4, 4))
+
+
+def test_a_run_of_equal_values_maps_to_the_middle_of_its_quantile_range():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 64, 64, generator=g).clamp(min=0)  # half the voxels exactly 0 (like clipped air)
+    ref = torch.rand(1, 16, 64, 64, generator=g) * 4 - 2      # U(-2, 2)
+    y = C.match_histogram(x, ref, generator=g)
+    zero = y[x == 0].unique()
+    assert zero.numel() == 1 and float(zero) == pytest.approx(-1.0, abs=0.06)  # U(-2, 2) at quantile 0.25
+    assert float(y[x > 0].min()) >= float(zero)
+    assert C.match_histogram(torch.full((1, 4, 4), 3.0), ref).unique().numel() == 1  # a constant image: one value
+
+
+def test_appearance_transfer_matches_each_sample_with_its_probability_and_never_writes_its_input():
+    g = torch.Generator().manual_seed(2)
+    x_l = torch.randn(4, 1, 8, 16, 16, generator=g)
+    x_u = torch.rand(3, 1, 8, 16, 16, generator=g) * 10 + 100
+    copy = x_l.clone()
+    assert C.appearance_transfer(x_l, x_u, 0.0) is x_l
+    every = C.appearance_transfer(x_l, x_u, 1.0, generator=g)
+    assert torch.equal(x_l, copy)
+    assert (every >= 100 - 1e-4).all() and (every <= 110 + 1e-4).all()  # every sample in x_u's range
+    torch.manual_seed(3)
+    matched = [int(((C.appearance_transfer(x_l, x_u, 0.5) - x_l).abs().amax(dim=(1, 2, 3, 4)) > 0).sum())
+               for _ in range(50)]
+    assert 0.35 < np.mean(matched) / 4 < 0.65
+
+
+def test_skcdf_variant_trains_on_the_transferred_labelled_batch(trainer_factory, monkeypatch):
+    from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import SKCDFTrainer_histMatch
+
+    trainer = trainer_factory(SKCDFTrainer_histMatch)
+    assert trainer.appearance_transfer == 0.5
+    seen, calls = [], []
+    original = C.appearance_transfer
+
+    def spy(x_l, x_u, p, generator=None):
+        out = original(x_l, x_u, p, generator)
+        calls.append((x_l.clone(), x_u.clone(), out))
+        return out
+
+    monkeypatch.setattr(C, "appearance_transfer", spy)
+    trainer.on_train_start()
+    try:
+        assert trainer.skcdf_settings()["appearance_transfer"] == 0.5  # recorded with the weights
+        trainer.appearance_transfer = 1.0  # every sample, so that the check below is deterministic
+        net = trainer._net()
+        forward = type(net).forward
+        monkeypatch.setattr(type(net), "forward", lambda self, *a: seen.append(a) or forward(self, *a))
+        out = trainer.train_step(next(trainer.dataloader_train))
+        assert np.isfinite(out["loss"])
+        (x_l, x_u, _), = seen
+        (raw_l, raw_u, transferred), = calls
+        assert torch.equal(x_l, transferred) and not torch.equal(x_l, raw_l) and torch.equal(x_u, raw_u)
+        assert x_l.min() >= raw_u.min() - 1e-4 and x_l.max() <= raw_u.max() + 1e-4
+    finally:
+        trainer.on_train_end()
+    trainer = trainer_factory(SKCDFTrainer_histMatch)
+    trainer.appearance_transfer = 1.5
+    with pytest.raises(ValueError, match=r"appearance_transfer = 1.5 is out of range"):
+        trainer.initialize()
+
+
+def test_nnunet_variant_trains_with_the_unlabelled_stream_and_is_found_by_nnunet(tiny_training, monkeypatch):
+    import json
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
+    from nnunetv2_skcdf.training.nnUNetTrainer.variants.appearance.nnUNetTrainer_histMatch import (
+        nnUNetTrainer_histMatch)
+
+    monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
+    found = recursive_find_trainer_class_by_name("nnUNetTrainer_histMatch")  # nnU-Net imports it under its own name
+    assert [c.__name__ for c in found.__mro__[:3]] == ["nnUNetTrainer_histMatch", "UnlabelledStream", "nnUNetTrainer"]
+    pre = tiny_training["preprocessed"]
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    trainer = nnUNetTrainer_histMatch(plans, "3d_tiny", 0, json.loads((pre / "dataset.json").read_text()),
+                                      device=torch.device("cpu"))
+    trainer.appearance_transfer = 1.0
+    seen = []
+    trainer.on_train_start()
+    try:
+        forward = type(trainer.network).forward
+        monkeypatch.setattr(type(trainer.network), "forward", lambda self, x: seen.append(x) or forward(self, x))
+        batch = next(trainer.dataloader_train)
+        reference = next(trainer.dataloader_unlabeled)["data"]  # the stream runs: batches of unlabelled images
+        assert reference.shape[0] == trainer.batch_size and "target" not in next(trainer.dataloader_unlabeled)
+        out = trainer.train_step(batch)
+        assert np.isfinite(out["loss"])
+        x, = seen  # the one forward of the step: the labelled batch after the transfer
+        assert x.shape == batch["data"].shape and not torch.equal(x, batch["data"])
+    finally:
+        trainer.on_train_end()
