@@ -11,7 +11,8 @@ labels from D_l, unlabelled pass in self mode through D_u reusing the encoder fe
 L_u = DC+CE(Q, p) + masked DC+CE(Q_b, p_b, M_u), and one optimiser step on L_sup + lambda(t) L_u. Opt-in extension
 (``unlabelled_view = "strong_intensity"``, ``SKCDFTrainer_strongView``): the unlabelled pass runs on its own
 encoder pass of an intensity-perturbed copy of x_u (made by the unlabelled loader, on the CPU), the pseudo labels
-still come from x_u.
+still come from x_u. Another (``appearance_transfer``, ``SKCDFTrainer_histMatch``): before the labelled pass, each
+labelled sample may be histogram-matched to an unlabelled sample of the step (labels unchanged).
 
 A run trains by the rules it started with: every setting (the class attributes and the hyperparameter block) is
 saved with the weights (``skcdf_settings``); ``--c`` refuses other rules, naming each difference and the trainer
