@@ -155,7 +155,10 @@ def main() -> None:
     parser.add_argument("--final-epoch", type=int, required=True)
     parser.add_argument("--hidden", nargs="*", default=[], help="hidden-label training cases (SKCDF models)")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    # --threads of the benchmark (SKCDF_CONV_THREADS) holds here too: beside a one-thread training on 2 cores, two
+    # threads here would contend (the barrier spins) and slow both
+    threads = os.environ.get("SKCDF_CONV_THREADS")
+    torch.set_num_threads(int(threads) if threads else (os.cpu_count() or 1))
     out, raw, fold_dir = Path(args.out), Path(args.raw), Path(args.model) / f"fold_{args.fold}"
     results = json.loads(out.read_text()) if out.exists() else {}
     predictor = cpu_predictor()
