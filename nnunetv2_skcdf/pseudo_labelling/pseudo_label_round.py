@@ -444,7 +444,9 @@ def _write_student(staging: str, raw: str, source_json: dict, training: dict, ro
     if unlabeled:
         dj["numUnlabeled"] = len(unlabeled)
     dj["description"] = (f"Pseudo-label round made by skcdf_pseudolabel from {os.path.basename(raw)}: labelled and "
-                         f"validation cases with their labels, {len(kept)} kept pseudo-labelled cases; see {RECORD}.")
+                         f"validation cases with their labels, {len(kept)} kept pseudo-labelled cases"
+                         + (f", the {len(unlabeled)} cases not kept as unlabelled images" if unlabeled else "")
+                         + f"; see {RECORD}.")
     atomic_save_json(dj, os.path.join(staging, "dataset.json"))
 
 
