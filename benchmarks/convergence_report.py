@@ -837,6 +837,17 @@ def nest_report(table: str, prefix: str) -> str:
     return "\n".join(out)
 
 
+def curve_points_line(budget: dict, curves: Dict[str, dict]) -> str:
+    """The budget's curve points, and the arms whose mean curve has fewer (runs evaluated with --curve-every)."""
+    from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
+
+    full = [e * ITERATIONS_PER_EPOCH for e in sorted(budget["snapshot_epochs"])]
+    fewer = [f"({k}) at {', '.join(map(str, c['iterations']))}" for k, c in curves.items() if c["iterations"] != full]
+    return ", ".join(map(str, full)) + (
+        "; mean curves with the points every run of the arm was evaluated at (`--curve-every`): " + "; ".join(fewer)
+        if fewer else "")
+
+
 def markdown(r: dict, figures: dict) -> str:
     from convergence_common import SMALLEST
 
@@ -860,7 +871,7 @@ def markdown(r: dict, figures: dict) -> str:
                   f"at {r['budget']['iterations']} (mean / 4 smallest) | its own last-quarter gain |\n"
                   "|---|---|---|---|---|---|---|\n"
                   + others)
-    its = ", ".join(str(i) for i in next(iter(r["curves"].values()))["iterations"]) if r["curves"] else "-"
+    its = curve_points_line(r["budget"], r["curves"])
     pics = "\n".join(f"![{k}](benchmarks/results/{Path(v).name})" for k, v in figures.items())
     pics += "".join(overlay_note(r.get(name, []), list(r["stored_runs"]), title)
                     for name, title in OVERLAYS.items())

@@ -544,6 +544,32 @@ def test_skcdf_curves_evaluate_the_hidden_label_cases_unless_none_are_given(tmp_
     assert test_only[test_only.index("--out") + 1] == str(tmp_path / "curves" / "d_fold0.json")
 
 
+def test_curve_every_keeps_the_final_and_the_three_quarter_snapshot_and_the_report_names_the_sparser_arms(
+        tmp_path, monkeypatch):
+    snaps = [30, 60, 90, 120, 150, 180, 210, 240]
+    assert C.curve_epochs(snaps, 1) == snaps
+    assert C.curve_epochs(snaps, 2) == [60, 120, 180, 240]  # 180 = 3/4 of 240: the plateau criterion's point
+    assert C.curve_epochs(snaps, 3) == [60, 150, 240]
+    with pytest.raises(ValueError, match="curve-every"):
+        C.curve_epochs(snaps, 0)
+    commands = []
+    monkeypatch.setattr(C.subprocess, "run", lambda cmd, env, check: commands.append(cmd))
+    C.curves(C.ARMS["a"], 1, tmp_path, {"nnUNet_results": str(tmp_path)}, tmp_path,
+             {"epochs": 240, "snapshot_epochs": snaps}, [], every=2)
+    assert commands[0][commands[0].index("--epochs") + 1] == "60,120,180,240"
+    # one run with 8 points, one with 4: the arm's mean curve has the 4 both have, and the plateau is unchanged
+    full = {str(e): {"test_dice": {"1": e / 300}} for e in snaps}
+    sparse = {str(e): {"test_dice": {"1": e / 300 + 0.01}} for e in [60, 120, 180, 240]}
+    table = R.curve_table({"a": [{"arm": "a", "curve": full}, {"arm": "a", "curve": sparse}],
+                           "c": [{"arm": "c", "curve": full}]}, ["1"])
+    assert table["a"]["iterations"] == [3000, 6000, 9000, 12000] and table["a"]["runs"] == 2
+    assert R.plateau(table["a"])["from_iteration"] == 9000
+    line = R.curve_points_line({"epochs": 240, "snapshot_epochs": snaps}, table)
+    assert line.startswith("1500, 3000, 4500, 6000, 7500, 9000, 10500, 12000; ")
+    assert "(a) at 3000, 6000, 9000, 12000" in line and "(c)" not in line
+    assert R.curve_points_line({"epochs": 240, "snapshot_epochs": snaps}, {"c": table["c"]}).endswith("12000")
+
+
 # ---------------------------------------------------------------------------------------------- the multi-site task
 MS = {"num_train": 40, "num_unlabeled": 24, "num_test": 16, "val": "4", "labeled": "4", "sites": ["A", "B", "C", "D"],
       "labelled_site": "A", "sites_version": "1"}
@@ -943,7 +969,8 @@ def test_the_multisite_section_names_its_task_and_shows_sites_rounds_room_and_co
     assert "4 validation and 4 labelled cases, all of site A" in R.task_line(task)
     assert "the other 32 of every site with hidden labels" in R.task_line(task)
     assert "(c) trains on all 36 non-validation training cases" in R.task_line(task)
-    r = {"task": task, "budget": {"iterations": 8000}, "status": "partial", "command": "python x", "date": "d",
+    budget = {"iterations": 8000, "epochs": 160, "snapshot_epochs": [20, 40, 60, 80, 100, 120, 140, 160]}
+    r = {"task": task, "budget": budget, "status": "partial", "command": "python x", "date": "d",
          "commit": "c", "machine": "m", "stored_runs": {}, "missing_runs": {"p": 3}, "train_epoch_s_median": {},
          "curves": {}, "plateau": {}, "other_budgets": [], "goals": {}, "final_table": None, "islands_per_run": {},
          "gap_per_organ": None, "plateau_arms": ["a", "c", "p"], "room": {"a": 75.0, "c": 90.0, "gap": 15.0,
@@ -957,6 +984,7 @@ def test_the_multisite_section_names_its_task_and_shows_sites_rounds_room_and_co
            "this budget yet." in text
     assert "a gap of 15.0 mean Dice points, at least 10: met." in text
     assert "adds < 1.0 mean Dice point to (a), (c) and (p)." in text and "| (a) | 1 | 0.75 |" in text
+    assert "curve points at iterations 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000. Test-set Dice" in text
 
 
 def _sleeper():
