@@ -54,6 +54,8 @@ ARMS = {a.key: a for a in (
     # issue 39's appearance candidate: labelled samples histogram-matched to unlabelled ones, in SKCDF and in nnU-Net
     Arm("r", "SKCDF + appearance transfer", "SKCDFTrainer_histMatch_conv"),
     Arm("s", "nnU-Net + appearance transfer", "nnUNetTrainer_histMatch_conv", skcdf=False),
+    # issue 39's mixing candidate: labelled boxes pasted into unlabelled samples, D_u taught the true labels there
+    Arm("t", "SKCDF + copy-paste", "SKCDFTrainer_copyPaste_conv"),
 )}
 
 

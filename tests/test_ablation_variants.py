@@ -38,11 +38,13 @@ EXPECTED = {
     "SKCDFTrainer_strongView": {"unlabelled_view": "strong_intensity"},
     "SKCDFTrainer_crossWholeBatch": {"skc_cross_group": None},
     "SKCDFTrainer_histMatch": {"appearance_transfer": 0.5},
+    "SKCDFTrainer_copyPaste": {"copy_paste": 1.0},
 }
 SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_self_heads",
             "skc_heads", "skc_window", "skc_dropout", "balanced_heads", "decoupled", "masking", "ema_couple_decoders",
             "consistency_weight", "rampup_epochs", "ema_momentum", "head_ema", "num_epochs", "unlabeled_batch_size",
-            "unlabelled_view", "ema_buffers", "keep_rate_source", "skc_cross_group", "appearance_transfer")
+            "unlabelled_view", "ema_buffers", "keep_rate_source", "skc_cross_group", "appearance_transfer",
+            "copy_paste", "copy_paste_size")
 
 
 def _settings(trainer) -> dict:
@@ -90,7 +92,8 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
     added_since = {"SKCDFTrainer_perHeadSelf", "SKCDFTrainer_divisorWindow", "SKCDFTrainer_lrScaledHeadEMA",
                    "SKCDFTrainer_noHeadEMA", "SKCDFTrainer_constantHeadEMA", "SKCDFTrainer_cw0",
                    "SKCDFTrainer_strongView", "SKCDFTrainer_excludeMask",
-                   "SKCDFTrainer_crossWholeBatch", "SKCDFTrainer_histMatch"}  # never had an old name
+                   "SKCDFTrainer_crossWholeBatch", "SKCDFTrainer_histMatch",
+                   "SKCDFTrainer_copyPaste"}  # never had an old name
     expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
                     "nnUNetTrainerSKCDF_demo40epochs", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_20epochs",
                     "nnUNetTrainerSKCDF_100epochs"} | \

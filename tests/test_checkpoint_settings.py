@@ -25,7 +25,7 @@ RECORDED = {"skc_enabled", "skc_heads", "skc_window", "skc_order", "skc_self_hea
             "skc_attention_dropout", "labelled_attention_mode", "balanced_heads", "decoupled",
             "masking", "head_ema", "ema_momentum", "ema_couple_decoders", "ema_buffers", "consistency_weight",
             "rampup_epochs", "unlabeled_batch_size", "unlabelled_view", "keep_rate_source", "skc_cross_group",
-            "appearance_transfer"}
+            "appearance_transfer", "copy_paste", "copy_paste_size"}
 #: attributes of the hyperparameter block that are state or a safety stop, not a training rule
 NOT_RULES = {"dataloader_unlabeled", "masked_loss", "nonfinite_in_a_row", "max_nonfinite_steps", "_strong_transform",
              "_resumed_from"}
@@ -173,20 +173,24 @@ def test_cross_attention_groups_count_only_where_they_act(make):
 
 
 def test_a_record_written_before_a_setting_existed_resumes_with_the_value_runs_had_then(make):
-    """A checkpoint whose record predates appearance_transfer (added after 0.4, off before) resumes under
-    SKCDFTrainer (off by default); SKCDFTrainer_histMatch's run (on) resumed by SKCDFTrainer is refused, naming it."""
+    """A checkpoint whose record predates appearance_transfer and copy-paste (added after 0.4, off before) resumes
+    under SKCDFTrainer (off by default); SKCDFTrainer_histMatch's run (on) resumed by SKCDFTrainer is refused, naming
+    it, and so is SKCDFTrainer_copyPaste's."""
     from nnunetv2_skcdf.network.architectures.skcdf_unet import encode_record
 
     checkpoint = _old_run(make, SKCDFTrainer)
     saved = torch.load(checkpoint, weights_only=False)
     record = _record(saved)
-    del record["training"]["appearance_transfer"]
+    for added in ("appearance_transfer", "copy_paste", "copy_paste_size"):
+        del record["training"][added]
     saved["network_weights"]["_extra_state"] = encode_record(record)
     torch.save(saved, checkpoint)
     _accepted(_resume(make, SKCDFTrainer, checkpoint))
     checkpoint = _old_run(make, A.SKCDFTrainer_histMatch, folder_name="SKCDFTrainer")
     _refused(_resume(make, SKCDFTrainer, checkpoint),
              r"appearance_transfer: 0.5 in the checkpoint, 0.0 in SKCDFTrainer")
+    checkpoint = _old_run(make, A.SKCDFTrainer_copyPaste, folder_name="SKCDFTrainer")
+    _refused(_resume(make, SKCDFTrainer, checkpoint), r"copy_paste: 1.0 in the checkpoint, 0.0 in SKCDFTrainer")
 
 
 def test_resume_with_the_same_rules_is_silent_and_validation_needs_the_architecture_only(make, recwarn):

@@ -25,6 +25,7 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablati
     SKCDFTrainer_noHeadEMA,
     SKCDFTrainer_perHeadSelf,
     SKCDFTrainer_rampup50,
+    SKCDFTrainer_copyPaste,
     SKCDFTrainer_histMatch,
     SKCDFTrainer_strongView,
 )
@@ -132,3 +133,8 @@ class SKCDFTrainer_histMatch_conv(_ConvergenceBudget, SKCDFTrainer_histMatch):
 
 class nnUNetTrainer_histMatch_conv(_ConvergenceBudget, nnUNetTrainer_histMatch):
     """Arm (s): the same appearance transfer in stock nnU-Net, the baseline that tells what (r) owes to it alone."""
+
+
+class SKCDFTrainer_copyPaste_conv(_ConvergenceBudget, SKCDFTrainer_copyPaste):
+    """Arm (t), issue 39's mixing candidate: SKCDFTrainer's defaults with a box of a labelled sample (2/3 of the
+    patch per axis) pasted into every unlabelled sample; D_u learns the true labels inside the box."""

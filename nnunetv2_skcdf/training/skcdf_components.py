@@ -215,3 +215,73 @@ def appearance_transfer(x_l: torch.Tensor, x_u: torch.Tensor, probability: float
         if draw[i] < probability:
             out[i] = match_histogram(x_l[i], x_u[int(pick[i])], generator=generator)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- copy-paste
+Box = Optional[tuple]  # ((start, stop) per spatial axis) at full resolution, or None: nothing pasted
+
+
+def paste_boxes(batch: int, spatial: Sequence[int], probability: float, size: float,
+                generator: Optional[torch.Generator] = None) -> List[Box]:
+    """Per unlabelled sample: with ``probability`` a box of ``round(size * S_d)`` voxels (at least 1) along each
+    spatial axis ``d``, at a uniformly random position inside the patch; otherwise None. No random number is drawn
+    at probability 0 (the trainer's other draws stay the reference's)."""
+    if probability <= 0:
+        return [None] * batch
+    draw = torch.rand(batch, generator=generator)
+    boxes = []
+    for i in range(batch):
+        if draw[i] >= probability:
+            boxes.append(None)
+            continue
+        box = []
+        for s in spatial:
+            edge = min(max(1, round(size * s)), s)
+            start = int(torch.randint(s - edge + 1, (1,), generator=generator))
+            box.append((start, start + edge))
+        boxes.append(tuple(box))
+    return boxes
+
+
+def box_mask(box: tuple, full: Sequence[int], shape: Sequence[int], device=None) -> torch.Tensor:
+    """The voxels of a ``shape`` grid whose full-resolution source voxel lies in ``box`` (a box of the ``full``
+    grid): nnU-Net's deep-supervision targets are the full-resolution target downsampled with
+    ``interpolate(mode="nearest-exact")`` (batchgeneratorsv2's ``DownsampleSegForDSTransform``), so the same
+    mapping tells which voxels of a coarser target come from the pasted region. -> bool (*shape)."""
+    mask = torch.zeros(tuple(full), dtype=torch.float32, device=device)
+    mask[tuple(slice(a, b) for a, b in box)] = 1
+    if tuple(shape) != tuple(full):
+        mask = torch.nn.functional.interpolate(mask[None, None], tuple(shape), mode="nearest-exact")[0, 0]
+    return mask > 0.5
+
+
+def copy_paste(x_u: torch.Tensor, x_l: torch.Tensor, boxes: List[Box]) -> torch.Tensor:
+    """Unlabelled batch (B_u, C, *S) with, for each sample ``j`` that has a box, the box's voxels taken from labelled
+    sample ``j mod B_l`` (the same position in both patches): labelled anatomy inside an unlabelled image, as
+    bidirectional copy-paste (Bai et al., CVPR 2023) does in its labelled-into-unlabelled direction. ``x_u`` is
+    left unchanged; without any box it is returned as is."""
+    if all(b is None for b in boxes):
+        return x_u
+    out = x_u.clone()
+    for j, box in enumerate(boxes):
+        if box is not None:
+            region = (slice(None),) + tuple(slice(a, b) for a, b in box)
+            out[j][region] = x_l[j % x_l.shape[0]][region].to(out.dtype)
+    return out
+
+
+def paste_targets(target_u: Optional[Scales], target_l: Scales, boxes: List[Box],
+                  full: Sequence[int]) -> Optional[Scales]:
+    """The unlabelled targets (pseudo labels, (B_u, 1, *S) per scale) with each box's voxels set to the label of
+    the labelled sample pasted there (``target_l``, the same scales): inside a pasted box the unlabelled decoder
+    learns the true label. ``full`` is the full-resolution patch size the boxes refer to."""
+    if target_u is None or all(b is None for b in boxes):
+        return target_u
+    if isinstance(target_u, (list, tuple)):
+        return [paste_targets(u, t, boxes, full) for u, t in zip(target_u, target_l)]
+    out = target_u.clone()
+    for j, box in enumerate(boxes):
+        if box is not None:
+            mask = box_mask(box, full, out.shape[2:], out.device)[None]
+            out[j] = torch.where(mask, target_l[j % target_l.shape[0]].to(out.dtype), out[j])
+    return out

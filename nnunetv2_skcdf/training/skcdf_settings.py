@@ -26,7 +26,7 @@ ARCHITECTURE_SETTINGS = ("skc_enabled", "skc_heads", "skc_window", "skc_order", 
 #: the hyperparameter block of SKCDFTrainer.__init__ (``max_nonfinite_steps`` is a safety stop, not a rule)
 TRAINING_SETTINGS = ("masking", "head_ema", "ema_momentum", "ema_couple_decoders", "ema_buffers",
                      "consistency_weight", "rampup_epochs", "unlabeled_batch_size", "unlabelled_view",
-                     "keep_rate_source", "skc_cross_group", "appearance_transfer")
+                     "keep_rate_source", "skc_cross_group", "appearance_transfer", "copy_paste", "copy_paste_size")
 SETTINGS = ARCHITECTURE_SETTINGS + TRAINING_SETTINGS
 #: architecture settings the weights' shapes reveal (a checkpoint without a record still tells them)
 SHAPE_SETTINGS = ("skc_enabled", "skc_heads", "skc_window", "balanced_heads")
@@ -38,7 +38,8 @@ _V04 = dict(skc_enabled=True, skc_heads=2, skc_window=None, skc_order="local_glo
             skc_dropout=0.1, skc_attention_dropout=0.0, labelled_attention_mode="cross", balanced_heads=True,
             decoupled=True, masking="multiply", head_ema="lr_scaled", ema_momentum=0.99, ema_couple_decoders=True,
             ema_buffers=True, consistency_weight=10.0, rampup_epochs=None, unlabeled_batch_size=None,
-            unlabelled_view="same", keep_rate_source="labelled_cases", skc_cross_group=None, appearance_transfer=0.0)
+            unlabelled_view="same", keep_rate_source="labelled_cases", skc_cross_group=None, appearance_transfer=0.0,
+            copy_paste=0.0, copy_paste_size=2 / 3)
 _V03 = {**_V04, "masking": "exclude"}
 _V02 = {**_V03, "head_ema": "constant"}
 _V01 = {**_V02, "skc_window": "divisor"}
@@ -74,7 +75,8 @@ CURRENT_DEFAULTS = {**_V04, "ema_buffers": False, "skc_cross_group": 2}
 BEFORE_IT_EXISTED = {"head_ema": "constant", "skc_self_heads": "joint", "ema_couple_decoders": True,
                      "unlabelled_view": "same", "skc_enabled": True, "labelled_attention_mode": "cross",
                      "balanced_heads": True, "decoupled": True, "ema_buffers": True,
-                     "keep_rate_source": "labelled_cases", "skc_cross_group": None, "appearance_transfer": 0.0}
+                     "keep_rate_source": "labelled_cases", "skc_cross_group": None, "appearance_transfer": 0.0,
+                     "copy_paste": 0.0, "copy_paste_size": None}
 
 
 def raw_settings(obj) -> dict:
@@ -102,6 +104,8 @@ def effective(raw: dict, bottleneck: Optional[Sequence[int]], float_buffers: boo
         s["masking"] = s["head_ema"] = None
     if not s["decoupled"]:
         s["ema_couple_decoders"] = None
+    if not s["copy_paste"]:  # the box size acts only where boxes are pasted
+        s["copy_paste_size"] = None
     if not (s["decoupled"] and s["ema_couple_decoders"] and float_buffers):
         s["ema_buffers"] = None
     return s

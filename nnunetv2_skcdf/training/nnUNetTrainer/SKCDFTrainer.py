@@ -12,7 +12,9 @@ L_u = DC+CE(Q, p) + masked DC+CE(Q_b, p_b, M_u), and one optimiser step on L_sup
 (``unlabelled_view = "strong_intensity"``, ``SKCDFTrainer_strongView``): the unlabelled pass runs on its own
 encoder pass of an intensity-perturbed copy of x_u (made by the unlabelled loader, on the CPU), the pseudo labels
 still come from x_u. Another (``appearance_transfer``, ``SKCDFTrainer_histMatch``): before the labelled pass, each
-labelled sample may be histogram-matched to an unlabelled sample of the step (labels unchanged).
+labelled sample may be histogram-matched to an unlabelled sample of the step (labels unchanged). A third
+(``copy_paste``, ``SKCDFTrainer_copyPaste``): a box of a labelled sample is pasted into an unlabelled one before the
+labelled pass, and D_u learns the true labels inside the box, the pseudo labels outside.
 
 A run trains by the rules it started with: every setting (the class attributes and the hyperparameter block) is
 saved with the weights (``skcdf_settings``); ``--c`` refuses other rules, naming each difference and the trainer
@@ -89,6 +91,11 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         #                                   one of the step (its intensities take on an unlabelled image's
         #                                   distribution, e.g. another site's contrast phase; labels unchanged).
         #                                   0: off (reference); SKCDFTrainer_histMatch: 0.5 (extension)
+        self.copy_paste = 0.0             # probability that an unlabelled sample gets a box of a labelled sample
+        #                                   pasted in (the same position in both patches); D_u learns the true
+        #                                   labels inside the box, the pseudo labels outside. 0: off (reference);
+        #                                   SKCDFTrainer_copyPaste: 1.0 (extension, after bidirectional copy-paste)
+        self.copy_paste_size = 2 / 3      # the box's edge as a fraction of the patch along each axis (BCP's 2/3)
         self.skc_cross_group = 2          # cross attention of the labelled pass in groups of this many labelled and
         #                                   unlabelled samples (the reference's batch of 2 + 2); None: every sample
         #                                   reads the whole other half, whose cost grows with the batch squared
@@ -141,6 +148,8 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
             self._setting(name)
         numbers = {"ema_momentum": 0.0 <= self.ema_momentum <= 1.0,
                    "appearance_transfer": 0.0 <= self.appearance_transfer <= 1.0,
+                   "copy_paste": 0.0 <= self.copy_paste <= 1.0,
+                   "copy_paste_size": 0.0 < self.copy_paste_size <= 1.0,
                    "consistency_weight": self.consistency_weight >= 0,
                    "rampup_epochs": self.rampup_epochs is None or self.rampup_epochs >= 0,
                    "unlabeled_batch_size": self.unlabeled_batch_size is None or self.unlabeled_batch_size >= 1,
@@ -150,7 +159,8 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         for name, ok in numbers.items():
             if not ok:
                 raise ValueError(f"{type(self).__name__}.{name} = {getattr(self, name)!r} is out of range "
-                                 f"(ema_momentum in [0, 1], appearance_transfer in [0, 1], consistency_weight >= 0, "
+                                 f"(ema_momentum, appearance_transfer and copy_paste in [0, 1], copy_paste_size in "
+                                 f"(0, 1], consistency_weight >= 0, "
                                  f"rampup_epochs None or >= 0, unlabeled_batch_size and skc_cross_group None or an "
                                  f"integer >= 1).")
 
@@ -406,6 +416,11 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         # the student's view (opt-in) was perturbed by the loader, on the CPU; None: D_u reuses x_u's features
         x_u_view = self._student_view(unlabelled)
         x_l = C.appearance_transfer(x_l, x_u, self.appearance_transfer)  # opt-in; identity at 0 (the reference)
+        # opt-in: boxes of labelled samples pasted into unlabelled ones (none at 0, the reference)
+        boxes = C.paste_boxes(x_u.shape[0], x_u.shape[2:], self.copy_paste, self.copy_paste_size)
+        x_u = C.copy_paste(x_u, x_l, boxes)
+        if x_u_view is not None:
+            x_u_view = C.copy_paste(x_u_view, x_l, boxes)
         net = self._net()
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -416,7 +431,9 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
             out = self.network(x_l, x_u, x_u_view)  # through the DDP / compile wrappers: one forward, one backward
             l_sup = self.loss(out.main, y_l) + self._balanced_loss(out.balanced, y_l, self.class_keep_rates)
             p, p_b = C.pseudo_labels(out.main_u), C.pseudo_labels(out.balanced_u)
-            l_u = self.loss(out.unlabelled_main, p) + self._balanced_loss(out.unlabelled_balanced, p_b, rates_u)
+            # inside a pasted box D_u learns the labelled sample's true labels (no box: p and p_b themselves)
+            t_u, t_u_b = (C.paste_targets(t, y_l, boxes, x_u.shape[2:]) for t in (p, p_b))
+            l_u = self.loss(out.unlabelled_main, t_u) + self._balanced_loss(out.unlabelled_balanced, t_u_b, rates_u)
             loss = l_sup + lam * l_u
         self._backward(loss)  # queued before the host sync below, so the GPU keeps working meanwhile
         histogram = C.class_histogram(_first(p), self.label_manager.num_segmentation_heads)

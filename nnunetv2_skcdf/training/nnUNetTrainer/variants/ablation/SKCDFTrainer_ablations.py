@@ -140,6 +140,13 @@ SKCDFTrainer_histMatch = _hyperparameter_variant(
     "on the intensity distributions of the unlabelled ones (another site's contrast phase, dose, calibration) while "
     "their labels stay valid. Costs one quantile estimate and one table look-up per matched sample.",
     appearance_transfer=0.5)
+SKCDFTrainer_copyPaste = _hyperparameter_variant(
+    "SKCDFTrainer_copyPaste", "Extension (not in the reference): every unlabelled sample gets a box of a labelled "
+    "sample pasted in at the same position (2/3 of the patch along each axis, as bidirectional copy-paste, BCP, "
+    "CVPR 2023, does in its labelled-into-unlabelled direction; copy_paste=1.0). The mixed images go through the "
+    "labelled pass (the pseudo labels come from them) and D_u learns the labelled sample's true labels inside the "
+    "box and the pseudo labels outside: the decoder used at inference gets labelled anatomy in unlabelled images' "
+    "context. No extra forward pass.", copy_paste=1.0)
 SKCDFTrainer_crossWholeBatch = _hyperparameter_variant(
     "SKCDFTrainer_crossWholeBatch", "Cross-attention over the whole other half of the batch (skc_cross_group=None: "
     "every labelled sample reads all unlabelled samples and back), the rule up to 0.4. Identical to SKCDFTrainer at "
