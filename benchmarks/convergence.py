@@ -99,7 +99,10 @@ grouped by site) and per site and organ, SKCDF's pseudo-label Dice per site, (p)
 (>= 10 points; reported, not enforced) and training hours per arm. Its budget is 12000 iterations: the labelled-only
 model's 8000-iteration run ended several points below its 12000-iteration run (BENCHMARKS.md, the task's two
 sections), so the runs from 2026-12-07 on use ``--iterations 12000`` (work folder ``..._12000``; the 8000-iteration
-runs stay stored as the shorter budget). Two single-thread runs side by side share the 2 cores, in one work folder
+runs stay stored as the shorter budget). Both (a) runs at 12000 still gain +2.6 and +2.8 over their last quarter,
+so (a) fold 0 also runs at 16000 iterations, the longer-budget check of 12000 (``--iterations 16000 --data-from
+skcdf_data/convergence_4lab-siteA-ms_12000 --arms a --runs 1``: the same phantom and split, its own work folder); the
+report's regime line decides on both. Two single-thread runs side by side share the 2 cores, in one work folder
 once it is prepared:
     M="--sites all --labelled-site A --labeled 4 --iterations 12000"
     python benchmarks/convergence.py $M --stages prepare                  # phantom, plans, split (once)
