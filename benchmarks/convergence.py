@@ -47,6 +47,8 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      every unlabelled sample before the labelled pass, D_u taught the true labels inside the box and the pseudo
      labels outside (``SKCDFTrainer_copyPaste``; after bidirectional copy-paste's labelled-into-unlabelled
      direction); with curves
+  u  issue 39's filter candidate: SKCDF 0.4 with the pseudo-label voxels whose softmax maximum is below 0.95 left
+     out of D_u's losses (``SKCDFTrainer_confidence``, FixMatch's threshold); with curves
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -150,7 +152,7 @@ from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_F
 CONFIG = "3d_cpu"
 RESULTS = REPO / "benchmarks" / "results"
 STORE = RESULTS / "convergence"
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q", "r", "s", "t")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q", "r", "s", "t", "u")
 #: arm (p): round 1's teachers are the (a) runs (its model folder's folds 0-2), each round writes
 #: ``P_STUDENT_FOLDS`` identical student folds; the round-1 students (all of them) teach round 2, whose
 #: students are the (p) runs. The threshold is skcdf_pseudolabel's default (0.90, chosen a priori there).

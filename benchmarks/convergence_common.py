@@ -56,6 +56,8 @@ ARMS = {a.key: a for a in (
     Arm("s", "nnU-Net + appearance transfer", "nnUNetTrainer_histMatch_conv", skcdf=False),
     # issue 39's mixing candidate: labelled boxes pasted into unlabelled samples, D_u taught the true labels there
     Arm("t", "SKCDF + copy-paste", "SKCDFTrainer_copyPaste_conv"),
+    # issue 39's filter candidate: unconfident pseudo-label voxels (softmax maximum < 0.95) leave D_u's losses
+    Arm("u", "SKCDF + confidence filter", "SKCDFTrainer_confidence_conv"),
 )}
 
 

@@ -39,12 +39,13 @@ EXPECTED = {
     "SKCDFTrainer_crossWholeBatch": {"skc_cross_group": None},
     "SKCDFTrainer_histMatch": {"appearance_transfer": 0.5},
     "SKCDFTrainer_copyPaste": {"copy_paste": 1.0},
+    "SKCDFTrainer_confidence": {"pseudo_label_threshold": 0.95},
 }
 SWITCHES = ("skc_enabled", "labelled_attention_mode", "skc_order", "skc_attention_dropout", "skc_self_heads",
             "skc_heads", "skc_window", "skc_dropout", "balanced_heads", "decoupled", "masking", "ema_couple_decoders",
             "consistency_weight", "rampup_epochs", "ema_momentum", "head_ema", "num_epochs", "unlabeled_batch_size",
             "unlabelled_view", "ema_buffers", "keep_rate_source", "skc_cross_group", "appearance_transfer",
-            "copy_paste", "copy_paste_size")
+            "copy_paste", "copy_paste_size", "pseudo_label_threshold")
 
 
 def _settings(trainer) -> dict:
@@ -93,7 +94,7 @@ def test_design_card_name_and_old_names_resolve(monkeypatch, trainer_factory):
                    "SKCDFTrainer_noHeadEMA", "SKCDFTrainer_constantHeadEMA", "SKCDFTrainer_cw0",
                    "SKCDFTrainer_strongView", "SKCDFTrainer_excludeMask",
                    "SKCDFTrainer_crossWholeBatch", "SKCDFTrainer_histMatch",
-                   "SKCDFTrainer_copyPaste"}  # never had an old name
+                   "SKCDFTrainer_copyPaste", "SKCDFTrainer_confidence"}  # never had an old name
     expected_old = {"nnUNetTrainerSKCDF", "nnUNetTrainerSKCDF_cpuTest", "nnUNetTrainerSKCDF_demo8epochs",
                     "nnUNetTrainerSKCDF_demo40epochs", "nnUNetTrainerSKCDF_5epochs", "nnUNetTrainerSKCDF_20epochs",
                     "nnUNetTrainerSKCDF_100epochs"} | \

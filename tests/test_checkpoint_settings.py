@@ -25,7 +25,7 @@ RECORDED = {"skc_enabled", "skc_heads", "skc_window", "skc_order", "skc_self_hea
             "skc_attention_dropout", "labelled_attention_mode", "balanced_heads", "decoupled",
             "masking", "head_ema", "ema_momentum", "ema_couple_decoders", "ema_buffers", "consistency_weight",
             "rampup_epochs", "unlabeled_batch_size", "unlabelled_view", "keep_rate_source", "skc_cross_group",
-            "appearance_transfer", "copy_paste", "copy_paste_size"}
+            "appearance_transfer", "copy_paste", "copy_paste_size", "pseudo_label_threshold"}
 #: attributes of the hyperparameter block that are state or a safety stop, not a training rule
 NOT_RULES = {"dataloader_unlabeled", "masked_loss", "nonfinite_in_a_row", "max_nonfinite_steps", "_strong_transform",
              "_resumed_from"}
@@ -181,7 +181,7 @@ def test_a_record_written_before_a_setting_existed_resumes_with_the_value_runs_h
     checkpoint = _old_run(make, SKCDFTrainer)
     saved = torch.load(checkpoint, weights_only=False)
     record = _record(saved)
-    for added in ("appearance_transfer", "copy_paste", "copy_paste_size"):
+    for added in ("appearance_transfer", "copy_paste", "copy_paste_size", "pseudo_label_threshold"):
         del record["training"][added]
     saved["network_weights"]["_extra_state"] = encode_record(record)
     torch.save(saved, checkpoint)

@@ -20,7 +20,7 @@ V04 = dict(skc_enabled=True, skc_heads=2, skc_window=None, skc_order="local_glob
            decoupled=True, masking="multiply", head_ema="lr_scaled", ema_momentum=0.99, ema_couple_decoders=True,
            ema_buffers=True, consistency_weight=10.0, rampup_epochs=None, unlabeled_batch_size=None,
            unlabelled_view="same", keep_rate_source="labelled_cases", skc_cross_group=None, appearance_transfer=0.0,
-           copy_paste=0.0, copy_paste_size=2 / 3)
+           copy_paste=0.0, copy_paste_size=2 / 3, pseudo_label_threshold=0.0)
 EXPECTED_RELEASES = {
     "SKCDFTrainer_v04": V04,
     "SKCDFTrainer_v03": {**V04, "masking": "exclude"},
@@ -56,7 +56,7 @@ def test_release_trainer_pins_every_setting(name, trainer_factory, monkeypatch):
     changed = dict(masking="exclude", head_ema="off", ema_momentum=0.5, ema_couple_decoders=False, ema_buffers=False,
                    consistency_weight=3.0, rampup_epochs=7, unlabeled_batch_size=5, unlabelled_view="strong_intensity",
                    keep_rate_source="other", skc_cross_group=3, appearance_transfer=0.7,
-                   copy_paste=0.3, copy_paste_size=0.5)
+                   copy_paste=0.3, copy_paste_size=0.5, pseudo_label_threshold=0.8)
 
     def drifted_init(self, *args, **kwargs):
         original(self, *args, **kwargs)

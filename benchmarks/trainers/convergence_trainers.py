@@ -25,6 +25,7 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablati
     SKCDFTrainer_noHeadEMA,
     SKCDFTrainer_perHeadSelf,
     SKCDFTrainer_rampup50,
+    SKCDFTrainer_confidence,
     SKCDFTrainer_copyPaste,
     SKCDFTrainer_histMatch,
     SKCDFTrainer_strongView,
@@ -133,6 +134,12 @@ class SKCDFTrainer_histMatch_conv(_ConvergenceBudget, SKCDFTrainer_histMatch):
 
 class nnUNetTrainer_histMatch_conv(_ConvergenceBudget, nnUNetTrainer_histMatch):
     """Arm (s): the same appearance transfer in stock nnU-Net, the baseline that tells what (r) owes to it alone."""
+
+
+class SKCDFTrainer_confidence_conv(_ConvergenceBudget, SKCDFTrainer_confidence):
+    """Arm (u), issue 39's filter candidate: SKCDFTrainer's defaults with pseudo-label voxels below a softmax maximum
+    of 0.95 left out of D_u's losses (on the multi-site task most wrong pseudo-label voxels of site C are below it:
+    BENCHMARKS_FINDINGS.md item 31)."""
 
 
 class SKCDFTrainer_copyPaste_conv(_ConvergenceBudget, SKCDFTrainer_copyPaste):

@@ -285,3 +285,15 @@ def paste_targets(target_u: Optional[Scales], target_l: Scales, boxes: List[Box]
             mask = box_mask(box, full, out.shape[2:], out.device)[None]
             out[j] = torch.where(mask, target_l[j % target_l.shape[0]].to(out.dtype), out[j])
     return out
+
+
+# ---------------------------------------------------------------------------------------------- confidence filter
+def confident(logits: Optional[Scales], threshold: float) -> Optional[Scales]:
+    """Per scale, (B, 1, *S) bool: the voxels whose softmax maximum over classes is at least ``threshold`` (the
+    pseudo labels a FixMatch-style filter keeps); None at threshold 0 (no filter) or without logits."""
+    if logits is None or threshold <= 0:
+        return None
+    if isinstance(logits, (list, tuple)):
+        return [confident(x, threshold) for x in logits]
+    with torch.no_grad():
+        return torch.softmax(logits.float(), 1).amax(1, keepdim=True) >= threshold

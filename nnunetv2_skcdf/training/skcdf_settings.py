@@ -26,7 +26,8 @@ ARCHITECTURE_SETTINGS = ("skc_enabled", "skc_heads", "skc_window", "skc_order", 
 #: the hyperparameter block of SKCDFTrainer.__init__ (``max_nonfinite_steps`` is a safety stop, not a rule)
 TRAINING_SETTINGS = ("masking", "head_ema", "ema_momentum", "ema_couple_decoders", "ema_buffers",
                      "consistency_weight", "rampup_epochs", "unlabeled_batch_size", "unlabelled_view",
-                     "keep_rate_source", "skc_cross_group", "appearance_transfer", "copy_paste", "copy_paste_size")
+                     "keep_rate_source", "skc_cross_group", "appearance_transfer", "copy_paste", "copy_paste_size",
+                     "pseudo_label_threshold")
 SETTINGS = ARCHITECTURE_SETTINGS + TRAINING_SETTINGS
 #: architecture settings the weights' shapes reveal (a checkpoint without a record still tells them)
 SHAPE_SETTINGS = ("skc_enabled", "skc_heads", "skc_window", "balanced_heads")
@@ -39,7 +40,7 @@ _V04 = dict(skc_enabled=True, skc_heads=2, skc_window=None, skc_order="local_glo
             decoupled=True, masking="multiply", head_ema="lr_scaled", ema_momentum=0.99, ema_couple_decoders=True,
             ema_buffers=True, consistency_weight=10.0, rampup_epochs=None, unlabeled_batch_size=None,
             unlabelled_view="same", keep_rate_source="labelled_cases", skc_cross_group=None, appearance_transfer=0.0,
-            copy_paste=0.0, copy_paste_size=2 / 3)
+            copy_paste=0.0, copy_paste_size=2 / 3, pseudo_label_threshold=0.0)
 _V03 = {**_V04, "masking": "exclude"}
 _V02 = {**_V03, "head_ema": "constant"}
 _V01 = {**_V02, "skc_window": "divisor"}
@@ -76,7 +77,7 @@ BEFORE_IT_EXISTED = {"head_ema": "constant", "skc_self_heads": "joint", "ema_cou
                      "unlabelled_view": "same", "skc_enabled": True, "labelled_attention_mode": "cross",
                      "balanced_heads": True, "decoupled": True, "ema_buffers": True,
                      "keep_rate_source": "labelled_cases", "skc_cross_group": None, "appearance_transfer": 0.0,
-                     "copy_paste": 0.0, "copy_paste_size": None}
+                     "copy_paste": 0.0, "copy_paste_size": None, "pseudo_label_threshold": 0.0}
 
 
 def raw_settings(obj) -> dict:

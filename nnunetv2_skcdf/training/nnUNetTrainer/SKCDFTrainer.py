@@ -14,7 +14,9 @@ encoder pass of an intensity-perturbed copy of x_u (made by the unlabelled loade
 still come from x_u. Another (``appearance_transfer``, ``SKCDFTrainer_histMatch``): before the labelled pass, each
 labelled sample may be histogram-matched to an unlabelled sample of the step (labels unchanged). A third
 (``copy_paste``, ``SKCDFTrainer_copyPaste``): a box of a labelled sample is pasted into an unlabelled one before the
-labelled pass, and D_u learns the true labels inside the box, the pseudo labels outside.
+labelled pass, and D_u learns the true labels inside the box, the pseudo labels outside. A fourth
+(``pseudo_label_threshold``, ``SKCDFTrainer_confidence``): pseudo-label voxels below a softmax maximum leave D_u's
+losses.
 
 A run trains by the rules it started with: every setting (the class attributes and the hyperparameter block) is
 saved with the weights (``skcdf_settings``); ``--c`` refuses other rules, naming each difference and the trainer
@@ -96,6 +98,9 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         #                                   labels inside the box, the pseudo labels outside. 0: off (reference);
         #                                   SKCDFTrainer_copyPaste: 1.0 (extension, after bidirectional copy-paste)
         self.copy_paste_size = 2 / 3      # the box's edge as a fraction of the patch along each axis (BCP's 2/3)
+        self.pseudo_label_threshold = 0.0  # voxels whose pseudo label comes with a softmax maximum below this leave
+        #                                   D_u's losses (nnU-Net's ignore path; pasted boxes always stay). 0: off
+        #                                   (reference); SKCDFTrainer_confidence: 0.95 (extension, as FixMatch)
         self.skc_cross_group = 2          # cross attention of the labelled pass in groups of this many labelled and
         #                                   unlabelled samples (the reference's batch of 2 + 2); None: every sample
         #                                   reads the whole other half, whose cost grows with the batch squared
@@ -150,6 +155,7 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
                    "appearance_transfer": 0.0 <= self.appearance_transfer <= 1.0,
                    "copy_paste": 0.0 <= self.copy_paste <= 1.0,
                    "copy_paste_size": 0.0 < self.copy_paste_size <= 1.0,
+                   "pseudo_label_threshold": 0.0 <= self.pseudo_label_threshold < 1.0,
                    "consistency_weight": self.consistency_weight >= 0,
                    "rampup_epochs": self.rampup_epochs is None or self.rampup_epochs >= 0,
                    "unlabeled_batch_size": self.unlabeled_batch_size is None or self.unlabeled_batch_size >= 1,
@@ -160,7 +166,7 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
             if not ok:
                 raise ValueError(f"{type(self).__name__}.{name} = {getattr(self, name)!r} is out of range "
                                  f"(ema_momentum, appearance_transfer and copy_paste in [0, 1], copy_paste_size in "
-                                 f"(0, 1], consistency_weight >= 0, "
+                                 f"(0, 1], pseudo_label_threshold in [0, 1), consistency_weight >= 0, "
                                  f"rampup_epochs None or >= 0, unlabeled_batch_size and skc_cross_group None or an "
                                  f"integer >= 1).")
 
@@ -433,12 +439,17 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
             p, p_b = C.pseudo_labels(out.main_u), C.pseudo_labels(out.balanced_u)
             # inside a pasted box D_u learns the labelled sample's true labels (no box: p and p_b themselves)
             t_u, t_u_b = (C.paste_targets(t, y_l, boxes, x_u.shape[2:]) for t in (p, p_b))
-            l_u = self.loss(out.unlabelled_main, t_u) + self._balanced_loss(out.unlabelled_balanced, t_u_b, rates_u)
+            # opt-in: unconfident pseudo-label voxels leave D_u's losses (None: every voxel, the reference)
+            c_u, c_u_b = (self._confident(logits, boxes, x_u.shape[2:]) for logits in (out.main_u, out.balanced_u))
+            l_u = self._unlabelled_main_loss(out.unlabelled_main, t_u, c_u) + self._balanced_loss(
+                out.unlabelled_balanced, t_u_b, rates_u, c_u_b)
             loss = l_sup + lam * l_u
         self._backward(loss)  # queued before the host sync below, so the GPU keeps working meanwhile
         histogram = C.class_histogram(_first(p), self.label_manager.num_segmentation_heads)
         outputs = {"loss": loss.detach().cpu().numpy(), "l_sup": l_sup.detach().cpu().numpy(),
                    "l_u": l_u.detach().cpu().numpy(), "pseudo_histogram": histogram.cpu().numpy()}
+        if c_u is not None:  # the share of D_u's full-resolution voxels the filter kept
+            outputs["pseudo_confident"] = _first(c_u).float().mean().cpu().numpy()
         # the host copy above is nnU-Net's own once-per-step sync (it logs the loss); the check reuses it
         if self._loss_is_finite(outputs["loss"]):
             self.nonfinite_in_a_row = 0
@@ -500,12 +511,31 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
                 f"check them), a learning rate too high for this dataset, or fp16 overflow (compare a run with "
                 f"-device cpu, which trains without AMP).")
 
-    def _balanced_loss(self, logits, target, rates: torch.Tensor):
+    def _confident(self, logits, boxes, full) -> Optional[list]:
+        """The voxels whose pseudo label passes ``pseudo_label_threshold`` (per scale), pasted boxes always in;
+        None without a threshold."""
+        keep = C.confident(logits, self.pseudo_label_threshold)
+        if keep is None:
+            return None
+        return C.paste_targets(keep, [torch.ones_like(k) for k in keep], boxes, full)
+
+    def _unlabelled_main_loss(self, logits, target, keep):
+        """DC+CE of D_u's main head on its targets; with a confidence filter, the dropped voxels get the ignore value
+        that nnU-Net's loss leaves out of CE and Dice (the masked loss instance)."""
+        if keep is None:
+            return self.loss(logits, target)
+        return self.masked_loss(logits, _apply2(lambda t, k: C.masked_target(t, k, self.mask_ignore_value),
+                                                target, keep))
+
+    def _balanced_loss(self, logits, target, rates: torch.Tensor, confident=None):
         """DC+CE on the balanced head with a class-balanced Bernoulli mask drawn per voxel and scale
-        (0 without balanced heads: the no-ABC ablation)."""
+        (0 without balanced heads: the no-ABC ablation); ``confident`` (per scale) also drops the voxels a
+        confidence filter left out."""
         if logits is None:
             return 0.0
         keep = _apply(lambda t: C.balanced_mask(t, rates), target)
+        if confident is not None:
+            keep = _apply2(lambda k, c: k & c, keep, confident)
         if self._setting("masking") == "multiply":
             return self.loss(*C.multiply_mask(logits, target, keep))
         masked = _apply2(lambda t, k: C.masked_target(t, k, self.mask_ignore_value), target, keep)
@@ -548,6 +578,9 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         self._log_pseudo_label_fractions(fractions)
         self.print_to_log_file(f"L_sup {l_sup:.4f}  L_u {l_u:.4f}  lambda {lam:.4f}")
         self.print_to_log_file("pseudo-label class fractions (%)", [round(100 * f, 3) for f in fractions])
+        if "pseudo_confident" in outputs:  # this process's steps (a diagnostic line; DDP ranks differ slightly)
+            self.print_to_log_file(f"pseudo-label voxels kept by the confidence filter: "
+                                   f"{100 * np.mean(outputs['pseudo_confident']):.1f} %")
 
     def _log_pseudo_label_fractions(self, fractions: List[float]) -> None:
         """The local logger keeps the list (checkpoints, ``--c``); the other loggers of nnU-Net's MetaLogger (W&B

@@ -147,6 +147,12 @@ SKCDFTrainer_copyPaste = _hyperparameter_variant(
     "labelled pass (the pseudo labels come from them) and D_u learns the labelled sample's true labels inside the "
     "box and the pseudo labels outside: the decoder used at inference gets labelled anatomy in unlabelled images' "
     "context. No extra forward pass.", copy_paste=1.0)
+SKCDFTrainer_confidence = _hyperparameter_variant(
+    "SKCDFTrainer_confidence", "Extension (not in the reference): pseudo-label voxels whose softmax maximum (of the "
+    "D_l head that made them) is below 0.95 leave D_u's losses, main and balanced head, at every deep-supervision "
+    "scale (pseudo_label_threshold=0.95; nnU-Net's ignore path, as FixMatch's confidence threshold). Pasted boxes "
+    "(copy_paste) always stay. A line of the training log says which share of the voxels was kept.",
+    pseudo_label_threshold=0.95)
 SKCDFTrainer_crossWholeBatch = _hyperparameter_variant(
     "SKCDFTrainer_crossWholeBatch", "Cross-attention over the whole other half of the batch (skc_cross_group=None: "
     "every labelled sample reads all unlabelled samples and back), the rule up to 0.4. Identical to SKCDFTrainer at "
