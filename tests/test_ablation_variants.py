@@ -267,7 +267,8 @@ def test_unknown_head_ema_mode_is_refused(trainer_factory):
     ("masking", "multiplied", r"masking = 'multiplied': use one of 'exclude', 'multiply' \(set in the trainer's"),
     ("head_ema", "lr-scaled", r"head_ema = 'lr-scaled': use one of 'lr_scaled', 'constant', 'off'"),
     ("unlabelled_view", "strong", r"unlabelled_view = 'strong': use one of 'same', 'strong_intensity'"),
-    ("ema_momentum", 1.5, r"ema_momentum = 1.5 is out of range \(ema_momentum in \[0, 1\]"),
+    ("ema_momentum", 1.5, r"ema_momentum = 1.5 is out of range \(ema_momentum, appearance_transfer and copy_paste in "
+                          r"\[0, 1\]"),
     ("consistency_weight", -1.0, r"consistency_weight = -1.0 is out of range"),
     ("rampup_epochs", -5, r"rampup_epochs = -5 is out of range"),
     ("unlabeled_batch_size", 0, r"unlabeled_batch_size = 0 is out of range"),

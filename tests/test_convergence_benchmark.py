@@ -71,7 +71,7 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
     monkeypatch.setenv("SKCDF_CONV_SNAPSHOTS", "1,2")
     expected = {"b": "exclude", "g": "exclude", "i": "exclude",
                 "d": "multiply", "e1": "multiply", "f": "multiply", "h": "multiply", "j": "multiply", "k": "multiply",
-                "l": "multiply", "q": "multiply", "r": "multiply"}
+                "l": "multiply", "q": "multiply", "r": "multiply", "t": "multiply", "u": "multiply"}
     assert set(expected) | {"a", "c", "e2", "p", "s"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
     for key, masking in expected.items():
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")
