@@ -57,10 +57,21 @@ def test_skcdf_variant_leaves_unconfident_voxels_out_of_d_u_losses(trainer_facto
         assert float(out["pseudo_confident"]) == pytest.approx(share)
     finally:
         trainer.on_train_end()
-    trainer = trainer_factory(SKCDFTrainer_confidence)
-    trainer.pseudo_label_threshold = 1.0
-    with pytest.raises(ValueError, match=r"pseudo_label_threshold = 1.0 is out of range"):
-        trainer.initialize()
+    # range refusal: test_ablation_variants.py::test_unknown_training_switch_is_refused_at_initialize
+
+
+def test_the_trainer_keeps_pasted_boxes_with_and_without_deep_supervision():
+    from types import SimpleNamespace
+
+    from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
+
+    logits = torch.zeros(2, 3, 4, 6, 8)  # uniform: every voxel below 0.5
+    boxes = [((0, 2), (0, 6), (4, 8)), None]
+    trainer = SimpleNamespace(pseudo_label_threshold=0.5)
+    for out in (SKCDFTrainer._confident(trainer, logits, boxes, (4, 6, 8)),  # one scale (no deep supervision)
+                SKCDFTrainer._confident(trainer, [logits], boxes, (4, 6, 8))[0]):
+        assert out.shape == (2, 1, 4, 6, 8) and int(out.sum()) == 2 * 6 * 4 and out[0, 0, :2, :, 4:].all()
+    assert SKCDFTrainer._confident(SimpleNamespace(pseudo_label_threshold=0.0), logits, boxes, (4, 6, 8)) is None
 
 
 def test_pasted_boxes_stay_whatever_the_confidence():

@@ -517,7 +517,7 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         keep = C.confident(logits, self.pseudo_label_threshold)
         if keep is None:
             return None
-        return C.paste_targets(keep, [torch.ones_like(k) for k in keep], boxes, full)
+        return C.paste_targets(keep, _apply(torch.ones_like, keep), boxes, full)
 
     def _unlabelled_main_loss(self, logits, target, keep):
         """DC+CE of D_u's main head on its targets; with a confidence filter, the dropped voxels get the ignore value
