@@ -269,6 +269,10 @@ def test_unknown_head_ema_mode_is_refused(trainer_factory):
     ("unlabelled_view", "strong", r"unlabelled_view = 'strong': use one of 'same', 'strong_intensity'"),
     ("ema_momentum", 1.5, r"ema_momentum = 1.5 is out of range \(ema_momentum, appearance_transfer and copy_paste in "
                           r"\[0, 1\]"),
+    ("appearance_transfer", 1.5, r"appearance_transfer = 1.5 is out of range"),
+    ("copy_paste", 1.5, r"copy_paste = 1.5 is out of range"),
+    ("copy_paste_size", 0.0, r"copy_paste_size = 0.0 is out of range"),
+    ("pseudo_label_threshold", 1.0, r"pseudo_label_threshold = 1.0 is out of range"),
     ("consistency_weight", -1.0, r"consistency_weight = -1.0 is out of range"),
     ("rampup_epochs", -5, r"rampup_epochs = -5 is out of range"),
     ("unlabeled_batch_size", 0, r"unlabeled_batch_size = 0 is out of range"),

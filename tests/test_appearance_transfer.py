@@ -82,10 +82,7 @@ def test_skcdf_variant_trains_on_the_transferred_labelled_batch(trainer_factory,
         assert x_l.min() >= raw_u.min() - 1e-4 and x_l.max() <= raw_u.max() + 1e-4
     finally:
         trainer.on_train_end()
-    trainer = trainer_factory(SKCDFTrainer_histMatch)
-    trainer.appearance_transfer = 1.5
-    with pytest.raises(ValueError, match=r"appearance_transfer = 1.5 is out of range"):
-        trainer.initialize()
+    # range refusal: test_ablation_variants.py::test_unknown_training_switch_is_refused_at_initialize
 
 
 def test_nnunet_variant_trains_with_the_unlabelled_stream_and_is_found_by_nnunet(tiny_training, monkeypatch):
