@@ -326,9 +326,9 @@ def check_no_folder_in_the_way(output_folder: str, case_ids: Sequence[str]) -> N
         (case, path), more = blocked[0], [os.path.basename(p) for _, p in blocked[1:]]
         raise SKCDFInputError(
             f"{path}: is a folder, but skcdf_preprocess_unlabeled must write a file of unlabelled case {case!r} under "
-            f"this name" + (f" (also in the way: {', '.join(more)})" if more else "") + ". Move or rename the "
-            f"folder (this folder holds what skcdf_preprocess_unlabeled writes; --overwrite replaces it as a whole), "
-            f"then rerun.")
+            "this name" + (f" (also in the way: {', '.join(more)})" if more else "") + ". Move or rename the "
+            "folder (this folder holds what skcdf_preprocess_unlabeled writes; --overwrite replaces it as a whole), "
+            "then rerun.")
 
 
 # ----------------------------------------------------------------------------------------------
