@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_pipeline import RESULTS, device_name, machine, write_section  # noqa: E402
+from data_pipeline import REPO, RESULTS, device_name, machine, write_section  # noqa: E402
 
 TRAINERS = ("nnUNetTrainer", "SKCDFTrainer")
 
@@ -113,6 +113,11 @@ def main() -> None:
                "batch_size": runs[trainers[0]][0]["batch_size"], "patch_size": runs[trainers[0]][0]["patch_size"],
                "steps": args.steps, "repeats": args.repeats, "runs": runs, "summary": summary,
                "time_ratio": ours["median_s"] / base["median_s"], "memory_ratio": ours["peak_mb"] / base["peak_mb"]}
+    # where the dataset came from: several work folders (the benchmarks' among them) hold a dataset of the same id
+    pre = env.get("nnUNet_preprocessed")
+    results["preprocessed"] = (None if pre is None else
+                               os.path.relpath(Path(pre).resolve(), REPO) if Path(pre).resolve().is_relative_to(REPO) else pre)
+    source = f" (`nnUNet_preprocessed` = `{results['preprocessed']}`)" if results["preprocessed"] else ""
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     tag = f"{args.device}{args.tag}"
     results["device_name"] = device_name(args.device)
@@ -132,7 +137,7 @@ def main() -> None:
 
 Command: `python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}` — {results['date']} — {results['machine']}
 
-Dataset {args.dataset}, plans `{args.plans}`, configuration `{args.configuration}` (patch {results['patch_size']}, batch
+Dataset {args.dataset}{source}, plans `{args.plans}`, configuration `{args.configuration}` (patch {results['patch_size']}, batch
 {results['batch_size']} labelled patches, SKCDF as many unlabelled ones), {args.repeats} interleaved
 processes per trainer x {args.steps} timed iterations (batch fetch + `train_step`, as nnU-Net's loop runs them)
 after {args.warmup} warm-up iterations; torch.compile: {results['compile']}; memory = {unit}.
