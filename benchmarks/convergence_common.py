@@ -27,6 +27,9 @@ class Arm:
     #: > 0: the students of round ``pseudo_rounds`` of ``skcdf_pseudolabel`` (their own dataset, see
     #: :func:`pseudo_chain`), trained with ``trainer`` on that round's student dataset
     pseudo_rounds: int = 0
+    #: one of issue 39's candidate changes to SKCDF's integration: the report's candidates table lists it beside
+    #: SKCDF's defaults (d), the recipe (p) and nnU-Net (a)
+    candidate: bool = False
 
     def folds(self, runs: int) -> Tuple[int, ...]:
         return (ALL_LABELLED_FOLDS if self.all_labelled else LABELLED_FOLDS)[:runs]
@@ -50,14 +53,14 @@ ARMS = {a.key: a for a in (
     Arm("p", "nnU-Net + pseudo-labelling (2 rounds)", "nnUNetTrainer_conv", skcdf=False, pseudo_rounds=2),
     # issue 39's combination candidate: SKCDF (d's trainer) as the student of (p)'s round 1, the cases its filter
     # dropped as unlabelled images (skcdf_pseudolabel --student-unlabeled)
-    Arm("q", "SKCDF student of pseudo-label round 1", "SKCDFTrainer_multiplyMask_conv", pseudo_rounds=1),
+    Arm("q", "SKCDF student of pseudo-label round 1", "SKCDFTrainer_multiplyMask_conv", pseudo_rounds=1, candidate=True),
     # issue 39's appearance candidate: labelled samples histogram-matched to unlabelled ones, in SKCDF and in nnU-Net
-    Arm("r", "SKCDF + appearance transfer", "SKCDFTrainer_histMatch_conv"),
-    Arm("s", "nnU-Net + appearance transfer", "nnUNetTrainer_histMatch_conv", skcdf=False),
+    Arm("r", "SKCDF + appearance transfer", "SKCDFTrainer_histMatch_conv", candidate=True),
+    Arm("s", "nnU-Net + appearance transfer", "nnUNetTrainer_histMatch_conv", skcdf=False, candidate=True),
     # issue 39's mixing candidate: labelled boxes pasted into unlabelled samples, D_u taught the true labels there
-    Arm("t", "SKCDF + copy-paste", "SKCDFTrainer_copyPaste_conv"),
+    Arm("t", "SKCDF + copy-paste", "SKCDFTrainer_copyPaste_conv", candidate=True),
     # issue 39's filter candidate: unconfident pseudo-label voxels (softmax maximum < 0.95) leave D_u's losses
-    Arm("u", "SKCDF + confidence filter", "SKCDFTrainer_confidence_conv"),
+    Arm("u", "SKCDF + confidence filter", "SKCDFTrainer_confidence_conv", candidate=True),
 )}
 
 

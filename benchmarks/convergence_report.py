@@ -602,6 +602,62 @@ def versus_q_lines(v: Optional[Dict[str, Optional[dict]]]) -> str:
     return "".join(" " + line for line in lines)
 
 
+#: the rows every candidates table starts with, where they have a final result: nnU-Net, the recipe, SKCDF's defaults
+CANDIDATE_REFERENCES = ("a", "p", "d")
+
+
+def candidate_table(aggregate: dict, arms: dict, runs: Dict[str, list], per_site: Optional[dict],
+                    small: List[str]) -> Optional[dict]:
+    """Issue 39's table: each candidate arm (``Arm.candidate``) with a final result, its measured effect (mean Dice,
+    the 4 smallest organs, per site, ASD, NSD) and the commits its runs trained at, beside the references
+    :data:`CANDIDATE_REFERENCES`. Differences to (d) and (p) are of the means over each arm's runs. None while no
+    candidate has a final result."""
+    by = {m["name"]: m for m in aggregate["methods"]}
+    present = [k for k, a in arms.items() if a.name in by and runs.get(k)]
+    chosen = [k for k in present if arms[k].candidate]
+    if not chosen:
+        return None
+    keys = [cl["key"] for cl in aggregate["classes"] if cl["column"] in small]
+    sites = (per_site or {}).get("sites", [])
+    rows = {}
+    for k in [k for k in CANDIDATE_REFERENCES if k in present] + chosen:
+        m = by[arms[k].name]
+        site_means = ((per_site or {}).get("arms", {}).get(k) or {}).get("mean", {})
+        rows[k] = {"name": arms[k].name, "runs": len(runs[k]), "candidate": arms[k].candidate,
+                   "mean": 100 * m["average"]["Dice"]["mean"],
+                   "small": 100 * float(np.mean([m["per_class"][c]["Dice"]["mean"] for c in keys])) if keys else None,
+                   "sites": {site: float(np.mean(site_means[site])) if site_means.get(site) else None
+                             for site in sites},
+                   "asd": m["average"]["ASD"]["mean"], "nsd": 100 * m["average"]["NSD"]["mean"],
+                   "commits": sorted({r["commit"] for r in runs[k]})}
+    for x in rows.values():
+        x["vs"] = {ref: x["mean"] - rows[ref]["mean"] for ref in ("d", "p") if ref in rows}
+    return {"sites": sites, "small": list(small), "rows": rows}
+
+
+def candidate_markdown(t: Optional[dict]) -> str:
+    if not t:
+        return ""
+
+    def num(v, digits=1):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    def diff(x, ref):
+        return "-" if ref not in x["vs"] or x is t["rows"].get(ref) else f"{x['vs'][ref]:+.1f}"
+
+    head = "".join(f" site {s} |" for s in t["sites"])
+    rows = "\n".join(
+        f"| ({k}) {x['name']} | {x['runs']} | {num(x['mean'])} | {diff(x, 'd')} | {diff(x, 'p')} | {num(x['small'])} |"
+        + "".join(f" {num(x['sites'][s])} |" for s in t["sites"])
+        + f" {num(x['asd'], 2)} | {num(x['nsd'])} | {', '.join(x['commits'])} |" for k, x in t["rows"].items())
+    return ("Issue 39's candidates beside nnU-Net (a), the recipe (p) and SKCDF's defaults (d): final test results "
+            f"(mean over runs; 4 smallest = {', '.join(t['small'])}; per site as in the per-site table; ASD in mm, "
+            "NSD in %; the commits the runs trained at). One run screens a candidate; a default changes only on "
+            "3 runs.\n\n"
+            f"| arm | runs | mean Dice | vs (d) | vs (p) | 4 smallest |{head} ASD | NSD | commits |\n"
+            "|---|---|---|---|---|---|" + "---|" * len(t["sites"]) + "---|---|---|\n" + rows)
+
+
 def cost_per_arm(runs: Dict[str, list], budget: dict) -> Dict[str, dict]:
     """Training hours per run of each arm (the sum of its epochs; runs stored before that was recorded: the median
     epoch x epochs, marked estimated); for (p) also its chain, paid once for all its runs: the rounds'
@@ -667,6 +723,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     goal = goals_per_arm(final["aggregate"], ARMS, list(SMALLEST)) if final else {}
     islands = islands_per_run(final["aggregate"], list(SMALLEST)) if final else {}
     gaps = gap_per_organ(final["aggregate"], ARMS, runs) if final else None
+    per_site = site_tables(runs, sites, titles)
     baselines = plateau_arms(args.arms)
     overlays = {}  # figure name -> its lines (arm: median case, slice)
     local = {}  # per arm, its first run whose predictions are in this work folder
@@ -704,7 +761,9 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "versus": versus(final["aggregate"], ARMS) if final else None,
                # issue 39's combination candidate (q) against the recipe and against SKCDF alone
                "versus_q": {k: versus(final["aggregate"], ARMS, "q", k) for k in ("p", "d")} if final else None,
-               "per_site": site_tables(runs, sites, titles), "pseudo_per_site": pseudo_site_table(runs),
+               "candidates": candidate_table(final["aggregate"], ARMS, runs, per_site, list(SMALLEST))
+               if final else None,
+               "per_site": per_site, "pseudo_per_site": pseudo_site_table(runs),
                "pseudo_rounds": pseudo_rounds_of(runs), "cost": cost_per_arm(runs, budget),
                **{name: overlays.get(name, []) for name in OVERLAYS}}
     with atomic_output(str(result_file)) as tmp:
@@ -891,7 +950,7 @@ def markdown(r: dict, figures: dict) -> str:
     if r["task"].get("sites"):
         labelled += f", multi-site phantom ({', '.join(r['task']['sites'])})"
     baselines = tuple(r.get("plateau_arms", ("a", "c")))
-    extra = "\n\n".join(x for x in (site_markdown(r.get("per_site")),
+    extra = "\n\n".join(x for x in (candidate_markdown(r.get("candidates")), site_markdown(r.get("per_site")),
                                       pseudo_markdown(r.get("pseudo_per_site") or {}, r.get("pseudo_rounds") or []),
                                       cost_markdown(r.get("cost") or {})) if x)
     return f"""## Accuracy against nnU-Net, {labelled}, {r['budget']['iterations']} iterations (`benchmarks/convergence.py`) — status: **{r['status']}**

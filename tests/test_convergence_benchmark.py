@@ -945,6 +945,42 @@ def test_room_versus_and_the_plateau_of_p():
     assert R.versus_q_lines(None) == ""
 
 
+def test_candidates_table_lists_every_candidate_with_a_result_beside_a_p_d():
+    aggregate = {"classes": [{"key": "1", "column": "LAG"}, {"key": "2", "column": "Li"}],
+                 "methods": [_method("A", 0.75, 3.0, 0.70, 0.50), _method("P", 0.80, 2.8, 0.72, 0.55),
+                             _method("D", 0.78, 2.5, 0.74, 0.52), _method("T", 0.815, 2.4, 0.76, 0.60),
+                             _method("R", 0.77, 2.9, 0.71, 0.51)]}
+    arms = {"a": C.Arm("a", "A", "t", skcdf=False), "d": C.Arm("d", "D", "t"),
+            "p": C.Arm("p", "P", "t", skcdf=False, pseudo_rounds=2), "r": C.Arm("r", "R", "t", candidate=True),
+            "t": C.Arm("t", "T", "t", candidate=True), "u": C.Arm("u", "U", "t", candidate=True)}
+    runs = {"a": [{"commit": "a1"}, {"commit": "a2"}], "p": [{"commit": "p1"}], "d": [{"commit": "d1"}],
+            "t": [{"commit": "t1"}, {"commit": "t1"}], "r": [{"commit": "r1"}]}
+    per_site = {"sites": ["A", "C"], "arms": {"t": {"mean": {"A": [80.0, 84.0], "C": [70.0]}},
+                                              "d": {"mean": {"A": [81.0], "C": []}}}}
+    t = R.candidate_table(aggregate, arms, runs, per_site, ["LAG"])
+    assert list(t["rows"]) == ["a", "p", "d", "r", "t"]  # references first; (u) has no final result
+    x = t["rows"]["t"]
+    assert x["runs"] == 2 and x["commits"] == ["t1"] and x["candidate"]
+    assert x["mean"] == pytest.approx(81.5) and x["small"] == pytest.approx(60.0)
+    assert x["vs"] == {"d": pytest.approx(3.5), "p": pytest.approx(1.5)}
+    assert x["sites"] == {"A": pytest.approx(82.0), "C": pytest.approx(70.0)} and x["asd"] == 2.4
+    assert t["rows"]["d"]["sites"] == {"A": pytest.approx(81.0), "C": None}  # a site without runs: no number
+    assert t["rows"]["r"]["sites"] == {"A": None, "C": None}
+    text = R.candidate_markdown(t)
+    assert "| arm | runs | mean Dice | vs (d) | vs (p) | 4 smallest | site A | site C | ASD | NSD | commits |" in text
+    assert "|---|---|---|---|---|---|---|---|---|---|---|" in text
+    assert "| (t) T | 2 | 81.5 | +3.5 | +1.5 | 60.0 | 82.0 | 70.0 | 2.40 | 76.0 | t1 |" in text
+    assert "| (d) D | 1 | 78.0 | - | -2.0 | 52.0 | 81.0 | - | 2.50 | 74.0 | d1 |" in text  # no row against itself
+    assert "| (a) A | 2 | 75.0 | -3.0 | -5.0 | 50.0 | - | - | 3.00 | 70.0 | a1, a2 |" in text
+    # no candidate with a final result: no table; the original phantom (no sites): no site columns
+    assert R.candidate_table(aggregate, {k: arms[k] for k in "adp"}, runs, per_site, ["LAG"]) is None
+    assert R.candidate_markdown(None) == ""
+    assert "| 4 smallest | ASD | NSD | commits |" in R.candidate_markdown(
+        R.candidate_table(aggregate, arms, runs, None, ["LAG"]))
+    # the benchmark's own candidates: issue 39's arms, none of the references
+    assert [k for k, a in C.ARMS.items() if a.candidate] == ["q", "r", "s", "t", "u"]
+
+
 def test_cost_per_arm_in_hours_with_the_chain_of_p():
     budget = {"epochs": 160}
     runs = {"a": [{"train_s": 3600.0, "train_epoch_s_median": 20.0}, {"train_s": 5400.0, "train_epoch_s_median": 30.0}],
