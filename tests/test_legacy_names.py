@@ -14,7 +14,7 @@ from nnunetv2_skcdf.training.nnUNetTrainer.SKCDFTrainer import SKCDFTrainer
 PINS = {**EXPECTED, "SKCDFTrainer_multiplyMask": {"masking": "multiply"}}
 RELEASES = ("SKCDFTrainer_v01attnDropout", "SKCDFTrainer_v01", "SKCDFTrainer_v02", "SKCDFTrainer_v03",
             "SKCDFTrainer_v04")
-#: what each former default set was (the resume matrix in README.md says which commits wrote it)
+#: what each former default set was (the resume matrix in documentation/migration.md says which commits wrote it)
 V04 = dict(skc_enabled=True, skc_heads=2, skc_window=None, skc_order="local_global", skc_self_heads="joint",
            skc_dropout=0.1, skc_attention_dropout=0.0, labelled_attention_mode="cross", balanced_heads=True,
            decoupled=True, masking="multiply", head_ema="lr_scaled", ema_momentum=0.99, ema_couple_decoders=True,
@@ -103,3 +103,22 @@ def test_old_names_train_as_release_0_1(trainer_factory):
         if new_name in ("SKCDFTrainer_5epochs", "SKCDFTrainer_cpuTest", "SKCDFTrainer_demo8epochs"):
             assert trainer.num_epochs == {"SKCDFTrainer_5epochs": 5}.get(new_name, 8)
 
+
+
+def test_a_run_of_main_between_the_settings_record_and_cross_groups_resumes_with_crossWholeBatch(trainer_factory):
+    """Main trained for a while with the settings record but cross-attention over the whole other half, which no
+    release did. On a plan with more than 2 samples per half such a run is named SKCDFTrainer_crossWholeBatch, whose
+    settings the interim table holds; with BatchNorm (floating buffers: 0.4's buffer EMA acts) it is the only
+    trainer with those rules, with InstanceNorm 0.4's trainer has them too; at 2 per half SKCDFTrainer has them."""
+    from nnunetv2_skcdf.training import skcdf_settings as S
+    from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import (
+        SKCDFTrainer_crossWholeBatch)
+
+    table = S.INTERIM_TRAINERS["SKCDFTrainer_crossWholeBatch"]["settings"]
+    assert S.raw_settings(trainer_factory(SKCDFTrainer_crossWholeBatch)) == table
+    bottleneck = (4, 8, 8)
+    for floats, batch, expected in ((True, (4, 4), ["SKCDFTrainer_crossWholeBatch"]),
+                                    (False, (4, 4), ["SKCDFTrainer_v04", "SKCDFTrainer_crossWholeBatch"]),
+                                    (True, (2, 2), ["SKCDFTrainer", "SKCDFTrainer_crossWholeBatch"])):
+        run = S.effective(table, bottleneck, floats, batch)
+        assert S.release_candidates(run, bottleneck, floats, batch=batch) == expected, (floats, batch)

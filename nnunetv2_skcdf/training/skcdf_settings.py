@@ -8,8 +8,8 @@ where they agree), and a setting that cannot act on this network (masking withou
 without floating buffers, ...) set to None, so that only differences that change training are reported.
 
 The release table is the history of ``SKCDFTrainer``'s defaults (``git log -p -- nnunetv2_skcdf/training``;
-README, resume matrix). Every default set the trainer ever shipped has a trainer that pins all of it
-(``variants/releases/SKCDFTrainer_releases.py``).
+documentation/migration.md, resume matrix). Every default set the trainer ever shipped has a trainer that pins all
+of it (``variants/releases/SKCDFTrainer_releases.py``).
 """
 from __future__ import annotations
 
@@ -71,6 +71,14 @@ RELEASE_TRAINERS: Dict[str, dict] = {
 #: SKCDFTrainer's own defaults (tested against the trainer): 0.4's, the decoder EMA on parameters only, cross
 #: attention in groups of 2 samples per half (acts only on batches of more than 2 per half: 2D plans)
 CURRENT_DEFAULTS = {**_V04, "ema_buffers": False, "skc_cross_group": 2}
+#: rule sets main trained with between two releases, each with the trainer that keeps it (today's defaults but
+#: for what changed after): a run started in between resumes with it where no release trainer has its rules
+INTERIM_TRAINERS: Dict[str, dict] = {
+    "SKCDFTrainer_crossWholeBatch": {
+        "settings": {**CURRENT_DEFAULTS, "skc_cross_group": None},
+        "written_by": "main between the settings record (19f04fa) and cross-attention groups (3dd3d75): today's "
+                      "rules with the cross-attention over the whole other half"},
+}
 #: the value a setting had in the releases before it existed (reading an old debug.json); skc_attention_dropout,
 #: absent before 15e93fc, equalled skc_dropout then (one dropout on both)
 BEFORE_IT_EXISTED = {"head_ema": "constant", "skc_self_heads": "joint", "ema_couple_decoders": True,
@@ -119,9 +127,11 @@ def differences(checkpoint: dict, own: dict) -> List[Tuple[str, Any, Any]]:
 
 def release_candidates(settings: dict, bottleneck, float_buffers: bool, keys: Sequence[str] = SETTINGS,
                        batch: Optional[Tuple[int, int]] = None) -> List[str]:
-    """The release trainers (newest first), then ``SKCDFTrainer`` (today's defaults), whose effective settings equal
-    ``settings`` on ``keys`` for this network (``batch``: as in ``effective``)."""
-    tables = {**{name: entry["settings"] for name, entry in RELEASE_TRAINERS.items()}, "SKCDFTrainer": CURRENT_DEFAULTS}
+    """The release trainers (newest first), then ``SKCDFTrainer`` (today's defaults), then the interim ones
+    (:data:`INTERIM_TRAINERS`), whose effective settings equal ``settings`` on ``keys`` for this network
+    (``batch``: as in ``effective``)."""
+    tables = {**{name: entry["settings"] for name, entry in RELEASE_TRAINERS.items()}, "SKCDFTrainer": CURRENT_DEFAULTS,
+              **{name: entry["settings"] for name, entry in INTERIM_TRAINERS.items()}}
     return [name for name, table in tables.items()
             if all(effective(table, bottleneck, float_buffers, batch)[k] == settings.get(k) for k in keys)]
 

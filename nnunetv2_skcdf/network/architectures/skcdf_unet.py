@@ -274,7 +274,7 @@ class SKCDFUNet(nn.Module):
                 f"this checkpoint's network was built with another architecture than the trainer class now builds "
                 f"({'; '.join(diffs)}). It was trained by {record.get('trainer') or 'an unnamed trainer'}; predict and "
                 f"validate it with a trainer that builds the recorded architecture (the release trainers "
-                f"SKCDFTrainer_v01 ... _v04 pin theirs: README, resume matrix).")
+                f"SKCDFTrainer_v01 ... _v04 pin theirs: documentation/migration.md, resume matrix).")
 
     def _adopt_checkpoint_window(self, state_dict, record: Optional[dict] = None) -> None:
         """Rebuild the local SKC block with the checkpoint's window if it differs: the recorded one, else the

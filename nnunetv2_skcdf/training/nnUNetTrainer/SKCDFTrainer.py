@@ -263,7 +263,8 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
 
     def _check_resumed_settings(self) -> None:
         """Refuse to continue a checkpoint with other rules than it was trained with, naming each difference and
-        the trainer that continues it unchanged; refuse one whose rules are not known (README, resume matrix)."""
+        the trainer that continues it unchanged; refuse one whose rules are not known (documentation/migration.md,
+        resume matrix)."""
         settings, source = self._checkpoint_settings()
         if settings is None:
             raise SKCDFInputError(self._unknown_settings_message(source))
@@ -334,7 +335,8 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         matches = S.release_candidates(settings, bottleneck, floats, batch=self._batch_halves())
         if matches:
             also = f" (identical on this network: {', '.join(matches[1:])})" if len(matches) > 1 else ""
-            written = S.RELEASE_TRAINERS.get(matches[0], {}).get("written_by", "today's defaults")
+            written = {**S.RELEASE_TRAINERS, **S.INTERIM_TRAINERS}.get(matches[0], {}).get("written_by",
+                                                                                         "today's defaults")
             return (f"To finish it unchanged, resume it with {matches[0]} ({written}){also}: "
                     f"{self._commands(matches[0])}")
         closest, rest = S.closest_release(settings, bottleneck, floats, self._batch_halves())
@@ -362,8 +364,9 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
                     "e.g. class MyTrainer(SKCDFTrainer_<variant>, SKCDFTrainer_v04), in a folder added to "
                     f"nnUNet_extTrainer, then {self._commands('MyTrainer')}")
         listed = "\n".join(f"  {n}: {S.RELEASE_TRAINERS[n]['written_by']}" for n in releases)
-        return (f"Resume it with the trainer of the release that started the run (README, resume matrix); these fit "
-                f"the weights' architecture:\n{listed}\nFor the first one: {self._commands(releases[0])}")
+        return (f"Resume it with the trainer of the release that started the run (documentation/migration.md, "
+                f"resume matrix); these fit the weights' architecture:\n{listed}\n"
+                f"For the first one: {self._commands(releases[0])}")
 
     def _commands(self, trainer: str) -> str:
         """How to continue this model folder with ``trainer``."""

@@ -1,7 +1,8 @@
 """One trainer per former default set of ``SKCDFTrainer``: each pins every setting (architecture class attributes
 and the whole hyperparameter block) to what that release trained with, so that a model folder written by it
 resumes (``--c``) unchanged whatever today's defaults are. The table, with the commits that wrote each set, is
-``skcdf_settings.RELEASE_TRAINERS``; README's resume matrix says which folder goes with which name.
+``skcdf_settings.RELEASE_TRAINERS``; the resume matrix of documentation/migration.md says which folder goes with
+which name.
 
 - ``SKCDFTrainer_v01``: release 0.1.0 (and 0.2.0 before padded windows): divisor windows, constant head EMA,
   exclude masking. The old names ``nnUNetTrainerSKCDF*`` are this plus their variant's change (legacy_names).
