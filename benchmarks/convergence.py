@@ -77,7 +77,7 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             (status: partial).
 
     python benchmarks/convergence.py [--labeled 4] [--iterations 8000] [--points 8] \
-        [--arms a c b d e1 e2 f g h i j k l p] [--runs 3] [--sites all --labelled-site A]
+        [--arms a c b d e1 e2 f g h i j k l p q r s t u] [--runs 3] [--sites all --labelled-site A]
 Budget: 8000 iterations by default, the budget at which (a) meets the last-quarter criterion on this phantom
 (< 1 mean Dice point); the all-labelled bound (c) does not meet it there, and 12000 (``--iterations 12000``) is
 the longer-budget check (each arm's last-quarter gain and its longer-budget figures: the generated tables of
@@ -755,7 +755,8 @@ def main() -> None:
                         "check; 4000 is the short-budget regime of the first stored runs; the multi-site task: 12000)")
     parser.add_argument("--points", type=int, default=8, help="snapshots for the learning curves")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--runs", type=int, default=3, help="runs of the main arms a, b, c, d, g, p")
+    parser.add_argument("--runs", type=int, default=3, help="runs of every arm that is not an ablation ("
+                        + ", ".join(k for k, a in ARMS.items() if not a.ablation) + ")")
     parser.add_argument("--ablation-runs", type=int, default=1)
     parser.add_argument("--num-train", type=int, help="training cases (default 24; 40 with --sites)")
     parser.add_argument("--num-unlabeled", type=int, help="imagesUnlabeled images (default 12; 24 with --sites)")

@@ -88,7 +88,8 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         #                                   training cases (the reference counts its first 4; not implemented)
         self.unlabelled_view = "same"     # "same": D_u learns on the view the pseudo labels come from (reference);
         #                                   "strong_intensity": on a copy perturbed by nnU-Net's intensity transforms
-        #                                   at high probability (extension, opt-in; BENCHMARKS_FINDINGS.md item 13)
+        #                                   at high probability (extension, opt-in; BENCHMARKS_FINDINGS.md: why in
+        #                                   item 13, measured in item 17: no gain)
         self.appearance_transfer = 0.0    # probability that a labelled sample is histogram-matched to an unlabelled
         #                                   one of the step (its intensities take on an unlabelled image's
         #                                   distribution, e.g. another site's contrast phase; labels unchanged).
