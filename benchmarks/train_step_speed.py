@@ -115,8 +115,9 @@ def main() -> None:
                "time_ratio": ours["median_s"] / base["median_s"], "memory_ratio": ours["peak_mb"] / base["peak_mb"]}
     # where the dataset came from: several work folders (the benchmarks' among them) hold a dataset of the same id
     pre = env.get("nnUNet_preprocessed")
-    results["preprocessed"] = (None if pre is None else
-                               os.path.relpath(Path(pre).resolve(), REPO) if Path(pre).resolve().is_relative_to(REPO) else pre)
+    where = None if pre is None else Path(pre).resolve()
+    results["preprocessed"] = (None if where is None else
+                               os.path.relpath(where, REPO) if where.is_relative_to(REPO) else pre)
     source = f" (`nnUNet_preprocessed` = `{results['preprocessed']}`)" if results["preprocessed"] else ""
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     tag = f"{args.device}{args.tag}"
