@@ -49,6 +49,9 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      direction); with curves
   u  issue 39's filter candidate: SKCDF 0.4 with the pseudo-label voxels whose softmax maximum is below 0.95 left
      out of D_u's losses (``SKCDFTrainer_confidence``, FixMatch's threshold); with curves
+  v  SKCDF with the reference code's settings (``SKCDFTrainer_reference``: constant head EMA step, per-head self
+     mode, multiplied masking; every setting pinned): "the paper" inside nnU-Net, the row issue 39's new default is
+     compared with; with curves
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -77,7 +80,7 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             (status: partial).
 
     python benchmarks/convergence.py [--labeled 4] [--iterations 8000] [--points 8] \
-        [--arms a c b d e1 e2 f g h i j k l p q r s t u] [--runs 3] [--sites all --labelled-site A]
+        [--arms a c b d e1 e2 f g h i j k l p q r s t u v] [--runs 3] [--sites all --labelled-site A]
 Budget: 8000 iterations by default, the budget at which (a) meets the last-quarter criterion on this phantom
 (< 1 mean Dice point); the all-labelled bound (c) does not meet it there, and 12000 (``--iterations 12000``) is
 the longer-budget check (each arm's last-quarter gain and its longer-budget figures: the generated tables of
@@ -152,7 +155,7 @@ from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_F
 CONFIG = "3d_cpu"
 RESULTS = REPO / "benchmarks" / "results"
 STORE = RESULTS / "convergence"
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q", "r", "s", "t", "u")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q", "r", "s", "t", "u", "v")
 #: arm (p): round 1's teachers are the (a) runs (its model folder's folds 0-2), each round writes
 #: ``P_STUDENT_FOLDS`` identical student folds; the round-1 students (all of them) teach round 2, whose
 #: students are the (p) runs. The threshold is skcdf_pseudolabel's default (0.90, chosen a priori there).

@@ -53,7 +53,8 @@ ARMS = {a.key: a for a in (
     Arm("p", "nnU-Net + pseudo-labelling (2 rounds)", "nnUNetTrainer_conv", skcdf=False, pseudo_rounds=2),
     # issue 39's combination candidate: SKCDF (d's trainer) as the student of (p)'s round 1, the cases its filter
     # dropped as unlabelled images (skcdf_pseudolabel --student-unlabeled)
-    Arm("q", "SKCDF student of pseudo-label round 1", "SKCDFTrainer_multiplyMask_conv", pseudo_rounds=1, candidate=True),
+    Arm("q", "SKCDF student of pseudo-label round 1", "SKCDFTrainer_multiplyMask_conv", pseudo_rounds=1,
+        candidate=True),
     # issue 39's appearance candidate: labelled samples histogram-matched to unlabelled ones, in SKCDF and in nnU-Net
     Arm("r", "SKCDF + appearance transfer", "SKCDFTrainer_histMatch_conv", candidate=True),
     Arm("s", "nnU-Net + appearance transfer", "nnUNetTrainer_histMatch_conv", skcdf=False, candidate=True),
@@ -61,6 +62,8 @@ ARMS = {a.key: a for a in (
     Arm("t", "SKCDF + copy-paste", "SKCDFTrainer_copyPaste_conv", candidate=True),
     # issue 39's filter candidate: unconfident pseudo-label voxels (softmax maximum < 0.95) leave D_u's losses
     Arm("u", "SKCDF + confidence filter", "SKCDFTrainer_confidence_conv", candidate=True),
+    # "the paper" (issue 39): the reference code's settings wherever the integration has a switch, pinned
+    Arm("v", "SKCDF (reference settings)", "SKCDFTrainer_reference_conv"),
 )}
 
 

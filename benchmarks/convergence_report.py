@@ -602,8 +602,9 @@ def versus_q_lines(v: Optional[Dict[str, Optional[dict]]]) -> str:
     return "".join(" " + line for line in lines)
 
 
-#: the rows every candidates table starts with, where they have a final result: nnU-Net, the recipe, SKCDF's defaults
-CANDIDATE_REFERENCES = ("a", "p", "d")
+#: the rows every candidates table starts with, where they have a final result: nnU-Net, the recipe, SKCDF with the
+#: reference's settings, SKCDF's defaults
+CANDIDATE_REFERENCES = ("a", "p", "v", "d")
 
 
 def candidate_table(aggregate: dict, arms: dict, runs: Dict[str, list], per_site: Optional[dict],
@@ -650,7 +651,8 @@ def candidate_markdown(t: Optional[dict]) -> str:
         f"| ({k}) {x['name']} | {x['runs']} | {num(x['mean'])} | {diff(x, 'd')} | {diff(x, 'p')} | {num(x['small'])} |"
         + "".join(f" {num(x['sites'][s])} |" for s in t["sites"])
         + f" {num(x['asd'], 2)} | {num(x['nsd'])} | {', '.join(x['commits'])} |" for k, x in t["rows"].items())
-    return ("Issue 39's candidates beside nnU-Net (a), the recipe (p) and SKCDF's defaults (d): final test results "
+    return ("Issue 39's candidates beside nnU-Net (a), the recipe (p), SKCDF with the reference's settings (v) and "
+            "SKCDF's defaults (d): final test results "
             f"(mean over runs; 4 smallest = {', '.join(t['small'])}; per site as in the per-site table; ASD in mm, "
             "NSD in %; the commits the runs trained at). One run screens a candidate; a default changes only on "
             "3 runs.\n\n"

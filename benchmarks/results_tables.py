@@ -29,9 +29,10 @@ RESULTS = HERE / "results"
 #: the phantom's Synapse label ids of the four smallest organs (convergence.SMALLEST: LAG, RAG, PSV, Es)
 SMALL_KEYS = {"LAG": "13", "RAG": "12", "PSV": "10", "Es": "5"}
 #: the README's rows: labelled-only nnU-Net, SKCDF (today's defaults), the practitioner's recipe, the bound
-README_ARMS = ("a", "d", "p", "c")
+README_ARMS = ("a", "v", "d", "p", "c")
 #: the README's names of its rows (arm (d) ran as SKCDFTrainer_multiplyMask, which pins SKCDFTrainer's defaults)
 README_NAMES = {"a": "nnU-Net, labelled cases only (`nnUNetTrainer`)",
+                "v": "SKCDF, the reference code's settings (`SKCDFTrainer_reference`)",
                 "d": "SKCDF (`SKCDFTrainer`, defaults since 0.4.0)",
                 "p": "nnU-Net + pseudo-labelling recipe (`skcdf_pseudolabel`, 2 rounds)",
                 "c": "nnU-Net, all training cases labelled (upper bound)"}

@@ -71,7 +71,7 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
     monkeypatch.setenv("SKCDF_CONV_SNAPSHOTS", "1,2")
     expected = {"b": "exclude", "g": "exclude", "i": "exclude",
                 "d": "multiply", "e1": "multiply", "f": "multiply", "h": "multiply", "j": "multiply", "k": "multiply",
-                "l": "multiply", "q": "multiply", "r": "multiply", "t": "multiply", "u": "multiply"}
+                "l": "multiply", "q": "multiply", "r": "multiply", "t": "multiply", "u": "multiply", "v": "multiply"}
     assert set(expected) | {"a", "c", "e2", "p", "s"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
     for key, masking in expected.items():
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")
@@ -950,7 +950,7 @@ def test_candidates_table_lists_every_candidate_with_a_result_beside_a_p_d():
                  "methods": [_method("A", 0.75, 3.0, 0.70, 0.50), _method("P", 0.80, 2.8, 0.72, 0.55),
                              _method("D", 0.78, 2.5, 0.74, 0.52), _method("T", 0.815, 2.4, 0.76, 0.60),
                              _method("R", 0.77, 2.9, 0.71, 0.51)]}
-    arms = {"a": C.Arm("a", "A", "t", skcdf=False), "d": C.Arm("d", "D", "t"),
+    arms = {"a": C.Arm("a", "A", "t", skcdf=False), "d": C.Arm("d", "D", "t"), "v": C.Arm("v", "V", "t"),
             "p": C.Arm("p", "P", "t", skcdf=False, pseudo_rounds=2), "r": C.Arm("r", "R", "t", candidate=True),
             "t": C.Arm("t", "T", "t", candidate=True), "u": C.Arm("u", "U", "t", candidate=True)}
     runs = {"a": [{"commit": "a1"}, {"commit": "a2"}], "p": [{"commit": "p1"}], "d": [{"commit": "d1"}],
@@ -958,7 +958,7 @@ def test_candidates_table_lists_every_candidate_with_a_result_beside_a_p_d():
     per_site = {"sites": ["A", "C"], "arms": {"t": {"mean": {"A": [80.0, 84.0], "C": [70.0]}},
                                               "d": {"mean": {"A": [81.0], "C": []}}}}
     t = R.candidate_table(aggregate, arms, runs, per_site, ["LAG"])
-    assert list(t["rows"]) == ["a", "p", "d", "r", "t"]  # references first; (u) has no final result
+    assert list(t["rows"]) == ["a", "p", "d", "r", "t"]  # references first; (u), (v) have no final result
     x = t["rows"]["t"]
     assert x["runs"] == 2 and x["commits"] == ["t1"] and x["candidate"]
     assert x["mean"] == pytest.approx(81.5) and x["small"] == pytest.approx(60.0)
@@ -979,6 +979,7 @@ def test_candidates_table_lists_every_candidate_with_a_result_beside_a_p_d():
         R.candidate_table(aggregate, arms, runs, None, ["LAG"]))
     # the benchmark's own candidates: issue 39's arms, none of the references
     assert [k for k, a in C.ARMS.items() if a.candidate] == ["q", "r", "s", "t", "u"]
+    assert R.CANDIDATE_REFERENCES == ("a", "p", "v", "d") and not C.ARMS["v"].candidate
 
 
 def test_cost_per_arm_in_hours_with_the_chain_of_p():

@@ -29,6 +29,10 @@ EXPECTED_RELEASES = {
     "SKCDFTrainer_v01attnDropout": {**V04, "masking": "exclude", "head_ema": "constant", "skc_window": "divisor",
                                     "skc_attention_dropout": 0.1},
 }
+#: the reference code's settings (SKCDFTrainer_reference; documentation/method.md): 0.4's but the constant head EMA
+#: step, the reference's per-head self mode and the EMA of parameters only
+REFERENCE = {**V04, "head_ema": "constant", "skc_self_heads": "per_head", "ema_buffers": False}
+PINNED = {**EXPECTED_RELEASES, "SKCDFTrainer_reference": REFERENCE}
 
 
 def _raw(trainer) -> dict:
@@ -46,12 +50,14 @@ def test_release_table_is_the_one_the_trainers_use():
 
     assert {name: S.RELEASE_TRAINERS[name]["settings"] for name in RELEASES} == EXPECTED_RELEASES
     assert set(S.RELEASE_TRAINERS) == set(RELEASES)
+    assert S.REFERENCE_SETTINGS == S.NAMED_RULE_SETS["SKCDFTrainer_reference"]["settings"] == REFERENCE
 
 
-@pytest.mark.parametrize("name", RELEASES)
+@pytest.mark.parametrize("name", list(PINNED))
 def test_release_trainer_pins_every_setting(name, trainer_factory, monkeypatch):
     """Even if SKCDFTrainer's defaults change (simulated: every class attribute and every value of the
-    hyperparameter block set to something else), a release trainer trains with its release's settings."""
+    hyperparameter block set to something else), a release trainer trains with its release's settings, and
+    SKCDFTrainer_reference with the reference's (it declares no release: its runs are always recorded)."""
     original = SKCDFTrainer.__init__
     changed = dict(masking="exclude", head_ema="off", ema_momentum=0.5, ema_couple_decoders=False, ema_buffers=False,
                    consistency_weight=3.0, rampup_epochs=7, unlabeled_batch_size=5, unlabelled_view="strong_intensity",
@@ -69,8 +75,8 @@ def test_release_trainer_pins_every_setting(name, trainer_factory, monkeypatch):
                            labelled_attention_mode="self", balanced_heads=False, decoupled=False).items():
         monkeypatch.setattr(SKCDFTrainer, key, value)
     trainer = trainer_factory(_release(name))
-    assert _raw(trainer) == EXPECTED_RELEASES[name]
-    assert "__" not in name and trainer.skcdf_release
+    assert _raw(trainer) == PINNED[name]
+    assert "__" not in name and bool(trainer.skcdf_release) == (name in RELEASES)
 
 
 def test_release_trainers_and_old_names_resolve_through_nnunet(monkeypatch):
@@ -80,7 +86,7 @@ def test_release_trainers_and_old_names_resolve_through_nnunet(monkeypatch):
     from nnunetv2_skcdf.training.nnUNetTrainer.variants.legacy_names import LEGACY_TRAINERS
 
     monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
-    for name in (*RELEASES, *LEGACY_TRAINERS):
+    for name in (*PINNED, *LEGACY_TRAINERS):
         cls = recursive_find_trainer_class_by_name(name)
         assert cls.__name__ == name and "__" not in name
 
@@ -104,7 +110,6 @@ def test_old_names_train_as_release_0_1(trainer_factory):
             assert trainer.num_epochs == {"SKCDFTrainer_5epochs": 5}.get(new_name, 8)
 
 
-
 def test_a_run_of_main_between_the_settings_record_and_cross_groups_resumes_with_crossWholeBatch(trainer_factory):
     """Main trained for a while with the settings record but cross-attention over the whole other half, which no
     release did. On a plan with more than 2 samples per half such a run is named SKCDFTrainer_crossWholeBatch, whose
@@ -114,7 +119,7 @@ def test_a_run_of_main_between_the_settings_record_and_cross_groups_resumes_with
     from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import (
         SKCDFTrainer_crossWholeBatch)
 
-    table = S.INTERIM_TRAINERS["SKCDFTrainer_crossWholeBatch"]["settings"]
+    table = S.NAMED_RULE_SETS["SKCDFTrainer_crossWholeBatch"]["settings"]
     assert S.raw_settings(trainer_factory(SKCDFTrainer_crossWholeBatch)) == table
     bottleneck = (4, 8, 8)
     for floats, batch, expected in ((True, (4, 4), ["SKCDFTrainer_crossWholeBatch"]),
@@ -122,3 +127,37 @@ def test_a_run_of_main_between_the_settings_record_and_cross_groups_resumes_with
                                     (True, (2, 2), ["SKCDFTrainer", "SKCDFTrainer_crossWholeBatch"])):
         run = S.effective(table, bottleneck, floats, batch)
         assert S.release_candidates(run, bottleneck, floats, batch=batch) == expected, (floats, batch)
+
+
+def test_a_run_of_the_reference_settings_is_named_for_its_own_trainer_only():
+    """A run of SKCDFTrainer_reference resumed by another trainer: the refusal's candidates are the reference trainer
+    alone (no release had per-head self mode with a constant head EMA step), on every plan."""
+    from nnunetv2_skcdf.training import skcdf_settings as S
+
+    for floats, batch in ((False, (2, 2)), (True, (2, 2)), (False, (4, 4))):
+        run = S.effective(REFERENCE, (4, 8, 8), floats, batch)
+        assert S.release_candidates(run, (4, 8, 8), floats, batch=batch) == ["SKCDFTrainer_reference"]
+
+
+def test_the_reference_trainer_trains_with_the_reference_network_and_head_ema(trainer_factory):
+    """SKCDFTrainer_reference builds the reference's per-head self mode and trains (finite losses) with the constant
+    head EMA step: m whatever the learning rate (today's default would scale the step with it)."""
+    import numpy as np
+    import torch
+
+    trainer = trainer_factory(_release("SKCDFTrainer_reference"))
+    trainer.on_train_start()
+    try:
+        net = trainer._net()
+        local, glob = net.skc.local_block.attention, net.skc.global_block.attention
+        assert (local.self_heads, glob.self_heads) == ("per_head", "per_head")
+        trainer.optimizer.param_groups[0]["lr"] = trainer.initial_lr / 2  # as later in nnU-Net's poly schedule
+        assert trainer._head_ema_momentum() == trainer.ema_momentum == 0.99  # lr_scaled would give 0.995
+        trainer.on_train_epoch_start()
+        for _ in range(2):
+            out = trainer.train_step(next(trainer.dataloader_train))
+            assert np.isfinite(out["loss"]) and np.isfinite(out["l_u"])
+        assert trainer.nonfinite_in_a_row == 0
+        assert all(torch.isfinite(p).all() for p in net.parameters())
+    finally:
+        trainer.on_train_end()

@@ -32,6 +32,7 @@ from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablati
 )
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.appearance.nnUNetTrainer_histMatch import nnUNetTrainer_histMatch
 from nnunetv2_skcdf.training.nnUNetTrainer.variants.mirroring.no_mirroring import NoMirroringMixin
+from nnunetv2_skcdf.training.nnUNetTrainer.variants.releases.SKCDFTrainer_releases import SKCDFTrainer_reference
 
 ITERATIONS_PER_EPOCH = 50
 
@@ -145,3 +146,8 @@ class SKCDFTrainer_confidence_conv(_ConvergenceBudget, SKCDFTrainer_confidence):
 class SKCDFTrainer_copyPaste_conv(_ConvergenceBudget, SKCDFTrainer_copyPaste):
     """Arm (t), issue 39's mixing candidate: SKCDFTrainer's defaults with a box of a labelled sample (2/3 of the
     patch per axis) pasted into every unlabelled sample; D_u learns the true labels inside the box."""
+
+
+class SKCDFTrainer_reference_conv(_ConvergenceBudget, SKCDFTrainer_reference):
+    """Arm (v): SKCDF with the reference code's settings (constant head EMA step, per-head self mode, multiplied
+    masking; every setting pinned), the "paper settings" row issue 39's new default is compared with."""

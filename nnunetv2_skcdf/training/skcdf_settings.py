@@ -71,9 +71,19 @@ RELEASE_TRAINERS: Dict[str, dict] = {
 #: SKCDFTrainer's own defaults (tested against the trainer): 0.4's, the decoder EMA on parameters only, cross
 #: attention in groups of 2 samples per half (acts only on batches of more than 2 per half: 2D plans)
 CURRENT_DEFAULTS = {**_V04, "ema_buffers": False, "skc_cross_group": 2}
-#: rule sets main trained with between two releases, each with the trainer that keeps it (today's defaults but
-#: for what changed after): a run started in between resumes with it where no release trainer has its rules
-INTERIM_TRAINERS: Dict[str, dict] = {
+#: the reference code's settings (github.com/yinguanchun/SKCDF) wherever the integration has a switch: constant head
+#: EMA step, per-head self mode, cross-attention over every unlabelled sample of the batch, parameters-only EMA,
+#: multiplied masking, window 2 per axis, 2 heads, output dropout 0.1, w = 10 ramped over the whole budget, m = 0.99.
+#: Pinned (not derived from today's defaults): "the paper" stays what it is whatever the defaults become
+REFERENCE_SETTINGS = {**_V04, "head_ema": "constant", "skc_self_heads": "per_head", "ema_buffers": False}
+#: trainers that pin a rule set which was no release's defaults, each with its description: the reference's
+#: settings, and rule sets main trained with between two releases (today's defaults but for what changed after),
+#: so that a run started with them resumes with their trainer where no release trainer has its rules
+NAMED_RULE_SETS: Dict[str, dict] = {
+    "SKCDFTrainer_reference": {
+        "settings": REFERENCE_SETTINGS,
+        "written_by": "the reference code's settings: constant head EMA step, per-head self mode, cross-attention "
+                      "over the whole other half, multiplied masking"},
     "SKCDFTrainer_crossWholeBatch": {
         "settings": {**CURRENT_DEFAULTS, "skc_cross_group": None},
         "written_by": "main between the settings record (19f04fa) and cross-attention groups (3dd3d75): today's "
@@ -128,10 +138,10 @@ def differences(checkpoint: dict, own: dict) -> List[Tuple[str, Any, Any]]:
 def release_candidates(settings: dict, bottleneck, float_buffers: bool, keys: Sequence[str] = SETTINGS,
                        batch: Optional[Tuple[int, int]] = None) -> List[str]:
     """The release trainers (newest first), then ``SKCDFTrainer`` (today's defaults), then the interim ones
-    (:data:`INTERIM_TRAINERS`), whose effective settings equal ``settings`` on ``keys`` for this network
+    (:data:`NAMED_RULE_SETS`), whose effective settings equal ``settings`` on ``keys`` for this network
     (``batch``: as in ``effective``)."""
     tables = {**{name: entry["settings"] for name, entry in RELEASE_TRAINERS.items()}, "SKCDFTrainer": CURRENT_DEFAULTS,
-              **{name: entry["settings"] for name, entry in INTERIM_TRAINERS.items()}}
+              **{name: entry["settings"] for name, entry in NAMED_RULE_SETS.items()}}
     return [name for name, table in tables.items()
             if all(effective(table, bottleneck, float_buffers, batch)[k] == settings.get(k) for k in keys)]
 

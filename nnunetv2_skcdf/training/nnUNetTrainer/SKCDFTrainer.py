@@ -336,7 +336,7 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         matches = S.release_candidates(settings, bottleneck, floats, batch=self._batch_halves())
         if matches:
             also = f" (identical on this network: {', '.join(matches[1:])})" if len(matches) > 1 else ""
-            written = {**S.RELEASE_TRAINERS, **S.INTERIM_TRAINERS}.get(matches[0], {}).get("written_by",
+            written = {**S.RELEASE_TRAINERS, **S.NAMED_RULE_SETS}.get(matches[0], {}).get("written_by",
                                                                                          "today's defaults")
             return (f"To finish it unchanged, resume it with {matches[0]} ({written}){also}: "
                     f"{self._commands(matches[0])}")
