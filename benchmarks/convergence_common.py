@@ -28,7 +28,7 @@ class Arm:
     #: :func:`pseudo_chain`), trained with ``trainer`` on that round's student dataset
     pseudo_rounds: int = 0
     #: one of issue 39's candidate changes to SKCDF's integration: the report's candidates table lists it beside
-    #: SKCDF's defaults (d), the recipe (p) and nnU-Net (a)
+    #: nnU-Net (a), the recipe (p), SKCDF with the reference's settings (v) and SKCDF's defaults (d)
     candidate: bool = False
 
     def folds(self, runs: int) -> Tuple[int, ...]:

@@ -28,7 +28,8 @@ from convergence_report import _pm, curve_table, final_mean_dice, plateau  # noq
 RESULTS = HERE / "results"
 #: the phantom's Synapse label ids of the four smallest organs (convergence.SMALLEST: LAG, RAG, PSV, Es)
 SMALL_KEYS = {"LAG": "13", "RAG": "12", "PSV": "10", "Es": "5"}
-#: the README's rows: labelled-only nnU-Net, SKCDF (today's defaults), the practitioner's recipe, the bound
+#: the README's rows: labelled-only nnU-Net, SKCDF with the reference's settings, SKCDF (today's defaults), the
+#: practitioner's recipe, the bound
 README_ARMS = ("a", "v", "d", "p", "c")
 #: the README's names of its rows (arm (d) ran as SKCDFTrainer_multiplyMask, which pins SKCDFTrainer's defaults)
 README_NAMES = {"a": "nnU-Net, labelled cases only (`nnUNetTrainer`)",
