@@ -113,7 +113,7 @@ def test_old_names_train_as_release_0_1(trainer_factory):
 def test_a_run_of_main_between_the_settings_record_and_cross_groups_resumes_with_crossWholeBatch(trainer_factory):
     """Main trained for a while with the settings record but cross-attention over the whole other half, which no
     release did. On a plan with more than 2 samples per half such a run is named SKCDFTrainer_crossWholeBatch, whose
-    settings the interim table holds; with BatchNorm (floating buffers: 0.4's buffer EMA acts) it is the only
+    settings skcdf_settings.NAMED_RULE_SETS holds; with BatchNorm (floating buffers: 0.4's buffer EMA acts) it is the only
     trainer with those rules, with InstanceNorm 0.4's trainer has them too; at 2 per half SKCDFTrainer has them."""
     from nnunetv2_skcdf.training import skcdf_settings as S
     from nnunetv2_skcdf.training.nnUNetTrainer.variants.ablation.SKCDFTrainer_ablations import (

@@ -89,6 +89,18 @@ NAMED_RULE_SETS: Dict[str, dict] = {
         "written_by": "main between the settings record (19f04fa) and cross-attention groups (3dd3d75): today's "
                       "rules with the cross-attention over the whole other half"},
 }
+#: every trainer with a pinned or default rule set, in the order the refusals propose them: the releases (newest
+#: first), SKCDFTrainer (today's defaults), the named ones
+_ALL_RULE_SETS: Dict[str, dict] = {**RELEASE_TRAINERS,
+                                   "SKCDFTrainer": {"settings": CURRENT_DEFAULTS, "written_by": "today's defaults"},
+                                   **NAMED_RULE_SETS}
+
+
+def written_by(name: str) -> str:
+    """What wrote runs with the rules of trainer ``name`` (a release, today's defaults, a named rule set)."""
+    return _ALL_RULE_SETS[name]["written_by"]
+
+
 #: the value a setting had in the releases before it existed (reading an old debug.json); skc_attention_dropout,
 #: absent before 15e93fc, equalled skc_dropout then (one dropout on both)
 BEFORE_IT_EXISTED = {"head_ema": "constant", "skc_self_heads": "joint", "ema_couple_decoders": True,
@@ -140,8 +152,7 @@ def release_candidates(settings: dict, bottleneck, float_buffers: bool, keys: Se
     """The release trainers (newest first), then ``SKCDFTrainer`` (today's defaults), then the interim ones
     (:data:`NAMED_RULE_SETS`), whose effective settings equal ``settings`` on ``keys`` for this network
     (``batch``: as in ``effective``)."""
-    tables = {**{name: entry["settings"] for name, entry in RELEASE_TRAINERS.items()}, "SKCDFTrainer": CURRENT_DEFAULTS,
-              **{name: entry["settings"] for name, entry in NAMED_RULE_SETS.items()}}
+    tables = {name: entry["settings"] for name, entry in _ALL_RULE_SETS.items()}
     return [name for name, table in tables.items()
             if all(effective(table, bottleneck, float_buffers, batch)[k] == settings.get(k) for k in keys)]
 

@@ -336,9 +336,7 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         matches = S.release_candidates(settings, bottleneck, floats, batch=self._batch_halves())
         if matches:
             also = f" (identical on this network: {', '.join(matches[1:])})" if len(matches) > 1 else ""
-            written = {**S.RELEASE_TRAINERS, **S.NAMED_RULE_SETS}.get(matches[0], {}).get("written_by",
-                                                                                         "today's defaults")
-            return (f"To finish it unchanged, resume it with {matches[0]} ({written}){also}: "
+            return (f"To finish it unchanged, resume it with {matches[0]} ({S.written_by(matches[0])}){also}: "
                     f"{self._commands(matches[0])}")
         closest, rest = S.closest_release(settings, bottleneck, floats, self._batch_halves())
         pins = ", ".join(f"{k} = {a!r}" for k, a, _ in rest)
