@@ -970,8 +970,10 @@ Budget: {r['budget']['iterations']} iterations per arm (epochs of 50, nnU-Net's 
 curve points at iterations {its}. Test-set Dice in these curves: nnU-Net sliding window on the preprocessed grid
 (`convergence_eval.py`); the final table below: stock `nnUNetv2_predict` + `skcdf_evaluate`.
 Plateau criterion: the last quarter of the budget adds < {PLATEAU_POINTS} mean Dice point to {_arm_list(baselines)}.
+The curves' last point (this table) is the final checkpoint on the preprocessed grid; the per-organ table below
+evaluates the same checkpoint through stock predict on the original grid, so the two differ.
 
-| arm | runs | final mean Dice | final 4 smallest | last-quarter gain (plateau) |
+| arm | runs | curve's last point: mean Dice | its 4 smallest | last-quarter gain (plateau) |
 |---|---|---|---|---|
 {curve_rows}
 
