@@ -52,6 +52,11 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
   v  SKCDF with the reference code's settings (``SKCDFTrainer_reference``: constant head EMA step, per-head self
      mode, multiplied masking; every setting pinned): "the paper" inside nnU-Net, the row issue 39's new default is
      compared with; with curves
+  w  issue 39's second combination candidate: SKCDF as the teacher of a pseudo-label round, the recipe's stock
+     nnU-Net students: one round of ``skcdf_pseudolabel`` (same threshold and flags as (p)) whose teachers are (d)'s
+     runs, folds 0-2 of this work folder (trained here first where missing), its own student dataset (<-d>+11,
+     ``...PseudoR1fromD``) and 3 identical student folds, the (w) runs; with curves. The model a user would ship is
+     a stock nnU-Net (prediction cost 1x); the chain costs (d)'s 3 runs, which the comparison trains anyway
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -155,11 +160,14 @@ from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_F
 CONFIG = "3d_cpu"
 RESULTS = REPO / "benchmarks" / "results"
 STORE = RESULTS / "convergence"
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q", "r", "s", "t", "u", "v")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q", "r", "s", "t", "u", "v", "w")
 #: arm (p): round 1's teachers are the (a) runs (its model folder's folds 0-2), each round writes
 #: ``P_STUDENT_FOLDS`` identical student folds; the round-1 students (all of them) teach round 2, whose
 #: students are the (p) runs. The threshold is skcdf_pseudolabel's default (0.90, chosen a priori there).
 P_TEACHER_FOLDS, P_STUDENT_FOLDS = LABELLED_FOLDS, 3
+#: a pseudo-labelling chain whose round 1 is taught by another arm than (a) (``Arm.teacher``) writes its round
+#: datasets this far above the source's id, with the teacher in their names, so that chains never share a round
+TEACHER_DATASET_OFFSET = {"a": 0, "d": 10}
 ROUND_DONE = "convergence_round_done"
 
 
@@ -404,20 +412,25 @@ def hidden_label_cases(pre: Path, raw: Path) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------- train / predict
-def round_dataset(source: str, r: int) -> Tuple[str, str]:
+def round_dataset(source: str, r: int, teacher: str = "a") -> Tuple[str, str]:
     """(id, folder name) of the student dataset ``skcdf_pseudolabel`` writes in round ``r`` from the source dataset
-    folder ``source`` (``Dataset962_Convergence`` -> ``963``, ``Dataset963_ConvergencePseudoR1``)."""
+    folder ``source`` (``Dataset962_Convergence`` -> ``963``, ``Dataset963_ConvergencePseudoR1``); a chain taught
+    by another arm than (a) in round 1 gets its own ids and names (teacher ``d``: ``973``,
+    ``Dataset973_ConvergencePseudoR1fromD``)."""
+    if teacher not in TEACHER_DATASET_OFFSET:
+        raise ValueError(f"no round datasets for teacher arm ({teacher}): add it to TEACHER_DATASET_OFFSET")
     number, name = source[len("Dataset"):].split("_", 1)
-    out = int(number) + r
+    first = int(number) + TEACHER_DATASET_OFFSET[teacher] + 1
+    out = first + r - 1
     if out > 999:
-        raise SystemExit(f"arm (p) writes its rounds as datasets {int(number) + 1}..{out}: over nnU-Net's 999; "
+        raise SystemExit(f"a pseudo-labelling arm writes its rounds as datasets {first}..{out}: over nnU-Net's 999; "
                          f"use a smaller -d.")
-    return str(out), f"Dataset{out:03d}_{name}PseudoR{r}"
+    return str(out), f"Dataset{out:03d}_{name}PseudoR{r}" + ("" if teacher == "a" else f"from{teacher.upper()}")
 
 
 def arm_dataset(dataset: str, raw: Path, arm: Arm) -> Tuple[str, str]:
     """(id, folder name) of the dataset ``arm`` trains on: the source, or for (p) its last round's student dataset."""
-    return round_dataset(raw.name, arm.pseudo_rounds) if arm.pseudo_rounds else (dataset, raw.name)
+    return round_dataset(raw.name, arm.pseudo_rounds, arm.teacher) if arm.pseudo_rounds else (dataset, raw.name)
 
 
 def student_arm(arm: Arm, r: int) -> Arm:
@@ -425,7 +438,8 @@ def student_arm(arm: Arm, r: int) -> Arm:
     teachers of round ``r + 1`` (trained like it, never stored as a run of their own)."""
     if r == arm.pseudo_rounds:
         return arm
-    return Arm(f"{arm.key}{r}", f"{arm.name}: round-{r} student", arm.trainer, skcdf=False, pseudo_rounds=r)
+    return Arm(f"{arm.key}{r}", f"{arm.name}: round-{r} student", arm.trainer, skcdf=False, pseudo_rounds=r,
+               teacher=arm.teacher)
 
 
 def model_folder(env: dict, raw: Path, arm: Arm) -> Path:
@@ -584,13 +598,14 @@ def held_by(holder: dict) -> str:
 def pseudo_chain(arm: Arm, dataset: str, raw: Path, env: dict, log: Path, np_: str, work: Path, budget: dict,
                  task: dict) -> Optional[str]:
     """Everything a run of the pseudo-labelling arm needs before its own training, each step resumable and done
-    once per work folder: round 1's teachers = (a)'s model folder, folds 0-2 (trained here if this work folder
-    lacks their checkpoints: stored runs of (a) from another work folder are results, not checkpoints);
+    once per work folder: round 1's teachers = the teacher arm's model folder (``Arm.teacher``: (a) for (p)),
+    folds 0-2 (trained here if this work folder lacks their checkpoints: stored runs from another work folder are
+    results, not checkpoints);
     ``skcdf_pseudolabel`` round 1 -> student dataset, its ``P_STUDENT_FOLDS`` students trained like (a); round 2
     with those students as teachers and ``--previous`` round 1; ... Returns None when the last round's student
     dataset is ready, else what it waits for."""
     for r in range(1, arm.pseudo_rounds + 1):
-        teacher = ARMS["a"] if r == 1 else student_arm(arm, r - 1)
+        teacher = ARMS[arm.teacher] if r == 1 else student_arm(arm, r - 1)
         folds = P_TEACHER_FOLDS if r == 1 else tuple(range(P_STUDENT_FOLDS))
         folder = model_folder(env, raw, teacher)
         busy = {}  # fold -> the process training it (a second process side by side takes the next free fold)
@@ -604,26 +619,31 @@ def pseudo_chain(arm: Arm, dataset: str, raw: Path, env: dict, log: Path, np_: s
         if missing:
             return (f"round {r}'s teachers ({folder.parent.name}/{folder.name}, folds {missing}) are not trained yet"
                     + "".join(f"; fold {f} {held_by(h)}" for f, h in busy.items() if f in missing))
-        with claimed(work, f"round{r}") as holder:
+        with claimed(work, round_name(r, arm.teacher)) as holder:
             if holder is not None:
                 return f"round {r} is being made, {held_by(holder)}"
-            make_round(r, dataset, raw, env, log, np_, work, folder, folds, budget, task)
+            make_round(r, dataset, raw, env, log, np_, work, folder, folds, budget, task, arm.teacher)
     return None
 
 
-def round_summary_file(work: Path, r: int) -> Path:
-    return work / "pseudo_rounds" / f"round{r}.json"
+def round_name(r: int, teacher: str = "a") -> str:
+    """A round's claim and summary name: ``round1`` for the chain (a) teaches, ``round1_fromD`` for another."""
+    return f"round{r}" + ("" if teacher == "a" else f"_from{teacher.upper()}")
+
+
+def round_summary_file(work: Path, r: int, teacher: str = "a") -> Path:
+    return work / "pseudo_rounds" / f"{round_name(r, teacher)}.json"
 
 
 def make_round(r: int, dataset: str, raw: Path, env: dict, log: Path, np_: str, work: Path, teachers: Path,
-               folds, budget: dict, task: dict) -> dict:
+               folds, budget: dict, task: dict, teacher: str = "a") -> dict:
     """Round ``r`` of ``skcdf_pseudolabel`` (default threshold), once per work folder: the student dataset with
     ``P_STUDENT_FOLDS`` identical folds, and ``<work>/pseudo_rounds/round<r>.json`` (:func:`round_summary`, the
     command's wall time and the teachers' runs) for the store files of (p)."""
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
-    out_id, name = round_dataset(raw.name, r)
-    done, path = Path(env["nnUNet_preprocessed"]) / name / ROUND_DONE, round_summary_file(work, r)
+    out_id, name = round_dataset(raw.name, r, teacher)
+    done, path = Path(env["nnUNet_preprocessed"]) / name / ROUND_DONE, round_summary_file(work, r, teacher)
     if done.exists() and path.exists():
         return json.loads(path.read_text())
     # --student-unlabeled: the dropped cases also go to the student dataset as unlabelled images, which (q)'s SKCDF
@@ -632,29 +652,29 @@ def make_round(r: int, dataset: str, raw: Path, env: dict, log: Path, np_: str, 
            "--out-name", name.split("_", 1)[1], "--student-folds", str(P_STUDENT_FOLDS), "-np", np_, "--overwrite",
            "--student-unlabeled"]
     if r > 1:
-        cmd += ["--previous", round_dataset(raw.name, r - 1)[0]]
+        cmd += ["--previous", round_dataset(raw.name, r - 1, teacher)[0]]
     # --overwrite: only an interrupted attempt of this round can be there (no marker); --threads holds for its
     # predictions too (torch reads OMP_NUM_THREADS), as for the trainings beside it
     threads = {"OMP_NUM_THREADS": env["SKCDF_CONV_THREADS"]} if env.get("SKCDF_CONV_THREADS") else {}
     seconds = sh(cmd, {**env, **threads}, log)
     summary = round_summary(r, Path(env["nnUNet_raw"]) / name, raw, seconds, cmd)
-    summary["teacher_runs"] = teacher_runs(teachers, folds, budget, task, r == 1)
+    summary["teacher_runs"] = teacher_runs(teachers, folds, budget, task, ARMS[teacher] if r == 1 else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_json(summary, str(path))
     done.touch()
     return summary
 
 
-def teacher_runs(folder: Path, folds, budget: dict, task: dict, first_round: bool) -> List[dict]:
-    """Per teacher fold: its training commits and time; for round 1 also whether it is the stored (a) run of that
-    fold (same training starts) or a run of (a) trained again in this work folder."""
+def teacher_runs(folder: Path, folds, budget: dict, task: dict, stored_arm: Optional[Arm]) -> List[dict]:
+    """Per teacher fold: its training commits and time; for round 1 (``stored_arm``: the teacher arm) also whether
+    it is that arm's stored run of the fold (same training starts) or a run trained again in this work folder."""
     out = []
     for f in folds:
         fold_dir = folder / f"fold_{f}"
         commits = json.loads((fold_dir / TRAIN_COMMITS).read_text()) if (fold_dir / TRAIN_COMMITS).exists() else None
         entry = {"fold": f, "train_commits": commits, "train_s": train_seconds(fold_dir)}
-        if first_round:
-            stored_file = store_file(ARMS["a"], f, budget, task)
+        if stored_arm is not None:
+            stored_file = store_file(stored_arm, f, budget, task)
             entry["stored_run"] = stored_file.exists() and commits is not None and \
                 json.loads(stored_file.read_text()).get("train_commits") == commits
         out.append(entry)
@@ -894,7 +914,8 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
     curve = work / "curves" / f"{arm.key}_fold{fold}.json"
     extra = {}
     if arm.pseudo_rounds:  # the chain this run comes from: each round's summary, the earlier rounds' students
-        rounds = [json.loads(round_summary_file(work, r).read_text()) for r in range(1, arm.pseudo_rounds + 1)]
+        rounds = [json.loads(round_summary_file(work, r, arm.teacher).read_text())
+                  for r in range(1, arm.pseudo_rounds + 1)]
         for r, summary in enumerate(rounds[:-1], start=1):
             summary["students"] = [student_result(arm, r, f, raw, work, env, log, np_)
                                    for f in range(P_STUDENT_FOLDS)]

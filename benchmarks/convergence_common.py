@@ -27,6 +27,8 @@ class Arm:
     #: > 0: the students of round ``pseudo_rounds`` of ``skcdf_pseudolabel`` (their own dataset, see
     #: :func:`pseudo_chain`), trained with ``trainer`` on that round's student dataset
     pseudo_rounds: int = 0
+    #: for a pseudo-labelling arm: the arm whose runs (folds 0-2, trained in the same work folder) teach round 1
+    teacher: str = "a"
     #: one of issue 39's candidate changes to SKCDF's integration: the report's candidates table lists it beside
     #: nnU-Net (a), the recipe (p), SKCDF with the reference's settings (v) and SKCDF's defaults (d)
     candidate: bool = False
@@ -64,6 +66,10 @@ ARMS = {a.key: a for a in (
     Arm("u", "SKCDF + confidence filter", "SKCDFTrainer_confidence_conv", candidate=True),
     # "the paper" (issue 39): the reference code's settings wherever the integration has a switch, pinned
     Arm("v", "SKCDF (reference settings)", "SKCDFTrainer_reference_conv"),
+    # issue 39's other combination candidate: SKCDF as the teacher of a pseudo-label round, the recipe's stock nnU-Net
+    # students (one round: its teachers are (d)'s runs, not (a)'s); the model a user ships is a plain nnU-Net
+    Arm("w", "nnU-Net student of SKCDF teachers (1 round)", "nnUNetTrainer_conv", skcdf=False, pseudo_rounds=1,
+        teacher="d", candidate=True),
 )}
 
 

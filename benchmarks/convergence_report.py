@@ -511,7 +511,9 @@ def _dice_or_dash(d: Optional[Dict[str, float]]) -> str:
     return "-" if not d else f"{_mean(d):.1f}"
 
 
-def pseudo_markdown(skcdf: Dict[str, dict], rounds: List[dict]) -> str:
+def pseudo_markdown(skcdf: Dict[str, dict], rounds: List[dict], chains: Optional[Dict[str, List[dict]]] = None) -> str:
+    """SKCDF's pseudo labels per site, then the rounds of (p) and of every other pseudo-labelling chain (``chains``:
+    arm key -> its rounds, e.g. (w), whose round 1 SKCDF teaches)."""
     parts = []
     if skcdf:
         sites = sorted({s for x in skcdf.values() for s in x["sites"]})
@@ -522,29 +524,36 @@ def pseudo_markdown(skcdf: Dict[str, dict], rounds: List[dict]) -> str:
                      "Dice over organs, mean ± sd over the runs that measured them; cases per site in brackets):\n\n"
                      "| arm | runs | " + " | ".join(f"site {s} ({cases.get(s, '?')})" for s in sites) + " |\n"
                      "|---|---|" + "---|" * len(sites) + "\n" + rows)
-    if rounds:
-        rows = []
-        for r in rounds:
-            sites = " ; ".join(f"{s}: {x['kept']}/{x['pool']}, {_dice_or_dash(x['pseudo_dice'])} "
-                               f"({_dice_or_dash(x['pseudo_dice_kept'])})" for s, x in r["per_site"].items())
-            students = r.get("students") or []
-            student_text = (f"{_pm([_mean(x['test_dice']) for x in students])} over {len(students)}, "
-                            f"{np.mean([x['train_s'] for x in students]) / 3600:.1f} h each"
-                            if students else "the (p) runs")
-            teachers = f"{len(r['teachers'] or [])} x {(r['teachers'] or [{}])[0].get('trainer', '?')}"
-            seconds = f"{r['seconds'] / 60:.0f}" if r.get("seconds") is not None else "?"
-            rows.append(f"| {r['round']} | {teachers} | {r['kept']}/{r['pool']} | {sites} | "
-                        f"{_dice_or_dash(r['pseudo_dice'])} / {_dice_or_dash(r['pseudo_dice_kept'])} | {seconds} | "
-                        f"{student_text} |")
-        threshold = rounds[0].get("threshold")
-        parts.append(f"(p) rounds (`skcdf_pseudolabel`, threshold {threshold}: a case is kept when its teachers' "
-                     "mean organ Dice agreement, and from round 2 its agreement with the previous round, is at least "
-                     "that). Pseudo-label Dice against the hidden labels of the hidden-label training cases (the "
-                     "round never reads them): all cases of the pool / the kept ones (imagesUnlabeled cases have no "
-                     "label); per site: kept/pool, Dice all (kept):\n\n"
-                     "| round | teachers | kept/pool | per site | pseudo-label Dice all / kept | "
-                     "skcdf_pseudolabel min | students: test mean Dice, training |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    for arm, arm_rounds in {"p": rounds, **(chains or {})}.items():
+        if arm_rounds:
+            parts.append(rounds_markdown(arm, arm_rounds))
     return "\n\n".join(parts)
+
+
+def rounds_markdown(arm: str, rounds: List[dict]) -> str:
+    """One pseudo-labelling chain's rounds: teachers, kept cases, pseudo-label Dice per site, students."""
+    rows = []
+    for r in rounds:
+        sites = " ; ".join(f"{s}: {x['kept']}/{x['pool']}, {_dice_or_dash(x['pseudo_dice'])} "
+                           f"({_dice_or_dash(x['pseudo_dice_kept'])})" for s, x in r["per_site"].items())
+        students = r.get("students") or []
+        student_text = (f"{_pm([_mean(x['test_dice']) for x in students])} over {len(students)}, "
+                        f"{np.mean([x['train_s'] for x in students]) / 3600:.1f} h each"
+                        if students else f"the ({arm}) runs")
+        teachers = f"{len(r['teachers'] or [])} x {(r['teachers'] or [{}])[0].get('trainer', '?')}"
+        seconds = f"{r['seconds'] / 60:.0f}" if r.get("seconds") is not None else "?"
+        rows.append(f"| {r['round']} | {teachers} | {r['kept']}/{r['pool']} | {sites} | "
+                    f"{_dice_or_dash(r['pseudo_dice'])} / {_dice_or_dash(r['pseudo_dice_kept'])} | {seconds} | "
+                    f"{student_text} |")
+    threshold = rounds[0].get("threshold")
+    return (f"({arm}) rounds (`skcdf_pseudolabel`, threshold {threshold}: a case is kept when its teachers' "
+            "mean organ Dice agreement, and from round 2 its agreement with the previous round, is at least "
+            "that). Pseudo-label Dice against the hidden labels of the hidden-label training cases (the "
+            "round never reads them): all cases of the pool / the kept ones (imagesUnlabeled cases have no "
+            "label); per site: kept/pool, Dice all (kept):\n\n"
+            "| round | teachers | kept/pool | per site | pseudo-label Dice all / kept | "
+            "skcdf_pseudolabel min | students: test mean Dice, training |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(rows))
 
 
 # ---------------------------------------------------------------------------------------------- room, cost, (p) vs (d)
@@ -662,19 +671,25 @@ def candidate_markdown(t: Optional[dict]) -> str:
 
 def cost_per_arm(runs: Dict[str, list], budget: dict) -> Dict[str, dict]:
     """Training hours per run of each arm (the sum of its epochs; runs stored before that was recorded: the median
-    epoch x epochs, marked estimated); for (p) also its chain, paid once for all its runs: the rounds'
-    ``skcdf_pseudolabel`` and the earlier rounds' students (round 1's teachers are (a)'s runs; those trained again
-    in (p)'s work folder are counted)."""
+    epoch x epochs, marked estimated); for (p), and every chain round 1 of which another arm teaches ((w): (d)),
+    also its chain, paid once for all its runs: the rounds' ``skcdf_pseudolabel`` and the earlier rounds' students
+    (round 1's teachers are the teacher arm's runs; those trained again in the chain's work folder are counted)."""
     out = {}
     for key, stored in sorted(runs.items()):
         hours = [(r["train_s"] if r.get("train_s") is not None else r["train_epoch_s_median"] * budget["epochs"]) / 3600
                  for r in stored]
         out[key] = {"runs": len(stored), "hours_per_run": float(np.mean(hours)),
                     "estimated": any(r.get("train_s") is None for r in stored)}
-    rounds = pseudo_rounds_of(runs)
-    if rounds:
+    from convergence_common import ARMS
+
+    for key in out:  # (p), and every chain round 1 of which another arm teaches ((q) shares (p)'s)
+        arm = ARMS.get(key)
+        rounds = pseudo_rounds_of(runs, key)
+        if not rounds or not (key == "p" or arm.teacher != "a"):
+            continue
         retrained = [t["train_s"] or 0.0 for t in rounds[0].get("teacher_runs", []) if not t.get("stored_run")]
-        out["p"]["chain"] = {
+        out[key]["chain"] = {
+            "teacher": arm.teacher,
             "pseudolabel_h": sum((r.get("seconds") or 0.0) for r in rounds) / 3600,
             "students_h": sum((x.get("train_s") or 0.0) for r in rounds for x in r.get("students") or []) / 3600,
             "teachers_retrained": len(retrained), "teachers_retrained_h": sum(retrained) / 3600}
@@ -688,13 +703,17 @@ def cost_markdown(cost: Dict[str, dict]) -> str:
                      for k, x in cost.items())
     text = ("Cost: training hours per run (sum of the epochs' times; estimated = median epoch x epochs, for runs "
             "stored before the sum was recorded):\n\n| arm | runs | training h per run |\n|---|---|---|\n" + rows)
-    chain = cost.get("p", {}).get("chain")
-    if chain:
-        text += (f"\n\n(p)'s chain, paid once for all its runs: skcdf_pseudolabel {chain['pseudolabel_h']:.2f} h over "
-                 f"the rounds, the earlier rounds' students {chain['students_h']:.2f} h; round 1's teachers are (a)'s "
-                 "runs" + (f" ({chain['teachers_retrained']} of them trained again in this work folder, "
-                           f"{chain['teachers_retrained_h']:.2f} h: the stored (a) runs' checkpoints were elsewhere)"
-                           if chain["teachers_retrained"] else "") + ".")
+    for key, x in cost.items():
+        chain = x.get("chain")
+        if not chain:
+            continue
+        teacher = chain.get("teacher", "a")  # store files written before chains had other teachers: (a)
+        text += (f"\n\n({key})'s chain, paid once for all its runs: skcdf_pseudolabel {chain['pseudolabel_h']:.2f} h "
+                 f"over the rounds, the earlier rounds' students {chain['students_h']:.2f} h; round 1's teachers are "
+                 f"({teacher})'s runs" + (f" ({chain['teachers_retrained']} of them trained again in this work "
+                                          f"folder, {chain['teachers_retrained_h']:.2f} h: the stored ({teacher}) "
+                                          "runs' checkpoints were elsewhere)" if chain["teachers_retrained"] else "")
+                 + ".")
     return text
 
 
@@ -766,7 +785,11 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "candidates": candidate_table(final["aggregate"], ARMS, runs, per_site, list(SMALLEST))
                if final else None,
                "per_site": per_site, "pseudo_per_site": pseudo_site_table(runs),
-               "pseudo_rounds": pseudo_rounds_of(runs), "cost": cost_per_arm(runs, budget),
+               "pseudo_rounds": pseudo_rounds_of(runs),
+               # chains taught by another arm than (a) (for (q), a student of (p)'s round 1, it would repeat (p)'s)
+               "other_chains": {k: pseudo_rounds_of(runs, k) for k, arm in ARMS.items()
+                                if arm.pseudo_rounds and arm.teacher != "a" and pseudo_rounds_of(runs, k)},
+               "cost": cost_per_arm(runs, budget),
                **{name: overlays.get(name, []) for name in OVERLAYS}}
     with atomic_output(str(result_file)) as tmp:
         Path(tmp).write_text(json.dumps(results, indent=1, default=str) + "\n")
@@ -953,7 +976,8 @@ def markdown(r: dict, figures: dict) -> str:
         labelled += f", multi-site phantom ({', '.join(r['task']['sites'])})"
     baselines = tuple(r.get("plateau_arms", ("a", "c")))
     extra = "\n\n".join(x for x in (candidate_markdown(r.get("candidates")), site_markdown(r.get("per_site")),
-                                      pseudo_markdown(r.get("pseudo_per_site") or {}, r.get("pseudo_rounds") or []),
+                                      pseudo_markdown(r.get("pseudo_per_site") or {}, r.get("pseudo_rounds") or [],
+                                                      r.get("other_chains") or {}),
                                       cost_markdown(r.get("cost") or {})) if x)
     return f"""## Accuracy against nnU-Net, {labelled}, {r['budget']['iterations']} iterations (`benchmarks/convergence.py`) — status: **{r['status']}**
 

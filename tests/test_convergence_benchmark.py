@@ -72,7 +72,7 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
     expected = {"b": "exclude", "g": "exclude", "i": "exclude",
                 "d": "multiply", "e1": "multiply", "f": "multiply", "h": "multiply", "j": "multiply", "k": "multiply",
                 "l": "multiply", "q": "multiply", "r": "multiply", "t": "multiply", "u": "multiply", "v": "multiply"}
-    assert set(expected) | {"a", "c", "e2", "p", "s"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
+    assert set(expected) | {"a", "c", "e2", "p", "s", "w"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
     for key, masking in expected.items():
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")
         trainer = trainer_factory(cls)
@@ -811,6 +811,81 @@ def test_a_round_summary_scores_pseudo_labels_against_hidden_labels_per_site(tmp
     assert "| 2 |" in text and "| the (p) runs |" in text and "threshold 0.9" in text
 
 
+def test_arm_w_is_taught_by_d_in_its_own_round_datasets_beside_p(tmp_path, monkeypatch):
+    """(w), SKCDF as the teacher of a pseudo-label round: (d)'s folds 0-2 are round 1's teachers (trained first
+    where missing), its round gets its own dataset (973, named for the teacher), claim and summary, so that (p)'s
+    chain in the same work folder never takes it for its own round 1; its students are stock nnU-Net."""
+    work, budget, task = tmp_path / "work", {"iterations": 100, "epochs": 2}, {**TASK, "labeled": "2"}
+    env = C.nnunet_paths(work)
+    raw = work / "nnUNet_raw" / "Dataset962_Convergence"
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
+    monkeypatch.setattr(C, "STORE", tmp_path / "store")
+    monkeypatch.setattr(C, "train_seconds", lambda fold_dir: 5.0)
+    calls = []
+
+    def fake_sh(cmd, env_, log):
+        calls.append(cmd)
+        if cmd[0] == "nnUNetv2_train":
+            name = next(p.name for p in Path(env["nnUNet_raw"]).iterdir() if p.name.startswith(f"Dataset{cmd[1]}_"))
+            fold_dir = Path(env["nnUNet_results"]) / name / f"{cmd[5]}__nnUNetPlans__3d_cpu" / f"fold_{cmd[3]}"
+            (fold_dir / "checkpoint_final.pth").touch()
+        if cmd[0] == "skcdf_pseudolabel":
+            out = Path(env["nnUNet_raw"]) / f"Dataset{cmd[cmd.index('--out-dataset') + 1]}_" \
+                f"{cmd[cmd.index('--out-name') + 1]}"
+            out.mkdir(parents=True)
+            (out / "pseudolabel_round.json").write_text(json.dumps({"kept": [], "cases": {}, "threshold": 0.9}))
+            (Path(env["nnUNet_preprocessed"]) / out.name).mkdir(parents=True)
+        return 1.0
+
+    monkeypatch.setattr(C, "sh", fake_sh)
+    w = C.ARMS["w"]
+    assert (w.teacher, w.pseudo_rounds, w.trainer, w.skcdf, w.candidate) == ("d", 1, "nnUNetTrainer_conv", False, True)
+    assert C.round_dataset("Dataset962_Convergence", 1, "d") == ("973", "Dataset973_ConvergencePseudoR1fromD")
+    with pytest.raises(ValueError, match=r"teacher arm \(c\)"):
+        C.round_dataset("Dataset962_Convergence", 1, "c")
+    assert C.pseudo_chain(w, "962", raw, env, tmp_path / "log", "1", work, budget, task) is None
+    trains = [(c[1], c[3], c[5]) for c in calls if c[0] == "nnUNetv2_train"]
+    assert trains == [("962", str(f), C.ARMS["d"].trainer) for f in (0, 1, 2)]  # (d)'s runs teach, not (a)'s
+    (round1,) = [c for c in calls if c[0] == "skcdf_pseudolabel"]
+    assert round1[round1.index("-m") + 1] == str(C.model_folder(env, raw, C.ARMS["d"]))
+    assert round1[round1.index("--out-dataset") + 1] == "973" and "--previous" not in round1
+    assert round1[round1.index("--out-name") + 1] == "ConvergencePseudoR1fromD"
+    summary = json.loads(C.round_summary_file(work, 1, "d").read_text())
+    assert summary["dataset"] == "Dataset973_ConvergencePseudoR1fromD"
+    assert [t["stored_run"] for t in summary["teacher_runs"]] == [False] * 3  # no stored (d) run has these starts
+    assert not C.round_summary_file(work, 1).exists() and C.round_name(1, "d") == "round1_fromD"
+    assert C.model_folder(env, raw, w) == Path(env["nnUNet_results"]) / "Dataset973_ConvergencePseudoR1fromD" / \
+        "nnUNetTrainer_conv__nnUNetPlans__3d_cpu"
+    calls.clear()  # (p) in the same work folder: (a) teaches its own round 1 in dataset 963
+    assert C.pseudo_chain(C.ARMS["p"], "962", raw, env, tmp_path / "log", "1", work, budget, task) is None
+    firsts = [c for c in calls if c[0] == "skcdf_pseudolabel"]
+    assert firsts[0][firsts[0].index("-m") + 1] == str(C.model_folder(env, raw, C.ARMS["a"]))
+    assert firsts[0][firsts[0].index("--out-dataset") + 1] == "963"
+    assert [(arm.key, fold) for arm, fold in C.schedule(["w", "d"], 3, 1)] == [("d", 0), ("d", 1), ("d", 2),
+                                                                               ("w", 0), ("w", 1), ("w", 2)]
+
+
+def test_chains_taught_by_another_arm_get_their_own_rounds_table_and_cost_line():
+    round1 = {"round": 1, "seconds": 600.0, "threshold": 0.9, "kept": 20, "pool": 56, "pseudo_dice": {"1": 0.8},
+              "pseudo_dice_kept": {"1": 0.9}, "teachers": [{"trainer": "SKCDFTrainer_multiplyMask_conv"}] * 3,
+              "per_site": {"C": {"kept": 5, "pool": 14, "pseudo_dice": {"1": 0.7}, "pseudo_dice_kept": None}},
+              "teacher_runs": [{"fold": f, "train_s": 7200.0, "stored_run": f == 0} for f in range(3)]}
+    text = R.pseudo_markdown({}, [], {"w": [round1]})
+    assert text.startswith("(w) rounds (`skcdf_pseudolabel`, threshold 0.9")
+    assert "| 1 | 3 x SKCDFTrainer_multiplyMask_conv | 20/56 | C: 5/14, 70.0 (-) | 80.0 / 90.0 | 10 | the (w) runs |" \
+        in text
+    runs = {"w": [{"train_s": 3600.0, "train_epoch_s_median": 15.0, "pseudo_rounds": [round1]}],
+            "q": [{"train_s": 3600.0, "train_epoch_s_median": 15.0, "pseudo_rounds": [round1]}]}
+    cost = R.cost_per_arm(runs, {"epochs": 240})
+    assert "chain" not in cost["q"]  # (q) is a student of (p)'s round 1: that chain is (p)'s
+    assert cost["w"]["chain"]["teacher"] == "d" and cost["w"]["chain"]["teachers_retrained"] == 2
+    text = R.cost_markdown(cost)
+    assert "(w)'s chain, paid once for all its runs: skcdf_pseudolabel 0.17 h" in text
+    assert "round 1's teachers are (d)'s runs (2 of them trained again in this work folder, 4.00 h: the stored (d) " \
+        "runs' checkpoints were elsewhere)." in text
+
+
 def test_arm_p_runs_after_every_a_run_and_before_the_ablations():
     order = [(arm.key, fold) for arm, fold in C.schedule(["p", "a", "c", "d", "e1"], 3, 1)]
     assert order == [("a", 0), ("c", 3), ("d", 0), ("a", 1), ("c", 4), ("d", 1), ("a", 2), ("c", 5), ("d", 2),
@@ -978,7 +1053,7 @@ def test_candidates_table_lists_every_candidate_with_a_result_beside_a_p_d():
     assert "| 4 smallest | ASD | NSD | commits |" in R.candidate_markdown(
         R.candidate_table(aggregate, arms, runs, None, ["LAG"]))
     # the benchmark's own candidates: issue 39's arms, none of the references
-    assert [k for k, a in C.ARMS.items() if a.candidate] == ["q", "r", "s", "t", "u"]
+    assert [k for k, a in C.ARMS.items() if a.candidate] == ["q", "r", "s", "t", "u", "w"]
     assert R.CANDIDATE_REFERENCES == ("a", "p", "v", "d") and not C.ARMS["v"].candidate
 
 
@@ -994,7 +1069,7 @@ def test_cost_per_arm_in_hours_with_the_chain_of_p():
     cost = R.cost_per_arm(runs, budget)
     assert cost["a"] == {"runs": 2, "hours_per_run": pytest.approx(1.25), "estimated": False}
     assert cost["c"]["hours_per_run"] == pytest.approx(0.8) and cost["c"]["estimated"]
-    assert cost["p"]["chain"] == {"pseudolabel_h": pytest.approx(0.5), "students_h": pytest.approx(3.0),
+    assert cost["p"]["chain"] == {"teacher": "a", "pseudolabel_h": pytest.approx(0.5), "students_h": pytest.approx(3.0),
                                   "teachers_retrained": 1, "teachers_retrained_h": pytest.approx(1.0)}
     text = R.cost_markdown(cost)
     assert "| (c) | 1 | 0.80 (estimated) |" in text and "(1 of them trained again in this work folder, 1.00 h" in text
