@@ -141,6 +141,25 @@ def test_refusals_name_the_problem_and_leave_the_source_alone(fake_setup):
     assert (_digest(s["raw"]), _digest(s["pre"])) == before  # the source dataset is never written
 
 
+def test_teachers_whose_trainer_nnunet_cannot_find_are_refused_before_predicting(fake_setup, monkeypatch):
+    """SKCDF models as teachers (convergence arm (w)): the predictor finds SKCDFTrainer through nnUNet_extTrainer
+    only; without it the round says how to set it, naming the folder, before reading any checkpoint."""
+    from nnunetv2_skcdf.pseudo_labelling.pseudo_label_round import trainer_lookup_problem
+    from nnunetv2_skcdf.training.nnUNetTrainer.trainer_path import trainer_folder
+
+    skcdf = fake_setup["model"]("SKCDFTrainer__nnUNetPlans__3d_fullres")
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    with pytest.raises(SKCDFInputError, match=r"SKCDFTrainer__nnUNetPlans__3d_fullres: nnU-Net cannot find its "
+                                              r"trainer class SKCDFTrainer.*export nnUNet_extTrainer=\$\(skcdf_trainer_"
+                                              r"path\).*\(now: not set\)"):
+        run_round(dataset=SOURCE, model_folders=[skcdf], folds=["0", "1"], out_id=962, preprocess=False,
+                  log=lambda m: None)
+    assert "Could not find requested nnunet trainer SKCDFTrainer" in trainer_lookup_problem("SKCDFTrainer")
+    assert trainer_lookup_problem("nnUNetTrainer") is None
+    monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
+    assert trainer_lookup_problem("SKCDFTrainer") is None and trainer_lookup_problem("NoSuchTrainer")
+
+
 def test_mirror_variants_are_the_raw_axes_of_the_patch_axes_in_2d_and_3d():
     from types import SimpleNamespace as NS
 

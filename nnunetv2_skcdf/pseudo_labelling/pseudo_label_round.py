@@ -171,6 +171,31 @@ def check_teachers(teachers: Sequence[Teacher], source: str, source_json: dict, 
         elif derived[t.dataset].get("source_fold") != split_fold:
             raise SKCDFInputError(f"{where}: its round {t.dataset} was made from fold "
                                   f"{derived[t.dataset].get('source_fold')} of {source}, not {split_fold}.")
+    for trainer in dict.fromkeys(t.trainer for t in teachers):  # before any checkpoint is read or case predicted
+        problem = trainer_lookup_problem(trainer)
+        if problem:
+            folder = next(t.folder for t in teachers if t.trainer == trainer)
+            raise SKCDFInputError(
+                f"{folder}: nnU-Net cannot find its trainer class {trainer}, which the predictor builds the network "
+                f"with ({problem}). For SKCDF's trainers: export nnUNet_extTrainer=$(skcdf_trainer_path), as for "
+                f"nnUNetv2_predict; for a trainer of your own, add the folder that defines it to nnUNet_extTrainer "
+                f"(now: {os.environ.get('nnUNet_extTrainer') or 'not set'}).")
+
+
+def trainer_lookup_problem(trainer: str) -> Optional[str]:
+    """Why nnU-Net's trainer lookup (the one its predictor uses: nnunetv2's trainers, then ``nnUNet_extTrainer``)
+    does not give ``trainer``, or None when it does."""
+    import contextlib
+    import io
+
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the lookup prints each folder it searches
+            recursive_find_trainer_class_by_name(trainer)
+    except (RuntimeError, AssertionError) as e:
+        return str(e).split(". ")[0] if str(e) else type(e).__name__
+    return None
 
 
 def check_single_teacher(teacher: Teacher, variants: int, previous_folder: Optional[str]) -> None:
