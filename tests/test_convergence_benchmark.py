@@ -811,10 +811,10 @@ def test_a_round_summary_scores_pseudo_labels_against_hidden_labels_per_site(tmp
     assert "| 2 |" in text and "| the (p) runs |" in text and "threshold 0.9" in text
 
 
-def test_arm_w_is_taught_by_d_in_its_own_round_datasets_beside_p(tmp_path, monkeypatch):
-    """(w), SKCDF as the teacher of a pseudo-label round: (d)'s folds 0-2 are round 1's teachers (trained first
-    where missing), its round gets its own dataset (973, named for the teacher), claim and summary, so that (p)'s
-    chain in the same work folder never takes it for its own round 1; its students are stock nnU-Net."""
+def _fake_chain(tmp_path, monkeypatch, finish: dict):
+    """A work folder with the source dataset's raw folder and ``sh`` replaced: trainings finish (a checkpoint) when
+    ``finish["training"]``, ``skcdf_pseudolabel`` writes an empty student dataset, predictions an empty folder.
+    Returns work, budget, task, env, raw and the list of the commands run."""
     work, budget, task = tmp_path / "work", {"iterations": 100, "epochs": 2}, {**TASK, "labeled": "2"}
     env = C.nnunet_paths(work)
     raw = work / "nnUNet_raw" / "Dataset962_Convergence"
@@ -826,19 +826,29 @@ def test_arm_w_is_taught_by_d_in_its_own_round_datasets_beside_p(tmp_path, monke
 
     def fake_sh(cmd, env_, log):
         calls.append(cmd)
-        if cmd[0] == "nnUNetv2_train":
+        if cmd[0] == "nnUNetv2_train" and finish["training"]:
             name = next(p.name for p in Path(env["nnUNet_raw"]).iterdir() if p.name.startswith(f"Dataset{cmd[1]}_"))
             fold_dir = Path(env["nnUNet_results"]) / name / f"{cmd[5]}__nnUNetPlans__3d_cpu" / f"fold_{cmd[3]}"
             (fold_dir / "checkpoint_final.pth").touch()
-        if cmd[0] == "skcdf_pseudolabel":
+        if cmd[0] == "skcdf_pseudolabel":  # the student dataset as skcdf_pseudolabel writes it (no pool here)
             out = Path(env["nnUNet_raw"]) / f"Dataset{cmd[cmd.index('--out-dataset') + 1]}_" \
                 f"{cmd[cmd.index('--out-name') + 1]}"
             out.mkdir(parents=True)
             (out / "pseudolabel_round.json").write_text(json.dumps({"kept": [], "cases": {}, "threshold": 0.9}))
             (Path(env["nnUNet_preprocessed"]) / out.name).mkdir(parents=True)
+        if cmd[0] == "nnUNetv2_predict":
+            Path(cmd[cmd.index("-o") + 1]).mkdir(parents=True)
         return 1.0
 
     monkeypatch.setattr(C, "sh", fake_sh)
+    return work, budget, task, env, raw, calls
+
+
+def test_arm_w_is_taught_by_d_in_its_own_round_datasets_beside_p(tmp_path, monkeypatch):
+    """(w), SKCDF as the teacher of a pseudo-label round: (d)'s folds 0-2 are round 1's teachers (trained first
+    where missing), its round gets its own dataset (973, named for the teacher), claim and summary, so that (p)'s
+    chain in the same work folder never takes it for its own round 1; its students are stock nnU-Net."""
+    work, budget, task, env, raw, calls = _fake_chain(tmp_path, monkeypatch, {"training": True})
     w = C.ARMS["w"]
     assert (w.teacher, w.pseudo_rounds, w.trainer, w.skcdf, w.candidate) == ("d", 1, "nnUNetTrainer_conv", False, True)
     assert C.round_dataset("Dataset962_Convergence", 1, "d") == ("973", "Dataset973_ConvergencePseudoR1fromD")
@@ -898,32 +908,8 @@ def test_arm_p_trains_a_then_two_rounds_each_once_and_its_students_on_the_round_
     """The chain of (p) without training: (a)'s folds 0-2 first (nothing else while one is missing), round 1 with
     them as teachers, its 3 students on dataset 963, round 2 with those students and --previous 963, then (p)'s
     own training on dataset 964; a second call repeats nothing."""
-    work, budget, task = tmp_path / "work", {"iterations": 100, "epochs": 2}, {**TASK, "labeled": "2"}
-    env = C.nnunet_paths(work)
-    raw = work / "nnUNet_raw" / "Dataset962_Convergence"
-    raw.mkdir(parents=True)
-    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"}))
-    monkeypatch.setattr(C, "STORE", tmp_path / "store")
-    monkeypatch.setattr(C, "train_seconds", lambda fold_dir: 5.0)
-    calls, finish = [], {"training": False}
-
-    def fake_sh(cmd, env_, log):
-        calls.append(cmd)
-        if cmd[0] == "nnUNetv2_train" and finish["training"]:
-            name = next(p.name for p in Path(env["nnUNet_raw"]).iterdir() if p.name.startswith(f"Dataset{cmd[1]}_"))
-            fold_dir = Path(env["nnUNet_results"]) / name / f"{cmd[5]}__nnUNetPlans__3d_cpu" / f"fold_{cmd[3]}"
-            (fold_dir / "checkpoint_final.pth").touch()
-        if cmd[0] == "skcdf_pseudolabel":  # the student dataset as skcdf_pseudolabel writes it (no pool here)
-            out = Path(env["nnUNet_raw"]) / f"Dataset{cmd[cmd.index('--out-dataset') + 1]}_" \
-                f"{cmd[cmd.index('--out-name') + 1]}"
-            out.mkdir(parents=True)
-            (out / "pseudolabel_round.json").write_text(json.dumps({"kept": [], "cases": {}, "threshold": 0.9}))
-            (Path(env["nnUNet_preprocessed"]) / out.name).mkdir(parents=True)
-        if cmd[0] == "nnUNetv2_predict":
-            Path(cmd[cmd.index("-o") + 1]).mkdir(parents=True)
-        return 1.0
-
-    monkeypatch.setattr(C, "sh", fake_sh)
+    finish = {"training": False}
+    work, budget, task, env, raw, calls = _fake_chain(tmp_path, monkeypatch, finish)
     p = C.ARMS["p"]
     waiting = C.pseudo_chain(p, "962", raw, env, tmp_path / "log", "1", work, budget, task)
     assert waiting == ("round 1's teachers (Dataset962_Convergence/nnUNetTrainer_conv__nnUNetPlans__3d_cpu, folds "
