@@ -452,7 +452,7 @@ TRAIN_COMMITS = "skcdf_train_commits.json"
 def train(dataset: str, arm: Arm, fold: int, raw: Path, env: dict, log: Path) -> None:
     fold_dir = model_folder(env, raw, arm) / f"fold_{fold}"
     if not (fold_dir / "checkpoint_final.pth").exists():
-        record_train_commit(fold_dir)
+        record_train_commit(fold_dir, env.get("SKCDF_CONV_THREADS"))
         sh(["nnUNetv2_train", arm_dataset(dataset, raw, arm)[0], CONFIG, str(fold), "-tr", arm.trainer, "-device",
             "cpu", "--c"], {**env, "nnUNet_n_proc_DA": "0"}, log)
 
@@ -468,17 +468,18 @@ def train_seconds(fold_dir: Path) -> Optional[float]:
     return float(np.sum(np.array(logging["epoch_end_timestamps"]) - np.array(logging["epoch_start_timestamps"])))
 
 
-def record_train_commit(fold_dir: Path) -> None:
-    """Appends the commit this training session starts from, and whether tracked files differed from it, to the
-    run's ``skcdf_train_commits.json`` (one entry per start or resume): a run may span sessions, and its store
-    file is written at the end by whatever commit is checked out then."""
+def record_train_commit(fold_dir: Path, threads: Optional[str] = None) -> None:
+    """Appends the commit this training session starts from, whether tracked files differed from it, and its torch
+    threads (``--threads``; None: nnU-Net's default, every core) to the run's ``skcdf_train_commits.json`` (one
+    entry per start or resume): a run may span sessions, and its store file is written at the end by whatever
+    commit is checked out then; its hours read with its threads."""
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
     path = fold_dir / TRAIN_COMMITS
     entries = json.loads(path.read_text()) if path.exists() else []
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO, capture_output=True).returncode != 0
     entries.append({"commit": commit(), "tracked_changes": dirty, "date": datetime.datetime.now().isoformat(
-        timespec="seconds")})
+        timespec="seconds"), "threads": int(threads) if threads else None})
     fold_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_json(entries, str(path))
 

@@ -679,7 +679,7 @@ def cost_per_arm(runs: Dict[str, list], budget: dict) -> Dict[str, dict]:
         hours = [(r["train_s"] if r.get("train_s") is not None else r["train_epoch_s_median"] * budget["epochs"]) / 3600
                  for r in stored]
         out[key] = {"runs": len(stored), "hours_per_run": float(np.mean(hours)),
-                    "estimated": any(r.get("train_s") is None for r in stored)}
+                    "estimated": any(r.get("train_s") is None for r in stored), "threads": threads_of(stored)}
     from convergence_common import ARMS
 
     for key in out:  # (p), and every chain round 1 of which another arm teaches ((q) shares (p)'s)
@@ -696,13 +696,28 @@ def cost_per_arm(runs: Dict[str, list], budget: dict) -> Dict[str, dict]:
     return out
 
 
+def threads_of(stored: List[dict]) -> str:
+    """The torch threads the runs' training starts used, as the cost table shows them: ``1``, ``2``, ``1, 2``;
+    ``all`` for nnU-Net's default (every core); ``?`` for starts recorded before the threads were."""
+    seen = []
+    for run in stored:
+        for start in run.get("train_commits") or [{}]:
+            value = ("all" if start["threads"] is None else str(start["threads"])) if "threads" in start else "?"
+            if value not in seen:
+                seen.append(value)
+    return ", ".join(sorted(seen, key=lambda v: (not v.isdigit(), v.zfill(4))))
+
+
 def cost_markdown(cost: Dict[str, dict]) -> str:
     if not cost:
         return ""
-    rows = "\n".join(f"| ({k}) | {x['runs']} | {x['hours_per_run']:.2f}{' (estimated)' if x['estimated'] else ''} |"
-                     for k, x in cost.items())
+    rows = "\n".join(f"| ({k}) | {x['runs']} | {x['hours_per_run']:.2f}{' (estimated)' if x['estimated'] else ''} | "
+                     f"{x.get('threads', '?')} |" for k, x in cost.items())
     text = ("Cost: training hours per run (sum of the epochs' times; estimated = median epoch x epochs, for runs "
-            "stored before the sum was recorded):\n\n| arm | runs | training h per run |\n|---|---|---|\n" + rows)
+            "stored before the sum was recorded), and the torch threads of the runs' training starts (`--threads`; "
+            "`?`: recorded before the threads were; runs of one thread mostly trained beside another on the 2 "
+            "cores, so hours compare within a thread count):\n\n| arm | runs | training h per run | threads |\n"
+            "|---|---|---|---|\n" + rows)
     for key, x in cost.items():
         chain = x.get("chain")
         if not chain:

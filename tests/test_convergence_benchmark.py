@@ -88,10 +88,11 @@ def test_train_records_the_commit_of_every_training_start_and_not_after_the_run_
     monkeypatch.setattr(C, "sh", lambda cmd, env, log: calls.append(cmd))
     monkeypatch.setattr(C, "model_folder", lambda env, raw, arm: tmp_path / "model")
     fold_dir = tmp_path / "model" / "fold_1"
-    for _ in range(2):  # a start and a resume (--c)
-        C.train("962", C.ARMS["d"], 1, tmp_path, {}, tmp_path / "log")
+    for env in ({}, {"SKCDF_CONV_THREADS": "2"}):  # a start (every core) and a resume (--c) with --threads 2
+        C.train("962", C.ARMS["d"], 1, tmp_path, env, tmp_path / "log")
     entries = json.loads((fold_dir / C.TRAIN_COMMITS).read_text())
     assert len(entries) == len(calls) == 2 and calls[0][:2] == ["nnUNetv2_train", "962"] and "--c" in calls[0]
+    assert [e["threads"] for e in entries] == [None, 2]
     assert all(e["commit"] == R.commit() and len(e["commit"]) >= 7 and isinstance(e["tracked_changes"], bool)
                for e in entries)
     (fold_dir / "checkpoint_final.pth").touch()  # finished: nothing trained, nothing recorded
@@ -1053,12 +1054,16 @@ def test_cost_per_arm_in_hours_with_the_chain_of_p():
                  "students": [{"train_s": 3600.0}] * 3},
                 {"round": 2, "seconds": 900.0}]}]}
     cost = R.cost_per_arm(runs, budget)
-    assert cost["a"] == {"runs": 2, "hours_per_run": pytest.approx(1.25), "estimated": False}
+    assert cost["a"] == {"runs": 2, "hours_per_run": pytest.approx(1.25), "estimated": False, "threads": "?"}
     assert cost["c"]["hours_per_run"] == pytest.approx(0.8) and cost["c"]["estimated"]
     assert cost["p"]["chain"] == {"teacher": "a", "pseudolabel_h": pytest.approx(0.5), "students_h": pytest.approx(3.0),
                                   "teachers_retrained": 1, "teachers_retrained_h": pytest.approx(1.0)}
     text = R.cost_markdown(cost)
-    assert "| (c) | 1 | 0.80 (estimated) |" in text and "(1 of them trained again in this work folder, 1.00 h" in text
+    assert "| (c) | 1 | 0.80 (estimated) | ? |" in text and "(1 of them trained again in this work folder, 1.00 h" in text
+    # the threads of every training start: recorded ones by value (None: every core), older starts as "?"
+    assert R.threads_of([{"train_commits": [{"threads": 1}, {"threads": 2}]}, {"train_commits": [{"threads": 1}]},
+                         {"train_commits": None}]) == "1, 2, ?"
+    assert R.threads_of([{"train_commits": [{"threads": None}, {"threads": 12}, {"threads": 2}]}]) == "2, 12, all"
 
 
 def test_the_multisite_section_names_its_task_and_shows_sites_rounds_room_and_cost():
