@@ -85,7 +85,7 @@ Per run (arm x fold), each step resumable (rerun the same command and it continu
             (status: partial).
 
     python benchmarks/convergence.py [--labeled 4] [--iterations 8000] [--points 8] \
-        [--arms a c b d e1 e2 f g h i j k l p q r s t u v] [--runs 3] [--sites all --labelled-site A]
+        [--arms a c b d e1 e2 f g h i j k l p q r s t u v w] [--runs 3] [--sites all --labelled-site A]
 Budget: 8000 iterations by default, the budget at which (a) meets the last-quarter criterion on this phantom
 (< 1 mean Dice point); the all-labelled bound (c) does not meet it there, and 12000 (``--iterations 12000``) is
 the longer-budget check (each arm's last-quarter gain and its longer-budget figures: the generated tables of
@@ -112,8 +112,9 @@ sections), so the runs from 2026-12-07 on use ``--iterations 12000`` (work folde
 runs stay stored as the shorter budget). Both (a) runs at 12000 still gain +2.6 and +2.8 over their last quarter,
 so (a) fold 0 also runs at 16000 iterations, the longer-budget check of 12000 (``--iterations 16000 --data-from
 skcdf_data/convergence_4lab-siteA-ms_12000 --arms a --runs 1``: the same phantom and split, its own work folder); the
-report's regime line decides on both. Two single-thread runs side by side share the 2 cores, in one work folder
-once it is prepared:
+report's regime line decides on both (it ended +0.2 over 12000: 12000 stays). Two single-thread runs side by side
+share the 2 cores, in one work folder once it is prepared (or one run of ``--threads 2`` at a time, nothing else
+running: about as many runs per hour, each done sooner; example_commands.md):
     M="--sites all --labelled-site A --labeled 4 --iterations 12000"
     python benchmarks/convergence.py $M --stages prepare                  # phantom, plans, split (once)
     python benchmarks/convergence.py $M --arms a --runs 1 --threads 1     # (a) fold 0 (--runs 3: folds 0-2)
@@ -165,8 +166,8 @@ CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q", "r", "
 #: ``P_STUDENT_FOLDS`` identical student folds; the round-1 students (all of them) teach round 2, whose
 #: students are the (p) runs. The threshold is skcdf_pseudolabel's default (0.90, chosen a priori there).
 P_TEACHER_FOLDS, P_STUDENT_FOLDS = LABELLED_FOLDS, 3
-#: a pseudo-labelling chain whose round 1 is taught by another arm than (a) (``Arm.teacher``) writes its round
-#: datasets this far above the source's id, with the teacher in their names, so that chains never share a round
+#: a pseudo-labelling chain whose round 1 is taught by another arm than (a) (``Arm.teacher``) writes its round r
+#: as dataset source id + offset + r, with the teacher in its name, so that chains never share a round
 TEACHER_DATASET_OFFSET = {"a": 0, "d": 10}
 ROUND_DONE = "convergence_round_done"
 
@@ -429,7 +430,8 @@ def round_dataset(source: str, r: int, teacher: str = "a") -> Tuple[str, str]:
 
 
 def arm_dataset(dataset: str, raw: Path, arm: Arm) -> Tuple[str, str]:
-    """(id, folder name) of the dataset ``arm`` trains on: the source, or for (p) its last round's student dataset."""
+    """(id, folder name) of the dataset ``arm`` trains on: the source, or for a pseudo-labelling arm ((p), (q), (w))
+    its last round's student dataset."""
     return round_dataset(raw.name, arm.pseudo_rounds, arm.teacher) if arm.pseudo_rounds else (dataset, raw.name)
 
 
@@ -639,8 +641,9 @@ def round_summary_file(work: Path, r: int, teacher: str = "a") -> Path:
 def make_round(r: int, dataset: str, raw: Path, env: dict, log: Path, np_: str, work: Path, teachers: Path,
                folds, budget: dict, task: dict, teacher: str = "a") -> dict:
     """Round ``r`` of ``skcdf_pseudolabel`` (default threshold), once per work folder: the student dataset with
-    ``P_STUDENT_FOLDS`` identical folds, and ``<work>/pseudo_rounds/round<r>.json`` (:func:`round_summary`, the
-    command's wall time and the teachers' runs) for the store files of (p)."""
+    ``P_STUDENT_FOLDS`` identical folds, and ``<work>/pseudo_rounds/<round_name>.json`` (:func:`round_summary`, the
+    command's wall time and the teachers' runs) for the store files of the chain's arms ((p) and (q): ``round<r>``,
+    (w): ``round1_fromD``)."""
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
     out_id, name = round_dataset(raw.name, r, teacher)

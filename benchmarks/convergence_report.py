@@ -685,9 +685,13 @@ def cost_per_arm(runs: Dict[str, list], budget: dict) -> Dict[str, dict]:
     for key in out:  # (p), and every chain round 1 of which another arm teaches ((q) shares (p)'s)
         arm = ARMS.get(key)
         rounds = pseudo_rounds_of(runs, key)
-        if not rounds or not (key == "p" or arm.teacher != "a"):
+        if not rounds or arm is None or not (key == "p" or arm.teacher != "a"):
             continue
-        retrained = [t["train_s"] or 0.0 for t in rounds[0].get("teacher_runs", []) if not t.get("stored_run")]
+        # a teacher is a stored run of the teacher arm when the store (at report time: it may have been stored
+        # after the round was made) has a run of it with the same training starts
+        stored_starts = [r.get("train_commits") for r in runs.get(arm.teacher, []) if r.get("train_commits")]
+        retrained = [t["train_s"] or 0.0 for t in rounds[0].get("teacher_runs", [])
+                     if not (t.get("stored_run") or (t.get("train_commits") and t["train_commits"] in stored_starts))]
         out[key]["chain"] = {
             "teacher": arm.teacher,
             "pseudolabel_h": sum((r.get("seconds") or 0.0) for r in rounds) / 3600,
@@ -723,8 +727,9 @@ def cost_markdown(cost: Dict[str, dict]) -> str:
         if not chain:
             continue
         teacher = chain.get("teacher", "a")  # store files written before chains had other teachers: (a)
+        students = (f", the earlier rounds' students {chain['students_h']:.2f} h" if chain["students_h"] else "")
         text += (f"\n\n({key})'s chain, paid once for all its runs: skcdf_pseudolabel {chain['pseudolabel_h']:.2f} h "
-                 f"over the rounds, the earlier rounds' students {chain['students_h']:.2f} h; round 1's teachers are "
+                 f"over the rounds{students}; round 1's teachers are "
                  f"({teacher})'s runs" + (f" ({chain['teachers_retrained']} of them trained again in this work "
                                           f"folder, {chain['teachers_retrained_h']:.2f} h: the stored ({teacher}) "
                                           "runs' checkpoints were elsewhere)" if chain["teachers_retrained"] else "")
@@ -895,9 +900,22 @@ def _regime(plateaus: Dict[str, Optional[dict]], others: List[dict], iterations:
                    if longer else f"; no longer budget stored for {_arm_list(arms, 'or')} yet")
         return (f"**converged**: {_arm_list(arms)} gain < {PLATEAU_POINTS} mean Dice point over the last quarter "
                 f"(table below){checked}.")
-    return ("**short budget, not converged**: " + ", ".join(f"({k}) gains {p['gain']:+.1f}" for k, p in
-                                                              status.items() if not p["met"])
-            + f" mean Dice over the last quarter (criterion < {PLATEAU_POINTS}); read accuracy claims with that.")
+    rising = [k for k, p in status.items() if not p["met"]]
+    gains = ", ".join(f"({k}) gains {status[k]['gain']:+.1f}" for k in rising)
+    checked = [x for x in longer if x["arm"] in rising]
+    if not checked:
+        return (f"**short budget, not converged**: {gains} mean Dice over the last quarter (criterion < "
+                f"{PLATEAU_POINTS}); read accuracy claims with that.")
+    # a curve still rising over its last quarter, but the same runs trained longer end no higher: the schedule's
+    # annealing tail (the poly learning rate falls to 0 whatever the budget), not missing training
+    unchecked = [k for k in rising if k not in {x["arm"] for x in checked}]
+    return (("**plateau by the longer budget**" if not unchecked else "**short budget, not converged**")
+            + f": {gains} mean Dice over the last quarter (criterion < {PLATEAU_POINTS}), but a longer budget adds "
+            + ", ".join(f"{x['gain']:+.1f} to {_which(x)} ({x['iterations']} iterations){_per_fold(x)}"
+                        for x in checked)
+            + f" (< {PLATEAU_POINTS}: the rise is the schedule's annealing, not missing training)"
+            + (f"; {_arm_list(unchecked)}: no longer budget stored yet, read accuracy claims with that."
+               if unchecked else "."))
 
 
 def goals_markdown(g: Optional[dict], stem: str) -> str:

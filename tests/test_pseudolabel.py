@@ -149,15 +149,21 @@ def test_teachers_whose_trainer_nnunet_cannot_find_are_refused_before_predicting
 
     skcdf = fake_setup["model"]("SKCDFTrainer__nnUNetPlans__3d_fullres")
     monkeypatch.delenv("nnUNet_extTrainer", raising=False)
-    with pytest.raises(SKCDFInputError, match=r"SKCDFTrainer__nnUNetPlans__3d_fullres: nnU-Net cannot find its "
-                                              r"trainer class SKCDFTrainer.*export nnUNet_extTrainer=\$\(skcdf_trainer_"
-                                              r"path\).*\(now: not set\)"):
+    with pytest.raises(SKCDFInputError, match=r"SKCDFTrainer__nnUNetPlans__3d_fullres: nnU-Net's trainer lookup does "
+                                              r"not give the trainer class SKCDFTrainer .*Could not find requested.*"
+                                              r"export nnUNet_extTrainer=\$\(skcdf_trainer_path\).*\(now: not set\)"):
         run_round(dataset=SOURCE, model_folders=[skcdf], folds=["0", "1"], out_id=962, preprocess=False,
                   log=lambda m: None)
     assert "Could not find requested nnunet trainer SKCDFTrainer" in trainer_lookup_problem("SKCDFTrainer")
     assert trainer_lookup_problem("nnUNetTrainer") is None
     monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
     assert trainer_lookup_problem("SKCDFTrainer") is None and trainer_lookup_problem("NoSuchTrainer")
+    # a class of that name that is not an nnU-Net trainer (nnU-Net asserts the subclass)
+    not_a_trainer = fake_setup["tmp"] / "not_a_trainer"
+    not_a_trainer.mkdir()
+    (not_a_trainer / "plain.py").write_text("class PlainClass:\n    pass\n")
+    monkeypatch.setenv("nnUNet_extTrainer", str(not_a_trainer))
+    assert trainer_lookup_problem("PlainClass") == "a class PlainClass was found, but it is not an nnUNetTrainer"
 
 
 def test_mirror_variants_are_the_raw_axes_of_the_patch_axes_in_2d_and_3d():

@@ -140,7 +140,8 @@ def _plans_without_name(plans: dict) -> dict:
 
 def check_teachers(teachers: Sequence[Teacher], source: str, source_json: dict, split_fold: int,
                    roles: Dict[str, List[str]], splits: list) -> None:
-    """Refuse teachers trained on another dataset, other labels, other plans or other labelled cases."""
+    """Refuse teachers trained on another dataset, other labels, other plans or other labelled cases, and teachers
+    whose trainer class nnU-Net's lookup does not give (before any checkpoint is read)."""
     derived = derived_datasets(source)
     pre = os.path.join(_env_folder("nnUNet_preprocessed"), source)
     first = teachers[0]
@@ -176,15 +177,18 @@ def check_teachers(teachers: Sequence[Teacher], source: str, source_json: dict, 
         if problem:
             folder = next(t.folder for t in teachers if t.trainer == trainer)
             raise SKCDFInputError(
-                f"{folder}: nnU-Net cannot find its trainer class {trainer}, which the predictor builds the network "
-                f"with ({problem}). For SKCDF's trainers: export nnUNet_extTrainer=$(skcdf_trainer_path), as for "
+                f"{folder}: nnU-Net's trainer lookup does not give the trainer class {trainer} the folder is named for, "
+                f"which the predictor builds the network with ({problem}). For SKCDF's trainers: export "
+                f"nnUNet_extTrainer=$(skcdf_trainer_path), as for "
                 f"nnUNetv2_predict; for a trainer of your own, add the folder that defines it to nnUNet_extTrainer "
                 f"(now: {os.environ.get('nnUNet_extTrainer') or 'not set'}).")
 
 
 def trainer_lookup_problem(trainer: str) -> Optional[str]:
     """Why nnU-Net's trainer lookup (the one its predictor uses: nnunetv2's trainers, then ``nnUNet_extTrainer``)
-    does not give ``trainer``, or None when it does."""
+    does not give ``trainer`` (not found, or found but not an ``nnUNetTrainer``), or None when it does. The name is
+    the model folder's (``<trainer>__<plans>__<configuration>``), which a folder trained by nnU-Net shares with its
+    checkpoints."""
     import contextlib
     import io
 
@@ -193,8 +197,10 @@ def trainer_lookup_problem(trainer: str) -> Optional[str]:
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the lookup prints each folder it searches
             recursive_find_trainer_class_by_name(trainer)
-    except (RuntimeError, AssertionError) as e:
-        return str(e).split(". ")[0] if str(e) else type(e).__name__
+    except RuntimeError as e:
+        return str(e).split(". ")[0]
+    except AssertionError:  # nnU-Net asserts the class it found inherits from nnUNetTrainer
+        return f"a class {trainer} was found, but it is not an nnUNetTrainer"
     return None
 
 
