@@ -156,7 +156,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import REPO, machine, sh  # noqa: E402
 from trainers.convergence_trainers import ITERATIONS_PER_EPOCH  # noqa: E402
 from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_FOLDS, SMALLEST, Arm,  # noqa: E402,F401
-                                _nanmean, case_sites, commit, dice_by_site, sites_tag, task_tag)
+                                _nanmean, case_sites, commit, dice_by_site, sites_tag, task_tag, teacher_tag)
 
 CONFIG = "3d_cpu"
 RESULTS = REPO / "benchmarks" / "results"
@@ -426,7 +426,7 @@ def round_dataset(source: str, r: int, teacher: str = "a") -> Tuple[str, str]:
     if out > 999:
         raise SystemExit(f"a pseudo-labelling arm writes its rounds as datasets {first}..{out}: over nnU-Net's 999; "
                          f"use a smaller -d.")
-    return str(out), f"Dataset{out:03d}_{name}PseudoR{r}" + ("" if teacher == "a" else f"from{teacher.upper()}")
+    return str(out), f"Dataset{out:03d}_{name}PseudoR{r}{teacher_tag(teacher)}"
 
 
 def arm_dataset(dataset: str, raw: Path, arm: Arm) -> Tuple[str, str]:
@@ -631,7 +631,7 @@ def pseudo_chain(arm: Arm, dataset: str, raw: Path, env: dict, log: Path, np_: s
 
 def round_name(r: int, teacher: str = "a") -> str:
     """A round's claim and summary name: ``round1`` for the chain (a) teaches, ``round1_fromD`` for another."""
-    return f"round{r}" + ("" if teacher == "a" else f"_from{teacher.upper()}")
+    return f"round{r}" + (f"_{teacher_tag(teacher)}" if teacher_tag(teacher) else "")
 
 
 def round_summary_file(work: Path, r: int, teacher: str = "a") -> Path:

@@ -73,6 +73,17 @@ ARMS = {a.key: a for a in (
 )}
 
 
+def chain_arms() -> List[str]:
+    """The arms that own a pseudo-labelling chain (its rounds and their cost): (p), and every arm round 1 of which
+    another arm than (a) teaches ((w)); (q), a student of (p)'s round 1, shares (p)'s."""
+    return [k for k, arm in ARMS.items() if arm.pseudo_rounds and (k == "p" or arm.teacher != "a")]
+
+
+def teacher_tag(teacher: str) -> str:
+    """What names the rounds of a chain taught by ``teacher`` in round 1: nothing for (a), ``fromD`` for (d)."""
+    return "" if teacher == "a" else f"from{teacher.upper()}"
+
+
 def sites_tag(sites: List[str]) -> str:
     """``ms`` for every built-in site in their order (``--sites all``), else ``ms`` + the sites' names."""
     from nnunetv2_skcdf.dataset_conversion.phantom_sites import SITES

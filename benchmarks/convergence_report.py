@@ -680,12 +680,12 @@ def cost_per_arm(runs: Dict[str, list], budget: dict) -> Dict[str, dict]:
                  for r in stored]
         out[key] = {"runs": len(stored), "hours_per_run": float(np.mean(hours)),
                     "estimated": any(r.get("train_s") is None for r in stored), "threads": threads_of(stored)}
-    from convergence_common import ARMS
+    from convergence_common import ARMS, chain_arms
 
-    for key in out:  # (p), and every chain round 1 of which another arm teaches ((q) shares (p)'s)
-        arm = ARMS.get(key)
+    for key in [k for k in chain_arms() if k in out]:
+        arm = ARMS[key]
         rounds = pseudo_rounds_of(runs, key)
-        if not rounds or arm is None or not (key == "p" or arm.teacher != "a"):
+        if not rounds:
             continue
         # a teacher is a stored run of the teacher arm when the store (at report time: it may have been stored
         # after the round was made) has a run of it with the same training starts
@@ -739,7 +739,7 @@ def cost_markdown(cost: Dict[str, dict]) -> str:
 
 def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewhere: Dict[str, list], raw: Path,
            work: Path, wall_s: float) -> None:
-    from convergence_common import ARMS, SMALLEST, case_sites
+    from convergence_common import ARMS, SMALLEST, case_sites, chain_arms
     from nnunetv2_skcdf.utilities.io import atomic_output
     from trainers.convergence_trainers import ITERATIONS_PER_EPOCH
 
@@ -806,9 +806,8 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                if final else None,
                "per_site": per_site, "pseudo_per_site": pseudo_site_table(runs),
                "pseudo_rounds": pseudo_rounds_of(runs),
-               # chains taught by another arm than (a) (for (q), a student of (p)'s round 1, it would repeat (p)'s)
-               "other_chains": {k: pseudo_rounds_of(runs, k) for k, arm in ARMS.items()
-                                if arm.pseudo_rounds and arm.teacher != "a" and pseudo_rounds_of(runs, k)},
+               "other_chains": {k: pseudo_rounds_of(runs, k) for k in chain_arms()
+                                if k != "p" and pseudo_rounds_of(runs, k)},
                "cost": cost_per_arm(runs, budget),
                **{name: overlays.get(name, []) for name in OVERLAYS}}
     with atomic_output(str(result_file)) as tmp:
