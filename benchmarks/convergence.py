@@ -157,6 +157,10 @@ from data_pipeline import REPO, machine, sh  # noqa: E402
 from trainers.convergence_trainers import ITERATIONS_PER_EPOCH  # noqa: E402
 from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_FOLDS, SMALLEST, Arm,  # noqa: E402,F401
                                 _nanmean, case_sites, commit, dice_by_site, sites_tag, task_tag, teacher_tag)
+# imported with the rest, not at the report stage: a lane that runs for hours reports with the code it started
+# with, even if the benchmark's files change meanwhile (a lazy import once mixed an old convergence_common with
+# a newer report module and failed after the run was stored)
+from convergence_report import report  # noqa: E402
 
 CONFIG = "3d_cpu"
 RESULTS = REPO / "benchmarks" / "results"
@@ -852,8 +856,6 @@ def main() -> None:
                 continue
             run(arm, fold, args, raw, work, env, log, budget, task, hidden)
     if "report" in args.stages:
-        from convergence_report import report
-
         report(args, budget, task, load_store(budget, task), load_store(budget, task, same=False), raw, work,
                time.perf_counter() - t0)
 
