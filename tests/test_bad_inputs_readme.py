@@ -28,6 +28,14 @@ def _troubleshooting_rows() -> list:
     ("is a 3D image with a single slice (size x, y, z = X, Y, 1), which nnU-Net reads as 2D", "export the whole volume"),
     ("the file is empty, 0 bytes", "predict the case again"),
     ("ERROR: SKCDFTrainer refused to start: <message>", "the row of `<message>`"),
+    # refusals that were tracebacks or late failures (test_pseudolabel, test_evaluate, test_splits, test_phantom,
+    # test_cpu_configuration)
+    ("exists and was not written by skcdf_evaluate", "add `-o OUT_FOLDER`"),
+    ("is not valid JSON", "fix the file"),
+    ("Dataset id N is already used by", "remove the leftover folder"),
+    ("fold 'all' trained on every case with a label file", "-f 0 1 2"),
+    ("has no image ...", "make the split again"),
+    ("is one of the plans' own", "pick another `--name`"),
 ])
 def test_troubleshooting_row(message, fix):
     rows = [row for row in _troubleshooting_rows() if message in row]

@@ -54,6 +54,34 @@ def test_refuses_existing_name_without_overwrite_and_unknown_base(phantom_worksp
         add_cpu_configuration(DATASET_ID, base_configuration="3d_nope", name="x")
 
 
+def test_never_breaks_the_plans_own_configurations_and_resolves_an_inherited_base(phantom_workspace):
+    """--overwrite replaces configurations this tool adds, never one of the plans' own (3d_fullres, 2d: they own
+    preprocessed data), never the base itself or a configuration the base inherits from (circular); an inherited
+    base (3d_cpu) is resolved like nnU-Net resolves it."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans_file = phantom_workspace["preprocessed"] / "nnUNetPlans.json"
+    original = json.loads(plans_file.read_text())
+    for kw, match in ((dict(name="3d_fullres"), r"--name '3d_fullres' is the base configuration"),
+                      (dict(name="2d"), r"'2d' .* is one of the plans' own .*not replaced even with --overwrite")):
+        with pytest.raises(SKCDFInputError, match=match):
+            add_cpu_configuration(DATASET_ID, overwrite=True, **kw)
+    assert json.loads(plans_file.read_text()) == original  # nothing written
+    add_cpu_configuration(DATASET_ID)  # 3d_cpu inherits 3d_fullres
+    small = add_cpu_configuration(DATASET_ID, base_configuration="3d_cpu", name="3d_cpu_small", n_stages=3)
+    pm = PlansManager(json.loads(plans_file.read_text()))
+    assert small["inherits_from"] == "3d_cpu"
+    assert pm.get_configuration("3d_cpu_small").spacing == pm.get_configuration("3d_fullres").spacing
+    with pytest.raises(SKCDFInputError, match=r"'3d_cpu_small' inherits from '3d_cpu'.*circular"):
+        add_cpu_configuration(DATASET_ID, base_configuration="3d_cpu_small", name="3d_cpu", overwrite=True)
+    broken = json.loads(plans_file.read_text())
+    broken["configurations"]["3d_cpu"]["inherits_from"] = "3d_gone"
+    plans_file.write_text(json.dumps(broken))
+    with pytest.raises(SKCDFInputError,
+                       match=r"3d_cpu_small -> 3d_cpu -> 3d_gone is broken \('3d_gone' does not exist\)"):
+        add_cpu_configuration(DATASET_ID, base_configuration="3d_cpu_small", name="x")
+
+
 def test_console_script(phantom_workspace):
     out = run_cli(["skcdf_add_cpu_config", "-d", str(DATASET_ID), "--patch", "16", "32", "32"], phantom_workspace["env"])
     assert "added configuration '3d_cpu'" in out.stdout

@@ -362,6 +362,35 @@ def test_missing_dataset_json(dataset, capsys):
     assert "dataset.json not found" in err and "-djfile" in err
 
 
+def test_broken_dataset_json_is_named_with_its_fault(dataset, capsys):
+    dj = dataset["root"] / "dataset.json"
+    good = json.loads(dj.read_text())
+    dj.write_text(dj.read_text()[:-1] + ",}")
+    err = _error(capsys, ["-ref", str(dataset["ref"]), "-pred", str(dataset["pred"] / "B")])
+    assert f"{dj} is not valid JSON (" in err and "trailing comma" in err
+    dj.write_text(json.dumps({k: v for k, v in good.items() if k != "file_ending"}))
+    err = _error(capsys, ["-ref", str(dataset["ref"]), "-pred", str(dataset["pred"] / "B")])
+    assert f"{dj} lacks 'file_ending'" in err
+
+
+def test_a_summary_json_of_another_tool_is_never_replaced(dataset, capsys):
+    """nnU-Net's own validation summary (fold_X/validation/summary.json) is left as it is: evaluating that folder
+    without -o is refused; with -o, or over skcdf_evaluate's own summary (a rerun), it goes ahead."""
+    pred = dataset["pred"] / "B"
+    nnunet_summary = json.dumps({"foreground_mean": {"Dice": 0.5}, "mean": {}, "metric_per_case": []})
+    (pred / "summary.json").write_text(nnunet_summary)
+    err = _error(capsys, ["-ref", str(dataset["ref"]), "-pred", str(pred)])
+    assert f"{pred / 'summary.json'} exists and was not written by skcdf_evaluate" in err and "-o OUT_FOLDER" in err
+    assert (pred / "summary.json").read_text() == nnunet_summary and not (pred / "metrics_per_case.csv").exists()
+    evaluate_entry(["-ref", str(dataset["ref"]), "-pred", str(pred), "-o", str(dataset["tmp"] / "out"), "-np", "1",
+                    "--no-plot"])
+    assert (pred / "summary.json").read_text() == nnunet_summary
+    (pred / "summary.json").unlink()
+    for _ in range(2):  # the second run replaces the first one's own summary
+        evaluate_entry(["-ref", str(dataset["ref"]), "-pred", str(pred), "-np", "1", "--no-plot"])
+    assert "skcdf" in json.loads((pred / "summary.json").read_text())
+
+
 def test_cli_usage_errors(dataset, capsys):
     ref, p = str(dataset["ref"]), dataset["pred"]
     assert "need an output folder" in _error(capsys, ["-ref", ref, "-pred", str(p / "A_run1"), str(p / "B")])

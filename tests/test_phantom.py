@@ -270,6 +270,25 @@ def test_existing_folder_and_overwrite(tmp_path):
     assert sorted(os.listdir(root)) == ["Dataset952_Tiny"]
 
 
+def test_an_id_taken_in_preprocessed_or_results_is_refused_in_nnunet_raw(tmp_path, monkeypatch):
+    """A dataset written into nnUNet_raw whose id another dataset still has in nnUNet_preprocessed or nnUNet_results
+    (a deleted dataset's leftovers) is refused before anything is written: nnU-Net's lookup of the id would find
+    two names. Another output folder than nnUNet_raw is not looked up by id, so it is not checked."""
+    kwargs = dict(num_train=1, num_test=0, num_unlabeled=0, progress=False, **TINY)
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        (tmp_path / var).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / var))
+    for var in ("nnUNet_results", "nnUNet_preprocessed"):
+        (tmp_path / var / "Dataset953_Old").mkdir()
+        with pytest.raises(SKCDFInputError, match=rf"Dataset id 953 is already used by .*{var}/Dataset953_Old "
+                                                  rf"\({var}\)"):
+            make_phantom_dataset(None, 953, "Tiny", **kwargs)
+        assert os.listdir(tmp_path / "nnUNet_raw") == []
+        (tmp_path / var / "Dataset953_Old").rmdir()
+    (tmp_path / "nnUNet_results" / "Dataset953_Tiny").mkdir()  # its own name: a dataset trained before, remade
+    assert make_phantom_dataset(None, 953, "Tiny", **kwargs).endswith("Dataset953_Tiny")
+
+
 def test_bad_options_and_missing_env(tmp_path, monkeypatch):
     with pytest.raises(SKCDFInputError, match="training case"):
         make_phantom_dataset(str(tmp_path), num_train=0, progress=False)

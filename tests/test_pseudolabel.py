@@ -141,6 +141,116 @@ def test_refusals_name_the_problem_and_leave_the_source_alone(fake_setup):
     assert (_digest(s["raw"]), _digest(s["pre"])) == before  # the source dataset is never written
 
 
+def test_refusals_before_any_prediction_fold_all_stale_split_taken_ids_regions_cuda(fake_setup, monkeypatch):
+    """What used to fail late or as a traceback fails first, naming the culprit: a fold 'all' teacher (it trained on
+    the hidden labels), a split older than the dataset (after hours of prediction, before), an id another dataset
+    has in nnUNet_preprocessed / nnUNet_results, a region-based dataset, -device cuda without CUDA."""
+    import torch
+
+    s = fake_setup
+    good = s["model"]()
+
+    def refused(match, **kw):
+        args = dict(dataset=SOURCE, model_folders=[good], folds=["0", "1"], out_id=962)
+        args.update(kw)
+        with pytest.raises(SKCDFInputError, match=match):
+            run_round(**args, preprocess=False, log=lambda m: None)
+
+    refused(r"fold 'all' trained on every case with a label file.*hidden-label cases.*-f 0 1 2",
+            model_folders=[s["model"]("T4__nnUNetPlans__3d_fullres", folds=("all",))], folds=["all"])
+    # the split names a labelled case whose image is gone, and a validation case whose label is gone
+    image = s["raw"] / "imagesTr" / "phantom_tr_0001_0000.nii.gz"
+    shutil.move(image, s["tmp"] / image.name)
+    refused(r"Case 'phantom_tr_0001' of fold 0's 'train' list in .*splits_final.json has no image .* older than")
+    shutil.move(s["tmp"] / image.name, image)
+    label = s["raw"] / "labelsTr" / "phantom_tr_0002.nii.gz"
+    shutil.move(label, s["tmp"] / label.name)
+    refused(r"phantom_tr_0002.nii.gz: the label of validation case 'phantom_tr_0002' .* is missing")
+    shutil.move(s["tmp"] / label.name, label)
+    # an id taken in nnUNet_results (a model folder of a deleted dataset) or nnUNet_preprocessed
+    taken = Path(os.environ["nnUNet_results"]) / "Dataset962_Old"
+    taken.mkdir()
+    refused(r"Dataset id 962 is already used by .*Dataset962_Old \(nnUNet_results\)")
+    taken.rmdir()
+    (Path(os.environ["nnUNet_preprocessed"]) / "Dataset962_Old").mkdir()
+    refused(r"Dataset id 962 is already used by .*Dataset962_Old \(nnUNet_preprocessed\)")
+    (Path(os.environ["nnUNet_preprocessed"]) / "Dataset962_Old").rmdir()
+    if not torch.cuda.is_available():
+        refused(r"-device cuda: PyTorch sees no CUDA device", device="cuda")
+    regions = {**s["dj"], "labels": {"background": 0, "organ": [1, 2]}, "regions_class_order": [1]}
+    (s["raw"] / "dataset.json").write_text(json.dumps(regions))
+    refused(r"defines regions .* not supported")
+
+
+def test_a_configuration_added_after_training_keeps_the_teachers(fake_setup):
+    """Plans compared by their global keys and the teacher's configuration (inheritance resolved): a configuration
+    added to the source's plans later (skcdf_add_cpu_config) does not make the teachers strangers; a changed
+    inherited value (the parent's spacing) does."""
+    from nnunetv2_skcdf.pseudo_labelling.pseudo_label_round import check_teachers, load_teachers
+
+    s = fake_setup
+    child = {"inherits_from": "3d_fullres", "patch_size": [8, 16, 16]}
+    plans = {**s["plans"], "configurations": {**s["plans"]["configurations"], "3d_small": child}}
+    (s["pre"] / "nnUNetPlans.json").write_text(json.dumps(plans))
+    splits = json.loads((s["pre"] / "splits_final.json").read_text())
+
+    def check(folder, configuration_folds=("0", "1")):
+        teachers = load_teachers([folder], list(configuration_folds), "checkpoint_final.pth")
+        check_teachers(teachers, SOURCE, s["dj"], 0, splits[0], splits)
+
+    check(s["model"]())  # trained before 3d_small was added: accepted
+    check(s["model"]("nnUNetTrainer__nnUNetPlans__3d_small", plans_=plans))  # inherited configuration: accepted
+    moved = {**plans, "configurations": {"3d_fullres": {"spacing": [5.0, 3.6, 3.6], "patch_size": [16, 32, 32]},
+                                         "3d_small": child}}
+    with pytest.raises(SKCDFInputError, match=r"3d_small \(fold 0\) was trained on other plans than"):
+        check(s["model"]("T6__nnUNetPlans__3d_small", plans_=moved))
+    with pytest.raises(SKCDFInputError, match=r"its configuration '3d_lowres' is not in .*nnUNetPlans.json"):
+        check(s["model"]("T7__nnUNetPlans__3d_lowres", plans_={**plans, "configurations": {
+            **plans["configurations"], "3d_lowres": {"spacing": [10.0, 7.2, 7.2], "patch_size": [16, 32, 32]}}}))
+
+
+def test_a_round_replaces_an_earlier_one_whole_or_not_at_all(fake_setup, monkeypatch):
+    """The student's raw and preprocessed folders are both built aside and swapped in after both are complete: a
+    round that fails while writing the preprocessed folder leaves the earlier round's raw and preprocessed folders
+    as they were (no split-less plans folder, which nnU-Net would fill with a random 5-fold split). The predictor is
+    replaced by constant predictions here (the slow test runs the real one)."""
+    from types import SimpleNamespace
+
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    import nnunetv2_skcdf.pseudo_labelling.pseudo_label_round as R
+
+    s = fake_setup
+    fake = SimpleNamespace(plans_manager=SimpleNamespace(image_reader_writer_class=SimpleITKIO))
+    monkeypatch.setattr(R, "_predictor", lambda *a, **k: fake)
+
+    def constant(predictors, image, props):
+        seg = np.zeros(image.shape[1:], np.uint8)
+        seg[:4] = 1
+        return seg, [seg, seg]
+
+    monkeypatch.setattr(R, "predict_members", constant)
+    teacher = s["model"]()
+    target = run_round(SOURCE, [teacher], ["0", "1"], 962, student_folds=2, preprocess=False, log=lambda m: None)
+    pre = Path(os.environ["nnUNet_preprocessed"]) / Path(target).name
+    split = json.loads((pre / "splits_final.json").read_text())
+    assert len(split) == 2 and split[0]["val"] == ["phantom_tr_0002"] and len(split[0]["train"]) == 2 + 4
+    assert json.loads((pre / "nnUNetPlans.json").read_text())["dataset_name"] == Path(target).name
+    assert (pre / "dataset.json").read_text() == (Path(target) / "dataset.json").read_text()
+    before = _digest(Path(target)), _digest(pre)
+
+    def broken(pre_staging, *args, **kwargs):
+        (Path(pre_staging) / "nnUNetPlans.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(R, "_write_preprocessed", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run_round(SOURCE, [teacher], ["0", "1"], 962, keep=0.5, overwrite=True, preprocess=False, log=lambda m: None)
+    assert (_digest(Path(target)), _digest(pre)) == before
+    for root in (Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])):
+        assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
 def test_teachers_whose_trainer_nnunet_cannot_find_are_refused_before_predicting(fake_setup, monkeypatch):
     """SKCDF models as teachers (convergence arm (w)): the predictor finds SKCDFTrainer through nnUNet_extTrainer
     only; without it the round says how to set it, naming the folder, before reading any checkpoint."""

@@ -316,6 +316,31 @@ def test_error_unknown_val_ids(env):
         make_semi_supervised_splits(901, val_ids=["case_000", "nope"])
 
 
+def test_error_broken_dataset_json_or_missing_imagestr_names_the_file(env):
+    """A hand-written dataset.json with a syntax error or without a key nnU-Net needs, or a raw folder without
+    imagesTr, is named with its fault (it was a JSONDecodeError / KeyError / FileNotFoundError traceback)."""
+    raw = make_dataset(env, case_ids(5))
+    dj = raw / "dataset.json"
+    good = json.loads(dj.read_text())
+    dj.write_text('{"labels": {"background": 0,}}')
+    with pytest.raises(SKCDFInputError, match=rf"{dj} is not valid JSON \(Expecting property name"):
+        make_semi_supervised_splits(901, labeled=2)
+    for key, message in (("file_ending", r"lacks 'file_ending'"), ("channel_names", r"lacks 'channel_names'")):
+        dj.write_text(json.dumps({k: v for k, v in good.items() if k != key}))
+        with pytest.raises(SKCDFInputError, match=rf"{dj} {message}: nnU-Net v2's dataset.json needs"):
+            make_semi_supervised_splits(901, labeled=2)
+    dj.write_text(json.dumps({**good, "labels": {"organ": 1}}))
+    with pytest.raises(SKCDFInputError, match=r"'labels' must map names to values and include \"background\": 0"):
+        make_semi_supervised_splits(901, labeled=2)
+    dj.write_text(json.dumps([good]))
+    with pytest.raises(SKCDFInputError, match=r"holds a list, not the object"):
+        make_semi_supervised_splits(901, labeled=2)
+    dj.write_text(json.dumps(good))
+    shutil.rmtree(raw / "imagesTr")
+    with pytest.raises(SKCDFInputError, match=rf"{raw / 'imagesTr'} does not exist"):
+        make_semi_supervised_splits(901, labeled=2)
+
+
 def test_error_repeated_val_ids():
     with pytest.raises(SKCDFInputError, match=r"--val-ids lists case_001 more than once: give each case once"):
         compute_semi_supervised_splits(case_ids(5), val_ids=["case_001", "case_002", "case_001"])

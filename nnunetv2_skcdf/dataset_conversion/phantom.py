@@ -66,6 +66,7 @@ from nnunetv2_skcdf.utilities.dataset_files import (
     UNLABELED_IMAGES_FOLDER,
     SKCDFInputError,
     _env_folder,
+    check_dataset_ids_free,
     exit_on_input_error,
 )
 from nnunetv2_skcdf.utilities.io import atomic_output, atomic_save_json
@@ -657,6 +658,9 @@ def _check_target(root: str, folder_name: str, dataset_id: int, overwrite: bool)
                 f"Dataset id {dataset_id} is already used by {os.path.join(root, others[0])}. nnU-Net needs unique "
                 f"ids: pick another id (-d) or remove that folder."
             )
+    raw = os.environ.get("nnUNet_raw")
+    if raw and os.path.abspath(raw) == os.path.abspath(root):  # a dataset nnU-Net will look up by its id
+        check_dataset_ids_free(dataset_id, folder_name)
     target = os.path.join(root, folder_name)
     if os.path.lexists(target) and not overwrite:
         raise SKCDFInputError(f"{target} already exists. Pass --overwrite (overwrite=True) to replace it.")

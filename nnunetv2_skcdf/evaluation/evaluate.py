@@ -53,6 +53,7 @@ soon as one class has no valid case). ``metrics_per_case.csv`` has one row per c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import warnings
@@ -66,7 +67,8 @@ from nnunetv2_skcdf.evaluation.paper_table import (STD_DDOF, canonical_organ, co
                                                    plot_dice_per_class, write_paper_table)
 from nnunetv2_skcdf.evaluation.surface_metrics import SURFACE_METRICS, nan_metrics, surface_metrics
 from nnunetv2_skcdf.preprocessing.image_checks import check_file_complete
-from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, exit_on_input_error, format_numbers, plain
+from nnunetv2_skcdf.utilities.dataset_files import (SKCDFInputError, exit_on_input_error, format_numbers,
+                                                    load_checked_dataset_json, plain)
 from nnunetv2_skcdf.utilities.io import atomic_output, atomic_save_json
 from nnunetv2_skcdf.utilities.parallel import imap_with_progress
 
@@ -432,6 +434,24 @@ def resolve_dataset_json(ref_folder: str, dataset_json_file: Optional[str]) -> s
     return path
 
 
+def _check_summaries_are_ours(folders: Sequence[str]) -> None:
+    """Refuse to replace a summary.json that skcdf_evaluate did not write (it has no ``skcdf`` section), e.g.
+    nnU-Net's own validation summary in a ``fold_X/validation`` folder, evaluated without ``-o``."""
+    for folder in folders:
+        path = os.path.join(folder, SUMMARY_FILE)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                ours = "skcdf" in json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            ours = False
+        if not ours:
+            raise SKCDFInputError(f"{path} exists and was not written by skcdf_evaluate (nnU-Net's own validation "
+                                  f"summary, or another tool's); it is left as it is. Write the evaluation "
+                                  f"elsewhere with -o OUT_FOLDER, or move that file away first.")
+
+
 def label_manager(dataset_json: dict, plans_file: Optional[str]):
     """nnU-Net's LabelManager from the plans (``-pfile``) or from dataset.json alone."""
     from nnunetv2.utilities.label_handling.label_handling import LabelManager
@@ -553,13 +573,13 @@ def evaluate_folders(ref_folder: str, pred_folders: Sequence[str], methods: Opti
                      nsd_tolerance: Optional[Sequence[str]] = None, plot: bool = True, progress: bool = True) -> dict:
     """Evaluate every prediction folder against ``ref_folder``, write the outputs (see module doc) and return the
     aggregate (what ``aggregate.json`` holds)."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.configuration import default_num_processes
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 
     _check_folders(ref_folder, pred_folders, methods, output_folder)
     methods = list(methods or default_method_names(pred_folders))
-    dataset_json = load_json(resolve_dataset_json(ref_folder, dataset_json_file))
+    dataset_json = load_checked_dataset_json(resolve_dataset_json(ref_folder, dataset_json_file), need_channels=False)
+    _check_summaries_are_ours(run_output_folders(pred_folders, methods, output_folder))
     ending = dataset_json["file_ending"]
     lm = label_manager(dataset_json, plans_file)
     regions = tuple(lm.foreground_regions if lm.has_regions else lm.foreground_labels)

@@ -87,12 +87,22 @@ def add_cpu_configuration(dataset, plans_identifier: str = "nnUNetPlans", base_c
                               f"first (or pass the right -p).")
     plans = load_json(plans_file)
     configs = plans["configurations"]
-    if base_configuration not in configs or "architecture" not in configs[base_configuration]:
-        raise SKCDFInputError(f"Base configuration {base_configuration!r} not found as a full configuration in "
-                              f"{plans_file} (available: {', '.join(configs)}).")
-    if name in configs and not overwrite:
-        raise SKCDFInputError(f"Configuration {name!r} already exists in {plans_file}; pass --overwrite to replace it.")
-    base = configs[base_configuration]
+    base = _resolved_base(plans, base_configuration, plans_file)
+    if name == base_configuration:
+        raise SKCDFInputError(f"--name {name!r} is the base configuration: a configuration cannot inherit from itself. "
+                              f"Pick another --name (default {DEFAULT_NAME}).")
+    if name in configs:
+        if not overwrite:
+            raise SKCDFInputError(f"Configuration {name!r} already exists in {plans_file}; pass --overwrite to replace "
+                                  f"it.")
+        if "inherits_from" not in configs[name]:
+            raise SKCDFInputError(f"Configuration {name!r} in {plans_file} is one of the plans' own (it has its own "
+                                  f"preprocessed data, {configs[name].get('data_identifier')!r}, and others may "
+                                  f"inherit from it): not replaced even with --overwrite. Pick another --name.")
+        if name in _inheritance_chain(configs, base_configuration):
+            raise SKCDFInputError(f"{base_configuration!r} inherits from {name!r} in {plans_file}: replacing {name!r} "
+                                  f"by a configuration that inherits from {base_configuration!r} would be circular. "
+                                  f"Pick another --name or --base.")
     patch = list(patch_size) if patch_size else default_patch_size(base["patch_size"], base["spacing"])
     if len(patch) != len(base["patch_size"]):
         raise SKCDFInputError(f"--patch has {len(patch)} axes, {base_configuration} has {len(base['patch_size'])}.")
@@ -102,6 +112,48 @@ def add_cpu_configuration(dataset, plans_identifier: str = "nnUNetPlans", base_c
                      "architecture": architecture}
     atomic_save_json(plans, plans_file)
     return configs[name]
+
+
+def _inheritance_chain(configs: dict, name: str) -> List[str]:
+    """``name`` and the configurations it inherits from, nearest first (stops at a repeat)."""
+    chain = []
+    while name in configs and name not in chain:
+        chain.append(name)
+        name = configs[name].get("inherits_from")
+    return chain
+
+
+def resolved_configuration(plans: dict, name: str, plans_file: str) -> dict:
+    """Configuration ``name`` of ``plans`` with what it ``inherits_from`` filled in, as nnU-Net's PlansManager
+    resolves it (a shallow update of the parent by the child, recursively); a circular or dangling chain is named."""
+    configs = plans.get("configurations", {})
+    chain = _inheritance_chain(configs, name)
+    if not chain:
+        raise SKCDFInputError(f"Configuration {name!r} not found in {plans_file} (available: {', '.join(configs)}).")
+    parent = configs[chain[-1]].get("inherits_from")
+    if parent is not None:
+        why = "circular" if parent in chain else f"broken ({parent!r} does not exist)"
+        raise SKCDFInputError(f"Configuration {name!r} of {plans_file} cannot be resolved: its inheritance "
+                              f"{' -> '.join(chain + [parent])} is {why}. Repair the plans file (or plan again).")
+    resolved: dict = {}
+    for link in reversed(chain):
+        resolved.update(copy.deepcopy(configs[link]))
+    return resolved
+
+
+def _resolved_base(plans: dict, base_configuration: str, plans_file: str) -> dict:
+    """The base configuration with what it inherits resolved, checked to hold the spacing, patch and architecture
+    the new configuration is derived from."""
+    if base_configuration not in plans["configurations"]:
+        raise SKCDFInputError(f"Base configuration {base_configuration!r} not found in {plans_file} (available: "
+                              f"{', '.join(plans['configurations'])}).")
+    base = resolved_configuration(plans, base_configuration, plans_file)
+    missing = [k for k in ("spacing", "patch_size", "architecture") if k not in base]
+    if missing:
+        raise SKCDFInputError(f"Base configuration {base_configuration!r} of {plans_file} has no "
+                              f"{', '.join(missing)} (plans of an older nnU-Net?). Plan the dataset again with "
+                              f"nnU-Net >= 2.5, or pick another --base.")
+    return base
 
 
 def add_cpu_config_entry(argv: Optional[Sequence[str]] = None) -> None:

@@ -59,10 +59,12 @@ from nnunetv2_skcdf.utilities.dataset_files import (
     UNLABELED_IMAGES_FOLDER,
     SKCDFInputError,
     _env_folder,
+    check_dataset_ids_free,
     dataset_name,
     exit_on_input_error,
     list_unlabeled_cases,
     load_dataset_json,
+    training_files,
 )
 from nnunetv2_skcdf.utilities.io import atomic_output, atomic_save_json, new_staging_folder, swap_in_folder
 
@@ -134,8 +136,14 @@ def derived_datasets(source: str) -> Dict[str, dict]:
     return out
 
 
-def _plans_without_name(plans: dict) -> dict:
-    return {k: v for k, v in plans.items() if k != "dataset_name"}
+def _teacher_plans(plans: dict, configuration: str, where: str) -> dict:
+    """What a teacher's predictions and the student's preprocessing depend on: the plans' global keys (name
+    aside) and ``configuration`` resolved through ``inherits_from``. Other configurations may be added later (e.g.
+    ``skcdf_add_cpu_config``) without making a trained teacher a stranger to its dataset."""
+    from nnunetv2_skcdf.experiment_planning.cpu_configuration import resolved_configuration
+
+    rest = {k: v for k, v in plans.items() if k not in ("dataset_name", "configurations")}
+    return {**rest, "configuration": resolved_configuration(plans, configuration, where)}
 
 
 def check_teachers(teachers: Sequence[Teacher], source: str, source_json: dict, split_fold: int,
@@ -147,6 +155,11 @@ def check_teachers(teachers: Sequence[Teacher], source: str, source_json: dict, 
     first = teachers[0]
     for t in teachers:
         where = f"{t.folder} (fold {t.fold})"
+        if not t.fold.isdigit():
+            raise SKCDFInputError(f"{where}: fold {t.fold!r} trained on every case with a label file, the split's "
+                                  f"validation cases and (in a semi-supervised split) the hidden-label cases "
+                                  f"among them; its pseudo labels would leak those labels. Give numbered folds "
+                                  f"of the split (-f 0 1 2).")
         if t.dataset != source and t.dataset not in derived:
             raise SKCDFInputError(f"{where} was trained on {t.dataset}, not on {source} or a pseudo-label round made "
                                   f"from it. Give models of {source} (-d) or of its rounds.")
@@ -157,11 +170,17 @@ def check_teachers(teachers: Sequence[Teacher], source: str, source_json: dict, 
             raise SKCDFInputError(f"{where} uses {t.plans_name}/{t.configuration}, {first.folder} "
                                   f"{first.plans_name}/{first.configuration}: give teachers of one plans and "
                                   f"configuration (the student is preprocessed with them).")
-        source_plans = _load_json(os.path.join(pre, f"{t.plans_name}.json"), f"the plans {t.plans_name} of {source}")
-        if _plans_without_name(t.plans) != _plans_without_name(source_plans):
-            raise SKCDFInputError(f"{where} was trained on other plans than {pre}/{t.plans_name}.json (the dataset "
-                                  f"was planned again since, or the model comes from elsewhere). Retrain it, or "
-                                  f"use the plans it was trained with.")
+        source_plans_file = os.path.join(pre, f"{t.plans_name}.json")
+        source_plans = _load_json(source_plans_file, f"the plans {t.plans_name} of {source}")
+        if t.configuration not in source_plans.get("configurations", {}):
+            raise SKCDFInputError(f"{where}: its configuration {t.configuration!r} is not in {source_plans_file}, so "
+                                  f"the teacher cannot be checked against the source's plans. Add it again (e.g. "
+                                  f"skcdf_add_cpu_config for 3d_cpu) or give teachers of a configuration it has.")
+        if (_teacher_plans(t.plans, t.configuration, os.path.join(t.folder, "plans.json"))
+                != _teacher_plans(source_plans, t.configuration, source_plans_file)):
+            raise SKCDFInputError(f"{where} was trained on other plans than {source_plans_file} (the dataset was "
+                                  f"planned again since, or the model comes from elsewhere). Retrain it, or use "
+                                  f"the plans it was trained with.")
         if t.dataset == source:
             fold = _fold_entry(splits, int(t.fold), os.path.join(pre, "splits_final.json"))
             if set(fold["train"]) != set(roles["train"]) or set(fold["val"]) != set(roles["val"]):
@@ -226,11 +245,20 @@ def _fold_entry(splits: list, fold: int, path: str) -> dict:
     return entry
 
 
-def training_files(raw: str, dataset_json: dict) -> dict:
-    """nnU-Net's listing of the labelled training cases: {case: {"images": [...], "label": path}}."""
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
-    return get_filenames_of_train_images_and_targets(raw, dict(dataset_json))
+def check_split_cases(roles: dict, training: dict, split_fold: int, splits_path: str) -> None:
+    """Every labelled and validation case of the fold has its image and label in the source (``training``:
+    ``training_files``): checked before any checkpoint is read, so that a split older than the dataset fails at
+    once, not after every case has been predicted."""
+    for role, what in (("train", "labelled"), ("val", "validation")):
+        for cid in roles[role]:
+            if cid not in training:
+                raise SKCDFInputError(f"Case {cid!r} of fold {split_fold}'s {role!r} list in {splits_path} has no "
+                                      f"image in the source's imagesTr: the split is older than the dataset. Make "
+                                      f"the split again (skcdf_split) or restore the case.")
+            if not os.path.isfile(training[cid]["label"]):
+                raise SKCDFInputError(f"{training[cid]['label']}: the label of {what} case {cid!r} (fold {split_fold}"
+                                      f" of {splits_path}) is missing; the student needs it. Restore it, or make "
+                                      f"the split again (skcdf_split).")
 
 
 def case_images(raw: str, dataset_json: dict, training: dict, ids: Sequence[str]) -> Dict[str, List[str]]:
@@ -308,6 +336,7 @@ def _check_output(out_id: int, out_name: str, source: str, overwrite: bool) -> s
     for name in os.listdir(raw):
         if name.startswith(f"Dataset{out_id:03d}_") and name != target:
             raise SKCDFInputError(f"--out-dataset {out_id} is taken by {raw}/{name}; pick a free id.")
+    check_dataset_ids_free(out_id, target)
     path = os.path.join(raw, target)
     pre_path = os.path.join(_env_folder("nnUNet_preprocessed"), target)
     if os.path.exists(pre_path) and not os.path.isfile(os.path.join(path, RECORD)):
@@ -355,6 +384,9 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
     raw = os.path.join(_env_folder("nnUNet_raw"), source)
     pre = os.path.join(_env_folder("nnUNet_preprocessed"), source)
     source_json = load_dataset_json(raw)
+    if any(isinstance(v, (list, tuple)) for v in source_json["labels"].values()):
+        raise SKCDFInputError(f"{raw}/dataset.json defines regions (labels with lists of values): pseudo labels are "
+                              f"one class per voxel, so region-based datasets are not supported.")
     splits_path = os.path.join(pre, "splits_final.json")
     splits = _load_json(splits_path, "make the split with skcdf_split first")
     roles = _fold_entry(splits, split_fold, splits_path)
@@ -364,8 +396,12 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
     teachers = load_teachers(model_folders, folds, checkpoint)
     check_teachers(teachers, source, source_json, split_fold, roles, splits)
     training = training_files(raw, source_json)
+    check_split_cases(roles, training, split_fold, splits_path)
     images = case_images(raw, source_json, training, roles["unlabeled"])
     labels = sorted(int(v) for k, v in source_json["labels"].items() if k != "background" and int(v) > 0)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SKCDFInputError("-device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False). "
+                              "Use -device cpu, or install a CUDA build of PyTorch.")
 
     dev = torch.device(device)
     predictors = [_predictor(t, len(teachers) > 1, dev, checkpoint) for t in teachers]
@@ -373,7 +409,8 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
         check_single_teacher(teachers[0], len(_mirror_variants(predictors[0])), previous_folder)
     reader = predictors[0].plans_manager.image_reader_writer_class()
     ending = source_json["file_ending"]
-    staging = new_staging_folder(target)
+    pre_target = os.path.join(_env_folder("nnUNet_preprocessed"), os.path.basename(target))
+    staging, pre_staging = new_staging_folder(target), new_staging_folder(pre_target)
     try:
         os.makedirs(os.path.join(staging, PSEUDO_FOLDER))
         cases, scores = {}, {}
@@ -410,16 +447,21 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
             "seconds_prediction": round(time.time() - t0, 1),
         }
         atomic_save_json(record, os.path.join(staging, RECORD))
+        _write_preprocessed(pre_staging, os.path.basename(target), os.path.join(staging, "dataset.json"), pre,
+                            teachers[0], roles, kept, student_folds, rest if student_unlabeled else None)
+        # both folders are complete before either replaces its old version (a round of the same id): an
+        # interruption leaves the old round or the new one in each, never a half-written plans or split
         swap_in_folder(staging, target)
+        swap_in_folder(pre_staging, pre_target)
     finally:
-        if os.path.isdir(staging):
-            shutil.rmtree(staging, ignore_errors=True)
+        for folder in (staging, pre_staging):
+            if os.path.isdir(folder):
+                shutil.rmtree(folder, ignore_errors=True)
     log(f"kept {len(kept)} of {len(images)} pseudo-labelled cases (round {round_no}): {', '.join(kept) or 'none'}"
         + (f"; the other {len(rest)} go to the student as unlabelled images" if student_unlabeled else ""))
     if student_unlabeled and not rest:
         log("--student-unlabeled: every case was kept, so the student has no unlabelled images and SKCDFTrainer "
             "would refuse it; train a stock nnU-Net student on this round, or keep fewer cases (--threshold, --keep)")
-    _write_preprocessed(target, pre, teachers[0], roles, kept, student_folds, rest if student_unlabeled else None)
     configuration = teachers[0].configuration
     if preprocess:
         from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
@@ -481,19 +523,15 @@ def _write_student(staging: str, raw: str, source_json: dict, training: dict, ro
     atomic_save_json(dj, os.path.join(staging, "dataset.json"))
 
 
-def _write_preprocessed(target: str, source_pre: str, teacher: Teacher, roles: dict, kept: List[str],
-                        student_folds: int, unlabeled: Optional[Sequence[str]] = None) -> None:
-    """The student's nnUNet_preprocessed folder: the teachers' plans (renamed), the source's fingerprint and
-    a split with the same validation cases (``student_folds`` identical folds = that many runs), and with
-    ``unlabeled`` (``--student-unlabeled``) the unlabelled list an SKCDF student reads."""
-    name = os.path.basename(target)
-    pre = os.path.join(_env_folder("nnUNet_preprocessed"), name)
-    if os.path.isdir(pre):
-        shutil.rmtree(pre)
-    os.makedirs(pre)
+def _write_preprocessed(pre: str, name: str, dataset_json: str, source_pre: str, teacher: Teacher, roles: dict,
+                        kept: List[str], student_folds: int, unlabeled: Optional[Sequence[str]] = None) -> None:
+    """The nnUNet_preprocessed folder of the student dataset ``name``, built in ``pre`` (a staging folder): the
+    teachers' plans (renamed), the student's ``dataset_json``, the source's fingerprint and a split with the same
+    validation cases (``student_folds`` identical folds = that many runs), and with ``unlabeled``
+    (``--student-unlabeled``) the unlabelled list an SKCDF student reads."""
     plans = dict(teacher.plans, dataset_name=name)
     atomic_save_json(plans, os.path.join(pre, f"{teacher.plans_name}.json"))
-    shutil.copy2(os.path.join(target, "dataset.json"), os.path.join(pre, "dataset.json"))
+    shutil.copy2(dataset_json, os.path.join(pre, "dataset.json"))
     fingerprint = os.path.join(source_pre, "dataset_fingerprint.json")
     if os.path.isfile(fingerprint):
         shutil.copy2(fingerprint, os.path.join(pre, "dataset_fingerprint.json"))

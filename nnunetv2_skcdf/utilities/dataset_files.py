@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import isdir, join, load_json
+from batchgenerators.utilities.file_and_folder_operations import isdir, join
 
 #: Folder inside ``nnUNet_raw/DatasetNNN_X`` that holds unlabelled images (stock nnU-Net ignores it).
 UNLABELED_IMAGES_FOLDER = "imagesUnlabeled"
@@ -122,10 +122,55 @@ def preprocessed_dataset_folder(dataset: Union[int, str], must_exist: bool = Tru
 
 
 def load_dataset_json(raw_folder: str) -> dict:
-    path = join(raw_folder, "dataset.json")
+    """``raw_folder/dataset.json``, checked: valid JSON with the keys every command here reads."""
+    return load_checked_dataset_json(join(raw_folder, "dataset.json"))
+
+
+def load_checked_dataset_json(path: str, need_channels: bool = True) -> dict:
+    """A dataset.json read and checked (JSON syntax, ``labels`` with a background, ``file_ending``, the channels
+    unless ``need_channels`` is False), so that a hand-written file with a typo is named with its fault instead of failing later as a
+    ``KeyError`` deep inside a command."""
+    import json
+
     if not os.path.isfile(path):
         raise SKCDFInputError(f"{path} is missing: every nnU-Net raw dataset needs a dataset.json.")
-    return load_json(path)
+    try:
+        with open(path) as f:
+            dataset_json = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SKCDFInputError(f"{path} is not valid JSON ({e}). Fix the file (a trailing comma or a missing quote "
+                              f"is the usual cause).") from None
+    if not isinstance(dataset_json, dict):
+        raise SKCDFInputError(f"{path}: holds a {type(dataset_json).__name__}, not the object nnU-Net's "
+                              f"dataset.json is (keys channel_names, labels, numTraining, file_ending).")
+    missing = [key for key in ("labels", "file_ending") if key not in dataset_json]
+    if need_channels and "channel_names" not in dataset_json and "modality" not in dataset_json:
+        missing.append("channel_names")
+    if missing:
+        raise SKCDFInputError(f"{path} lacks {', '.join(repr(k) for k in missing)}: nnU-Net v2's dataset.json needs "
+                              f"channel_names, labels, numTraining and file_ending (e.g. \"file_ending\": "
+                              f"\".nii.gz\"; nnU-Net's documentation/dataset_format.md).")
+    if not isinstance(dataset_json["labels"], dict) or "background" not in dataset_json["labels"]:
+        raise SKCDFInputError(f"{path}: 'labels' must map names to values and include \"background\": 0 (nnU-Net's "
+                              f"dataset format).")
+    return dataset_json
+
+
+def check_dataset_ids_free(dataset_id: int, folder_name: str) -> None:
+    """Refuse a new dataset ``folder_name`` whose id another dataset already has in ``nnUNet_preprocessed`` or
+    ``nnUNet_results`` (the variables that are set): nnU-Net's lookup of that id would then find two names and
+    fail in every later command (``nnUNet_raw`` is checked by the caller, which creates the raw folder)."""
+    prefix = f"Dataset{int(dataset_id):03d}_"
+    for var in ("nnUNet_preprocessed", "nnUNet_results"):
+        root = os.environ.get(var)
+        if not root or not isdir(root):
+            continue
+        others = sorted(d for d in os.listdir(root) if d.startswith(prefix) and d != folder_name)
+        if others:
+            raise SKCDFInputError(
+                f"Dataset id {int(dataset_id)} is already used by {join(root, others[0])} ({var}): nnU-Net's lookup "
+                f"of that id would find two datasets. Pick another id, or remove that folder if its dataset is "
+                f"gone.")
 
 
 def num_channels(dataset_json: dict) -> int:
@@ -135,9 +180,18 @@ def num_channels(dataset_json: dict) -> int:
 
 def training_case_ids(raw_folder: str, dataset_json: dict) -> List[str]:
     """Identifiers of the labelled training cases (``imagesTr`` or the ``dataset`` key), sorted."""
+    return sorted(training_files(raw_folder, dataset_json).keys())
+
+
+def training_files(raw_folder: str, dataset_json: dict) -> dict:
+    """nnU-Net's listing of the labelled training cases, ``{case: {"images": [...], "label": path}}``, with a
+    message instead of a ``FileNotFoundError`` when ``imagesTr`` is missing."""
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    return sorted(get_filenames_of_train_images_and_targets(raw_folder, dict(dataset_json)).keys())
+    if "dataset" not in dataset_json and not isdir(join(raw_folder, "imagesTr")):
+        raise SKCDFInputError(f"{join(raw_folder, 'imagesTr')} does not exist: an nnU-Net raw dataset keeps its "
+                              f"training images there (or lists them under 'dataset' in dataset.json).")
+    return get_filenames_of_train_images_and_targets(raw_folder, dict(dataset_json))
 
 
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
