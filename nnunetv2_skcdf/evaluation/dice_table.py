@@ -23,9 +23,21 @@ def class_columns(summary: dict, label_names: Optional[Dict[int, str]] = None) -
 
 
 def dice_table(summaries: Dict[str, dict], label_names: Optional[Dict[int, str]] = None) -> str:
-    """Markdown table, Dice in %, one row per method (insertion order)."""
+    """Markdown table, Dice in %, one row per method (insertion order). Every summary must have the first one's
+    classes (and ``mean`` / ``foreground_mean``), else the row's method and the missing classes are named."""
+    for method, summary in summaries.items():
+        if not isinstance(summary, dict) or not {"mean", "foreground_mean"} <= set(summary):
+            raise SKCDFInputError(f"{method}: not an nnU-Net summary.json (no 'mean' / 'foreground_mean'; "
+                                  f"aggregate.json and metrics files are not). Give the summary.json that "
+                                  f"nnUNetv2_evaluate_folder or skcdf_evaluate wrote.")
     first = next(iter(summaries.values()))
     columns = class_columns(first, label_names)
+    for method, summary in summaries.items():
+        missing = [str(i) for i, _ in columns if "Dice" not in summary["mean"].get(str(i), {})]
+        if missing:
+            raise SKCDFInputError(f"{method}: no Dice for classes {', '.join(missing)}, which "
+                                  f"{next(iter(summaries))} has: the summaries were evaluated with other labels "
+                                  f"(e.g. 13 organs beside Synapse's 8). Compare summaries of one label set.")
     header = "| method | mean Dice | " + " | ".join(title for _, title in columns) + " |"
     rule = "|---" * (len(columns) + 2) + "|"
     rows = []
@@ -58,5 +70,8 @@ def dice_table_entry(argv: Optional[Sequence[str]] = None) -> None:
             raise SKCDFInputError(f"{len(names)} --names for {len(args.summaries)} summaries: give one name each.")
         label_names = None
         if args.dataset_json:
-            label_names = {v: k for k, v in _load(args.dataset_json)["labels"].items() if isinstance(v, int)}
+            from nnunetv2_skcdf.utilities.dataset_files import load_checked_dataset_json
+
+            labels = load_checked_dataset_json(args.dataset_json, need_channels=False)["labels"]
+            label_names = {v: k for k, v in labels.items() if isinstance(v, int)}
         print(dice_table({n: _load(s) for n, s in zip(names, args.summaries)}, label_names))

@@ -11,6 +11,8 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
+from nnunetv2_skcdf.utilities.io import atomic_output
+
 SKCDF_KEYS = ("train_l_sup", "train_l_u", "consistency_weight", "pseudo_label_fractions")
 
 
@@ -38,7 +40,8 @@ class SKCDFLocalLogger(LocalLogger):
         self._plot_nnunet_panels(axes[:3], x, epoch)
         self._plot_skcdf_panel(axes[3], x, epoch)
         plt.tight_layout()
-        fig.savefig(join(output_folder, "progress.png"))
+        with atomic_output(join(output_folder, "progress.png")) as tmp:  # a reader never sees half a picture
+            fig.savefig(tmp)
         plt.close(fig)
 
     def _plot_nnunet_panels(self, axes, x, epoch):
