@@ -21,7 +21,8 @@ from nnunetv2_skcdf.dataset_conversion.convert_synapse import (
 from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES, synapse_labels_dict
 from nnunetv2_skcdf.splits.published_lists import read_published_lists
 from nnunetv2_skcdf.splits.semi_supervised_splits import compute_semi_supervised_splits, make_semi_supervised_splits
-from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, load_dataset_json, training_case_ids
+from nnunetv2_skcdf.utilities.dataset_files import (SKCDFInputError, SKCDFWriteError, load_dataset_json,
+                                                    training_case_ids)
 
 SHARED_SPLITS = Path(__file__).resolve().parents[1].parent / "shared" / "splits"
 BTCV_IDS = [f"{i:04d}" for i in list(range(1, 11)) + list(range(21, 41))]  # the 30 labelled BTCV cases
@@ -222,6 +223,31 @@ def test_wrong_layout_lists_expectations(tmp_path):
     assert "does not look like the BTCV" in msg and "Found in" in msg and "images" in msg
     for layout in ("img/img0001.nii.gz", "Training/img/img0001.nii.gz", "RawData/Training/label/label0001.nii.gz"):
         assert layout in msg
+
+
+def test_a_full_disk_is_named_with_the_file_and_leaves_the_old_dataset(tmp_path, monkeypatch):
+    """A write that fails (full disk) names the file, the OS error and the free space (it was a bare OSError
+    traceback); with --overwrite the old dataset stays as it was, and no temporary folder is left."""
+    import errno
+
+    import nnunetv2_skcdf.dataset_conversion.conversion_common as CC
+
+    make_btcv(tmp_path / "src", ["0001", "0002"])
+    out = Path(_convert_small(tmp_path))
+    before = {p.name: p.read_bytes() for p in (out / "imagesTr").iterdir()}
+    copy = CC.shutil.copyfile
+
+    def full(src, dst, *a, **k):
+        if "img0002" in str(src):
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return copy(src, dst, *a, **k)
+
+    monkeypatch.setattr(CC.shutil, "copyfile", full)
+    with pytest.raises(SKCDFWriteError, match=r"0002_0000.nii.gz: cannot be written, out of disk space \(OSError: "
+                                              r"\[Errno 28\] No space left on device.*free on its disk"):
+        _convert_small(tmp_path, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (out / "imagesTr").iterdir()} == before
+    assert leftovers(tmp_path / "raw") == ["Dataset009_Synapse"]
 
 
 def test_existing_target_and_overwrite(tmp_path):

@@ -16,13 +16,14 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_skcdf.dataset_conversion.phantom import _check_target, _swap_in
-from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, _env_folder
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, SKCDFWriteError, _env_folder
+from nnunetv2_skcdf.utilities.io import write_error_message
 from nnunetv2_skcdf.utilities.parallel import imap_with_progress
 
 FILE_ENDING = ".nii.gz"
@@ -136,11 +137,30 @@ def label_value_problem(values: np.ndarray, max_label: int) -> Optional[str]:
     return None
 
 
-def _copy_or_convert_image(src: str, dst: str) -> None:
+def _written(dst: str, write: Callable[[], None], src: Optional[str] = None) -> Optional[str]:
+    """Run ``write`` (which writes ``dst``); a failure to read ``src`` is returned as the case's problem, a failure
+    to write (full disk, permissions) raises ``SKCDFWriteError`` naming ``dst`` and the free space on its disk."""
+    try:
+        write()
+    except OSError as e:
+        if src is not None and e.filename == src:
+            return f"cannot read {src}: {e.strerror or e}"
+        raise SKCDFWriteError(write_error_message(dst, e)) from e
+    except RuntimeError as e:  # SimpleITK's writer
+        raise SKCDFWriteError(write_error_message(dst, e)) from e
+    return None
+
+
+def _copy_or_convert_image(src: str, dst: str) -> Optional[str]:
+    """The image written as ``dst`` (a byte copy of a .nii.gz; else read and written as .nii.gz); a problem of the
+    source is returned, a failed write raised (``_written``)."""
     if src.endswith(FILE_ENDING):
-        shutil.copyfile(src, dst)
-    else:
-        sitk.WriteImage(sitk.ReadImage(src), dst, True)
+        return _written(dst, lambda: shutil.copyfile(src, dst), src)
+    try:
+        image = sitk.ReadImage(src)
+    except RuntimeError as e:
+        return f"cannot read image {src}: {str(e).strip().splitlines()[-1]}"
+    return _written(dst, lambda: sitk.WriteImage(image, dst, True))
 
 
 def convert_case(job: CaseJob) -> Tuple[str, Optional[str]]:
@@ -164,9 +184,11 @@ def convert_case(job: CaseJob) -> Tuple[str, Optional[str]]:
         problem = label_value_problem(sitk.GetArrayViewFromImage(label), job.max_label)
         if problem is not None:
             return job.case_id, f"label {job.label_src}: {problem}"
-        _write_label(label, label_geometry == image_geometry, job)
-    _copy_or_convert_image(job.image_src, job.image_dst)
-    return job.case_id, None
+        problem = _written(job.label_dst, lambda: _write_label(label, label_geometry == image_geometry, job),
+                           job.label_src)
+        if problem is not None:
+            return job.case_id, problem
+    return job.case_id, _copy_or_convert_image(job.image_src, job.image_dst)
 
 
 def _write_label(label: sitk.Image, same_geometry: bool, job: CaseJob) -> None:
