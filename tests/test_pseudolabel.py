@@ -167,6 +167,13 @@ def test_refusals_before_any_prediction_fold_all_stale_split_taken_ids_regions_c
     shutil.move(label, s["tmp"] / label.name)
     refused(r"phantom_tr_0002.nii.gz: the label of validation case 'phantom_tr_0002' .* is missing")
     shutil.move(s["tmp"] / label.name, label)
+    # a truncated image to predict (SimpleITK would read it silently)
+    image = s["raw"] / "imagesUnlabeled" / "phantom_un_0000_0000.nii.gz"
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) // 2])
+    refused(r"phantom_un_0000_0000.nii.gz: cannot be read \(EOFError.*export the image of case 'phantom_un_0000' "
+            r"again")
+    image.write_bytes(whole)
     # an id taken in nnUNet_results (a model folder of a deleted dataset) or nnUNet_preprocessed
     taken = Path(os.environ["nnUNet_results"]) / "Dataset962_Old"
     taken.mkdir()

@@ -277,6 +277,17 @@ def case_images(raw: str, dataset_json: dict, training: dict, ids: Sequence[str]
     return out
 
 
+def _check_images_complete(images: Dict[str, List[str]]) -> None:
+    """Every image to predict is read to its end once before any prediction: an empty or truncated file (which
+    SimpleITK would read silently, filling the missing voxels with garbage) fails first, naming it, not hours in."""
+    from nnunetv2_skcdf.preprocessing.image_checks import check_file_complete
+
+    for cid, files in sorted(images.items()):
+        for f in files:
+            check_file_complete(f, fix=f"export the image of case {cid!r} again, or leave the case out of the split's "
+                                       f"'unlabeled' list (skcdf_split)")
+
+
 def _predictor(teacher: Teacher, mirroring: bool, device, checkpoint: str):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -398,6 +409,7 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
     training = training_files(raw, source_json)
     check_split_cases(roles, training, split_fold, splits_path)
     images = case_images(raw, source_json, training, roles["unlabeled"])
+    _check_images_complete(images)
     labels = sorted(int(v) for k, v in source_json["labels"].items() if k != "background" and int(v) > 0)
     if device == "cuda" and not torch.cuda.is_available():
         raise SKCDFInputError("-device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False). "
