@@ -61,6 +61,7 @@ def _worker(rank: int, env: dict, preprocessed: str, init_file: str, out_dir: st
     plans["continue_training"] = False
     trainer = CPUDDPTrainer(plans, "3d_tiny", 0, json.loads((Path(preprocessed) / "dataset.json").read_text()))
     trainer.on_train_start()
+    draw = torch.rand(8).tolist()  # the random fields of the masks, dropout, boxes: each rank its own
     try:
         spy = trainer.dataloader_unlabeled = _UnlabelledSpy(trainer.dataloader_unlabeled)
         trainer.on_train_epoch_start()
@@ -71,7 +72,7 @@ def _worker(rank: int, env: dict, preprocessed: str, init_file: str, out_dir: st
                   "batch_size": trainer.batch_size, "unlabelled_keys": spy.keys,
                   "keep_rates": trainer.class_keep_rates.tolist(), "digest": _state_digest(trainer._net()),
                   "decoder_u_moved": _state_digest(trainer._net(), "decoder_u.") != before,
-                  "losses": [float(o["loss"]) for o in outputs],
+                  "losses": [float(o["loss"]) for o in outputs], "draw": draw,
                   "logged_l_sup": [float(v) for v in trainer.logger.local_logger.my_fantastic_logging["train_l_sup"]],
                   "output_folder": trainer.output_folder}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
@@ -95,6 +96,8 @@ def test_two_process_gloo_training_steps(tiny_training, tmp_path):
     # the unlabelled stream is sharded: the ranks never draw the same case
     drawn = [{k for step in r["unlabelled_keys"] for k in step} for r in ranks]
     assert drawn[0] and drawn[1] and not drawn[0] & drawn[1]
+    # each rank draws its own random fields (one default seed on every process would give all ranks the same masks)
+    assert ranks[0]["draw"] != ranks[1]["draw"]
     # identical keep-rates, and after two steps identical networks: DDP averaged the gradients, and the EMA
     # (D_u <- D_l, heads) moved every rank's copy the same way
     assert ranks[0]["keep_rates"] == ranks[1]["keep_rates"]

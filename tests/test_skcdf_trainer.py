@@ -161,6 +161,39 @@ def test_training_weights_with_another_local_window_is_refused(trainer_factory):
     assert trainer.dataloader_unlabeled is None
 
 
+def test_pretrained_skcdf_weights_leave_their_balanced_heads_and_class_counts_behind(trainer_factory):
+    """nnU-Net's -pretrained_weights transfers every weight but '.seg_layers.': an SKCDF model's balanced heads and
+    class voxel counts would come along (keep-rates of the other run's labels, heads of its classes). on_train_start
+    of a network initialised before (nnU-Net's pretrained path) gives both a fresh start, as the main heads get;
+    the rest of the pretrained weights stays."""
+    trainer = trainer_factory()
+    trainer.initialize()
+    net = trainer._net()
+    other_counts = torch.arange(1, net.class_voxel_counts.numel() + 1, dtype=net.class_voxel_counts.dtype) * 1000
+    with torch.no_grad():  # what load_pretrained_weights copies from another SKCDF run
+        net.class_voxel_counts.copy_(other_counts)
+        for decoder in (net.decoder_l, net.decoder_u):
+            for head in decoder.balanced_seg_layers:
+                head.weight.fill_(0.5)
+        next(net.encoder.parameters()).fill_(0.25)
+    trainer.on_train_start()
+    try:
+        assert not torch.equal(net.class_voxel_counts, other_counts) and int(net.class_voxel_counts.sum()) > 0
+        for decoder in (net.decoder_l, net.decoder_u):
+            for head in decoder.balanced_seg_layers:
+                assert not torch.any(head.weight == 0.5) and 0 < float(head.weight.std()) < 1
+        assert torch.all(next(net.encoder.parameters()) == 0.25)  # the transferred weights stay
+        assert "pretrained SKCDF weights: their balanced heads and class voxel counts" in open(trainer.log_file).read()
+    finally:
+        trainer.on_train_end()
+    # a fresh network (no weights loaded) keeps its own initialisation: nothing is redrawn
+    fresh = trainer_factory()
+    fresh.initialize()
+    heads = [h.weight.clone() for h in fresh._net().decoder_l.balanced_seg_layers]
+    fresh._forget_pretrained_heads()
+    assert all(torch.equal(a, h.weight) for a, h in zip(heads, fresh._net().decoder_l.balanced_seg_layers))
+
+
 def test_ema_step_of_the_train_step_follows_the_buffer_rule(trainer_factory, monkeypatch):
     """train_step passes ema_buffers (parameters only by default, as the reference) to the network's EMA."""
     from nnunetv2_skcdf.network.architectures.skcdf_unet import SKCDFUNet

@@ -232,9 +232,38 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
             self._check_resumed_settings()
         elif self.was_initialized:  # network built before, e.g. with pretrained weights loaded into it
             self._refuse_adopted_window()
+            self._forget_pretrained_heads()
         super().on_train_start()
+        self._seed_ranks_apart()
         self._remove_stale_checkpoint_temporaries()
         self._init_class_keep_rates()
+
+    def _forget_pretrained_heads(self) -> None:
+        """Pretrained weights of an SKCDF model (``nnUNetv2_train ... -pretrained_weights``): nnU-Net transfers every
+        weight but the segmentation heads (keys with ``.seg_layers.``), which lets the balanced heads
+        (``balanced_seg_layers``) and the class voxel counts behind the keep-rates slip through. Both belong to the
+        other run's labels, so both start anew here, as the main heads do: the heads with nnU-Net's initialisation,
+        the counts from this fold's labelled cases (a freshly built network has none, so nonzero counts before any
+        training mean that weights were loaded)."""
+        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+        net = self._net()
+        if int(net.class_voxel_counts.sum()) == 0:
+            return
+        net.class_voxel_counts.zero_()
+        for decoder in dict.fromkeys((net.decoder_l, net.decoder_u)):  # one decoder in the no-decoupling ablation
+            if decoder.has_balanced_heads:
+                decoder.balanced_seg_layers.apply(InitWeights_He(1e-2))
+        self.print_to_log_file("pretrained SKCDF weights: their balanced heads and class voxel counts belong to the "
+                               "other run's labels and are not taken over (as nnU-Net's main heads); the balanced "
+                               "heads start from nnU-Net's initialisation, the counts from this fold's labelled cases")
+
+    def _seed_ranks_apart(self) -> None:
+        """DDP: every process starts from PyTorch's same default seed, so the random fields behind the balanced
+        masks, dropout and copy-paste boxes would be the same on every rank at every step (correlated masks add
+        variance to the averaged gradient). Each rank > 0 gets its own seed; one process keeps PyTorch's default."""
+        if self.is_ddp and dist.get_rank() > 0:
+            torch.manual_seed(torch.initial_seed() + dist.get_rank())
 
     def _refuse_adopted_window(self) -> None:
         """Weights with another local SKC window were loaded into a rebuilt local block (``SKCDFUNet.load_state_dict``):
@@ -456,7 +485,7 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         if self._loss_is_finite(outputs["loss"]):
             self.nonfinite_in_a_row = 0
             self._optimizer_step()
-        else:  # gradients dropped: no optimiser or scaler step, weights unchanged
+        else:  # gradients dropped: no optimiser or scaler step (the EMA copies moved at the step's start)
             self.optimizer.zero_grad(set_to_none=True)
             self._count_nonfinite_step(outputs)
         return outputs
@@ -503,8 +532,9 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         row, keeping the last checkpoint."""
         self.nonfinite_in_a_row += 1
         self.print_to_log_file(f"non-finite loss in epoch {self.current_epoch} (L_sup {outputs['l_sup']}, L_u "
-                               f"{outputs['l_u']} on rank {self.local_rank}): step skipped, weights unchanged "
-                               f"({self.nonfinite_in_a_row} in a row)")
+                               f"{outputs['l_u']} on rank {self.local_rank}): step skipped, no optimiser step (the "
+                               f"EMA of D_u and the main heads ran at the step's start) ({self.nonfinite_in_a_row} "
+                               f"in a row)")
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{self.nonfinite_in_a_row} non-finite losses in a row: training stopped (checkpoint_latest.pth in "
