@@ -157,9 +157,10 @@ from data_pipeline import REPO, machine, sh  # noqa: E402
 from trainers.convergence_trainers import ITERATIONS_PER_EPOCH  # noqa: E402
 from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_FOLDS, SMALLEST, Arm,  # noqa: E402,F401
                                 _nanmean, case_sites, commit, dice_by_site, sites_tag, task_tag, teacher_tag)
-# imported with the rest, not at the report stage: a lane that runs for hours reports with the code it started
-# with, even if the benchmark's files change meanwhile (a lazy import once mixed an old convergence_common with
-# a newer report module and failed after the run was stored)
+# imported with the rest, not at the report stage: a lane that runs for hours reports with the report module it
+# started with, even if the benchmark's files change meanwhile (a lazy import once mixed an old convergence_common
+# with a newer report module and failed after the run was stored). The package's modules, which the report imports
+# lazily, can still change under a running lane (an editable install): restart lanes after changing them
 from convergence_report import report  # noqa: E402
 
 CONFIG = "3d_cpu"

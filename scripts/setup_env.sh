@@ -11,8 +11,10 @@ _skcdf_fail() {  # a message and a failure, which set -e (above) turns into the 
 # bin/activate, not bin/python: an earlier 'python3 -m venv' that stopped half-way (no ensurepip) leaves bin/python
 # without activate; venv then completes the folder in place
 if [ ! -f "$venv/bin/activate" ]; then
+  command -v python3 >/dev/null \
+    || _skcdf_fail "python3 not found: install Python >= 3.10 (3.11 recommended) as python3 on PATH, then rerun."
   python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else 1)' \
-    || _skcdf_fail "Python >= 3.10 is needed; python3 is $(python3 --version 2>&1)"
+    || _skcdf_fail "Python >= 3.10 is needed, python3 is $(python3 --version 2>&1): install Python >= 3.10 (3.11 recommended) as python3 on PATH, then rerun."
   created=0
   [ -e "$venv" ] || created=1
   if ! python3 -m venv "$venv"; then

@@ -238,8 +238,8 @@ def test_a_full_disk_is_named_with_the_file_and_leaves_the_old_dataset(tmp_path,
     copy = CC.shutil.copyfile
 
     def full(src, dst, *a, **k):
-        if "img0002" in str(src):
-            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        if "img0002" in str(src):  # as shutil's copy loop reports it: both files named, the source first
+            raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
         return copy(src, dst, *a, **k)
 
     monkeypatch.setattr(CC.shutil, "copyfile", full)

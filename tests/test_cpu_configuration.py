@@ -74,6 +74,8 @@ def test_never_breaks_the_plans_own_configurations_and_resolves_an_inherited_bas
     assert pm.get_configuration("3d_cpu_small").spacing == pm.get_configuration("3d_fullres").spacing
     with pytest.raises(SKCDFInputError, match=r"'3d_cpu_small' inherits from '3d_cpu'.*circular"):
         add_cpu_configuration(DATASET_ID, base_configuration="3d_cpu_small", name="3d_cpu", overwrite=True)
+    with pytest.raises(SKCDFInputError, match=r"Configurations 3d_cpu_small of .* inherit from '3d_cpu': replacing it"):
+        add_cpu_configuration(DATASET_ID, name="3d_cpu", overwrite=True)
     broken = json.loads(plans_file.read_text())
     broken["configurations"]["3d_cpu"]["inherits_from"] = "3d_gone"
     plans_file.write_text(json.dumps(broken))

@@ -285,8 +285,10 @@ def test_single_folder_outputs_in_prediction_folder(dataset, capsys):
     assert "| A_run2 | 88.9 | 66.7 | 100.0 | 100.0 |" in dice_table({"A_run2": raw}, {1: "spleen", 2: "liver"})
     # summaries of other label sets, or a file that is no summary: the row and the fault are named
     fewer = {**raw, "mean": {k: v for k, v in raw["mean"].items() if k != "3"}}
-    with pytest.raises(SKCDFInputError, match=r"synapse8.json: no Dice for classes 3, which full.json has"):
+    with pytest.raises(SKCDFInputError, match=r"synapse8.json has other classes than full.json \(no Dice for classes 3\)"):
         dice_table({"full.json": raw, "synapse8.json": fewer})
+    with pytest.raises(SKCDFInputError, match=r"B \(b/summary.json\) has other classes than A \(a/summary.json\) \(classes 3 in addition\)"):
+        dice_table({"A": fewer, "B": raw}, sources={"A": "a/summary.json", "B": "b/summary.json"})
     with pytest.raises(SKCDFInputError, match=r"aggregate.json: not an nnU-Net summary.json"):
         dice_table({"full.json": raw, "aggregate.json": {"methods": {}}})
 

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 
 from nnunetv2_skcdf.dataset_conversion.phantom import _check_target, _swap_in
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, SKCDFWriteError, _env_folder
-from nnunetv2_skcdf.utilities.io import write_error_message
+from nnunetv2_skcdf.utilities.io import _DISK_FULL, write_error_message
 from nnunetv2_skcdf.utilities.parallel import imap_with_progress
 
 FILE_ENDING = ".nii.gz"
@@ -143,7 +143,9 @@ def _written(dst: str, write: Callable[[], None], src: Optional[str] = None) -> 
     try:
         write()
     except OSError as e:
-        if src is not None and e.filename == src:
+        # shutil.copyfile names both files on an error of its copy loop (filename = src, filename2 = dst, a full disk
+        # included); only an error about src alone (opening or reading it) is the source's problem
+        if src is not None and e.filename == src and e.filename2 is None and e.errno not in _DISK_FULL:
             return f"cannot read {src}: {e.strerror or e}"
         raise SKCDFWriteError(write_error_message(dst, e)) from e
     except RuntimeError as e:  # SimpleITK's writer

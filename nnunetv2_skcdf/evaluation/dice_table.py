@@ -22,22 +22,31 @@ def class_columns(summary: dict, label_names: Optional[Dict[int, str]] = None) -
     return [(i, column_title(names[i]) if i in names else str(i)) for i in ids]
 
 
-def dice_table(summaries: Dict[str, dict], label_names: Optional[Dict[int, str]] = None) -> str:
-    """Markdown table, Dice in %, one row per method (insertion order). Every summary must have the first one's
-    classes (and ``mean`` / ``foreground_mean``), else the row's method and the missing classes are named."""
+def dice_table(summaries: Dict[str, dict], label_names: Optional[Dict[int, str]] = None,
+               sources: Optional[Dict[str, str]] = None) -> str:
+    """Markdown table, Dice in %, one row per method (insertion order). Every summary must have the classes of the
+    first one, no more and no fewer (and ``mean`` / ``foreground_mean``), else the row is named (with its file from
+    ``sources``, method -> path) and the classes that differ."""
+    def named(method: str) -> str:
+        return f"{method} ({sources[method]})" if sources and sources.get(method, method) != method else method
+
     for method, summary in summaries.items():
         if not isinstance(summary, dict) or not {"mean", "foreground_mean"} <= set(summary):
-            raise SKCDFInputError(f"{method}: not an nnU-Net summary.json (no 'mean' / 'foreground_mean'; "
+            raise SKCDFInputError(f"{named(method)}: not an nnU-Net summary.json (no 'mean' / 'foreground_mean'; "
                                   f"aggregate.json and metrics files are not). Give the summary.json that "
                                   f"nnUNetv2_evaluate_folder or skcdf_evaluate wrote.")
-    first = next(iter(summaries.values()))
+    first_method, first = next(iter(summaries.items()))
     columns = class_columns(first, label_names)
     for method, summary in summaries.items():
+        ids = [i for i, _ in class_columns(summary)]
         missing = [str(i) for i, _ in columns if "Dice" not in summary["mean"].get(str(i), {})]
-        if missing:
-            raise SKCDFInputError(f"{method}: no Dice for classes {', '.join(missing)}, which "
-                                  f"{next(iter(summaries))} has: the summaries were evaluated with other labels "
-                                  f"(e.g. 13 organs beside Synapse's 8). Compare summaries of one label set.")
+        extra = [str(i) for i in ids if i not in {c for c, _ in columns}]
+        if missing or extra:
+            differs = "; ".join(([f"no Dice for classes {', '.join(missing)}"] if missing else [])
+                                + ([f"classes {', '.join(extra)} in addition"] if extra else []))
+            raise SKCDFInputError(f"{named(method)} has other classes than {named(first_method)} ({differs}): the "
+                                  f"summaries were evaluated with other labels (e.g. 13 organs beside Synapse's 8), so "
+                                  f"their mean Dice values are not comparable. Compare summaries of one label set.")
     header = "| method | mean Dice | " + " | ".join(title for _, title in columns) + " |"
     rule = "|---" * (len(columns) + 2) + "|"
     rows = []
@@ -74,4 +83,5 @@ def dice_table_entry(argv: Optional[Sequence[str]] = None) -> None:
 
             labels = load_checked_dataset_json(args.dataset_json, need_channels=False)["labels"]
             label_names = {v: k for k, v in labels.items() if isinstance(v, int)}
-        print(dice_table({n: _load(s) for n, s in zip(names, args.summaries)}, label_names))
+        print(dice_table({n: _load(s) for n, s in zip(names, args.summaries)}, label_names,
+                         dict(zip(names, args.summaries))))

@@ -103,6 +103,11 @@ def add_cpu_configuration(dataset, plans_identifier: str = "nnUNetPlans", base_c
             raise SKCDFInputError(f"{base_configuration!r} inherits from {name!r} in {plans_file}: replacing {name!r} "
                                   f"by a configuration that inherits from {base_configuration!r} would be circular. "
                                   f"Pick another --name or --base.")
+        heirs = sorted(c for c in configs if c != name and name in _inheritance_chain(configs, c))
+        if heirs:
+            raise SKCDFInputError(f"Configurations {', '.join(heirs)} of {plans_file} inherit from {name!r}: replacing it "
+                                  f"would change them too (models trained on them would no longer match their plans). "
+                                  f"Pick another --name.")
     patch = list(patch_size) if patch_size else default_patch_size(base["patch_size"], base["spacing"])
     if len(patch) != len(base["patch_size"]):
         raise SKCDFInputError(f"--patch has {len(patch)} axes, {base_configuration} has {len(base['patch_size'])}.")

@@ -391,13 +391,17 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
         raise SKCDFInputError(f"--keep {keep}: give a fraction 0 < keep <= 1.")
     if not 0 <= threshold <= 1:
         raise SKCDFInputError(f"--threshold {threshold}: give a Dice value in [0, 1].")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SKCDFInputError("-device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False). "
+                              "Use -device cpu, or install a CUDA build of PyTorch.")
     source = dataset_name(dataset)
     raw = os.path.join(_env_folder("nnUNet_raw"), source)
     pre = os.path.join(_env_folder("nnUNet_preprocessed"), source)
     source_json = load_dataset_json(raw)
     if any(isinstance(v, (list, tuple)) for v in source_json["labels"].values()):
         raise SKCDFInputError(f"{raw}/dataset.json defines regions (labels with lists of values): pseudo labels are "
-                              f"one class per voxel, so region-based datasets are not supported.")
+                              f"one class per voxel, so region-based datasets are not supported. Use a copy of the "
+                              f"dataset with one label value per class (nnU-Net's plain label format).")
     splits_path = os.path.join(pre, "splits_final.json")
     splits = _load_json(splits_path, "make the split with skcdf_split first")
     roles = _fold_entry(splits, split_fold, splits_path)
@@ -411,9 +415,6 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
     images = case_images(raw, source_json, training, roles["unlabeled"])
     _check_images_complete(images)
     labels = sorted(int(v) for k, v in source_json["labels"].items() if k != "background" and int(v) > 0)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SKCDFInputError("-device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False). "
-                              "Use -device cpu, or install a CUDA build of PyTorch.")
 
     dev = torch.device(device)
     predictors = [_predictor(t, len(teachers) > 1, dev, checkpoint) for t in teachers]

@@ -245,15 +245,23 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         other run's labels, so both start anew here, as the main heads do: the heads with nnU-Net's initialisation,
         the counts from this fold's labelled cases (a freshly built network has none, so nonzero counts before any
         training mean that weights were loaded)."""
+        from pydoc import locate
+
         from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
         net = self._net()
         if int(net.class_voxel_counts.sum()) == 0:
             return
         net.class_voxel_counts.zero_()
+        # the initialisation build_skcdf_unet gives them: the plans' network class's own
+        initialize = getattr(locate(self.configuration_manager.network_arch_class_name), "initialize", None) \
+            or InitWeights_He(1e-2)
         for decoder in dict.fromkeys((net.decoder_l, net.decoder_u)):  # one decoder in the no-decoupling ablation
             if decoder.has_balanced_heads:
-                decoder.balanced_seg_layers.apply(InitWeights_He(1e-2))
+                decoder.balanced_seg_layers.apply(initialize)
+                if self.is_ddp:  # the network is wrapped already: every rank takes rank 0's new heads
+                    for parameter in decoder.balanced_seg_layers.parameters():
+                        dist.broadcast(parameter.data, src=0)
         self.print_to_log_file("pretrained SKCDF weights: their balanced heads and class voxel counts belong to the "
                                "other run's labels and are not taken over (as nnU-Net's main heads); the balanced "
                                "heads start from nnU-Net's initialisation, the counts from this fold's labelled cases")
