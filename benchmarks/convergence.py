@@ -636,7 +636,8 @@ def pseudo_chain(arm: Arm, dataset: str, raw: Path, env: dict, log: Path, np_: s
 
 def round_name(r: int, teacher: str = "a") -> str:
     """A round's claim and summary name: ``round1`` for the chain (a) teaches, ``round1_fromD`` for another."""
-    return f"round{r}" + (f"_{teacher_tag(teacher)}" if teacher_tag(teacher) else "")
+    tag = teacher_tag(teacher)
+    return f"round{r}" + (f"_{tag}" if tag else "")
 
 
 def round_summary_file(work: Path, r: int, teacher: str = "a") -> Path:

@@ -67,6 +67,7 @@ from nnunetv2_skcdf.utilities.dataset_files import (
     SKCDFInputError,
     _env_folder,
     check_dataset_ids_free,
+    datasets_with_id,
     exit_on_input_error,
 )
 from nnunetv2_skcdf.utilities.io import atomic_output, atomic_save_json
@@ -650,14 +651,12 @@ def _check_options(dataset_id: int, name: str, counts: Sequence[int], shape: Seq
 
 def _check_target(root: str, folder_name: str, dataset_id: int, overwrite: bool) -> str:
     """Raise if the dataset folder exists (without ``overwrite``) or the id is taken by another name."""
-    prefix = f"Dataset{int(dataset_id):03d}_"
-    if os.path.isdir(root):
-        others = sorted(d for d in os.listdir(root) if d.startswith(prefix) and d != folder_name)
-        if others:
-            raise SKCDFInputError(
-                f"Dataset id {dataset_id} is already used by {os.path.join(root, others[0])}. nnU-Net needs unique "
-                f"ids: pick another id (-d) or remove that folder."
-            )
+    others = datasets_with_id(root, dataset_id, folder_name)
+    if others:
+        raise SKCDFInputError(
+            f"Dataset id {dataset_id} is already used by {os.path.join(root, others[0])}. nnU-Net needs unique "
+            f"ids: pick another id (-d) or remove that folder."
+        )
     raw = os.environ.get("nnUNet_raw")
     if raw and os.path.abspath(raw) == os.path.abspath(root):  # a dataset nnU-Net will look up by its id
         check_dataset_ids_free(dataset_id, folder_name)

@@ -37,10 +37,10 @@ def dice_table(summaries: Dict[str, dict], label_names: Optional[Dict[int, str]]
                                   f"nnUNetv2_evaluate_folder or skcdf_evaluate wrote.")
     first_method, first = next(iter(summaries.items()))
     columns = class_columns(first, label_names)
+    column_ids = {i for i, _ in columns}
     for method, summary in summaries.items():
-        ids = [i for i, _ in class_columns(summary)]
         missing = [str(i) for i, _ in columns if "Dice" not in summary["mean"].get(str(i), {})]
-        extra = [str(i) for i in ids if i not in {c for c, _ in columns}]
+        extra = [str(i) for i, _ in class_columns(summary) if i not in column_ids]
         if missing or extra:
             differs = "; ".join(([f"no Dice for classes {', '.join(missing)}"] if missing else [])
                                 + ([f"classes {', '.join(extra)} in addition"] if extra else []))

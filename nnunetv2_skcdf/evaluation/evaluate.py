@@ -579,7 +579,8 @@ def evaluate_folders(ref_folder: str, pred_folders: Sequence[str], methods: Opti
     _check_folders(ref_folder, pred_folders, methods, output_folder)
     methods = list(methods or default_method_names(pred_folders))
     dataset_json = load_checked_dataset_json(resolve_dataset_json(ref_folder, dataset_json_file), need_channels=False)
-    _check_summaries_are_ours(run_output_folders(pred_folders, methods, output_folder))
+    outputs = run_output_folders(pred_folders, methods, output_folder)
+    _check_summaries_are_ours(outputs)
     ending = dataset_json["file_ending"]
     lm = label_manager(dataset_json, plans_file)
     regions = tuple(lm.foreground_regions if lm.has_regions else lm.foreground_labels)
@@ -599,8 +600,7 @@ def evaluate_folders(ref_folder: str, pred_folders: Sequence[str], methods: Opti
     results = dict(imap_with_progress(_evaluate_indexed, jobs, n_proc, "skcdf_evaluate", show=progress))
 
     runs = []
-    for i, (pred, method, out) in enumerate(zip(pred_folders, methods,
-                                                run_output_folders(pred_folders, methods, output_folder))):
+    for i, (pred, method, out) in enumerate(zip(pred_folders, methods, outputs)):
         summary = summarize_run([results[(i, j)] for j in range(len(cases[i]))], regions, settings, names)
         write_summary(summary, os.path.join(out, SUMMARY_FILE))
         write_cases_csv(summary, names, ending, os.path.join(out, CASES_CSV))

@@ -61,6 +61,7 @@ from nnunetv2_skcdf.utilities.dataset_files import (
     _env_folder,
     check_dataset_ids_free,
     dataset_name,
+    datasets_with_id,
     exit_on_input_error,
     list_unlabeled_cases,
     load_dataset_json,
@@ -344,9 +345,9 @@ def _check_output(out_id: int, out_name: str, source: str, overwrite: bool) -> s
     if target == source or source.startswith(f"Dataset{out_id:03d}_"):
         raise SKCDFInputError(f"--out-dataset {out_id} is the source dataset {source}: the round never writes into "
                               f"the source (its labelsTr holds the hidden labels). Pick a free id.")
-    for name in os.listdir(raw):
-        if name.startswith(f"Dataset{out_id:03d}_") and name != target:
-            raise SKCDFInputError(f"--out-dataset {out_id} is taken by {raw}/{name}; pick a free id.")
+    others = datasets_with_id(raw, out_id, target)
+    if others:
+        raise SKCDFInputError(f"--out-dataset {out_id} is taken by {raw}/{others[0]}; pick a free id.")
     check_dataset_ids_free(out_id, target)
     path = os.path.join(raw, target)
     pre_path = os.path.join(_env_folder("nnUNet_preprocessed"), target)

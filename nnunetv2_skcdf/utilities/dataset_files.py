@@ -156,16 +156,22 @@ def load_checked_dataset_json(path: str, need_channels: bool = True) -> dict:
     return dataset_json
 
 
+def datasets_with_id(root: str, dataset_id: int, folder_name: str) -> List[str]:
+    """The dataset folders in ``root`` other than ``folder_name`` that have the id ``dataset_id``, sorted (none
+    when ``root`` is not a folder)."""
+    prefix = f"Dataset{int(dataset_id):03d}_"
+    if not isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if d.startswith(prefix) and d != folder_name)
+
+
 def check_dataset_ids_free(dataset_id: int, folder_name: str) -> None:
     """Refuse a new dataset ``folder_name`` whose id another dataset already has in ``nnUNet_preprocessed`` or
     ``nnUNet_results`` (the variables that are set): nnU-Net's lookup of that id would then find two names and
     fail in every later command (``nnUNet_raw`` is checked by the caller, which creates the raw folder)."""
-    prefix = f"Dataset{int(dataset_id):03d}_"
     for var in ("nnUNet_preprocessed", "nnUNet_results"):
         root = os.environ.get(var)
-        if not root or not isdir(root):
-            continue
-        others = sorted(d for d in os.listdir(root) if d.startswith(prefix) and d != folder_name)
+        others = datasets_with_id(root, dataset_id, folder_name) if root else []
         if others:
             raise SKCDFInputError(
                 f"Dataset id {int(dataset_id)} is already used by {join(root, others[0])} ({var}): nnU-Net's lookup "
