@@ -156,7 +156,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_pipeline import REPO, machine, sh  # noqa: E402
 from trainers.convergence_trainers import ITERATIONS_PER_EPOCH  # noqa: E402
 from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_FOLDS, SMALLEST, Arm,  # noqa: E402,F401
-                                _nanmean, case_sites, commit, dice_by_site, sites_tag, task_tag, teacher_tag)
+                                _nanmean, case_sites, checkpoint_identity, commit, dice_by_site, sites_tag,
+                                task_tag, teacher_tag)
 # imported with the rest, not at the report stage: a lane that runs for hours reports with the report module it
 # started with, even if the benchmark's files change meanwhile (a lazy import once mixed an old convergence_common
 # with a newer report module and failed after the run was stored). The package's modules, which the report imports
@@ -287,7 +288,7 @@ def arm_task(arm: "Arm", task: dict) -> dict:
     return {**task, "labeled": "all"} if arm.all_labelled else task
 
 
-PHANTOM_KEYS = ("num_train", "num_unlabeled", "num_test", "sites")
+PHANTOM_KEYS = ("num_train", "num_unlabeled", "num_test", "sites", "sites_version")
 
 
 def prepare(dataset: str, env: dict, log: Path, np_: str, args, data_from: Optional[Path] = None) -> Path:
@@ -493,12 +494,22 @@ def record_train_commit(fold_dir: Path, threads: Optional[str] = None) -> None:
 
 def predict_final(dataset: str, arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path) -> Path:
     """Stock ``nnUNetv2_predict`` of the source's test images (imagesTs) with the arm's final checkpoint (for (p):
-    its student dataset's model)."""
+    its student dataset's model). The folder's ``done`` holds the checkpoint's identity; predictions (and the
+    ``summary.json`` evaluated from them) of another checkpoint, or of an unfinished earlier call, are removed and
+    made again: nothing in the folder outlives the checkpoint it came from."""
+    import shutil
+
     pred = work / "predictions" / f"{arm.key}_fold{fold}"
-    if not (pred / "done").exists():
+    model = Path(model_folder(env, raw, arm)) / f"fold_{fold}" / "checkpoint_final.pth"
+    identity = checkpoint_identity(model)
+    done = pred / "done"
+    if not done.exists() or done.read_text().strip() != identity:
+        if done.exists():
+            print(f"{pred}: made with another checkpoint than {model}: predicted again", flush=True)
+        shutil.rmtree(pred, ignore_errors=True)
         sh(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", arm_dataset(dataset, raw, arm)[0],
             "-c", CONFIG, "-f", str(fold), "-tr", arm.trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env, log)
-        (pred / "done").touch()
+        done.write_text(identity + "\n")
     return pred
 
 
@@ -856,6 +867,9 @@ def main() -> None:
             if holder is not None:  # another process side by side runs it: take the next run
                 print(f"{arm.key} fold {fold}: skipped, {held_by(holder)}", flush=True)
                 continue
+            if stored(arm, fold, budget, task):  # stored by the holder we waited for, or from another work folder
+                print(f"{arm.key} ({arm.name}) fold {fold}: stored in {STORE.name}/", flush=True)
+                continue
             run(arm, fold, args, raw, work, env, log, budget, task, hidden)
     if "report" in args.stages:
         report(args, budget, task, load_store(budget, task), load_store(budget, task, same=False), raw, work,
@@ -880,8 +894,8 @@ def run(arm: Arm, fold: int, args, raw: Path, work: Path, env: dict, log: Path, 
     if "final" in args.stages:
         predict_final(args.dataset, arm, fold, raw, work, env, log)
     if stores_run(args.stages, arm):
-        store_run(arm, fold, raw, work, env, log, budget, task, args.np)
-        print(f"{arm.key} ({arm.name}) fold {fold}: done and stored", flush=True)
+        if store_run(arm, fold, raw, work, env, log, budget, task, args.np):
+            print(f"{arm.key} ({arm.name}) fold {fold}: done and stored", flush=True)
     elif "final" in args.stages:
         print(f"{arm.key} fold {fold}: predicted, not stored: a curve arm is stored with --stages curves final",
               flush=True)
@@ -904,12 +918,26 @@ def stored(arm: Arm, fold: int, budget: dict, task: dict) -> bool:
 
 
 def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, budget: dict, task: dict,
-              np_: str) -> None:
-    """One finished run -> its store file (atomic): what the report needs, without the checkpoints."""
+              np_: str) -> bool:
+    """One finished run -> its store file (atomic): what the report needs, without the checkpoints. False (nothing
+    written) when the same run was stored meanwhile by another process."""
+    target = store_file(arm, fold, budget, task)
+    if target.exists():  # the file name holds labelled count and budget only: never replace another task's run
+        old = json.loads(target.read_text())
+        if old.get("task") != arm_task(arm, task) or old.get("budget") != budget:
+            raise SystemExit(f"{target} holds a run of another task or budget (task {old.get('task')}, budget "
+                             f"{old.get('budget')}); this run (task {arm_task(arm, task)}, budget {budget}) would "
+                             "replace it. Move that file aside (or use the options it was made with).")
+        # the same run stored meanwhile by a process in another work folder ((c) is shared by the tasks that differ
+        # only in the labelled count, and claims are per work folder): the first stored stays
+        print(f"{arm.key} fold {fold}: not stored, {target.name} was stored meanwhile (from "
+              f"{old.get('prediction_folder')}); this run's predictions stay in {work / 'predictions'}", flush=True)
+        return False
     import torch
 
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
+    STORE.mkdir(parents=True, exist_ok=True)
     fold_dir = model_folder(env, raw, arm) / f"fold_{fold}"
     evaluation = work / "predictions" / f"{arm.key}_fold{fold}"  # skcdf_evaluate without -o writes there
     if not (evaluation / "summary.json").exists():
@@ -928,7 +956,6 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
             summary["students"] = [student_result(arm, r, f, raw, work, env, log, np_)
                                    for f in range(P_STUDENT_FOLDS)]
         extra["pseudo_rounds"] = rounds
-    STORE.mkdir(parents=True, exist_ok=True)
     atomic_save_json({
         "arm": arm.key, "name": arm.name, "trainer": arm.trainer, "fold": fold, "budget": budget,
         "task": arm_task(arm, task),
@@ -942,7 +969,8 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
         "train_pseudo_fractions": logging.get("pseudo_label_fractions", []),
         "keep_rates": json.loads(rates[-1]) if rates else None,
         "prediction_folder": str(work / "predictions" / f"{arm.key}_fold{fold}"), **extra},
-        str(store_file(arm, fold, budget, task)))
+        str(target))
+    return True
 
 
 def reevaluate(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, budget: dict, task: dict,

@@ -137,3 +137,17 @@ def commit() -> str:
                               cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         return "unknown"
+
+
+def checkpoint_identity(path: Path) -> str:
+    """``<size>:<mtime_ns>`` of a checkpoint: what the outputs made from it (predictions, curve points) record, so
+    that a fold trained again (or its checkpoint replaced) never has its old outputs stored as the new run's."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def cached_point(results: dict, epoch: int, identity: str) -> bool:
+    """Whether a curve's cached point of ``epoch`` was evaluated from the checkpoint ``identity`` now on disk;
+    points cached before identities were recorded count as such (every such point belongs to a stored run)."""
+    point = results.get(str(epoch))
+    return point is not None and point.get("checkpoint", identity) == identity

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from convergence_common import cached_point, checkpoint_identity  # noqa: E402
 from trainers.convergence_trainers import snapshot_name  # noqa: E402
 
 
@@ -178,13 +179,14 @@ def main() -> None:
     hidden = preprocessed(raw_cases(raw, "imagesTr", "labelsTr", args.hidden, ending), predictor, cache) \
         if args.hidden else {}
     for epoch in available:
-        if str(epoch) in results:
+        identity = checkpoint_identity(fold_dir / names[epoch])
+        if cached_point(results, epoch, identity):  # else not yet, or from another file (the fold trained again)
             continue
         checkpoint = torch.load(fold_dir / names[epoch], map_location="cpu", weights_only=False)
         predictor.network.load_state_dict(checkpoint["network_weights"])
         predictor.network.eval()
-        results[str(epoch)] = evaluate_snapshot(predictor, test, hidden, classes, labels.num_segmentation_heads,
-                                                case_sites(raw))
+        results[str(epoch)] = {**evaluate_snapshot(predictor, test, hidden, classes, labels.num_segmentation_heads,
+                                                   case_sites(raw)), "checkpoint": identity}
         tmp = out.with_suffix(f".tmp{os.getpid()}")
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(results, indent=1) + "\n")

@@ -330,8 +330,11 @@ def final_mean_dice(run: dict, small_keys: Optional[List[str]] = None) -> float:
 
 
 def other_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: List[str]) -> List[dict]:
-    """Plateau evidence beyond the curve: each run stored with another budget beside the same arm and fold at
-    this budget (the final checkpoints of two schedules, each annealed to lr 0)."""
+    """Plateau evidence beyond the curve: each run stored with another budget, beside the runs of the same arm at
+    this budget (the final checkpoints of two schedules, each annealed to lr 0). The folds of a task repeat one
+    split (they differ by the training seed only), so a run at another budget is an independent run, not a
+    continuation of the same fold here: ``this_budget_runs`` holds every run of the arm at this budget, and the
+    same fold's value (``this_budget_mean``) is shown for reference only."""
     rows = []
     for key, stored in sorted(other.items()):
         for run in stored:
@@ -341,6 +344,7 @@ def other_budgets(runs: Dict[str, list], other: Dict[str, list], small_keys: Lis
                          "plateau": plateau(own) if own else None,
                          "iterations": run["budget"]["iterations"], "mean": final_mean_dice(run),
                          "small": final_mean_dice(run, small_keys),
+                         "this_budget_runs": [final_mean_dice(r) for r in runs.get(key, [])],
                          "this_budget_mean": final_mean_dice(here) if here else None,
                          "this_budget_small": final_mean_dice(here, small_keys) if here else None})
     return rows
@@ -507,13 +511,25 @@ def pseudo_rounds_of(runs: Dict[str, list], key: str = "p") -> List[dict]:
     return next((r["pseudo_rounds"] for r in runs.get(key, []) if r.get("pseudo_rounds")), [])
 
 
+def chains_of(runs: Dict[str, list], key: str = "p") -> int:
+    """How many different chains the stored runs of a pseudo-labelling arm come from (runs stored from two work
+    folders were students of two chains: other teachers, other kept cases); the report's rounds table and chain
+    cost are the first run's, and say so when this is more than 1."""
+    signatures = {json.dumps([(x.get("round"), x.get("kept_ids"), x.get("teachers")) for x in r["pseudo_rounds"]],
+                             sort_keys=True, default=str)
+                  for r in runs.get(key, []) if r.get("pseudo_rounds")}
+    return len(signatures)
+
+
 def _dice_or_dash(d: Optional[Dict[str, float]]) -> str:
     return "-" if not d else f"{_mean(d):.1f}"
 
 
-def pseudo_markdown(skcdf: Dict[str, dict], rounds: List[dict], chains: Optional[Dict[str, List[dict]]] = None) -> str:
+def pseudo_markdown(skcdf: Dict[str, dict], rounds: List[dict], chains: Optional[Dict[str, List[dict]]] = None,
+                    mixed: Optional[Dict[str, int]] = None) -> str:
     """SKCDF's pseudo labels per site, then the rounds of (p) and of every other pseudo-labelling chain (``chains``:
-    arm key -> its rounds, e.g. (w), whose round 1 SKCDF teaches)."""
+    arm key -> its rounds, e.g. (w), whose round 1 SKCDF teaches); ``mixed``: arm -> the number of chains its stored
+    runs come from (:func:`chains_of`), flagged where more than one."""
     parts = []
     if skcdf:
         sites = sorted({s for x in skcdf.values() for s in x["sites"]})
@@ -527,6 +543,9 @@ def pseudo_markdown(skcdf: Dict[str, dict], rounds: List[dict], chains: Optional
     for arm, arm_rounds in {"p": rounds, **(chains or {})}.items():
         if arm_rounds:
             parts.append(rounds_markdown(arm, arm_rounds))
+            if (mixed or {}).get(arm, 1) > 1:
+                parts.append(f"**({arm})'s stored runs come from {mixed[arm]} different chains** (work folders): the "
+                             "table above and the chain's cost are those of the first run's chain.")
     return "\n\n".join(parts)
 
 
@@ -557,15 +576,22 @@ def rounds_markdown(arm: str, rounds: List[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- room, cost, (p) vs (d)
-def room(aggregate: dict, arms: dict) -> Optional[dict]:
-    """Issue 44's room check: the final (a) -> (c) gap in mean Dice points and whether it is >= ROOM_POINTS."""
+def room(aggregate: dict, arms: dict, runs: Optional[Dict[str, list]] = None,
+         missing: Optional[Dict[str, int]] = None) -> Optional[dict]:
+    """Issue 44's room check: the final (a) -> (c) gap in mean Dice points and whether it is >= ROOM_POINTS, with
+    the runs behind each side, the gap's standard error (sample sd of each arm's per-run values, ddof 1; None
+    with fewer than 2 runs on a side) and ``provisional`` while (a) or (c) has runs still missing."""
     by = {m["name"]: m for m in aggregate["methods"]}
     a, c = by.get(arms["a"].name), by.get(arms["c"].name)
     if a is None or c is None:
         return None
     gap = 100 * (c["average"]["Dice"]["mean"] - a["average"]["Dice"]["mean"])
+    values = {k: [final_mean_dice(r) for r in (runs or {}).get(k, [])] for k in ("a", "c")}
+    se = (float(np.sqrt(sum(np.var(v, ddof=1) / len(v) for v in values.values())))
+          if all(len(v) > 1 for v in values.values()) else None)
     return {"a": 100 * a["average"]["Dice"]["mean"], "c": 100 * c["average"]["Dice"]["mean"], "gap": gap,
-            "met": gap >= ROOM_POINTS}
+            "met": gap >= ROOM_POINTS, "runs": {k: len(v) for k, v in values.items()} if runs else {}, "se": se,
+            "provisional": any((missing or {}).get(k) for k in ("a", "c"))}
 
 
 def room_line(x: Optional[dict]) -> str:
@@ -574,8 +600,12 @@ def room_line(x: Optional[dict]) -> str:
     verdict = (f"at least {ROOM_POINTS:.0f}: met" if x["met"] else
                f"under {ROOM_POINTS:.0f}: **not met** (reported, not enforced: the remedy is a harder site shift or "
                "fewer labelled cases, never a shorter training)")
-    return (f"Room to show anything: (a) {x['a']:.1f} -> (c) {x['c']:.1f}, a gap of {x['gap']:.1f} mean Dice points, "
-            f"{verdict}.")
+    runs = x.get("runs") or {}
+    counts = f" ({runs['a']} and {runs['c']} runs)" if runs else ""
+    se = (f", standard error {x['se']:.1f} (sample sd of each arm's runs)" if x.get("se") is not None else "")
+    provisional = " **Provisional**: runs of (a) or (c) are still missing." if x.get("provisional") else ""
+    return (f"Room to show anything: (a) {x['a']:.1f} -> (c) {x['c']:.1f}{counts}, a gap of {x['gap']:.1f} mean "
+            f"Dice points{se}, {verdict}.{provisional}")
 
 
 def versus(aggregate: dict, arms: dict, first: str = "p", second: str = "d") -> Optional[dict]:
@@ -679,7 +709,9 @@ def cost_per_arm(runs: Dict[str, list], budget: dict) -> Dict[str, dict]:
         hours = [(r["train_s"] if r.get("train_s") is not None else r["train_epoch_s_median"] * budget["epochs"]) / 3600
                  for r in stored]
         out[key] = {"runs": len(stored), "hours_per_run": float(np.mean(hours)),
-                    "estimated": any(r.get("train_s") is None for r in stored), "threads": threads_of(stored)}
+                    "estimated": any(r.get("train_s") is None for r in stored), "threads": threads_of(stored),
+                    "epoch_s_median": [float(r["train_epoch_s_median"]) for r in stored
+                                       if r.get("train_epoch_s_median") is not None]}
     from convergence_common import ARMS, chain_arms
 
     for key in [k for k in chain_arms() if k in out]:
@@ -716,12 +748,16 @@ def cost_markdown(cost: Dict[str, dict]) -> str:
     if not cost:
         return ""
     rows = "\n".join(f"| ({k}) | {x['runs']} | {x['hours_per_run']:.2f}{' (estimated)' if x['estimated'] else ''} | "
+                     f"{', '.join(f'{v:.1f}' for v in x.get('epoch_s_median', [])) or '-'} | "
                      f"{x.get('threads', '?')} |" for k, x in cost.items())
     text = ("Cost: training hours per run (sum of the epochs' times; estimated = median epoch x epochs, for runs "
-            "stored before the sum was recorded), and the torch threads of the runs' training starts (`--threads`; "
-            "`?`: recorded before the threads were; runs of one thread mostly trained beside another on the 2 "
-            "cores, so hours compare within a thread count):\n\n| arm | runs | training h per run | threads |\n"
-            "|---|---|---|---|\n" + rows)
+            "stored before the sum was recorded), each run's median epoch (50 iterations), and the torch threads "
+            "of the runs' training starts (`--threads`; `?`: recorded before the threads were). The times include "
+            "whatever ran beside the training on the 2 cores (another lane, tests, a paused suite): arms with the "
+            "same trainer, batch and patch ((a), (c), the recipe's students) cost the same per epoch, so a "
+            "difference between their median epochs is contention, not the method; compare the smallest median "
+            "epochs:\n\n| arm | runs | training h per run | median epoch per run (s) | threads |\n"
+            "|---|---|---|---|---|\n" + rows)
     for key, x in cost.items():
         chain = x.get("chain")
         if not chain:
@@ -798,7 +834,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "final_table": final["table"] if final else None, "islands_per_run": islands,
                "gap_per_organ": gaps, "plateau_arms": list(baselines),
                "regime": regime(plateaus, others, budget["iterations"], baselines),
-               "room": room(final["aggregate"], ARMS) if final else None,
+               "room": room(final["aggregate"], ARMS, runs, missing) if final else None,
                "versus": versus(final["aggregate"], ARMS) if final else None,
                # issue 39's combination candidate (q) against the recipe and against SKCDF alone
                "versus_q": {k: versus(final["aggregate"], ARMS, "q", k) for k in ("p", "d")} if final else None,
@@ -808,6 +844,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "pseudo_rounds": pseudo_rounds_of(runs),
                "other_chains": {k: pseudo_rounds_of(runs, k) for k in chain_arms()
                                 if k != "p" and pseudo_rounds_of(runs, k)},
+               "chains_per_arm": {k: chains_of(runs, k) for k in chain_arms() if chains_of(runs, k)},
                "cost": cost_per_arm(runs, budget),
                **{name: overlays.get(name, []) for name in OVERLAYS}}
     with atomic_output(str(result_file)) as tmp:
@@ -837,36 +874,38 @@ def task_line(task: dict) -> str:
 
 
 def longer_budget_gains(others: List[dict], iterations: int, arms: tuple = ("a", "c")) -> List[dict]:
-    """(a) and (c) runs stored with a longer budget beside the same fold at this one: what the longer schedule
-    adds at its end (a last quarter that adds little can still sit below a longer schedule's end: the poly
-    schedule anneals whatever the budget). One entry per arm and longer budget: ``gain`` is the mean over the
-    folds stored at both budgets (paired), as every other figure of the report is a mean over runs; one fold's
-    gain alone is within one run's noise (measured: (a) at 12000 iterations adds +1.6 on fold 0 and -0.9 on
-    fold 1 over 8000). ``fold_gains`` keeps each fold's."""
+    """(a) and (c) runs stored with a longer budget beside the runs at this one: what the longer schedule adds at
+    its end (a last quarter that adds little can still sit below a longer schedule's end: the poly schedule
+    anneals whatever the budget). One entry per arm and longer budget: ``gain`` = the mean of the longer budget's
+    runs - the mean of every run of the arm at this budget (unpaired: folds repeat one split, so fold k at two
+    budgets are two independent trainings), with both run counts; ``se`` is the difference's standard error
+    (sample sd, ddof 1; None while either side has fewer than 2 runs: one run's value is within run-to-run noise,
+    measured 0.6-1.0 points sd on these tasks)."""
     groups: Dict[tuple, List[dict]] = {}
     for x in others:
-        if x["arm"] in arms and x["iterations"] > iterations and x["this_budget_mean"] is not None:
+        if x["arm"] in arms and x["iterations"] > iterations and x.get("this_budget_runs"):
             groups.setdefault((x["arm"], x["iterations"]), []).append(x)
     out = []
     for (arm, its), xs in sorted(groups.items()):
         xs = sorted(xs, key=lambda x: x["fold"])
-        gains = [x["mean"] - x["this_budget_mean"] for x in xs]
-        out.append({"arm": arm, "iterations": its, "folds": [x["fold"] for x in xs], "fold_gains": gains,
-                    "gain": float(np.mean(gains)), "mean": float(np.mean([x["mean"] for x in xs])),
-                    "this_budget_mean": float(np.mean([x["this_budget_mean"] for x in xs]))})
+        longer, here = [x["mean"] for x in xs], xs[0]["this_budget_runs"]
+        se = (float(np.sqrt(np.var(longer, ddof=1) / len(longer) + np.var(here, ddof=1) / len(here)))
+              if len(longer) > 1 and len(here) > 1 else None)
+        out.append({"arm": arm, "iterations": its, "folds": [x["fold"] for x in xs], "runs": len(longer),
+                    "this_budget_n": len(here), "gain": float(np.mean(longer) - np.mean(here)), "se": se,
+                    "mean": float(np.mean(longer)), "this_budget_mean": float(np.mean(here))})
     return out
 
 
 def _which(x: dict) -> str:
-    """'(a) fold 0' for one fold, '(a)' for several (their gains follow in ``_per_fold``)."""
-    return f"({x['arm']}) fold {x['folds'][0]}" if len(x["folds"]) == 1 else f"({x['arm']})"
+    """'(a), 1 run at 16000 against 3 here'."""
+    return (f"({x['arm']}), {x['runs']} run{'s' if x['runs'] > 1 else ''} at {x['iterations']} against "
+            f"{x['this_budget_n']} here")
 
 
-def _per_fold(x: dict) -> str:
-    if len(x["folds"]) == 1:
-        return ""
-    return (" (mean of folds " + ", ".join(str(f) for f in x["folds"]) + ": "
-            + ", ".join(f"{g:+.1f}" for g in x["fold_gains"]) + ")")
+def _se(x: dict) -> str:
+    return (f" ± {x['se']:.1f} (standard error)" if x.get("se") is not None
+            else " (one run on a side: within run-to-run noise, not a measured plateau)")
 
 
 def regime(plateaus: Dict[str, Optional[dict]], others: List[dict] = (), iterations: int = 0,
@@ -885,16 +924,15 @@ def _regime(plateaus: Dict[str, Optional[dict]], others: List[dict], iterations:
     beaten = [x for x in longer if x["gain"] >= PLATEAU_POINTS]
     if beaten:
         return ("**not converged**: " + ", ".join(
-            f"{_which(x)} reaches {x['mean']:.1f} with {x['iterations']} iterations, "
-            f"{x['gain']:+.1f} over its {x['this_budget_mean']:.1f} here{_per_fold(x)}" for x in beaten)
+            f"{_which(x)}: {x['mean']:.1f} against {x['this_budget_mean']:.1f}, {x['gain']:+.1f}{_se(x)}"
+            for x in beaten)
             + f" (criterion < {PLATEAU_POINTS}), whatever the last quarter adds; compare arms at the longer budget.")
     status = {k: plateaus.get(k) for k in arms}
     if any(p is None for p in status.values()):
         return "plateau not known yet (" + ", ".join(f"({k})" for k, p in status.items() if p is None) + \
             " has no stored curve at this budget)."
     if all(p["met"] for p in status.values()):
-        checked = ("; a longer budget adds " + ", ".join(f"{x['gain']:+.1f} to {_which(x)} "
-                                                        f"({x['iterations']} iterations){_per_fold(x)}"
+        checked = ("; a longer budget adds " + ", ".join(f"{x['gain']:+.1f}{_se(x)} to {_which(x)}"
                                                         for x in longer)
                    if longer else f"; no longer budget stored for {_arm_list(arms, 'or')} yet")
         return (f"**converged**: {_arm_list(arms)} gain < {PLATEAU_POINTS} mean Dice point over the last quarter "
@@ -905,13 +943,14 @@ def _regime(plateaus: Dict[str, Optional[dict]], others: List[dict], iterations:
     if not checked:
         return (f"**short budget, not converged**: {gains} mean Dice over the last quarter (criterion < "
                 f"{PLATEAU_POINTS}); read accuracy claims with that.")
-    # a curve still rising over its last quarter, but the same runs trained longer end no higher: the schedule's
-    # annealing tail (the poly learning rate falls to 0 whatever the budget), not missing training
+    # a curve still rising over its last quarter, but runs trained longer end no higher: the schedule's annealing
+    # tail (the poly learning rate falls to 0 whatever the budget), not missing training
     unchecked = [k for k in rising if k not in {x["arm"] for x in checked}]
+    single = [x for x in checked if x.get("se") is None]
     return (("**plateau by the longer budget**" if not unchecked else "**short budget, not converged**")
+            + (" (on a single run: read it as an indication)" if single and not unchecked else "")
             + f": {gains} mean Dice over the last quarter (criterion < {PLATEAU_POINTS}), but a longer budget adds "
-            + ", ".join(f"{x['gain']:+.1f} to {_which(x)} ({x['iterations']} iterations){_per_fold(x)}"
-                        for x in checked)
+            + ", ".join(f"{x['gain']:+.1f}{_se(x)} to {_which(x)}" for x in checked)
             + f" (< {PLATEAU_POINTS}: the rise is the schedule's annealing, not missing training)"
             + (f"; {_arm_list(unchecked)}: no longer budget stored yet, read accuracy claims with that."
                if unchecked else "."))
@@ -981,8 +1020,11 @@ def markdown(r: dict, figures: dict) -> str:
         + (f"{x['plateau']['gain']:+.2f} ({x['plateau']['from_iteration']}->{x['plateau']['to_iteration']})"
            if x.get("plateau") else "no curve") + " |" for x in r["other_budgets"])
     if others:
-        others = ("Other budgets (the same arm and fold trained for another number of iterations, each with its "
-                  "own poly schedule; final checkpoint, stock predict + skcdf_evaluate):\n\n"
+        others = ("Other budgets (the same arm trained for another number of iterations, each with its own poly "
+                  "schedule; final checkpoint, stock predict + skcdf_evaluate). The folds of a task repeat one split "
+                  "and differ by the training seed only: a fold at two budgets is two independent runs, and the "
+                  "regime line compares the means of all runs at each budget; the same fold here is shown for "
+                  "reference:\n\n"
                   "| arm | fold | iterations | final mean Dice | final 4 smallest | "
                   f"at {r['budget']['iterations']} (mean / 4 smallest) | its own last-quarter gain |\n"
                   "|---|---|---|---|---|---|---|\n"
@@ -1009,7 +1051,7 @@ def markdown(r: dict, figures: dict) -> str:
     baselines = tuple(r.get("plateau_arms", ("a", "c")))
     extra = "\n\n".join(x for x in (candidate_markdown(r.get("candidates")), site_markdown(r.get("per_site")),
                                       pseudo_markdown(r.get("pseudo_per_site") or {}, r.get("pseudo_rounds") or [],
-                                                      r.get("other_chains") or {}),
+                                                      r.get("other_chains") or {}, r.get("chains_per_arm") or {}),
                                       cost_markdown(r.get("cost") or {})) if x)
     return f"""## Accuracy against nnU-Net, {labelled}, {r['budget']['iterations']} iterations (`benchmarks/convergence.py`) — status: **{r['status']}**
 

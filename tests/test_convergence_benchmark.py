@@ -122,14 +122,16 @@ def test_regime_line_says_whether_the_budget_is_the_converged_one():
     line = R.regime({"a": short, "c": flat, "g": short})
     assert line.startswith("**short budget, not converged**: (a) gains +7.2 mean Dice") and "(c)" not in line
     assert R.regime({"a": flat}) == "plateau not known yet ((c) has no stored curve at this budget)."
-    # a rising last quarter that a longer budget of the same fold does not raise (measured on the multi-site task:
-    # (a) fold 0 gains +2.6 over 9000 -> 12000 and ends 76.4 at 16000 against 76.2 at 12000)
+    # a rising last quarter that a longer budget does not raise (measured on the multi-site task: (a) fold 0 gains
+    # +2.6 over 9000 -> 12000; one run at 16000 ends at 76.4, the three runs at 12000 at 76.2, 76.2, 77.5)
     rising = R.plateau(_curve([15.3, 62.0, 72.1, 76.5, 75.0, 74.9, 76.6, 77.5]))
-    a16 = {"arm": "a", "fold": 0, "iterations": 16000, "mean": 76.39, "this_budget_mean": 76.17}
+    a16 = {"arm": "a", "fold": 0, "iterations": 16000, "mean": 76.39, "this_budget_runs": [76.17, 76.23, 77.51],
+           "this_budget_mean": 76.17}
     assert R.regime({"a": rising, "c": flat}, [a16], 12000) == (
-        "**plateau by the longer budget**: (a) gains +2.6 mean Dice over the last quarter (criterion < 1.0), but a "
-        "longer budget adds +0.2 to (a) fold 0 (16000 iterations) (< 1.0: the rise is the schedule's annealing, not "
-        "missing training).")
+        "**plateau by the longer budget** (on a single run: read it as an indication): (a) gains +2.6 mean Dice over "
+        "the last quarter (criterion < 1.0), but a longer budget adds -0.2 (one run on a side: within run-to-run "
+        "noise, not a measured plateau) to (a), 1 run at 16000 against 3 here (< 1.0: the rise is the schedule's "
+        "annealing, not missing training).")
     line = R.regime({"a": rising, "c": short}, [a16], 12000)
     assert line.startswith("**short budget, not converged**: (a) gains +2.6, (c) gains +7.2 mean Dice") and \
         line.endswith("; (c): no longer budget stored yet, read accuracy claims with that.")
@@ -138,43 +140,48 @@ def test_regime_line_says_whether_the_budget_is_the_converged_one():
 def test_a_longer_budget_that_adds_a_point_overrules_a_flat_last_quarter():
     flat = R.plateau(_curve([50, 70, 80, 85, 86, 86.2, 86.5, 86.9]))
     # measured: (a) fold 0 reaches 86.4 at 8000 iterations (last quarter +0.1) and 88.0 at 12000
-    a12 = {"arm": "a", "fold": 0, "iterations": 12000, "mean": 87.95, "this_budget_mean": 86.38}
-    a4 = {"arm": "a", "fold": 0, "iterations": 4000, "mean": 79.3, "this_budget_mean": 86.38}  # shorter: no say
-    d12 = {"arm": "d", "fold": 0, "iterations": 12000, "mean": 90.0, "this_budget_mean": 87.6}  # not a baseline
-    other_fold = {"arm": "a", "fold": 1, "iterations": 12000, "mean": 88.0, "this_budget_mean": None}
-    line = R.regime({"a": flat, "c": flat}, [a4, a12, d12, other_fold], 8000)
-    assert line == ("**not converged**: (a) fold 0 reaches 88.0 with 12000 iterations, +1.6 over its 86.4 here "
-                    "(criterion < 1.0), whatever the last quarter adds; compare arms at the longer budget.")
-    assert R.regime({"a": flat, "c": flat}, [a4, d12, other_fold], 8000).endswith(
+    a12 = {"arm": "a", "fold": 0, "iterations": 12000, "mean": 87.95, "this_budget_runs": [86.38]}
+    a4 = {"arm": "a", "fold": 0, "iterations": 4000, "mean": 79.3, "this_budget_runs": [86.38]}  # shorter: no say
+    d12 = {"arm": "d", "fold": 0, "iterations": 12000, "mean": 90.0, "this_budget_runs": [87.6]}  # not a baseline
+    no_runs_here = {"arm": "c", "fold": 3, "iterations": 12000, "mean": 88.0, "this_budget_runs": []}
+    line = R.regime({"a": flat, "c": flat}, [a4, a12, d12, no_runs_here], 8000)
+    assert line == ("**not converged**: (a), 1 run at 12000 against 1 here: 88.0 against 86.4, +1.6 (one run on a "
+                    "side: within run-to-run noise, not a measured plateau) (criterion < 1.0), whatever the last "
+                    "quarter adds; compare arms at the longer budget.")
+    assert R.regime({"a": flat, "c": flat}, [a4, d12, no_runs_here], 8000).endswith(
         "; no longer budget stored for (a) or (c) yet.")
     close = dict(a12, mean=86.9)
     assert R.regime({"a": flat, "c": flat}, [close], 8000).endswith(
-        "; a longer budget adds +0.5 to (a) fold 0 (12000 iterations).")
+        "; a longer budget adds +0.5 (one run on a side: within run-to-run noise, not a measured plateau) to (a), "
+        "1 run at 12000 against 1 here.")
     # from the longer budget's own report the shorter run says nothing about convergence
     assert R.regime({"a": flat}, [dict(a12, iterations=8000)], 12000).startswith("plateau not known yet")
 
 
-def test_the_longer_budget_rule_decides_on_the_mean_of_the_folds_stored_at_both_budgets():
+def test_the_longer_budget_rule_compares_the_means_of_all_runs_at_both_budgets_unpaired():
     flat = R.plateau(_curve([50, 70, 80, 85, 86, 86.2, 86.5, 86.9]))
-    # measured: (a) at 12000 iterations adds +1.6 on fold 0 and -0.9 on fold 1 over the same folds at 8000
-    f0 = {"arm": "a", "fold": 0, "iterations": 12000, "mean": 87.95, "this_budget_mean": 86.39}
-    f1 = {"arm": "a", "fold": 1, "iterations": 12000, "mean": 85.96, "this_budget_mean": 86.83}
+    # measured: (a) at 12000 iterations ends 88.0 and 86.0 (folds 0, 1); at 8000 its three runs 86.4, 86.8, 86.9.
+    # Folds repeat one split (training seed only), so fold k at two budgets is not a pair: means of all runs
+    here = [86.39, 86.83, 86.87]
+    f0 = {"arm": "a", "fold": 0, "iterations": 12000, "mean": 87.95, "this_budget_runs": here}
+    f1 = {"arm": "a", "fold": 1, "iterations": 12000, "mean": 85.96, "this_budget_runs": here}
     (g,) = R.longer_budget_gains([f1, f0], 8000)
-    assert g["folds"] == [0, 1] and g["fold_gains"] == pytest.approx([1.56, -0.87])
-    assert g["gain"] == pytest.approx(0.345) and g["mean"] == pytest.approx(86.955)
+    assert g["folds"] == [0, 1] and (g["runs"], g["this_budget_n"]) == (2, 3)
+    assert g["gain"] == pytest.approx(86.955 - np.mean(here)) and g["mean"] == pytest.approx(86.955)
+    assert g["se"] == pytest.approx(np.sqrt(np.var([87.95, 85.96], ddof=1) / 2 + np.var(here, ddof=1) / 3))
     line = R.regime({"a": flat, "c": flat}, [f1, f0], 8000)
     assert line == ("**converged**: (a) and (c) gain < 1.0 mean Dice point over the last quarter (table below); "
-                    "a longer budget adds +0.3 to (a) (12000 iterations) (mean of folds 0, 1: +1.6, -0.9).")
-    # two folds that both gain: not converged, with each fold's gain named
+                    f"a longer budget adds +0.3 ± {g['se']:.1f} (standard error) to (a), 2 runs at 12000 against 3 "
+                    "here.")
+    # two longer runs that both gain: not converged
     f1_up = dict(f1, mean=88.0)
     line = R.regime({"a": flat, "c": flat}, [f0, f1_up], 8000)
-    assert line.startswith("**not converged**: (a) reaches 88.0 with 12000 iterations, +1.4 over its 86.6 here "
-                           "(mean of folds 0, 1: +1.6, +1.2)")
-    # (c) is grouped apart from (a); a fold stored only at the longer budget has no say
-    c12 = {"arm": "c", "fold": 3, "iterations": 12000, "mean": 94.0, "this_budget_mean": 93.7}
-    lonely = {"arm": "a", "fold": 2, "iterations": 12000, "mean": 99.0, "this_budget_mean": None}
+    assert line.startswith("**not converged**: (a), 2 runs at 12000 against 3 here: 88.0 against 86.7, +1.3 ± ")
+    # (c) is grouped apart from (a); a run without any run of its arm at this budget has no say
+    c12 = {"arm": "c", "fold": 3, "iterations": 12000, "mean": 94.0, "this_budget_runs": [93.7]}
+    lonely = {"arm": "a", "fold": 2, "iterations": 16000, "mean": 99.0, "this_budget_runs": []}
     gains = R.longer_budget_gains([f0, f1, c12, lonely], 8000)
-    assert [(x["arm"], x["folds"]) for x in gains] == [("a", [0, 1]), ("c", [3])]
+    assert [(x["arm"], x["iterations"], x["folds"]) for x in gains] == [("a", 12000, [0, 1]), ("c", 12000, [3])]
 
 
 def _method(name, dice, asd, nsd, small_dice):
@@ -295,6 +302,7 @@ def test_store_keys_runs_by_task_and_budget_and_reports_other_budgets_against_th
     assert (row["arm"], row["fold"], row["iterations"]) == ("a", 0, 8000)
     assert row["mean"] == pytest.approx(83.0) and row["small"] == pytest.approx(74.0)  # background left out
     assert row["this_budget_mean"] == pytest.approx(80.0) and row["this_budget_small"] == pytest.approx(70.0)
+    assert row["this_budget_runs"] == pytest.approx([80.0, 50.0])  # every run of (a) here: the regime's comparison
     assert row["plateau"] is None  # stored without a curve
     other["a"][0]["curve"] = {str(e): {"test_dice": {"1": v, "2": v}} for e, v in ((40, 0.5), (120, 0.85), (160, 0.86))}
     row = R.other_budgets(runs, other, ["1"])[0]  # the longer run's own last quarter: 6000 -> 8000 iterations
@@ -718,8 +726,13 @@ def test_copying_a_phantom_refuses_one_of_other_sites(tmp_path):
     source = _work_folder(tmp_path / "four", TASK)
     raw, pre = tmp_path / "ms" / "nnUNet_raw", tmp_path / "ms" / "nnUNet_preprocessed"
     raw.mkdir(parents=True), pre.mkdir(parents=True)
-    with pytest.raises(SystemExit, match=r"another phantom \(\{'sites': \(None, \['A', 'B', 'C', 'D'\]\)\}"):
+    with pytest.raises(SystemExit, match=r"another phantom \(\{'sites': \(None, \['A', 'B', 'C', 'D'\]\), "
+                                         r"'sites_version': \(None, '1'\)\}"):
         C.copy_phantom(source, raw, pre, "962", {**MS, "num_train": 24, "num_unlabeled": 12, "num_test": 8})
+    # the same sites made by another version of the site generator: another phantom too
+    older = _work_folder(tmp_path / "older", {**MS, "sites_version": "0"})
+    with pytest.raises(SystemExit, match=r"another phantom \(\{'sites_version': \('0', '1'\)\}"):
+        C.copy_phantom(older, raw, pre, "962", MS)
 
 
 def _summary(cases: dict) -> dict:
@@ -979,6 +992,9 @@ def test_arm_p_trains_a_then_two_rounds_each_once_and_its_students_on_the_round_
         "nnUNetTrainer_conv__nnUNetPlans__3d_cpu"
     C.train("962", p, 1, raw, env, tmp_path / "log")
     assert calls[-1][:4] == ["nnUNetv2_train", "964", "3d_cpu", "1"] and "nnUNetTrainer_conv" in calls[-1]
+    final = C.model_folder(env, raw, p) / "fold_1" / "checkpoint_final.pth"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    final.write_bytes(b"weights")
     C.predict_final("962", p, 1, raw, work, env, tmp_path / "log")
     predict = calls[-1]
     assert predict[predict.index("-d") + 1] == "964" and predict[predict.index("-i") + 1] == str(raw / "imagesTs")
@@ -1013,8 +1029,17 @@ def test_room_versus_and_the_plateau_of_p():
                                             {**_method("D", 0.80, 3, 0.7, 0.6), "runs": [{}, {}, {}]},
                                             {**_method("P", 0.82, 3, 0.7, 0.6), "runs": [{}]}]}
     room = R.room(aggregate, arms)
-    assert room["gap"] == pytest.approx(15.0) and room["met"]
+    assert room["gap"] == pytest.approx(15.0) and room["met"] and room["se"] is None and not room["provisional"]
     assert R.room_line(room).endswith("a gap of 15.0 mean Dice points, at least 10: met.")
+    # with the runs: their counts, the gap's standard error (sample sd), provisional while (c) misses a run
+    runs = {"a": [_stored_run("a", f, 100, v, v) for f, v in ((0, 0.74), (1, 0.75), (2, 0.76))],
+            "c": [_stored_run("c", f, 100, v, v, labeled="all") for f, v in ((3, 0.89), (4, 0.91))]}
+    room = R.room(aggregate, arms, runs, {"c": 1})
+    assert room["runs"] == {"a": 3, "c": 2} and room["provisional"]
+    assert room["se"] == pytest.approx(np.sqrt(np.var([74, 75, 76], ddof=1) / 3 + np.var([89, 91], ddof=1) / 2))
+    assert R.room_line(room) == (f"Room to show anything: (a) 75.0 -> (c) 90.0 (3 and 2 runs), a gap of 15.0 mean "
+                                 f"Dice points, standard error {room['se']:.1f} (sample sd of each arm's runs), at "
+                                 "least 10: met. **Provisional**: runs of (a) or (c) are still missing.")
     aggregate["methods"][1] = _method("C", 0.81, 2, 0.8, 0.8)
     assert not R.room(aggregate, arms)["met"] and "**not met**" in R.room_line(R.room(aggregate, arms))
     assert R.room_line(None).startswith("Room (a) -> (c): not known yet")
@@ -1081,12 +1106,14 @@ def test_cost_per_arm_in_hours_with_the_chain_of_p():
                  "students": [{"train_s": 3600.0}] * 3},
                 {"round": 2, "seconds": 900.0}]}]}
     cost = R.cost_per_arm(runs, budget)
-    assert cost["a"] == {"runs": 2, "hours_per_run": pytest.approx(1.25), "estimated": False, "threads": "?"}
+    assert cost["a"] == {"runs": 2, "hours_per_run": pytest.approx(1.25), "estimated": False, "threads": "?",
+                         "epoch_s_median": [20.0, 30.0]}
     assert cost["c"]["hours_per_run"] == pytest.approx(0.8) and cost["c"]["estimated"]
     assert cost["p"]["chain"] == {"teacher": "a", "pseudolabel_h": pytest.approx(0.5), "students_h": pytest.approx(3.0),
                                   "teachers_retrained": 1, "teachers_retrained_h": pytest.approx(1.0)}
     text = R.cost_markdown(cost)
-    assert "| (c) | 1 | 0.80 (estimated) | ? |" in text and "(1 of them trained again in this work folder, 1.00 h" in text
+    assert "| (c) | 1 | 0.80 (estimated) | 18.0 | ? |" in text and "| (a) | 2 | 1.25 | 20.0, 30.0 | ? |" in text
+    assert "(1 of them trained again in this work folder, 1.00 h" in text
     # the threads of every training start: recorded ones by value (None: every core), older starts as "?"
     assert R.threads_of([{"train_commits": [{"threads": 1}, {"threads": 2}]}, {"train_commits": [{"threads": 1}]},
                          {"train_commits": None}]) == "1, 2, ?"
@@ -1203,3 +1230,70 @@ def test_a_process_beside_another_trains_the_next_free_teacher_and_waits_for_the
     finally:
         other.kill()
         other.wait()
+
+
+def test_final_predictions_and_curve_points_never_outlive_their_checkpoint(tmp_path, monkeypatch):
+    import convergence_common as CC
+
+    calls = []
+
+    def fake_predict(cmd, env, log):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("-o") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "case.nii.gz").write_text("prediction")
+
+    monkeypatch.setattr(C, "sh", fake_predict)
+    raw = tmp_path / "nnUNet_raw" / "Dataset962_Convergence"
+    env = {"nnUNet_results": str(tmp_path / "nnUNet_results")}
+    a = C.ARMS["a"]
+    final = C.model_folder(env, raw, a) / "fold_0" / "checkpoint_final.pth"
+    final.parent.mkdir(parents=True)
+    final.write_bytes(b"first training")
+    pred = C.predict_final("962", a, 0, raw, tmp_path, env, tmp_path / "log")
+    assert len(calls) == 1 and (pred / "done").read_text().strip() == CC.checkpoint_identity(final)
+    (pred / "summary.json").write_text("{}")  # skcdf_evaluate's output beside the predictions
+    C.predict_final("962", a, 0, raw, tmp_path, env, tmp_path / "log")
+    assert len(calls) == 1 and (pred / "summary.json").exists()  # same checkpoint: nothing made again
+    final.write_bytes(b"the fold trained again")  # another size and time: the old outputs must go
+    C.predict_final("962", a, 0, raw, tmp_path, env, tmp_path / "log")
+    assert len(calls) == 2 and not (pred / "summary.json").exists()
+    assert (pred / "done").read_text().strip() == CC.checkpoint_identity(final)
+    (pred / "done").write_text("")  # a marker of an older version (no identity): predicted again
+    C.predict_final("962", a, 0, raw, tmp_path, env, tmp_path / "log")
+    assert len(calls) == 3
+    # curve points: cached for the checkpoint they were evaluated from; older points without one are kept
+    identity = CC.checkpoint_identity(final)
+    assert CC.cached_point({"60": {"checkpoint": identity}}, 60, identity)
+    assert not CC.cached_point({"60": {"checkpoint": "1:2"}}, 60, identity)
+    assert CC.cached_point({"60": {"test_dice": {}}}, 60, identity) and not CC.cached_point({}, 60, identity)
+
+
+def test_a_store_file_of_another_task_is_never_replaced_and_a_run_stored_meanwhile_stays(tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.setattr(C, "STORE", tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    budget = {"iterations": 4000, "epochs": 80, "snapshot_epochs": [80]}
+    c = C.ARMS["c"]
+    target = C.store_file(c, 3, budget, TASK)
+    other_task = {**C.arm_task(c, TASK), "num_test": 99}  # same file name, another phantom
+    target.write_text(json.dumps({"task": other_task, "budget": budget}))
+    with pytest.raises(SystemExit, match="holds a run of another task or budget"):
+        C.store_run(c, 3, tmp_path, tmp_path, {}, tmp_path / "log", budget, TASK, "1")
+    assert json.loads(target.read_text())["task"] == other_task  # untouched
+    same = {"task": C.arm_task(c, TASK), "budget": budget, "prediction_folder": "/elsewhere/predictions/c_fold3"}
+    target.write_text(json.dumps(same))
+    assert C.store_run(c, 3, tmp_path, tmp_path, {}, tmp_path / "log", budget, TASK, "1") is False
+    assert json.loads(target.read_text()) == same
+    assert "was stored meanwhile (from /elsewhere/predictions/c_fold3)" in capsys.readouterr().out
+
+
+def test_chains_of_counts_the_chains_behind_the_stored_runs_of_p():
+    round1 = {"round": 1, "kept_ids": ["x", "y"], "teachers": [{"fold": 0}]}
+    same = [{"pseudo_rounds": [round1]}, {"pseudo_rounds": [dict(round1)]}]
+    assert R.chains_of({"p": same}) == 1 and R.chains_of({}) == 0
+    other = same + [{"pseudo_rounds": [dict(round1, kept_ids=["x"])]}]
+    assert R.chains_of({"p": other}) == 2
+    text = R.pseudo_markdown({}, [dict(round1, threshold=0.9, kept=2, pool=4, per_site={}, pseudo_dice=None,
+                                       pseudo_dice_kept=None)], {}, {"p": 2})
+    assert "**(p)'s stored runs come from 2 different chains** (work folders)" in text

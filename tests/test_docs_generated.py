@@ -47,3 +47,31 @@ def test_no_link_points_outside_the_repository():
             if ROOT not in resolved.parents and resolved != ROOT or not resolved.exists():
                 bad.append(f"{page.name}: {target}")
     assert not bad, bad
+
+
+def test_table_cells_say_what_the_criteria_need():
+    # a gain of 0.98 meets the plateau criterion (< 1): two decimals, never "+1.0"; another window is named
+    assert results_tables._gain({"gain": 0.982, "from_iteration": 9000, "to_iteration": 12000}) == "+0.98"
+    assert results_tables._gain({"gain": 1.5, "from_iteration": 8000, "to_iteration": 12000}) == "+1.50 (8000->12000)"
+    assert results_tables._gain(None) == "-"
+    # missed organ-cases: reference has the organ, the prediction none of it (no ASD there); background ignored
+    case = {"metrics": {"0": {"TP": 0, "FN": 5, "FP": 0}, "1": {"TP": 0, "FN": 9, "FP": 0},
+                        "2": {"TP": 3, "FN": 1, "FP": 0}, "3": {"TP": 0, "FN": 0, "FP": 4}}}
+    assert results_tables._missed({"final_summary": {"metric_per_case": [case, case]}}) == 2
+    assert results_tables._missed({"final_summary": {}}) is None
+    # the commits the runs trained at, uncommitted changes marked; the storing commit only without that record
+    runs = [{"commit": "s1", "train_commits": [{"commit": "aaa", "tracked_changes": False},
+                                               {"commit": "bbb", "tracked_changes": True}]},
+            {"commit": "s2", "train_commits": None}]
+    assert results_tables._commits(runs) == ["aaa", "bbb+", "s2"]
+
+
+def test_readme_shows_only_trained_budgets_and_results_lists_shared_runs_once():
+    readme = results_tables.readme_accuracy()
+    shortest = {name: b for name, _, b in results_tables.README_TASKS}
+    for line in readme.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[2] == "-" or int(cells[2]) >= shortest[cells[0]], line
+    rows = results_tables.results_convergence().splitlines()[2:]
+    keys = [tuple(c.strip() for c in r.strip("|").split("|")[:5]) for r in rows]
+    assert len(keys) == len(set(keys))  # (c)'s runs serve every labelled count: listed once
