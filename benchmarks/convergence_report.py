@@ -905,7 +905,7 @@ def _which(x: dict) -> str:
 
 def _se(x: dict) -> str:
     return (f" ± {x['se']:.1f} (standard error)" if x.get("se") is not None
-            else " (one run on a side: within run-to-run noise, not a measured plateau)")
+            else " (no standard error: one run on a side)")
 
 
 def regime(plateaus: Dict[str, Optional[dict]], others: List[dict] = (), iterations: int = 0,

@@ -1,5 +1,5 @@
-"""Appearance transfer (issue 39's candidate): labelled samples histogram-matched to unlabelled ones of the same
-step, in SKCDF (``SKCDFTrainer_histMatch``) and in stock nnU-Net (``nnUNetTrainer_histMatch``)."""
+"""Appearance transfer (issue 39's candidate): labelled samples mapped onto the intensity distributions of the
+cases of unlabelled samples of the same step, in SKCDF (``SKCDFTrainer_histMatch``) and in stock nnU-Net (``nnUNetTrainer_histMatch``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,25 +17,39 @@ def test_matched_image_has_the_reference_distribution_and_keeps_the_voxel_order(
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 24, 48, 48, generator=g) * 2 + 5              # source: N(5, 2)
     ref = torch.rand(1, 20, 40, 40, generator=g) ** 2 * 10 - 3        # another shape, a skewed distribution
-    y = C.match_histogram(x, ref, generator=g)
+    source, target = C.case_quantiles(x, generator=g), C.case_quantiles(ref, generator=g)
+    assert source.shape == (1, 257) and source[0, 0] == x.min()      # the minimum, then 256 quantiles
+    y = C.match_quantiles(x, source, target)
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert torch.allclose(_quantiles(y), _quantiles(ref), atol=0.08)  # the reference's quantiles (sampled, 64k)
+    assert torch.allclose(_quantiles(y), _quantiles(ref), atol=0.08)  # the reference's quantiles
     order = torch.argsort(x.reshape(-1))
     assert (y.reshape(-1)[order].diff() >= -1e-5).all()               # monotonic: no two voxels swap
     assert y.min() >= ref.min() - 1e-5 and y.max() <= ref.max() + 1e-5
-    with pytest.raises(ValueError, match="1 channels against 2"):
-        C.match_histogram(x, torch.zeros(2, 4, 4, 4))
+    with pytest.raises(ValueError, match="1 channels, tables"):
+        C.match_quantiles(x, torch.zeros(2, 257), torch.zeros(2, 257))
 
 
-def test_a_run_of_equal_values_maps_to_the_middle_of_its_quantile_range():
+def test_the_clipped_minimum_maps_to_the_other_minimum_and_leaves_the_body_quantiles():
+    # CT normalisation clips air to one value, the image's minimum: two cases with the same tissue distribution but
+    # 60 % and 10 % air. Matching their body quantiles keeps tissue as tissue (matching all voxels, as patches
+    # were matched before, sent the source's air to a tissue value and organ voxels towards air)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 16, 64, 64, generator=g).clamp(min=0)  # half the voxels exactly 0 (like clipped air)
-    ref = torch.rand(1, 16, 64, 64, generator=g) * 4 - 2      # U(-2, 2)
-    y = C.match_histogram(x, ref, generator=g)
-    zero = y[x == 0].unique()
-    assert zero.numel() == 1 and float(zero) == pytest.approx(-1.0, abs=0.06)  # U(-2, 2) at quantile 0.25
-    assert float(y[x > 0].min()) >= float(zero)
-    assert C.match_histogram(torch.full((1, 4, 4), 3.0), ref).unique().numel() == 1  # a constant image: one value
+    tissue = lambda n: torch.randn(n, generator=g) * 0.5 + 1.0  # noqa: E731
+    air = -8.0
+    x = torch.cat([torch.full((6000,), air), tissue(4000)]).reshape(1, 10, 10, 100)
+    ref = torch.cat([torch.full((1000,), air - 1), tissue(9000) + 0.3]).reshape(1, 10, 10, 100)
+    y = C.match_quantiles(x, C.case_quantiles(x, generator=g), C.case_quantiles(ref, generator=g))
+    assert torch.all(y[x == air] == air - 1)                        # air to the other case's air, all of it
+    body = y[x > air]
+    assert float(body.min()) > -1.0 and abs(float(body.mean()) - 1.3) < 0.05  # tissue: the reference's tissue
+    # a run of equal values inside the body maps to the middle of its quantile range
+    z = torch.rand(1, 16, 64, 64, generator=g).clamp(max=0.5)  # half the voxels exactly 0.5
+    r = torch.rand(1, 16, 64, 64, generator=g) * 4 - 2         # U(-2, 2)
+    w = C.match_quantiles(z, C.case_quantiles(z, generator=g), C.case_quantiles(r, generator=g))
+    top = w[z == 0.5].unique()
+    assert top.numel() == 1 and float(top) == pytest.approx(1.0, abs=0.06)  # U(-2, 2) at quantile 0.75
+    constant = torch.full((1, 4, 4), 3.0)  # no voxel above the minimum: the table keeps all of them
+    assert C.match_quantiles(constant, C.case_quantiles(constant), C.case_quantiles(r)).unique().numel() == 1
 
 
 def test_appearance_transfer_matches_each_sample_with_its_probability_and_never_writes_its_input():
@@ -43,13 +57,24 @@ def test_appearance_transfer_matches_each_sample_with_its_probability_and_never_
     x_l = torch.randn(4, 1, 8, 16, 16, generator=g)
     x_u = torch.rand(3, 1, 8, 16, 16, generator=g) * 10 + 100
     copy = x_l.clone()
-    assert C.appearance_transfer(x_l, x_u, 0.0) is x_l
-    every = C.appearance_transfer(x_l, x_u, 1.0, generator=g)
+    asked = []
+
+    def table_l(i):
+        asked.append(("l", i))
+        return C.case_quantiles(x_l[i])
+
+    def table_u(j):
+        asked.append(("u", j))
+        return C.case_quantiles(x_u[j])
+
+    assert C.appearance_transfer(x_l, x_u, 0.0, table_l, table_u) is x_l and asked == []
+    every = C.appearance_transfer(x_l, x_u, 1.0, table_l, table_u, generator=g)
     assert torch.equal(x_l, copy)
     assert (every >= 100 - 1e-4).all() and (every <= 110 + 1e-4).all()  # every sample in x_u's range
+    assert sorted(i for k, i in asked if k == "l") == [0, 1, 2, 3]     # the tables of the matched cases only
     torch.manual_seed(3)
-    matched = [int(((C.appearance_transfer(x_l, x_u, 0.5) - x_l).abs().amax(dim=(1, 2, 3, 4)) > 0).sum())
-               for _ in range(50)]
+    matched = [int(((C.appearance_transfer(x_l, x_u, 0.5, table_l, table_u) - x_l).abs().amax(dim=(1, 2, 3, 4)) > 0)
+                   .sum()) for _ in range(50)]
     assert 0.35 < np.mean(matched) / 4 < 0.65
 
 
@@ -61,9 +86,10 @@ def test_skcdf_variant_trains_on_the_transferred_labelled_batch(trainer_factory,
     seen, calls = [], []
     original = C.appearance_transfer
 
-    def spy(x_l, x_u, p, generator=None):
-        out = original(x_l, x_u, p, generator)
-        calls.append((x_l.clone(), x_u.clone(), out))
+    def spy(x_l, x_u, p, table_l, table_u, generator=None):
+        out = original(x_l, x_u, p, table_l, table_u, generator)
+        calls.append((x_l.clone(), x_u.clone(), out, [table_l(i) for i in range(x_l.shape[0])],
+                      [table_u(j) for j in range(x_u.shape[0])]))
         return out
 
     monkeypatch.setattr(C, "appearance_transfer", spy)
@@ -74,12 +100,20 @@ def test_skcdf_variant_trains_on_the_transferred_labelled_batch(trainer_factory,
         net = trainer._net()
         forward = type(net).forward
         monkeypatch.setattr(type(net), "forward", lambda self, *a: seen.append(a) or forward(self, *a))
-        out = trainer.train_step(next(trainer.dataloader_train))
+        batch = next(trainer.dataloader_train)
+        out = trainer.train_step(batch)
         assert np.isfinite(out["loss"])
         (x_l, x_u, _), = seen
-        (raw_l, raw_u, transferred), = calls
+        (raw_l, raw_u, transferred, tables_l, tables_u), = calls
         assert torch.equal(x_l, transferred) and not torch.equal(x_l, raw_l) and torch.equal(x_u, raw_u)
-        assert x_l.min() >= raw_u.min() - 1e-4 and x_l.max() <= raw_u.max() + 1e-4
+        # each table is the whole preprocessed case's (read once, cached by id), not the patch's
+        key = str(batch["keys"][0])
+        data = trainer.dataset_class(trainer.preprocessed_dataset_folder, [key]).load_case(key)[0]
+        assert trainer._intensity_tables[key] is tables_l[0]
+        assert tables_l[0][0, 0] == float(np.min(data[:]))
+        low = min(float(t[0, 0]) for t in tables_u)
+        high = max(float(t[0, -1]) for t in tables_u)
+        assert x_l.min() >= low - 1e-4 and x_l.max() <= high + 1e-4  # in the unlabelled cases' ranges
     finally:
         trainer.on_train_end()
     # range refusal: test_ablation_variants.py::test_unknown_training_switch_is_refused_at_initialize

@@ -55,6 +55,14 @@ def test_skcdf_variant_leaves_unconfident_voxels_out_of_d_u_losses(trainer_facto
         share = float(main_keep[0].float().mean())
         assert 0.0 < share < 1.0
         assert float(out["pseudo_confident"]) == pytest.approx(share)
+        # the balanced head's own kept share is logged too (its confidence may differ from the main head's)
+        (_, balanced_keep), = [k for k in kept if isinstance(k[0], list)][1:]
+        assert float(out["pseudo_confident_balanced"]) == pytest.approx(float(balanced_keep[0].float().mean()))
+        lines = []
+        monkeypatch.setattr(trainer, "print_to_log_file", lambda *a, **k: lines.append(" ".join(map(str, a))))
+        trainer.on_train_epoch_end([out])
+        kept_line, = [line for line in lines if "kept by the confidence filter" in line]
+        assert f"{100 * share:.1f} % (main head)" in kept_line and "% (balanced head)" in kept_line
     finally:
         trainer.on_train_end()
     # range refusal: test_ablation_variants.py::test_unknown_training_switch_is_refused_at_initialize

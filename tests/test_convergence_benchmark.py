@@ -129,9 +129,8 @@ def test_regime_line_says_whether_the_budget_is_the_converged_one():
            "this_budget_mean": 76.17}
     assert R.regime({"a": rising, "c": flat}, [a16], 12000) == (
         "**plateau by the longer budget** (on a single run: read it as an indication): (a) gains +2.6 mean Dice over "
-        "the last quarter (criterion < 1.0), but a longer budget adds -0.2 (one run on a side: within run-to-run "
-        "noise, not a measured plateau) to (a), 1 run at 16000 against 3 here (< 1.0: the rise is the schedule's "
-        "annealing, not missing training).")
+        "the last quarter (criterion < 1.0), but a longer budget adds -0.2 (no standard error: one run on a side) "
+        "to (a), 1 run at 16000 against 3 here (< 1.0: the rise is the schedule's annealing, not missing training).")
     line = R.regime({"a": rising, "c": short}, [a16], 12000)
     assert line.startswith("**short budget, not converged**: (a) gains +2.6, (c) gains +7.2 mean Dice") and \
         line.endswith("; (c): no longer budget stored yet, read accuracy claims with that.")
@@ -145,14 +144,14 @@ def test_a_longer_budget_that_adds_a_point_overrules_a_flat_last_quarter():
     d12 = {"arm": "d", "fold": 0, "iterations": 12000, "mean": 90.0, "this_budget_runs": [87.6]}  # not a baseline
     no_runs_here = {"arm": "c", "fold": 3, "iterations": 12000, "mean": 88.0, "this_budget_runs": []}
     line = R.regime({"a": flat, "c": flat}, [a4, a12, d12, no_runs_here], 8000)
-    assert line == ("**not converged**: (a), 1 run at 12000 against 1 here: 88.0 against 86.4, +1.6 (one run on a "
-                    "side: within run-to-run noise, not a measured plateau) (criterion < 1.0), whatever the last "
-                    "quarter adds; compare arms at the longer budget.")
+    assert line == ("**not converged**: (a), 1 run at 12000 against 1 here: 88.0 against 86.4, +1.6 (no standard "
+                    "error: one run on a side) (criterion < 1.0), whatever the last quarter adds; compare arms at the "
+                    "longer budget.")
     assert R.regime({"a": flat, "c": flat}, [a4, d12, no_runs_here], 8000).endswith(
         "; no longer budget stored for (a) or (c) yet.")
     close = dict(a12, mean=86.9)
     assert R.regime({"a": flat, "c": flat}, [close], 8000).endswith(
-        "; a longer budget adds +0.5 (one run on a side: within run-to-run noise, not a measured plateau) to (a), "
+        "; a longer budget adds +0.5 (no standard error: one run on a side) to (a), "
         "1 run at 12000 against 1 here.")
     # from the longer budget's own report the shorter run says nothing about convergence
     assert R.regime({"a": flat}, [dict(a12, iterations=8000)], 12000).startswith("plateau not known yet")

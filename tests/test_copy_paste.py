@@ -101,6 +101,9 @@ def test_skcdf_variant_feeds_the_mixed_batch_and_teaches_d_u_the_true_labels_in_
         assert np.isfinite(out["loss"])
         (x_l, x_u, _), = seen
         boxes, = boxes_drawn
+        # the logged pseudo-label fractions count the unlabelled images' own voxels only, not the pasted boxes
+        inside = sum(int(np.prod([b - a for a, b in box])) for box in boxes)
+        assert int(out["pseudo_histogram"].sum()) == x_u.shape[0] * int(np.prod(x_u.shape[2:])) - inside
         assert all(b is not None for b in boxes)
         assert torch.equal(x_u, C.copy_paste(raw_u[0]["data"], x_l, boxes))
         assert not torch.equal(x_u, raw_u[0]["data"])
@@ -116,6 +119,14 @@ def test_skcdf_variant_feeds_the_mixed_batch_and_teaches_d_u_the_true_labels_in_
     finally:
         trainer.on_train_end()
     # range refusals: test_ablation_variants.py::test_unknown_training_switch_is_refused_at_initialize
+
+
+def test_outside_boxes_keeps_the_voxels_of_the_unlabelled_images_own_content():
+    labels = torch.arange(2 * 4 * 6 * 8).reshape(2, 1, 4, 6, 8)
+    assert C.outside_boxes(labels, [None, None]) is labels
+    out = C.outside_boxes(labels, [((0, 2), (1, 4), (2, 8)), None])
+    assert out.numel() == labels.numel() - 2 * 3 * 6
+    assert int(labels[0, 0, 0, 1, 2]) not in set(out.tolist()) and int(labels[1, 0, 0, 1, 2]) in set(out.tolist())
 
 
 def test_the_box_size_is_no_setting_of_a_run_without_boxes():

@@ -30,8 +30,9 @@ EXPECTED_RELEASES = {
                                     "skc_attention_dropout": 0.1},
 }
 #: the reference code's settings (SKCDFTrainer_reference; documentation/method.md): 0.4's but the constant head EMA
-#: step, the reference's per-head self mode and the EMA of parameters only
-REFERENCE = {**V04, "head_ema": "constant", "skc_self_heads": "per_head", "ema_buffers": False}
+#: step, the reference's per-head self mode, the EMA of parameters only and its dropout on the attention weights
+REFERENCE = {**V04, "head_ema": "constant", "skc_self_heads": "per_head", "ema_buffers": False,
+             "skc_attention_dropout": 0.1}
 PINNED = {**EXPECTED_RELEASES, "SKCDFTrainer_reference": REFERENCE}
 
 
@@ -151,6 +152,7 @@ def test_the_reference_trainer_trains_with_the_reference_network_and_head_ema(tr
         net = trainer._net()
         local, glob = net.skc.local_block.attention, net.skc.global_block.attention
         assert (local.self_heads, glob.self_heads) == ("per_head", "per_head")
+        assert trainer.skc_attention_dropout == 0.1  # the reference code drops attention weights too
         trainer.optimizer.param_groups[0]["lr"] = trainer.initial_lr / 2  # as later in nnU-Net's poly schedule
         assert trainer._head_ema_momentum() == trainer.ema_momentum == 0.99  # lr_scaled would give 0.995
         trainer.on_train_epoch_start()

@@ -183,5 +183,43 @@ def test_worker_processes_follow_nnUNet_n_proc_DA(workspace, monkeypatch):
         assert all(tuple(b["data"].shape) == (2, 1, *patch) for b in batches)
         # workers are seeded differently: the stream does not repeat one batch
         assert len({b["data"].sum().item() for b in batches}) > 1
+        assert len(set(stream.seeds)) == 2 and all(isinstance(s, int) for s in stream.seeds)
     finally:
         stream._finish()
+
+
+class _TorchDraws:
+    """A batchgenerators loader whose batches are torch random numbers (nnU-Net's augmentations draw from torch),
+    with the worker that drew them."""
+
+    def __init__(self):
+        from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
+
+        class Loader(SlimDataLoaderBase):
+            def generate_train_batch(self):
+                return {"data": torch.rand(3).numpy(), "worker": self.thread_id}
+
+        self.loader = Loader([0], 1, number_of_threads_in_multithreaded=2)
+
+
+def test_unlabelled_workers_draw_their_own_torch_numbers():
+    """batchgenerators seeds a worker's torch generator only when given a seed; without, every worker forks the
+    parent's torch state and draws the same augmentation decisions and noise as every other (the labelled
+    stream's included: measured, worker 1 repeated worker 0's draws exactly)."""
+    from nnunetv2_skcdf.training.dataloading.unlabeled_loader import wrap_in_augmenter
+
+    torch.manual_seed(0)
+    parent = tuple(torch.rand(3).tolist())  # what a worker forked from this state would draw first
+    torch.manual_seed(0)
+    stream = wrap_in_augmenter(_TorchDraws().loader, 2)
+    draws = {0: [], 1: []}
+    try:
+        for _ in range(500):
+            batch = next(stream)
+            draws[int(batch["worker"])].append(tuple(float(v) for v in batch["data"]))
+            if min(len(d) for d in draws.values()) >= 2:
+                break
+    finally:
+        stream._finish()
+    assert min(len(d) for d in draws.values()) >= 2, "both workers should have delivered batches"
+    assert draws[0][:2] != draws[1][:2] and parent not in (draws[0][0], draws[1][0])

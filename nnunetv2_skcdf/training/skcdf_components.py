@@ -7,7 +7,7 @@ list holds one such tensor per scale, full resolution first. Rates are (C,) floa
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -145,31 +145,49 @@ def perturbed_view(x: torch.Tensor, transform) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ appearance transfer
-def match_histogram(x: torch.Tensor, reference: torch.Tensor, levels: int = 256, max_voxels: int = 1 << 16,
-                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``x`` (C, *S) with each channel's intensities mapped monotonically so that its distribution becomes that of
-    the same channel of ``reference`` (C, *S'): a voxel at quantile t of its own channel gets ``reference``'s
-    quantile t. Quantiles at ``levels`` points, estimated from at most ``max_voxels`` voxels drawn per image (the
-    exact order statistics of a patch cost a full sort); between them the map is linear. A run of equal values
-    (e.g. air clipped by the CT normalisation) maps to the middle of its quantile range, not to one end. Values
-    outside the sample's range map to the reference's extremes. Returns a new tensor; no gradient (an input
-    transform)."""
-    if x.shape[0] != reference.shape[0]:
-        raise ValueError(f"match_histogram: {x.shape[0]} channels against {reference.shape[0]} in the reference")
+def case_quantiles(image, levels: int = 256, max_voxels: int = 1 << 18,
+                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A whole case's intensity table for appearance transfer: (C, 1 + ``levels``) float32, per channel the image's
+    minimum, then the quantiles at ``levels`` evenly spaced points of the voxels above that minimum (estimated from
+    at most ``max_voxels`` of them, drawn at random). nnU-Net's CT normalisation clips air to one value, the
+    minimum: left out, it would make the table describe how much air a case has rather than its tissues' contrast
+    (and the minimum itself maps to the other case's minimum). An image with no voxel above its minimum keeps all
+    of them."""
+    x = torch.as_tensor(np.asarray(image), dtype=torch.float32)
+    t = torch.linspace(0, 1, levels)
+    rows = []
+    for c in range(x.shape[0]):
+        values = x[c].reshape(-1)
+        floor = values.min()
+        body = values[values > floor]
+        if body.numel() == 0:
+            body = values
+        rows.append(torch.cat([floor[None], torch.quantile(_voxel_sample(body, max_voxels, generator), t)]))
+    return torch.stack(rows)
+
+
+def match_quantiles(x: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``x`` (C, *S) with each channel mapped by the monotone piecewise-linear map that sends the intensity table
+    ``source`` (C, K) onto ``target`` (C, K) (:func:`case_quantiles` of two cases): a voxel at quantile t of the
+    source case gets the target case's quantile t. A run of equal source entries maps to the middle of its range
+    (not to one end); values beyond the source's ends map to the target's ends. Returns a new tensor of x's dtype;
+    no gradient (an input transform)."""
+    if not (x.shape[0] == source.shape[0] == target.shape[0]) or source.shape != target.shape:
+        raise ValueError(f"match_quantiles: {x.shape[0]} channels, tables {tuple(source.shape)} and "
+                         f"{tuple(target.shape)}")
     with torch.no_grad():
-        t = torch.linspace(0, 1, levels, device=x.device, dtype=torch.float32)
         out = torch.empty_like(x)
+        n = source.shape[1]
         for c in range(x.shape[0]):
             values = x[c].reshape(-1).float()
-            qx = torch.quantile(_voxel_sample(values, max_voxels, generator), t)
-            qr = torch.quantile(_voxel_sample(reference[c].reshape(-1).float(), max_voxels, generator), t)
-            # knots of the map: each distinct source quantile at the middle of its run of equal quantiles
+            qx, qr = source[c].to(x.device, torch.float32), target[c].to(x.device, torch.float32)
+            # knots of the map: each distinct source entry at the middle of its run of equal entries
             knots, counts = torch.unique_consecutive(qx, return_counts=True)
             first = torch.cumsum(counts, 0) - counts
             position = first.float() + (counts.float() - 1) / 2
-            i0 = position.floor().long().clamp(max=levels - 2)
+            i0 = position.floor().long().clamp(max=n - 2)
             targets = torch.lerp(qr[i0], qr[i0 + 1], position - i0.float())
-            if knots.numel() == 1:  # a constant image: one value, the reference's median
+            if knots.numel() == 1:  # a constant source: one value, the target's middle entry
                 out[c] = targets[0].to(x.dtype)
                 continue
             # the map tabulated on a uniform grid over the knots' range, then read per voxel by elementwise ops
@@ -182,7 +200,7 @@ def match_histogram(x: torch.Tensor, reference: torch.Tensor, levels: int = 256,
         return out
 
 
-#: grid points of match_histogram's tabulated map: 4096 over the source's quantile range (at most 256 knots)
+#: grid points of match_quantiles' tabulated map: 4096 over the source table's range (at most 257 knots)
 _TABLE = 4096
 
 
@@ -201,11 +219,15 @@ def _voxel_sample(values: torch.Tensor, n: int, generator: Optional[torch.Genera
 
 
 def appearance_transfer(x_l: torch.Tensor, x_u: torch.Tensor, probability: float,
+                        table_l: Callable[[int], torch.Tensor], table_u: Callable[[int], torch.Tensor],
                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """The labelled batch (B, C, *S) with each sample, with ``probability``, histogram-matched
-    (:func:`match_histogram`) to one sample of the unlabelled batch ``x_u`` drawn at random: the labels stay
-    valid (a monotonic intensity map moves no voxel) while the labelled images take on the intensity distribution
-    of unlabelled images, e.g. another site's contrast phase. ``x_l`` is left unchanged."""
+    """The labelled batch (B, C, *S) with each sample ``i``, with ``probability``, mapped (:func:`match_quantiles`)
+    from its case's intensity table ``table_l(i)`` onto that of the case of one sample ``j`` of the unlabelled batch
+    ``x_u`` drawn at random, ``table_u(j)``: the labels stay valid (a monotone intensity map moves no voxel) while
+    the labelled image takes on the intensity distribution of an unlabelled case, e.g. another site's contrast
+    phase. Whole cases, not patches: two random patches differ in how much air and which organs they hold, and
+    matching those would move tissue to air. Tables are asked for the matched samples only. ``x_l`` is left
+    unchanged."""
     if probability <= 0:
         return x_l
     draw = torch.rand(x_l.shape[0], generator=generator)
@@ -213,7 +235,7 @@ def appearance_transfer(x_l: torch.Tensor, x_u: torch.Tensor, probability: float
     out = x_l.clone()
     for i in range(x_l.shape[0]):
         if draw[i] < probability:
-            out[i] = match_histogram(x_l[i], x_u[int(pick[i])], generator=generator)
+            out[i] = match_quantiles(x_l[i], table_l(i), table_u(int(pick[i])))
     return out
 
 
@@ -268,6 +290,18 @@ def copy_paste(x_u: torch.Tensor, x_l: torch.Tensor, boxes: List[Box]) -> torch.
             region = (slice(None),) + tuple(slice(a, b) for a, b in box)
             out[j][region] = x_l[j % x_l.shape[0]][region].to(out.dtype)
     return out
+
+
+def outside_boxes(labels: torch.Tensor, boxes: List[Box]) -> torch.Tensor:
+    """The voxels of a full-resolution label map (B, 1, *S) outside each sample's pasted box, flattened (all of
+    them without boxes): what a statistic of the unlabelled images' own pseudo labels may count."""
+    if all(b is None for b in boxes):
+        return labels
+    keep = torch.ones(labels.shape, dtype=torch.bool, device=labels.device)
+    for j, box in enumerate(boxes):
+        if box is not None:
+            keep[j][(slice(None),) + tuple(slice(a, b) for a, b in box)] = False
+    return labels[keep]
 
 
 def paste_targets(target_u: Optional[Scales], target_l: Scales, boxes: List[Box],

@@ -73,9 +73,11 @@ RELEASE_TRAINERS: Dict[str, dict] = {
 CURRENT_DEFAULTS = {**_V04, "ema_buffers": False, "skc_cross_group": 2}
 #: the reference code's settings (github.com/yinguanchun/SKCDF) wherever the integration has a switch: constant head
 #: EMA step, per-head self mode, cross-attention over every unlabelled sample of the batch, parameters-only EMA,
-#: multiplied masking, window 2 per axis, 2 heads, output dropout 0.1, w = 10 ramped over the whole budget, m = 0.99.
+#: multiplied masking, window 2 per axis, 2 heads, output dropout 0.1, dropout 0.1 on the attention weights, w = 10
+#: ramped over the whole budget, m = 0.99.
 #: Pinned (not derived from today's defaults): "the paper" stays what it is whatever the defaults become
-REFERENCE_SETTINGS = {**_V04, "head_ema": "constant", "skc_self_heads": "per_head", "ema_buffers": False}
+REFERENCE_SETTINGS = {**_V04, "head_ema": "constant", "skc_self_heads": "per_head", "ema_buffers": False,
+                      "skc_attention_dropout": 0.1}
 #: trainers that pin a rule set which was no release's defaults, each with its description: the reference's
 #: settings, and rule sets main trained with between two releases (today's defaults but for what changed after),
 #: so that a run started with them resumes with their trainer where no release trainer has its rules
@@ -83,7 +85,7 @@ NAMED_RULE_SETS: Dict[str, dict] = {
     "SKCDFTrainer_reference": {
         "settings": REFERENCE_SETTINGS,
         "written_by": "the reference code's settings: constant head EMA step, per-head self mode, cross-attention "
-                      "over the whole other half, multiplied masking"},
+                      "over the whole other half, multiplied masking, dropout 0.1 on the attention weights"},
     "SKCDFTrainer_crossWholeBatch": {
         "settings": {**CURRENT_DEFAULTS, "skc_cross_group": None},
         "written_by": "main between the settings record (19f04fa) and cross-attention groups (3dd3d75): today's "

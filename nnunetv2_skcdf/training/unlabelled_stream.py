@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import List
+from typing import Dict, List, Optional, Sequence
 
+import numpy as np
+import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from torch import distributed as dist
 
 from nnunetv2_skcdf.splits.semi_supervised_splits import load_semi_supervised_fold, validate_splits
+from nnunetv2_skcdf.training import skcdf_components as C
+from nnunetv2_skcdf.training.dataloading.unlabeled_dataset import nnUNetDatasetUnlabeled, resolve_unlabeled_sources
 from nnunetv2_skcdf.training.dataloading.unlabeled_loader import get_unlabeled_dataloader
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, refusal_first
 
@@ -23,6 +27,34 @@ from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, refusal_firs
 class UnlabelledStream:
     dataloader_unlabeled = None
     unlabeled_batch_size = None  # None = the plans' (DDP-adjusted) labelled batch size
+    appearance_transfer = 0.0  # probability per labelled sample of the opt-in appearance transfer (0: none)
+    _intensity_tables: Optional[Dict[str, torch.Tensor]] = None  # case id -> C.case_quantiles, filled on first use
+
+    def _transfer_appearance(self, x_l: torch.Tensor, keys_l: Sequence[str], x_u: torch.Tensor,
+                             keys_u: Sequence[str]) -> torch.Tensor:
+        """The labelled batch with each sample, with probability ``appearance_transfer``, mapped from its case's
+        intensity distribution onto that of the case of an unlabelled sample of the same step
+        (``skcdf_components.appearance_transfer``); ``x_l`` itself at 0."""
+        if self.appearance_transfer <= 0:
+            return x_l
+        return C.appearance_transfer(x_l, x_u, self.appearance_transfer,
+                                     lambda i: self._intensity_table(str(keys_l[i]), labelled=True),
+                                     lambda j: self._intensity_table(str(keys_u[j]), labelled=False))
+
+    def _intensity_table(self, key: str, labelled: bool) -> torch.Tensor:
+        """The whole preprocessed case's intensity table (``C.case_quantiles``), read from disk the first time the
+        case is matched and kept for the run (one table of 257 values per channel and case)."""
+        if self._intensity_tables is None:
+            self._intensity_tables = {}
+        if key not in self._intensity_tables:
+            if labelled:
+                dataset = self.dataset_class(self.preprocessed_dataset_folder, [key])
+            else:
+                dataset = nnUNetDatasetUnlabeled(resolve_unlabeled_sources(
+                    self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier, [key]))
+            data = dataset.load_case(key)[0]
+            self._intensity_tables[key] = C.case_quantiles(np.asarray(data[:]))
+        return self._intensity_tables[key]
 
     def get_dataloaders(self):
         # a refusal (split, missing or stale unlabelled data) is printed before nnUNetv2_train's long traceback

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
@@ -141,9 +142,15 @@ def check_unlabeled_data_is_current(trainer, unlabeled_ids: Sequence[str]) -> No
 
 
 def wrap_in_augmenter(loader, num_processes: int, pin_memory: bool = False):
-    """Same augmenter choice and caching as ``nnUNetTrainer.get_dataloaders`` for its training stream."""
+    """Same augmenter choice and caching as ``nnUNetTrainer.get_dataloaders`` for its training stream, with a seed
+    per worker. batchgenerators seeds a worker's torch generator only when given a seed (numpy's it seeds from
+    entropy either way), and the augmentations draw from torch: without seeds every worker, of this augmenter and
+    of nnU-Net's labelled one, forked from the same torch state and drew the same augmentation decisions and noise
+    fields, so x_l and x_u of a step shared them. The seeds come from numpy's global generator (unseeded by
+    nnU-Net, as its own workers' numpy seeds)."""
     if num_processes == 0:
         return SingleThreadedAugmenter(loader, None)
+    seeds = [int(s) for s in np.random.randint(0, 2 ** 31 - 1, num_processes)]
     return NonDetMultiThreadedAugmenter(data_loader=loader, transform=None, num_processes=num_processes,
-                                        num_cached=max(6, num_processes // 2), seeds=None, pin_memory=pin_memory,
+                                        num_cached=max(6, num_processes // 2), seeds=seeds, pin_memory=pin_memory,
                                         wait_time=0.002)

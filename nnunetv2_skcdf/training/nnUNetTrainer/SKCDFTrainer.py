@@ -12,9 +12,10 @@ L_u = DC+CE(Q, p) + masked DC+CE(Q_b, p_b, M_u), and one optimiser step on L_sup
 (``unlabelled_view = "strong_intensity"``, ``SKCDFTrainer_strongView``): the unlabelled pass runs on its own
 encoder pass of an intensity-perturbed copy of x_u (made by the unlabelled loader, on the CPU), the pseudo labels
 still come from x_u. Another (``appearance_transfer``, ``SKCDFTrainer_histMatch``): before the labelled pass, each
-labelled sample may be histogram-matched to an unlabelled sample of the step (labels unchanged). A third
-(``copy_paste``, ``SKCDFTrainer_copyPaste``): a box of a labelled sample is pasted into an unlabelled one before the
-labelled pass, and D_u learns the true labels inside the box, the pseudo labels outside. A fourth
+labelled sample may be mapped from its case's intensity distribution onto that of an unlabelled sample's case
+(labels unchanged). A third (``copy_paste``, ``SKCDFTrainer_copyPaste``): a box of a labelled sample is pasted into
+an unlabelled one before the labelled pass (both decoders' passes see the mixed image), and D_u learns the true
+labels inside the box, the pseudo labels outside. A fourth
 (``pseudo_label_threshold``, ``SKCDFTrainer_confidence``): pseudo-label voxels below a softmax maximum leave D_u's
 losses.
 
@@ -90,9 +91,9 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         #                                   "strong_intensity": on a copy perturbed by nnU-Net's intensity transforms
         #                                   at high probability (extension, opt-in; BENCHMARKS_FINDINGS.md: why in
         #                                   item 13, measured in item 17: no gain)
-        self.appearance_transfer = 0.0    # probability that a labelled sample is histogram-matched to an unlabelled
-        #                                   one of the step (its intensities take on an unlabelled image's
-        #                                   distribution, e.g. another site's contrast phase; labels unchanged).
+        self.appearance_transfer = 0.0    # probability that a labelled sample is mapped from its case's intensity
+        #                                   distribution onto an unlabelled sample's case's (its intensities take on
+        #                                   that image's, e.g. another site's contrast phase; labels unchanged).
         #                                   0: off (reference); SKCDFTrainer_histMatch: 0.5 (extension)
         self.copy_paste = 0.0             # probability that an unlabelled sample gets a box of a labelled sample
         #                                   pasted in (the same position in both patches); D_u learns the true
@@ -460,7 +461,8 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         x_u = unlabelled["data"].to(self.device, non_blocking=True)
         # the student's view (opt-in) was perturbed by the loader, on the CPU; None: D_u reuses x_u's features
         x_u_view = self._student_view(unlabelled)
-        x_l = C.appearance_transfer(x_l, x_u, self.appearance_transfer)  # opt-in; identity at 0 (the reference)
+        # opt-in: labelled samples take on unlabelled cases' intensities; identity at 0 (the reference)
+        x_l = self._transfer_appearance(x_l, batch["keys"], x_u, unlabelled["keys"])
         # opt-in: boxes of labelled samples pasted into unlabelled ones (none at 0, the reference)
         boxes = C.paste_boxes(x_u.shape[0], x_u.shape[2:], self.copy_paste, self.copy_paste_size)
         x_u = C.copy_paste(x_u, x_l, boxes)
@@ -484,11 +486,13 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
                 out.unlabelled_balanced, t_u_b, rates_u, c_u_b)
             loss = l_sup + lam * l_u
         self._backward(loss)  # queued before the host sync below, so the GPU keeps working meanwhile
-        histogram = C.class_histogram(_first(p), self.label_manager.num_segmentation_heads)
+        # the pseudo labels' classes outside pasted boxes (inside, D_l saw the labelled sample's content)
+        histogram = C.class_histogram(C.outside_boxes(_first(p), boxes), self.label_manager.num_segmentation_heads)
         outputs = {"loss": loss.detach().cpu().numpy(), "l_sup": l_sup.detach().cpu().numpy(),
                    "l_u": l_u.detach().cpu().numpy(), "pseudo_histogram": histogram.cpu().numpy()}
-        if c_u is not None:  # the share of D_u's full-resolution voxels the filter kept
+        if c_u is not None:  # the share of D_u's full-resolution voxels the filter kept, main and balanced head
             outputs["pseudo_confident"] = _first(c_u).float().mean().cpu().numpy()
+            outputs["pseudo_confident_balanced"] = _first(c_u_b).float().mean().cpu().numpy()
         # the host copy above is nnU-Net's own once-per-step sync (it logs the loss); the check reuses it
         if self._loss_is_finite(outputs["loss"]):
             self.nonfinite_in_a_row = 0
@@ -620,7 +624,8 @@ class SKCDFTrainer(UnlabelledStream, nnUNetTrainer):
         self.print_to_log_file("pseudo-label class fractions (%)", [round(100 * f, 3) for f in fractions])
         if "pseudo_confident" in outputs:  # this process's steps (a diagnostic line; DDP ranks differ slightly)
             self.print_to_log_file(f"pseudo-label voxels kept by the confidence filter: "
-                                   f"{100 * np.mean(outputs['pseudo_confident']):.1f} %")
+                                   f"{100 * np.mean(outputs['pseudo_confident']):.1f} % (main head), "
+                                   f"{100 * np.mean(outputs['pseudo_confident_balanced']):.1f} % (balanced head)")
 
     def _log_pseudo_label_fractions(self, fractions: List[float]) -> None:
         """The local logger keeps the list (checkpoints, ``--c``); the other loggers of nnU-Net's MetaLogger (W&B

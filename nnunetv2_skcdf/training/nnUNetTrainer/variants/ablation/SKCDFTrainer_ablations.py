@@ -136,22 +136,24 @@ SKCDFTrainer_strongView = _hyperparameter_variant(
     unlabelled_view="strong_intensity")
 SKCDFTrainer_histMatch = _hyperparameter_variant(
     "SKCDFTrainer_histMatch", "Extension (not in the reference): each labelled sample, with probability 0.5, is "
-    "histogram-matched to an unlabelled sample of the same step (appearance_transfer=0.5): the labelled images take "
-    "on the intensity distributions of the unlabelled ones (another site's contrast phase, dose, calibration) while "
-    "their labels stay valid. Costs one quantile estimate and one table look-up per matched sample.",
+    "mapped from its case's intensity distribution onto that of the case of an unlabelled sample of the same step "
+    "(appearance_transfer=0.5; whole-case quantiles above the clipped minimum): the labelled images take on the "
+    "intensity distributions of the unlabelled ones (another site's contrast phase, dose, calibration) while their "
+    "labels stay valid. Costs reading each case once and one table look-up per matched sample.",
     appearance_transfer=0.5)
 SKCDFTrainer_copyPaste = _hyperparameter_variant(
     "SKCDFTrainer_copyPaste", "Extension (not in the reference): every unlabelled sample gets a box of a labelled "
     "sample pasted in at the same position (2/3 of the patch along each axis, as bidirectional copy-paste, BCP, "
-    "CVPR 2023, does in its labelled-into-unlabelled direction; copy_paste=1.0). The mixed images go through the "
-    "labelled pass (the pseudo labels come from them) and D_u learns the labelled sample's true labels inside the "
-    "box and the pseudo labels outside: the decoder used at inference gets labelled anatomy in unlabelled images' "
-    "context. No extra forward pass.", copy_paste=1.0)
+    "CVPR 2023, does in its labelled-into-unlabelled direction; copy_paste=1.0). The mixed images replace x_u in "
+    "the whole step: the labelled pass's cross-attention reads them and the pseudo labels come from them, and D_u "
+    "learns the labelled sample's true labels inside the box and the pseudo labels outside: the decoder used at "
+    "inference gets labelled anatomy in unlabelled images' context. No extra forward pass.", copy_paste=1.0)
 SKCDFTrainer_confidence = _hyperparameter_variant(
     "SKCDFTrainer_confidence", "Extension (not in the reference): pseudo-label voxels whose softmax maximum (of the "
     "D_l head that made them) is below 0.95 leave D_u's losses, main and balanced head, at every deep-supervision "
-    "scale (pseudo_label_threshold=0.95; nnU-Net's ignore path, as FixMatch's confidence threshold). Pasted boxes "
-    "(copy_paste) always stay. A line of the training log says which share of the voxels was kept.",
+    "scale (pseudo_label_threshold=0.95, as FixMatch's confidence threshold; the main head's through nnU-Net's "
+    "ignore path, the balanced head's through its class-balanced mask). Pasted boxes (copy_paste) always stay. A "
+    "line of the training log says which share of the voxels each head kept.",
     pseudo_label_threshold=0.95)
 SKCDFTrainer_crossWholeBatch = _hyperparameter_variant(
     "SKCDFTrainer_crossWholeBatch", "Cross-attention over the whole other half of the batch (skc_cross_group=None: "

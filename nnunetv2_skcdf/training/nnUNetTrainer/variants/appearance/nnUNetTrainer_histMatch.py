@@ -1,9 +1,9 @@
 """``nnUNetTrainer_histMatch``: stock nnU-Net that uses the unlabelled images for their appearance only.
 
-Each labelled training sample is, with probability ``appearance_transfer`` (0.5), histogram-matched to a sample of
-the split's unlabelled images drawn in the same step (``skcdf_components.appearance_transfer``): its intensities
-take on the distribution of an unlabelled image (another site's contrast phase, dose, calibration), its labels stay
-valid. Everything else is ``nnUNetTrainer``: network, losses, optimiser, schedule, augmentation, prediction. It
+Each labelled training sample is, with probability ``appearance_transfer`` (0.5), mapped from its case's intensity
+distribution onto that of the case of an unlabelled sample drawn in the same step (whole-case quantiles above the
+clipped minimum, ``skcdf_components.appearance_transfer``): its intensities take on the distribution of an
+unlabelled image (another site's contrast phase, dose, calibration), its labels stay valid. Everything else is ``nnUNetTrainer``: network, losses, optimiser, schedule, augmentation, prediction. It
 needs what ``SKCDFTrainer`` needs of the data (a split with an ``unlabeled`` list, preprocessed unlabelled
 images) and the same cost of the unlabelled stream, without SKCDF's second decoder and unlabelled loss: the
 baseline that tells how much of a gain is appearance alone (``SKCDFTrainer_histMatch`` is the same transfer
@@ -12,7 +12,6 @@ inside SKCDF).
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_skcdf.training import skcdf_components as C
 from nnunetv2_skcdf.training.unlabelled_stream import UnlabelledStream
 
 
@@ -29,6 +28,8 @@ class nnUNetTrainer_histMatch(UnlabelledStream, nnUNetTrainer):
         super().initialize()
 
     def train_step(self, batch: dict) -> dict:
-        x_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        unlabelled = next(self.dataloader_unlabeled)
+        x_u = unlabelled["data"].to(self.device, non_blocking=True)
         x_l = batch["data"].to(self.device, non_blocking=True)
-        return super().train_step({**batch, "data": C.appearance_transfer(x_l, x_u, self.appearance_transfer)})
+        return super().train_step({**batch, "data": self._transfer_appearance(x_l, batch["keys"], x_u,
+                                                                               unlabelled["keys"])})

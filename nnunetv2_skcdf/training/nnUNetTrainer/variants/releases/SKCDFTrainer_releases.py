@@ -17,7 +17,8 @@ Each composes as a mixin (``class X(SKCDFTrainer_cw1, SKCDFTrainer_v03)``: a var
 
 - ``SKCDFTrainer_reference``: no release's defaults but the reference code's settings wherever the integration has
   a switch (``skcdf_settings.REFERENCE_SETTINGS``: constant head EMA step, per-head self mode, cross-attention over
-  the whole other half, multiplied masking, parameters-only EMA), pinned the same way: "the paper" under one name.
+  the whole other half, multiplied masking, parameters-only EMA, dropout 0.1 on the attention weights), pinned the
+  same way: "the paper" under one name.
 """
 import torch
 
