@@ -39,8 +39,8 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
   q  issue 39's combination candidate: SKCDF (d's trainer and settings) as the student of (p)'s round 1 (the same
      round dataset: labelled + kept pseudo-labelled cases as labels, the cases the filter dropped as unlabelled
      images); with curves. One round, so it is ready as soon as round 1 is
-  r  issue 39's appearance candidate: SKCDF 0.4 with each labelled sample histogram-matched to an unlabelled one of
-     the step with probability 0.5 (``SKCDFTrainer_histMatch``); with curves
+  r  issue 39's appearance candidate: SKCDF 0.4 with each labelled sample mapped onto the intensity distribution of
+     the case of an unlabelled sample of the step with probability 0.5 (``SKCDFTrainer_histMatch``); with curves
   s  the same appearance transfer in stock nnU-Net (``nnUNetTrainer_histMatch``): what (r) owes to it alone; with
      curves
   t  issue 39's mixing candidate: SKCDF 0.4 with a box of a labelled sample (2/3 of the patch per axis) pasted into

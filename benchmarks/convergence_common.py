@@ -57,7 +57,7 @@ ARMS = {a.key: a for a in (
     # dropped as unlabelled images (skcdf_pseudolabel --student-unlabeled)
     Arm("q", "SKCDF student of pseudo-label round 1", "SKCDFTrainer_multiplyMask_conv", pseudo_rounds=1,
         candidate=True),
-    # issue 39's appearance candidate: labelled samples histogram-matched to unlabelled ones, in SKCDF and in nnU-Net
+    # issue 39's appearance candidate: labelled samples mapped onto unlabelled cases' intensities, in SKCDF and nnU-Net
     Arm("r", "SKCDF + appearance transfer", "SKCDFTrainer_histMatch_conv", candidate=True),
     Arm("s", "nnU-Net + appearance transfer", "nnUNetTrainer_histMatch_conv", skcdf=False, candidate=True),
     # issue 39's mixing candidate: labelled boxes pasted into unlabelled samples, D_u taught the true labels there

@@ -128,9 +128,9 @@ class SKCDFTrainer_rampup50_conv(_ConvergenceBudget, SKCDFTrainer_rampup50):
 
 
 class SKCDFTrainer_histMatch_conv(_ConvergenceBudget, SKCDFTrainer_histMatch):
-    """Arm (r), issue 39's appearance candidate: SKCDFTrainer's defaults with each labelled sample histogram-matched
-    to an unlabelled one with probability 0.5 (the multi-site task's labelled-only model fails where the contrast
-    phase differs: sites B and C)."""
+    """Arm (r), issue 39's appearance candidate: SKCDFTrainer's defaults with each labelled sample mapped onto the
+    intensity distribution of an unlabelled sample's case with probability 0.5 (the multi-site task's labelled-only
+    model fails where the contrast phase differs: sites B and C)."""
 
 
 class nnUNetTrainer_histMatch_conv(_ConvergenceBudget, nnUNetTrainer_histMatch):
