@@ -3,11 +3,11 @@
 Each labelled training sample is, with probability ``appearance_transfer`` (0.5), mapped from its case's intensity
 distribution onto that of the case of an unlabelled sample drawn in the same step (whole-case quantiles above the
 clipped minimum, ``skcdf_components.appearance_transfer``): its intensities take on the distribution of an
-unlabelled image (another site's contrast phase, dose, calibration), its labels stay valid. Everything else is ``nnUNetTrainer``: network, losses, optimiser, schedule, augmentation, prediction. It
-needs what ``SKCDFTrainer`` needs of the data (a split with an ``unlabeled`` list, preprocessed unlabelled
-images) and the same cost of the unlabelled stream, without SKCDF's second decoder and unlabelled loss: the
-baseline that tells how much of a gain is appearance alone (``SKCDFTrainer_histMatch`` is the same transfer
-inside SKCDF).
+unlabelled image (another site's contrast phase, dose, calibration), its labels stay valid. Everything else is
+``nnUNetTrainer``: network, losses, optimiser, schedule, augmentation, prediction. It needs what ``SKCDFTrainer``
+needs of the data (a split with an ``unlabeled`` list, preprocessed unlabelled images) and the same cost of the
+unlabelled stream, without SKCDF's second decoder and unlabelled loss: the baseline that tells how much of a gain is
+appearance alone (``SKCDFTrainer_histMatch`` is the same transfer inside SKCDF).
 """
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
