@@ -82,13 +82,12 @@ def _asd(run: dict) -> float:
 
 
 def _missed(run: dict) -> Optional[int]:
-    """Organ-cases of the run's test set with the organ in the reference and none of it predicted (no ASD there);
-    None for a run stored without per-case metrics."""
-    cases = run["final_summary"].get("metric_per_case")
-    if not cases:
+    """Organ-cases of the run's test set with the organ in the reference and none of it predicted (no ASD there), as
+    skcdf_evaluate counts them (``skcdf.per_class.<label>.missed``); None for a run stored without those counts."""
+    per_class = run["final_summary"].get("skcdf", {}).get("per_class")
+    if per_class is None or any("missed" not in v for v in per_class.values()):
         return None
-    return sum(1 for case in cases for k, m in case["metrics"].items()
-               if k != "0" and m.get("TP", 0) + m.get("FN", 0) > 0 and m.get("TP", 0) + m.get("FP", 0) == 0)
+    return sum(v["missed"] for k, v in per_class.items() if k != "0")
 
 
 def _commits(stored: List[dict]) -> List[str]:
@@ -119,7 +118,7 @@ def arm_rows(task: dict, budget: dict) -> List[dict]:
                      "dice": [final_mean_dice(r) for r in stored],
                      "small": [final_mean_dice(r, _small()) for r in stored],
                      "asd": [_asd(r) for r in stored], "missed": [_missed(r) for r in stored],
-                     "last_quarter": None if p is None else p["gain"], "plateau": p,
+                     "plateau": p,
                      "dates": sorted({r["date"] for r in stored}), "commits": _commits(stored)})
     return rows
 

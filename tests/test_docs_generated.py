@@ -54,10 +54,10 @@ def test_table_cells_say_what_the_criteria_need():
     assert results_tables._gain({"gain": 0.982, "from_iteration": 9000, "to_iteration": 12000}) == "+0.98"
     assert results_tables._gain({"gain": 1.5, "from_iteration": 8000, "to_iteration": 12000}) == "+1.50 (8000->12000)"
     assert results_tables._gain(None) == "-"
-    # missed organ-cases: reference has the organ, the prediction none of it (no ASD there); background ignored
-    case = {"metrics": {"0": {"TP": 0, "FN": 5, "FP": 0}, "1": {"TP": 0, "FN": 9, "FP": 0},
-                        "2": {"TP": 3, "FN": 1, "FP": 0}, "3": {"TP": 0, "FN": 0, "FP": 4}}}
-    assert results_tables._missed({"final_summary": {"metric_per_case": [case, case]}}) == 2
+    # missed organ-cases (reference has the organ, the prediction none of it: no ASD there), skcdf_evaluate's counts
+    per_class = {"1": {"missed": 2, "spurious": 1}, "2": {"missed": 0, "spurious": 0}, "3": {"missed": 1}}
+    assert results_tables._missed({"final_summary": {"skcdf": {"per_class": per_class}}}) == 3
+    assert results_tables._missed({"final_summary": {"skcdf": {"per_class": {"1": {"islands": 0}}}}}) is None
     assert results_tables._missed({"final_summary": {}}) is None
     # the commits the runs trained at, uncommitted changes marked; the storing commit only without that record
     runs = [{"commit": "s1", "train_commits": [{"commit": "aaa", "tracked_changes": False},
