@@ -17,7 +17,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
 from nnunetv2_skcdf.dataset_conversion.conversion_common import (
@@ -34,6 +33,7 @@ from nnunetv2_skcdf.dataset_conversion.conversion_common import (
 )
 from nnunetv2_skcdf.splits.published_lists import format_ids
 from nnunetv2_skcdf.utilities.dataset_files import UNLABELED_IMAGES_FOLDER, SKCDFInputError, exit_on_input_error
+from nnunetv2_skcdf.utilities.io import read_json
 
 #: AMOS ids up to this number are CT, above it MRI (AMOS numbering; nnU-Net's Dataset218 converter relies on it).
 CT_MAX_ID = 500
@@ -124,10 +124,8 @@ def read_amos_source(source: str) -> AmosSource:
     """The AMOS dataset.json's labels and its training/validation/test cases (paths not yet checked)."""
     folder = find_amos_layout(os.path.abspath(source))
     json_path = os.path.join(folder, "dataset.json")
-    try:
-        dataset_json = load_json(json_path)
-    except ValueError as e:
-        raise SKCDFInputError(f"{json_path} is not valid JSON: {e}") from None
+    dataset_json = read_json(json_path, "It is the dataset.json of the AMOS release (amos22): unpack the archive "
+                                        "again.")
     result = AmosSource(folder, amos_labels(dataset_json, json_path))
     seen: Dict[str, str] = {}
     for key in ("training", "validation", "test"):

@@ -8,11 +8,14 @@ dataset.json's names otherwise. For mean +- std over runs, ASD and more metrics 
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Dict, List, Optional, Sequence
 
 from nnunetv2_skcdf.evaluation.paper_table import column_title
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, exit_on_input_error
+from nnunetv2_skcdf.utilities.io import read_json
+
+#: what to do about a summary that cannot be read
+_SUMMARY_FIX = "Give the summary.json that nnUNetv2_evaluate_folder or skcdf_evaluate wrote."
 
 
 def class_columns(summary: dict, label_names: Optional[Dict[int, str]] = None) -> List[tuple]:
@@ -33,8 +36,7 @@ def dice_table(summaries: Dict[str, dict], label_names: Optional[Dict[int, str]]
     for method, summary in summaries.items():
         if not isinstance(summary, dict) or not {"mean", "foreground_mean"} <= set(summary):
             raise SKCDFInputError(f"{named(method)}: not an nnU-Net summary.json (no 'mean' / 'foreground_mean'; "
-                                  f"aggregate.json and metrics files are not). Give the summary.json that "
-                                  f"nnUNetv2_evaluate_folder or skcdf_evaluate wrote.")
+                                  f"aggregate.json and metrics files are not). {_SUMMARY_FIX}")
     first_method, first = next(iter(summaries.items()))
     columns = class_columns(first, label_names)
     column_ids = {i for i, _ in columns}
@@ -57,15 +59,6 @@ def dice_table(summaries: Dict[str, dict], label_names: Optional[Dict[int, str]]
     return "\n".join([header, rule, *rows])
 
 
-def _load(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise SKCDFInputError(f"{path}: cannot read an nnU-Net summary.json ({e}). Run nnUNetv2_evaluate_folder "
-                              f"first.") from None
-
-
 def dice_table_entry(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="skcdf_dice_table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,5 +76,5 @@ def dice_table_entry(argv: Optional[Sequence[str]] = None) -> None:
 
             labels = load_checked_dataset_json(args.dataset_json, need_channels=False)["labels"]
             label_names = {v: k for k, v in labels.items() if isinstance(v, int)}
-        print(dice_table({n: _load(s) for n, s in zip(names, args.summaries)}, label_names,
+        print(dice_table({n: read_json(s, _SUMMARY_FIX) for n, s in zip(names, args.summaries)}, label_names,
                          dict(zip(names, args.summaries))))

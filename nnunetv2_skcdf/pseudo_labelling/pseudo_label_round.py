@@ -36,7 +36,6 @@ The student is trained with the stock command: ``nnUNetv2_train <out> <configura
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -67,7 +66,7 @@ from nnunetv2_skcdf.utilities.dataset_files import (
     load_dataset_json,
     training_files,
 )
-from nnunetv2_skcdf.utilities.io import atomic_output, atomic_save_json, new_staging_folder, swap_in_folder
+from nnunetv2_skcdf.utilities.io import atomic_output, atomic_save_json, new_staging_folder, read_json, swap_in_folder
 
 RECORD = "pseudolabel_round.json"
 PSEUDO_FOLDER = "pseudo_labels"
@@ -94,16 +93,6 @@ class Teacher:
                 "configuration": self.configuration, "dataset": self.dataset}
 
 
-def _load_json(path: str, what: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise SKCDFInputError(f"{path}: not found ({what}).") from None
-    except json.JSONDecodeError as e:
-        raise SKCDFInputError(f"{path}: not valid JSON ({e}); {what}.") from None
-
-
 def load_teachers(folders: Sequence[str], folds: Sequence[str], checkpoint: str) -> List[Teacher]:
     """Every (model folder, fold) pair; the folder name is nnU-Net's ``<trainer>__<plans>__<configuration>``."""
     teachers = []
@@ -113,8 +102,10 @@ def load_teachers(folders: Sequence[str], folds: Sequence[str], checkpoint: str)
         if len(parts) != 3:
             raise SKCDFInputError(f"{folder}: not an nnU-Net model folder (its name must be "
                                   f"<trainer>__<plans>__<configuration>, e.g. nnUNetTrainer__nnUNetPlans__3d_fullres).")
-        plans = _load_json(os.path.join(folder, "plans.json"), "every nnU-Net model folder has one")
-        dj = _load_json(os.path.join(folder, "dataset.json"), "every nnU-Net model folder has one")
+        fix = ("Give the model folder of a finished nnU-Net training (nnUNet_results/<dataset>/"
+               "<trainer>__<plans>__<configuration>).")
+        plans = read_json(os.path.join(folder, "plans.json"), fix, "every nnU-Net model folder has one")
+        dj = read_json(os.path.join(folder, "dataset.json"), fix, "every nnU-Net model folder has one")
         for fold in folds:
             ckpt = os.path.join(folder, f"fold_{fold}", checkpoint)
             if not os.path.isfile(ckpt):
@@ -131,7 +122,8 @@ def derived_datasets(source: str) -> Dict[str, dict]:
     for name in sorted(os.listdir(raw)):
         path = os.path.join(raw, name, RECORD)
         if os.path.isfile(path):
-            record = _load_json(path, "the record of a pseudo-label round")
+            record = read_json(path, f"It is the record of the pseudo-label round {name}: make the round again with "
+                                       f"skcdf_pseudolabel ... --overwrite, or move the folder away.")
             if record.get("source_dataset") == source:
                 out[name] = record
     return out
@@ -172,7 +164,8 @@ def check_teachers(teachers: Sequence[Teacher], source: str, source_json: dict, 
                                   f"{first.plans_name}/{first.configuration}: give teachers of one plans and "
                                   f"configuration (the student is preprocessed with them).")
         source_plans_file = os.path.join(pre, f"{t.plans_name}.json")
-        source_plans = _load_json(source_plans_file, f"the plans {t.plans_name} of {source}")
+        source_plans = read_json(source_plans_file, f"Plan and preprocess {source} with the teachers' plans "
+                                                   f"({t.plans_name}) first.", f"the plans {t.plans_name} of {source}")
         if t.configuration not in source_plans.get("configurations", {}):
             raise SKCDFInputError(f"{where}: its configuration {t.configuration!r} is not in {source_plans_file}, so "
                                   f"the teacher cannot be checked against the source's plans. Add it again (e.g. "
@@ -359,7 +352,8 @@ def _check_output(out_id: int, out_name: str, source: str, overwrite: bool) -> s
         if not overwrite:
             raise SKCDFInputError(f"{path} exists. Pass --overwrite to replace this pseudo-label round, or pick "
                                   f"another --out-dataset.")
-        if not os.path.isfile(record) or _load_json(record, "round record").get("source_dataset") != source:
+        damaged = f"{path} holds a damaged round record: pick another --out-dataset, or move the folder away."
+        if not os.path.isfile(record) or read_json(record, damaged).get("source_dataset") != source:
             raise SKCDFInputError(f"{path} exists and is not a pseudo-label round of {source}: refusing to replace "
                                   f"it even with --overwrite. Pick another --out-dataset.")
     return path
@@ -371,8 +365,8 @@ def load_previous(previous: Optional[str], source: str) -> Tuple[Optional[str], 
         return None, 1, None
     name = dataset_name(previous)
     folder = os.path.join(_env_folder("nnUNet_raw"), name)
-    record = _load_json(os.path.join(folder, RECORD), f"--previous {previous} must be a round made by "
-                                                     f"skcdf_pseudolabel")
+    record = read_json(os.path.join(folder, RECORD), f"--previous {previous} must be a round made by "
+                                                    f"skcdf_pseudolabel (its folder holds {RECORD}).")
     if record.get("source_dataset") != source:
         raise SKCDFInputError(f"--previous {name} is a round of {record.get('source_dataset')}, not of {source}.")
     return os.path.join(folder, PSEUDO_FOLDER), int(record["round"]) + 1, record
@@ -404,7 +398,7 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
                               f"one class per voxel, so region-based datasets are not supported. Use a copy of the "
                               f"dataset with one label value per class (nnU-Net's plain label format).")
     splits_path = os.path.join(pre, "splits_final.json")
-    splits = _load_json(splits_path, "make the split with skcdf_split first")
+    splits = read_json(splits_path, "Make the split with skcdf_split first.")
     roles = _fold_entry(splits, split_fold, splits_path)
     out_name = out_name or f"{source.split('_', 1)[1]}PseudoR"
     target = _check_output(int(out_id), out_name, source, overwrite)

@@ -15,7 +15,6 @@ Layers (so the logic can be tested without files):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -41,7 +40,7 @@ from nnunetv2_skcdf.utilities.dataset_files import (
     raw_dataset_folder,
     training_case_ids,
 )
-from nnunetv2_skcdf.utilities.io import atomic_save_json
+from nnunetv2_skcdf.utilities.io import atomic_save_json, read_json
 
 SPLITS_FILE = "splits_final.json"
 DEFAULT_SEED = 12345
@@ -608,13 +607,7 @@ def load_semi_supervised_fold(preprocessed_folder: str,
                               fold: Union[int, str]) -> Tuple[List[str], List[str], List[str]]:
     """``(train_ids, val_ids, unlabeled_ids)`` of one fold of ``preprocessed_folder/splits_final.json``."""
     path = os.path.join(preprocessed_folder, SPLITS_FILE)
-    if not os.path.isfile(path):
-        raise SKCDFInputError(f"{path} does not exist, but semi-supervised training needs it. {MAKE_ONE_HINT}")
-    with open(path) as f:
-        try:
-            splits = json.load(f)
-        except json.JSONDecodeError as e:
-            raise SKCDFInputError(f"{path} is not valid JSON ({e}). {MAKE_ONE_HINT}") from None
+    splits = read_json(path, MAKE_ONE_HINT, "semi-supervised training needs it")
     try:
         index = int(fold)
     except (TypeError, ValueError):

@@ -8,7 +8,6 @@ and before nnU-Net's own workers, and finished when training ends. ``SKCDFTraine
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -17,11 +16,12 @@ import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from torch import distributed as dist
 
-from nnunetv2_skcdf.splits.semi_supervised_splits import load_semi_supervised_fold, validate_splits
+from nnunetv2_skcdf.splits.semi_supervised_splits import MAKE_ONE_HINT, load_semi_supervised_fold, validate_splits
 from nnunetv2_skcdf.training import skcdf_components as C
 from nnunetv2_skcdf.training.dataloading.unlabeled_dataset import nnUNetDatasetUnlabeled, resolve_unlabeled_sources
 from nnunetv2_skcdf.training.dataloading.unlabeled_loader import get_unlabeled_dataloader
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, refusal_first
+from nnunetv2_skcdf.utilities.io import read_json
 
 
 class UnlabelledStream:
@@ -72,8 +72,7 @@ class UnlabelledStream:
         path = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
         # file, fold and 'unlabeled' key, with their own messages; then every fold of the same file
         _, _, unlabeled = load_semi_supervised_fold(self.preprocessed_dataset_folder_base, self.fold)
-        with open(path) as f:
-            splits = json.load(f)
+        splits = read_json(path, MAKE_ONE_HINT)
         training = set(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
         unlabeled_images = {c for fold in splits for c in fold.get("unlabeled", [])} - training
         try:

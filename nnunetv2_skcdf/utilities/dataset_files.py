@@ -130,16 +130,12 @@ def load_checked_dataset_json(path: str, need_channels: bool = True) -> dict:
     """A dataset.json read and checked (JSON syntax, ``labels`` with a background, ``file_ending``, the channels
     unless ``need_channels`` is False), so that a hand-written file with a typo is named with its fault instead of failing later as a
     ``KeyError`` deep inside a command."""
-    import json
+    from nnunetv2_skcdf.utilities.io import read_json  # io imports this module
 
     if not os.path.isfile(path):
         raise SKCDFInputError(f"{path} is missing: every nnU-Net raw dataset needs a dataset.json.")
-    try:
-        with open(path) as f:
-            dataset_json = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SKCDFInputError(f"{path} is not valid JSON ({e}). Fix the file (a trailing comma or a missing quote "
-                              f"is the usual cause).") from None
+    dataset_json = read_json(path, "Fix the file (a trailing comma or a missing quote is the usual cause of "
+                                   "invalid JSON).")
     if not isinstance(dataset_json, dict):
         raise SKCDFInputError(f"{path}: holds a {type(dataset_json).__name__}, not the object nnU-Net's "
                               f"dataset.json is (keys channel_names, labels, numTraining, file_ending).")

@@ -20,7 +20,7 @@ import tempfile
 from contextlib import contextmanager
 from typing import Iterator, List
 
-from nnunetv2_skcdf.utilities.dataset_files import SKCDFWriteError
+from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError, SKCDFWriteError
 
 #: errno values that mean "the disk (or the user's quota on it) is full"
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -106,6 +106,21 @@ def atomic_save_json(obj, path: str, indent: int = 2) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=indent)
             f.write("\n")
+
+
+def read_json(path: str, fix: str, missing: str = "") -> object:
+    """The JSON value in ``path``. A missing, unreadable or malformed file is refused with ``SKCDFInputError``
+    naming the file and its fault, then ``fix`` (what to do about it); ``missing`` says, for a missing file, why it
+    should be there."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SKCDFInputError(f"{path} does not exist{': ' + missing if missing else ''}. {fix}") from None
+    except json.JSONDecodeError as e:
+        raise SKCDFInputError(f"{path} is not valid JSON ({e}). {fix}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SKCDFInputError(f"{path} cannot be read ({e}). {fix}") from None
 
 
 # ------------------------------------------------------------------------------------- whole folders, one writer
