@@ -183,10 +183,11 @@ def test_the_longer_budget_rule_compares_the_means_of_all_runs_at_both_budgets_u
     assert [(x["arm"], x["iterations"], x["folds"]) for x in gains] == [("a", 12000, [0, 1]), ("c", 12000, [3])]
 
 
-def _method(name, dice, asd, nsd, small_dice):
+def _method(name, dice, asd, nsd, small_dice, missed=0, runs=1):
     classes = {"1": small_dice, "2": dice}
     return {"name": name, "average": {"Dice": {"mean": dice}, "ASD": {"mean": asd}, "NSD": {"mean": nsd}},
-            "per_class": {k: {"Dice": {"mean": v}} for k, v in classes.items()}}
+            "per_class": {k: {"Dice": {"mean": v}} for k, v in classes.items()},
+            "missed": {"1": missed, "2": 0}, "runs": [{}] * runs}
 
 
 def test_goals_arithmetic():
@@ -200,6 +201,13 @@ def test_goals_arithmetic():
     assert g["gain_small"] == pytest.approx(12.0) and g["goal_gain_small_10"]
     assert g["gap_closed"] == pytest.approx(0.6) and g["goal_gap_closed_40pct"]
     assert g["goal_asd_nsd_not_worse"]
+    # better ASD and NSD bought by missing organs (no surface, so out of both means): the goal is not met
+    aggregate["methods"][1] = _method("B", 0.86, 2.5, 0.75, 0.72, missed=3, runs=3)  # 1 per run against (a)'s 0
+    g = R.goals(aggregate, arms, ["LAG"])
+    assert g["missed_per_run"] == {"a": 0, "b": 1} and not g["goal_asd_nsd_not_worse"]
+    aggregate["methods"][0] = _method("A", 0.80, 3.0, 0.70, 0.60, missed=2, runs=2)
+    assert R.goals(aggregate, arms, ["LAG"])["goal_asd_nsd_not_worse"]
+    aggregate["methods"][0] = _method("A", 0.80, 3.0, 0.70, 0.60)
     aggregate["methods"][1] = _method("B", 0.81, 3.5, 0.75, 0.65)
     g = R.goals(aggregate, arms, ["LAG"])
     assert not (g["goal_gain_mean_5"] or g["goal_gain_small_10"] or g["goal_gap_closed_40pct"]
@@ -1061,7 +1069,7 @@ def test_room_versus_and_the_plateau_of_p():
 def test_candidates_table_lists_every_candidate_with_a_result_beside_a_p_d():
     aggregate = {"classes": [{"key": "1", "column": "LAG"}, {"key": "2", "column": "Li"}],
                  "methods": [_method("A", 0.75, 3.0, 0.70, 0.50), _method("P", 0.80, 2.8, 0.72, 0.55),
-                             _method("D", 0.78, 2.5, 0.74, 0.52), _method("T", 0.815, 2.4, 0.76, 0.60),
+                             _method("D", 0.78, 2.5, 0.74, 0.52), _method("T", 0.815, 2.4, 0.76, 0.60, missed=3, runs=2),
                              _method("R", 0.77, 2.9, 0.71, 0.51)]}
     arms = {"a": C.Arm("a", "A", "t", skcdf=False), "d": C.Arm("d", "D", "t"), "v": C.Arm("v", "V", "t"),
             "p": C.Arm("p", "P", "t", skcdf=False, pseudo_rounds=2), "r": C.Arm("r", "R", "t", candidate=True),
@@ -1080,15 +1088,17 @@ def test_candidates_table_lists_every_candidate_with_a_result_beside_a_p_d():
     assert t["rows"]["d"]["sites"] == {"A": pytest.approx(81.0), "C": None}  # a site without runs: no number
     assert t["rows"]["r"]["sites"] == {"A": None, "C": None}
     text = R.candidate_markdown(t)
-    assert "| arm | runs | mean Dice | vs (d) | vs (p) | 4 smallest | site A | site C | ASD | NSD | commits |" in text
-    assert "|---|---|---|---|---|---|---|---|---|---|---|" in text
-    assert "| (t) T | 2 | 81.5 | +3.5 | +1.5 | 60.0 | 82.0 | 70.0 | 2.40 | 76.0 | t1 |" in text
-    assert "| (d) D | 1 | 78.0 | - | -2.0 | 52.0 | 81.0 | - | 2.50 | 74.0 | d1 |" in text  # no row against itself
-    assert "| (a) A | 2 | 75.0 | -3.0 | -5.0 | 50.0 | - | - | 3.00 | 70.0 | a1, a2 |" in text
+    assert x["missed"] == pytest.approx(1.5)  # 3 missed organ-cases over its 2 runs
+    assert ("| arm | runs | mean Dice | vs (d) | vs (p) | 4 smallest | site A | site C | ASD | NSD | missed | commits |"
+            in text)
+    assert "|---|---|---|---|---|---|---|---|---|---|---|---|" in text
+    assert "| (t) T | 2 | 81.5 | +3.5 | +1.5 | 60.0 | 82.0 | 70.0 | 2.40 | 76.0 | 1.5 | t1 |" in text
+    assert "| (d) D | 1 | 78.0 | - | -2.0 | 52.0 | 81.0 | - | 2.50 | 74.0 | 0.0 | d1 |" in text  # none against itself
+    assert "| (a) A | 2 | 75.0 | -3.0 | -5.0 | 50.0 | - | - | 3.00 | 70.0 | 0.0 | a1, a2 |" in text
     # no candidate with a final result: no table; the original phantom (no sites): no site columns
     assert R.candidate_table(aggregate, {k: arms[k] for k in "adp"}, runs, per_site, ["LAG"]) is None
     assert R.candidate_markdown(None) == ""
-    assert "| 4 smallest | ASD | NSD | commits |" in R.candidate_markdown(
+    assert "| 4 smallest | ASD | NSD | missed | commits |" in R.candidate_markdown(
         R.candidate_table(aggregate, arms, runs, None, ["LAG"]))
     # the benchmark's own candidates: issue 39's arms, none of the references
     assert [k for k, a in C.ARMS.items() if a.candidate] == ["q", "r", "s", "t", "u", "w"]

@@ -473,3 +473,17 @@ def test_complete_file_that_is_no_image_is_refused_naming_it(dataset, capsys):
     assert f"ERROR: {pred / 'case_001.nii.gz'}: cannot be read (RuntimeError: " in err
     assert "not a segmentation; write or copy it again" in err and "Traceback" not in err
     assert not (pred / "summary.json").exists()
+
+
+def test_table_cell_says_how_many_runs_gave_a_value():
+    from nnunetv2_skcdf.evaluation.evaluate import _run_stat
+    from nnunetv2_skcdf.evaluation.paper_table import format_cell
+
+    nan = float("nan")
+    # an organ that every case of two runs missed has no ASD in those runs: the cell names the one run left
+    assert format_cell(_run_stat([5.0, nan, nan])) == "5.00 (1/3 runs)"
+    assert format_cell(_run_stat([5.0, 7.0, nan])) == "6.00 ± 1.00 (2/3 runs)"
+    assert format_cell(_run_stat([5.0, 7.0, 6.0])) == "6.00 ± 0.82"
+    assert format_cell(_run_stat([5.0])) == "5.00"
+    assert format_cell(_run_stat([nan, nan])) == "n/a"
+    assert format_cell({"mean": 0.5, "std": 0.1, "n_runs": 2}, scale=100, digits=1) == "50.0 ± 10.0"  # no per_run

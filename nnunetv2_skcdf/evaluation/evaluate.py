@@ -654,6 +654,8 @@ definitions (distances in mm from the image spacing, or voxels with --voxel-unit
         means, recomputable as (ASD + ASD_ref_to_pred) / 2 from the per-case CSV)
   HD95  95th percentile of the pooled distances of both directions (medpy hd95)
   NSD   surface Dice: share of surface voxels of both masks within the tolerance of the other surface
+        (voxels counted equally, as MONAI; FLARE22's script, DeepMind's surface-distance, weights them by area
+        and reads higher: not comparable with published FLARE NSD)
   Surfaces = mask minus its erosion with the connectivity-1 structure (as medpy).
   islands   predicted connected components (full connectivity) that share no voxel with the reference:
             count and volume per case (CSV) and summed over cases and runs (paper_table.md)

@@ -71,13 +71,17 @@ def column_title(name: str) -> str:
 
 
 def format_cell(stat: dict, scale: float = 1.0, digits: int = 2) -> str:
-    """``{'mean', 'std', 'n_runs'}`` -> ``'61.59 ± 1.20'`` (``'61.59'`` for one run, ``'n/a'`` for NaN)."""
+    """``{'mean', 'std', 'n_runs'}`` -> ``'61.59 ± 1.20'`` (``'61.59'`` for one run, ``'n/a'`` for NaN); where
+    fewer runs than the method has (``per_run``) gave a value (the others NaN: e.g. an organ every case of a run
+    missed has no ASD), the count follows: ``'5.00 (1/3 runs)'``."""
     mean = stat["mean"]
     if mean is None or not np.isfinite(mean):
         return "n/a"
-    if stat.get("n_runs", 1) <= 1 or stat.get("std") is None or not np.isfinite(stat["std"]):
-        return f"{scale * mean:.{digits}f}"
-    return f"{scale * mean:.{digits}f} ± {scale * stat['std']:.{digits}f}"
+    n, runs = stat.get("n_runs", 1), len(stat.get("per_run") or [])
+    partial = f" ({n}/{runs} runs)" if runs and n < runs else ""
+    if n <= 1 or stat.get("std") is None or not np.isfinite(stat["std"]):
+        return f"{scale * mean:.{digits}f}{partial}"
+    return f"{scale * mean:.{digits}f} ± {scale * stat['std']:.{digits}f}{partial}"
 
 
 def _row(cells: Sequence[str]) -> str:

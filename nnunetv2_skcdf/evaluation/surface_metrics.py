@@ -26,8 +26,9 @@ Definitions (``d(a, B)`` = distance of surface voxel ``a`` to the nearest voxel 
   ``(ASD + ASD_ref_to_pred) / 2`` instead (medpy issue #108); both directed means are reported, so that value
   can be recomputed.
 - **HD95** = 95th percentile (numpy's default linear interpolation) of the pooled distances of both
-  directions: ``medpy.metric.binary.hd95``. (DeepMind's ``surface-distance`` and MONAI use the maximum of the
-  two directed 95th percentiles instead; that is never smaller.)
+  directions: ``medpy.metric.binary.hd95``. (MONAI uses the maximum of the two directed 95th percentiles of the
+  same voxel distances instead, which is never smaller; DeepMind's ``surface-distance`` weights surface elements
+  by area, and its value can be smaller or larger.)
 - **NSD** at tolerance ``tau`` (normalised surface distance / surface Dice, Nikolov et al. 2021)
   = ``(|{p: d(p, R) <= tau}| + |{r: d(r, P) <= tau}|) / (|P| + |R|)``, in [0, 1], counting surface *voxels*
   (MONAI's ``compute_surface_dice`` without sub-voxel surfels; DeepMind weights surface elements by area).
