@@ -122,8 +122,8 @@ def derived_datasets(source: str) -> Dict[str, dict]:
     for name in sorted(os.listdir(raw)):
         path = os.path.join(raw, name, RECORD)
         if os.path.isfile(path):
-            record = read_json(path, f"It is the record of the pseudo-label round {name}: make the round again with "
-                                       f"skcdf_pseudolabel ... --overwrite, or move the folder away.")
+            record = read_json(path, f"It is the record of the pseudo-label round {name}: repair it, or move that "
+                                       f"folder out of nnUNet_raw.")
             if record.get("source_dataset") == source:
                 out[name] = record
     return out
