@@ -114,8 +114,10 @@ so (a) fold 0 also runs at 16000 iterations, the longer-budget check of 12000 (`
 skcdf_data/convergence_4lab-siteA-ms_12000 --arms a --runs 1``: the same phantom and split, its own work folder); the
 report's regime line decides on both (it ended +0.2 over 12000: 12000 stays). Two single-thread runs side by side
 share the 2 cores, in one work folder once it is prepared (or one run of ``--threads 2`` at a time, nothing else
-running: about as many runs per hour, each done sooner; example_commands.md):
-    M="--sites all --labelled-site A --labeled 4 --iterations 12000"
+running: about as many runs per hour, each done sooner; example_commands.md). With 4 labelled cases the room
+(a) -> (c) over 3 runs each was 8.8 points, under 10, so by the rule fixed beforehand the comparison runs with 2
+labelled cases of site A (``--labeled 2``; BENCHMARKS_FINDINGS.md item 34; (c)'s runs serve both):
+    M="--sites all --labelled-site A --labeled 2 --iterations 12000"
     python benchmarks/convergence.py $M --stages prepare                  # phantom, plans, split (once)
     python benchmarks/convergence.py $M --arms a --runs 1 --threads 1     # (a) fold 0 (--runs 3: folds 0-2)
     python benchmarks/convergence.py $M --arms c --runs 1 --threads 1     # (c) fold 3
