@@ -246,7 +246,7 @@ def goals(aggregate: dict, arms: dict, small: List[str], skcdf: str = "b") -> di
     # a missed organ has no surface: it leaves the ASD and NSD means (they would read better for missing it), so the
     # goal also asks for no more missed organ-cases per run than (a)
     out["goal_asd_nsd_not_worse"] = bool(avg(b, "ASD") <= avg(a, "ASD") and avg(b, "NSD") >= avg(a, "NSD")
-                                         and missed_per_run(b) <= missed_per_run(a))
+                                         and out["missed_per_run"][skcdf] <= out["missed_per_run"]["a"])
     if c is not None:
         gap = avg(c, "Dice") - avg(a, "Dice")
         out["mean_dice"]["c"] = 100 * avg(c, "Dice")
