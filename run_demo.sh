@@ -81,7 +81,7 @@ arm_nnunet() {
 arm_pseudolabel() {
   # one teacher: its 4 in-plane mirror variants vote; the better-agreeing half of the unlabelled cases is kept
   skcdf_pseudolabel -d "$D" -m "$nnUNet_results/$NAME/${TRN}__nnUNetPlans__$CONFIG" -f 0 --out-dataset "$D_PL" \
-    --keep "$PSEUDO_KEEP" --student-folds 1 -np "$NP" --overwrite
+    --keep "$PSEUDO_KEEP" --student-folds 1 -np "$NP" --overwrite -device cpu
   train "$D_PL" "$CONFIG" 0 -tr "$TRN"
   predict_and_evaluate "$D_PL" "$TRN" pseudolabel
 }

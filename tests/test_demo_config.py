@@ -3,6 +3,7 @@ trainers train that budget with the optimiser the docs name, and its report read
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -37,6 +38,7 @@ def description(s: dict) -> str:
     from nnunetv2_skcdf.dataset_conversion.phantom import resolve_organs
 
     hidden = int(s["NUM_TRAIN"]) - int(s["VAL"]) - int(s["LABELED"])
+    pool = hidden + int(s["NUM_UNLABELED"])  # the round scores every case of the split's unlabelled list
     kept = resolve_organs(s["ORGANS"].split()) or [lid for lid, _, _ in SYNAPSE_CLASSES]
     organs = " ".join(abbr for lid, _, abbr in SYNAPSE_CLASSES if lid in kept)
     x = " x ".join
@@ -46,8 +48,9 @@ def description(s: dict) -> str:
             f"({organs}); nnU-Net 2d plans, "
             f"patch {x(s['PATCH'].split())}, batch {s['BATCH']}, {s['STAGES']} stages, "
             f"{'-'.join(s['FEATURES'].split())} features; {demo.DEMO_EPOCHS * 50} iterations per arm, "
-            f"Adam, learning rate {demo.DEMO_LR:g}; one pseudo-label round keeping the best "
-            f"{100 * float(s['PSEUDO_KEEP']):.0f} % of the unlabelled images")
+            f"Adam, learning rate {demo.DEMO_LR:g}; one pseudo-label round keeping the best-agreeing "
+            f"{100 * float(s['PSEUDO_KEEP']):.0f} % of the unlabelled cases (the {hidden} hidden-label training cases "
+            f"and the {s['NUM_UNLABELED']} images: {math.ceil(float(s['PSEUDO_KEEP']) * pool)} of {pool})")
 
 
 def test_readme_and_getting_started_describe_the_demo_that_run_demo_sh_runs():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -17,7 +18,8 @@ from nnunetv2_skcdf.pseudo_labelling.agreement import (
     member_agreement,
     select_kept,
 )
-from nnunetv2_skcdf.pseudo_labelling.pseudo_label_round import RECORD, Teacher, _mirror_variants, check_single_teacher, run_round
+from nnunetv2_skcdf.pseudo_labelling.pseudo_label_round import (RECORD, Teacher, _mirror_variants, _parser,
+                                                             check_single_teacher, run_round)
 from nnunetv2_skcdf.utilities.dataset_files import SKCDFInputError
 
 
@@ -100,7 +102,7 @@ def test_refusals_name_the_problem_and_leave_the_source_alone(fake_setup):
     good = s["model"]()
 
     def refused(match, **kw):
-        args = dict(dataset=SOURCE, model_folders=[good], folds=["0"], out_id=962)
+        args = dict(dataset=SOURCE, model_folders=[good], folds=["0"], out_id=962, device="cpu")
         args.update(kw)
         with pytest.raises(SKCDFInputError, match=match):
             run_round(**args, preprocess=False, log=lambda m: None)
@@ -151,7 +153,7 @@ def test_refusals_before_any_prediction_fold_all_stale_split_taken_ids_regions_c
     good = s["model"]()
 
     def refused(match, **kw):
-        args = dict(dataset=SOURCE, model_folders=[good], folds=["0", "1"], out_id=962)
+        args = dict(dataset=SOURCE, model_folders=[good], folds=["0", "1"], out_id=962, device="cpu")
         args.update(kw)
         with pytest.raises(SKCDFInputError, match=match):
             run_round(**args, preprocess=False, log=lambda m: None)
@@ -182,8 +184,11 @@ def test_refusals_before_any_prediction_fold_all_stale_split_taken_ids_regions_c
     (Path(os.environ["nnUNet_preprocessed"]) / "Dataset962_Old").mkdir()
     refused(r"Dataset id 962 is already used by .*Dataset962_Old \(nnUNet_preprocessed\)")
     (Path(os.environ["nnUNet_preprocessed"]) / "Dataset962_Old").rmdir()
-    if not torch.cuda.is_available():
-        refused(r"-device cuda: PyTorch sees no CUDA device", device="cuda")
+    if not torch.cuda.is_available():  # cuda is the default, as nnUNetv2_predict's
+        refused(r"-device cuda \(the default, as for nnUNetv2_predict\): PyTorch sees no CUDA device.*-device cpu",
+                device="cuda")
+        refused(r"-device cuda \(the default", device=inspect.signature(run_round).parameters["device"].default)
+    assert _parser().parse_args(["-d", "1", "-m", "m", "-f", "0", "--out-dataset", "2"]).device == "cuda"
     regions = {**s["dj"], "labels": {"background": 0, "organ": [1, 2]}, "regions_class_order": [1]}
     (s["raw"] / "dataset.json").write_text(json.dumps(regions))
     refused(r"defines regions .* not supported")
@@ -238,7 +243,8 @@ def test_a_round_replaces_an_earlier_one_whole_or_not_at_all(fake_setup, monkeyp
 
     monkeypatch.setattr(R, "predict_members", constant)
     teacher = s["model"]()
-    target = run_round(SOURCE, [teacher], ["0", "1"], 962, student_folds=2, preprocess=False, log=lambda m: None)
+    target = run_round(SOURCE, [teacher], ["0", "1"], 962, student_folds=2, device="cpu", preprocess=False,
+                       log=lambda m: None)
     pre = Path(os.environ["nnUNet_preprocessed"]) / Path(target).name
     split = json.loads((pre / "splits_final.json").read_text())
     assert len(split) == 2 and split[0]["val"] == ["phantom_tr_0002"] and len(split[0]["train"]) == 2 + 4
@@ -252,7 +258,8 @@ def test_a_round_replaces_an_earlier_one_whole_or_not_at_all(fake_setup, monkeyp
 
     monkeypatch.setattr(R, "_write_preprocessed", broken)
     with pytest.raises(OSError, match="disk full"):
-        run_round(SOURCE, [teacher], ["0", "1"], 962, keep=0.5, overwrite=True, preprocess=False, log=lambda m: None)
+        run_round(SOURCE, [teacher], ["0", "1"], 962, keep=0.5, overwrite=True, device="cpu", preprocess=False,
+                  log=lambda m: None)
     assert (_digest(Path(target)), _digest(pre)) == before
     for root in (Path(os.environ["nnUNet_raw"]), Path(os.environ["nnUNet_preprocessed"])):
         assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no staging folder left behind
@@ -269,8 +276,8 @@ def test_teachers_whose_trainer_nnunet_cannot_find_are_refused_before_predicting
     with pytest.raises(SKCDFInputError, match=r"SKCDFTrainer__nnUNetPlans__3d_fullres: nnU-Net's trainer lookup does "
                                               r"not give the trainer class SKCDFTrainer .*Could not find requested.*"
                                               r"export nnUNet_extTrainer=\$\(skcdf_trainer_path\).*\(now: not set\)"):
-        run_round(dataset=SOURCE, model_folders=[skcdf], folds=["0", "1"], out_id=962, preprocess=False,
-                  log=lambda m: None)
+        run_round(dataset=SOURCE, model_folders=[skcdf], folds=["0", "1"], out_id=962, device="cpu",
+                  preprocess=False, log=lambda m: None)
     assert "Could not find requested nnunet trainer SKCDFTrainer" in trainer_lookup_problem("SKCDFTrainer")
     assert trainer_lookup_problem("nnUNetTrainer") is None
     monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
@@ -334,7 +341,7 @@ def test_round_end_to_end_with_stock_nnunet(tmp_path):
         run_cli(["nnUNetv2_train", ds, cfg, fold, "-tr", tr, "-device", "cpu"], train_env, timeout=900)
     teachers = str(Path(env["nnUNet_results"]) / name / f"{tr}__nnUNetPlans__{cfg}")
     out = run_cli(["skcdf_pseudolabel", "-d", ds, "-m", teachers, "-f", "0", "1", "--out-dataset", "966", "--keep",
-                   "0.5", "--student-unlabeled"], env, timeout=900)
+                   "0.5", "--student-unlabeled", "-device", "cpu"], env, timeout=900)
     assert "kept 3 of 5 pseudo-labelled cases (round 1): " in out.stdout, out.stdout[-2000:]
     assert "; the other 2 go to the student as unlabelled images" in out.stdout
     assert "-tr SKCDFTrainer" in out.stdout.strip().splitlines()[-1]
@@ -376,7 +383,7 @@ def test_round_end_to_end_with_stock_nnunet(tmp_path):
     student = str(Path(env["nnUNet_results"]) / r1.name / f"{tr}__nnUNetPlans__{cfg}")
     assert (Path(student) / "fold_0" / "checkpoint_final.pth").is_file()
     out = run_cli(["skcdf_pseudolabel", "-d", ds, "-m", student, "-f", "0", "--out-dataset", "967", "--previous",
-                   "966", "--threshold", "0.0", "--student-unlabeled"], env, timeout=900)
+                   "966", "--threshold", "0.0", "--student-unlabeled", "-device", "cpu"], env, timeout=900)
     rec2 = json.loads((Path(env["nnUNet_raw"]) / "Dataset967_PLE2EPseudoR" / RECORD).read_text())
     assert rec2["round"] == 2 and rec2["members"] == "mirror variants of one model"
     assert len(rec2["kept"]) == 5  # threshold 0 keeps every case

@@ -375,7 +375,7 @@ def load_previous(previous: Optional[str], source: str) -> Tuple[Optional[str], 
 def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], out_id: int,
               out_name: Optional[str] = None, split_fold: int = 0, previous: Optional[str] = None,
               threshold: float = DEFAULT_THRESHOLD, keep: Optional[float] = None,
-              checkpoint: str = "checkpoint_final.pth", device: str = "cpu", student_folds: int = 1,
+              checkpoint: str = "checkpoint_final.pth", device: str = "cuda", student_folds: int = 1,
               num_processes: int = 1, overwrite: bool = False, preprocess: bool = True,
               student_unlabeled: bool = False, log=print) -> str:
     """One pseudo-label round (module docstring); returns the student dataset's raw folder."""
@@ -387,8 +387,9 @@ def run_round(dataset: str, model_folders: Sequence[str], folds: Sequence[str], 
     if not 0 <= threshold <= 1:
         raise SKCDFInputError(f"--threshold {threshold}: give a Dice value in [0, 1].")
     if device == "cuda" and not torch.cuda.is_available():
-        raise SKCDFInputError("-device cuda: PyTorch sees no CUDA device here (torch.cuda.is_available() is False). "
-                              "Use -device cpu, or install a CUDA build of PyTorch.")
+        raise SKCDFInputError("-device cuda (the default, as for nnUNetv2_predict): PyTorch sees no CUDA device "
+                              "here (torch.cuda.is_available() is False). Use -device cpu, or install a CUDA build "
+                              "of PyTorch.")
     source = dataset_name(dataset)
     raw = os.path.join(_env_folder("nnUNet_raw"), source)
     pre = os.path.join(_env_folder("nnUNet_preprocessed"), source)
@@ -580,7 +581,8 @@ def _parser() -> argparse.ArgumentParser:
                         "is at least this (default %(default)s)")
     g.add_argument("--keep", type=float, help="keep the best fraction of cases instead (0 < keep <= 1)")
     p.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth")
-    p.add_argument("-device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("-device", default="cuda", choices=("cpu", "cuda"),
+                   help="where the teachers predict (default cuda, as nnUNetv2_predict; cpu on a machine without one)")
     p.add_argument("--student-folds", type=int, default=1, help="identical folds in the student's split, one per "
                    "student run (default 1)")
     p.add_argument("-np", "--num-processes", type=int, default=1, help="preprocessing processes (default 1)")
