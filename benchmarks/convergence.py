@@ -34,8 +34,11 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      Dice). Threshold: skcdf_pseudolabel's default 0.90, chosen a priori there (issue 38); tuning it on hidden or
      test labels would leak them, and issue 44 asks for the recipe as users run it. Several teachers per round
      matter: the *_conv trainers have no mirroring, so one model alone would be one member agreeing with itself
-     (score 1, every case kept). The rounds are made with ``--student-unlabeled`` (the dropped cases are also the
-     student dataset's unlabelled images; a stock nnU-Net student does not read them), for arm q
+     (score 1, every case kept). Round 1 is made with ``--student-unlabeled`` (the dropped cases are also the
+     student dataset's unlabelled images; a stock nnU-Net student does not read them), for arm q; round 2 without
+     it (no SKCDF student reads round 2). Teachers predict on the CPU (``-device cpu``), as the trainings run. The
+     (p) runs are the students of one chain: they differ by the student's seed only, so their spread understates
+     what another chain (other teachers' seeds, other kept cases) would vary by
   q  issue 39's combination candidate: SKCDF (d's trainer and settings) as the student of (p)'s round 1 (the same
      round dataset: labelled + kept pseudo-labelled cases as labels, the cases the filter dropped as unlabelled
      images); with curves. One round, so it is ready as soon as round 1 is
@@ -136,7 +139,11 @@ Processes side by side in one work folder share its work: the process that runs 
 (p)'s teachers or students, or makes one of its rounds claims it (``<work>/claims/<name>.json``: pid, command) until
 it is done; another process skips what is claimed and takes the next free item (e.g. two ``--arms p --runs 3``
 processes train different students of a round). A claim whose process is gone (killed, machine restarted) is taken
-over.
+over. Stop a lane by its process group (start it with ``setsid``, stop it with ``kill -- -<pgid>``), not by this
+script's pid alone: its running child (``nnUNetv2_train``, ``skcdf_pseudolabel``) would go on, and a lane started
+again would take the claim over and run the same work beside it. A section's plan (the arms and runs it expects)
+is stated by a report-only command (``--stages report``); a command that trains adds its arms to that plan and
+never shrinks it.
 """
 from __future__ import annotations
 
@@ -531,6 +538,7 @@ def schedule(arms: List[str], runs: int, ablation_runs: int) -> List[Tuple[Arm, 
 #: what one process is doing in a work folder, so that two processes side by side never train, evaluate or store
 #: the same run (or make the same pseudo-label round) twice: ``<work>/claims/<name>.json`` (pid, boot id, command)
 CLAIMS = "claims"
+CLAIM_POLL_S = 30  # how often a process that waits for another's claim looks again
 _HELD: set = set()  # the claims this process holds (a nested claim of the same name is its own)
 
 
@@ -669,11 +677,13 @@ def make_round(r: int, dataset: str, raw: Path, env: dict, log: Path, np_: str, 
     done, path = Path(env["nnUNet_preprocessed"]) / name / ROUND_DONE, round_summary_file(work, r, teacher)
     if done.exists() and path.exists():
         return json.loads(path.read_text())
-    # --student-unlabeled: the dropped cases also go to the student dataset as unlabelled images, which (q)'s SKCDF
-    # student learns from; (p)'s stock nnU-Net students ignore them (their split's train/val lists are unchanged)
+    # --student-unlabeled (round 1 only): the dropped cases also go to the student dataset as unlabelled images,
+    # which (q)'s SKCDF student of round 1 learns from; (p)'s stock nnU-Net students ignore them (their split's
+    # train/val lists are unchanged). No arm has an SKCDF student in a later round, so round 2 does not write and
+    # preprocess them (its time is (p)'s cost)
     cmd = ["skcdf_pseudolabel", "-d", dataset, "-m", str(teachers), "-f", *map(str, folds), "--out-dataset", out_id,
            "--out-name", name.split("_", 1)[1], "--student-folds", str(P_STUDENT_FOLDS), "-np", np_, "--overwrite",
-           "--student-unlabeled"]
+           "-device", "cpu"] + (["--student-unlabeled"] if r == 1 else [])
     if r > 1:
         cmd += ["--previous", round_dataset(raw.name, r - 1, teacher)[0]]
     # --overwrite: only an interrupted attempt of this round can be there (no marker); --threads holds for its
@@ -751,11 +761,19 @@ def _read_labels(path: Path) -> np.ndarray:
 
 def student_result(arm: Arm, r: int, fold: int, raw: Path, work: Path, env: dict, log: Path, np_: str) -> dict:
     """A round-``r`` student (not a stored run): its training time and its test Dice (stock predict +
-    skcdf_evaluate, per organ and per site), to show what each round adds."""
+    skcdf_evaluate, per organ and per site), to show what each round adds. Every stored run of the chain's arm
+    asks for it: two processes storing two runs side by side take turns (a claim), never predicting into one
+    folder at once."""
     student = student_arm(arm, r)
-    pred = predict_final(arm_dataset("", raw, student)[0], student, fold, raw, work, env, log)
-    if not (pred / "summary.json").exists():
-        sh(["skcdf_evaluate", "-ref", str(raw / "labelsTs"), "-pred", str(pred), "-np", np_], env, log)
+    while True:
+        with claimed(work, f"{student.key}_fold{fold}_predict") as holder:
+            if holder is None:
+                pred = predict_final(arm_dataset("", raw, student)[0], student, fold, raw, work, env, log)
+                if not (pred / "summary.json").exists():
+                    sh(["skcdf_evaluate", "-ref", str(raw / "labelsTs"), "-pred", str(pred), "-np", np_], env, log)
+                break
+        print(f"{student.key} fold {fold}: predictions being made, {held_by(holder)}: waiting", flush=True)
+        time.sleep(CLAIM_POLL_S)
     summary = json.loads((pred / "summary.json").read_text())
     return {"fold": fold, "train_s": train_seconds(model_folder(env, raw, student) / f"fold_{fold}"),
             "test_dice": {k: v["Dice"] for k, v in summary["mean"].items() if k != "0"},

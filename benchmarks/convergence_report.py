@@ -422,11 +422,31 @@ def overlay_note(lines: List[str], stored_arms: List[str], title: str = "Overlay
                f"{', '.join(f'({k})' for k in absent)}." if absent else "."))
 
 
-def missing_runs(arms: dict, chosen: List[str], n_runs: int, ablation_runs: int, runs: Dict[str, list]) -> dict:
-    """Runs still to store, per arm of ``--arms`` (all arms by default; a longer-budget check names the few it
-    trains, and the report then calls it complete without the others)."""
-    expected = {k: len(arms[k].folds(ablation_runs if arms[k].ablation else n_runs)) for k in chosen}
-    return {k: n - len(runs.get(k, [])) for k, n in expected.items() if n > len(runs.get(k, []))}
+def expected_runs(arms: dict, chosen: List[str], n_runs: int, ablation_runs: int) -> Dict[str, int]:
+    """Runs a command expects per arm of its ``--arms`` (all arms by default)."""
+    return {k: len(arms[k].folds(ablation_runs if arms[k].ablation else n_runs)) for k in chosen}
+
+
+def planned_runs(previous: dict, expected: Dict[str, int], report_only: bool) -> Dict[str, int]:
+    """The runs a section expects per arm. A report-only command (``--stages report``) states the plan: its arms and
+    runs. A command that trains adds its arms to the plan its section already has (``previous``: the section's
+    JSON) and never shrinks it: the lane's ``--arms d --runs 1`` must not call the section complete and drop the
+    missing runs of (a) and (p) that the report command named. A section written before the plan was recorded:
+    its stored + missing runs. (A longer-budget check has a section of its own, planned by its own command.)"""
+    if report_only:
+        return dict(expected)
+    planned = dict(previous.get("planned_runs") or {})
+    if not planned:
+        stored, missing = previous.get("stored_runs") or {}, previous.get("missing_runs") or {}
+        planned = {k: len(stored.get(k, [])) + missing.get(k, 0) for k in {*stored, *missing}}
+    for k, n in expected.items():
+        planned[k] = max(planned.get(k, 0), n)
+    return planned
+
+
+def missing_runs(planned: Dict[str, int], runs: Dict[str, list]) -> dict:
+    """Runs still to store, per arm of the section's plan (:func:`planned_runs`)."""
+    return {k: n - len(runs.get(k, [])) for k, n in planned.items() if n > len(runs.get(k, []))}
 
 
 def report_stem(task: dict, budget: dict) -> str:
@@ -438,8 +458,8 @@ def report_stem(task: dict, budget: dict) -> str:
     return f"convergence_{task_tag(task)}_{budget['iterations']}it"
 
 
-def plateau_arms(chosen: List[str]) -> tuple:
-    """The arms the plateau criterion applies to: (a) and (c), and (p) when the report's arms include it."""
+def plateau_arms(chosen) -> tuple:
+    """The arms the plateau criterion applies to: (a) and (c), and (p) when the section's plan includes it."""
     return ("a", "c") + (("p",) if "p" in chosen else ())
 
 
@@ -644,7 +664,9 @@ def versus_line(v: Optional[dict], first: str = "p", second: str = "d") -> str:
     who = (f"({first}) beats ({second}) by {d:.1f}" if d > 0 else f"({first}) trails ({second}) by {-d:.1f}"
            if d < 0 else f"({first}) and ({second}) tie")
     return (f"The practitioner's baseline against SKCDF: ({first}) {v[first]:.1f} ({v['runs'][first]} run(s)), "
-            f"({second}) {v[second]:.1f} ({v['runs'][second]} run(s)): {who} mean Dice points.")
+            f"({second}) {v[second]:.1f} ({v['runs'][second]} run(s)): {who} mean Dice points. ({first})'s runs are "
+            f"the students of one chain (shared teachers and kept cases; they differ by the student's seed), so "
+            f"their spread understates what another chain would vary by.")
 
 
 def versus_q_lines(v: Optional[Dict[str, Optional[dict]]]) -> str:
@@ -821,15 +843,17 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     islands = islands_per_run(final["aggregate"], list(SMALLEST)) if final else {}
     gaps = gap_per_organ(final["aggregate"], ARMS, runs) if final else None
     per_site = site_tables(runs, sites, titles)
-    baselines = plateau_arms(args.arms)
+    result_file = RESULTS / f"{stem}.json"
+    stored = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    planned = planned_runs(stored, expected_runs(ARMS, args.arms, args.runs, args.ablation_runs),
+                           args.stages == ["report"])
+    baselines = plateau_arms(planned)
     overlays = {}  # figure name -> its lines (arm: median case, slice)
     local = {}  # per arm, its first run whose predictions are in this work folder
     for k, rs in runs.items():
         here = next((r for r in rs if Path(r["prediction_folder"]).is_dir()), None)
         if here is not None:
             local[k] = here
-    result_file = RESULTS / f"{stem}.json"
-    stored = json.loads(result_file.read_text()) if result_file.is_file() else {}
     previous = {name: stored.get(name, []) for name in OVERLAYS}
     plan = overlay_plan(previous, set(local))
     drop_unplanned_overlays(RESULTS, stem, plan)
@@ -843,11 +867,11 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
         elif figure.is_file():  # an earlier session drew arms this one has no predictions of
             figures[name] = figure
             overlays[name] = previous[name]
-    missing = missing_runs(ARMS, args.arms, args.runs, args.ablation_runs, runs)
+    missing = missing_runs(planned, runs)
     results = {"date": datetime.date.today().isoformat(), "machine": machine(), "commit": commit(),
                "command": "python benchmarks/convergence.py " + " ".join(sys.argv[1:]), "budget": budget,
                "task": task,
-               "status": "partial" if missing else "complete", "missing_runs": missing,
+               "status": "partial" if missing else "complete", "planned_runs": planned, "missing_runs": missing,
                "stored_runs": {k: [(r["fold"], r["commit"], r["date"]) for r in v] for k, v in runs.items()},
                "train_epoch_s_median": {k: [r["train_epoch_s_median"] for r in v] for k, v in runs.items()},
                "curves": curves, "plateau": plateaus, "other_budgets": others, "goals": goal, "diagnostics": diag,

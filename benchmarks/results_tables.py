@@ -282,8 +282,10 @@ def benchmarks_summary() -> str:
     lines = ["| claim | task | machine | budget | runs | values | date | commit | section |",
              "|---|---|---|---|---|---|---|---|---|"]
     for stem, claim, arms in (
-            ("convergence_4lab-siteA-ms_12000it", "multi-site task: (a) nnU-Net, (d) SKCDF, (p) pseudo-labelling "
+            ("convergence_2lab-siteA-ms_12000it", "multi-site task: (a) nnU-Net, (d) SKCDF, (p) pseudo-labelling "
                                                   "recipe, (c) bound", ("a", "d", "p", "c")),
+            ("convergence_4lab-siteA-ms_12000it", "multi-site task, 4 labelled cases: (a) nnU-Net, (c) bound (too "
+                                                  "little room: findings item 34)", ("a", "c")),
             ("convergence_2lab_8000it", "SKCDF vs a trained nnU-Net, (a) nnU-Net, (d) SKCDF, (c) bound", ("a", "d", "c")),
             ("convergence_2lab_12000it", "the same, 50 % longer training", ("a", "d", "c")),
             ("convergence_2lab_4000it", "short budget: 0.2 (b) vs 0.3 (g) defaults", ("a", "b", "g")),

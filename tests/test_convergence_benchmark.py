@@ -549,11 +549,34 @@ def test_a_dropped_overlay_leaves_no_png_behind(tmp_path):
 def test_the_report_expects_the_runs_of_the_arms_named_only():
     ARMS = C.ARMS
     runs = {"a": [{"fold": 0}], "d": [{"fold": 0}, {"fold": 1}]}
-    assert R.missing_runs(ARMS, ["a", "d"], 1, 1, runs) == {}
-    assert R.missing_runs(ARMS, ["a", "d"], 3, 1, runs) == {"a": 2, "d": 1}
-    assert R.missing_runs(ARMS, ["a", "c", "k"], 2, 2, runs) == {"a": 1, "c": 2, "k": 2}  # k is an ablation
-    assert R.missing_runs(ARMS, ["k"], 3, 1, {}) == {"k": 1}
-    assert set(R.missing_runs(ARMS, list(ARMS), 1, 1, runs)) == set(ARMS) - {"a", "d"}
+
+    def missing(chosen, n, ablation_n, runs_):
+        return R.missing_runs(R.planned_runs({}, R.expected_runs(ARMS, chosen, n, ablation_n), True), runs_)
+
+    assert missing(["a", "d"], 1, 1, runs) == {}
+    assert missing(["a", "d"], 3, 1, runs) == {"a": 2, "d": 1}
+    assert missing(["a", "c", "k"], 2, 2, runs) == {"a": 1, "c": 2, "k": 2}  # k is an ablation
+    assert missing(["k"], 3, 1, {}) == {"k": 1}
+    assert set(missing(list(ARMS), 1, 1, runs)) == set(ARMS) - {"a", "d"}
+
+
+def test_a_training_command_adds_its_arms_to_the_sections_plan_and_never_shrinks_it():
+    """The lane trains (d) with ``--arms d --runs 1`` after the report command planned a, c, d, p x 3: the section
+    stays partial with (a)'s and (p)'s missing runs, and (p) stays under the plateau criterion."""
+    ARMS = C.ARMS
+    runs = {"a": [{"fold": 0}], "c": [{"fold": 3}, {"fold": 4}, {"fold": 5}], "d": [{"fold": 0}]}
+    plan = R.planned_runs({}, R.expected_runs(ARMS, ["a", "c", "d", "p"], 3, 1), report_only=True)
+    assert plan == {"a": 3, "c": 3, "d": 3, "p": 3}
+    trained = R.planned_runs({"planned_runs": plan}, R.expected_runs(ARMS, ["d"], 1, 1), report_only=False)
+    assert trained == plan and R.missing_runs(trained, runs) == {"a": 2, "d": 2, "p": 3}
+    assert R.plateau_arms(trained) == ("a", "c", "p")
+    # a new arm joins the plan; the report command states it anew (here: without (p))
+    assert R.planned_runs({"planned_runs": plan}, {"q": 1}, False) == {**plan, "q": 1}
+    assert R.planned_runs({"planned_runs": plan}, R.expected_runs(ARMS, ["a", "c", "d"], 3, 1), True) == \
+        {"a": 3, "c": 3, "d": 3}
+    # a section written before the plan was recorded: its stored + missing runs
+    old = {"stored_runs": {"a": [[0, "x", "d"]], "c": [[3, "x", "d"]] * 3}, "missing_runs": {"a": 2, "d": 3, "p": 3}}
+    assert R.planned_runs(old, R.expected_runs(ARMS, ["a"], 1, 1), False) == {"a": 3, "c": 3, "d": 3, "p": 3}
 
 
 def test_skcdf_curves_evaluate_the_hidden_label_cases_unless_none_are_given(tmp_path, monkeypatch):
@@ -984,7 +1007,8 @@ def test_arm_p_trains_a_then_two_rounds_each_once_and_its_students_on_the_round_
     assert round1[round1.index("-f") + 1: round1.index("-f") + 4] == ["0", "1", "2"]
     assert round1[round1.index("--student-folds") + 1] == "3"
     assert "--threshold" not in round1 and "--keep" not in round1  # skcdf_pseudolabel's default threshold
-    assert "--student-unlabeled" in round1 and "--student-unlabeled" in round2  # for (q)'s SKCDF student
+    assert "--student-unlabeled" in round1 and "--student-unlabeled" not in round2  # for (q)'s SKCDF student
+    assert round1[round1.index("-device") + 1] == round2[round2.index("-device") + 1] == "cpu"  # as its trainings
     assert round2[round2.index("-m") + 1] == str(work / "nnUNet_results" / "Dataset963_ConvergencePseudoR1" /
                                                  "nnUNetTrainer_conv__nnUNetPlans__3d_cpu")
     assert round2[round2.index("--previous") + 1] == "963" and round2[round2.index("--out-dataset") + 1] == "964"
@@ -1052,8 +1076,9 @@ def test_room_versus_and_the_plateau_of_p():
     assert R.room_line(None).startswith("Room (a) -> (c): not known yet")
     v = R.versus(aggregate, arms)
     assert v["difference"] == pytest.approx(2.0) and v["runs"] == {"p": 1, "d": 3}
-    assert R.versus_line(v) == ("The practitioner's baseline against SKCDF: (p) 82.0 (1 run(s)), (d) 80.0 (3 run(s)): "
-                                "(p) beats (d) by 2.0 mean Dice points.")
+    assert R.versus_line(v).startswith("The practitioner's baseline against SKCDF: (p) 82.0 (1 run(s)), (d) 80.0 "
+                                       "(3 run(s)): (p) beats (d) by 2.0 mean Dice points. (p)'s runs are the "
+                                       "students of one chain")
     assert "(p) trails (d) by 2.0" in R.versus_line({**v, "difference": -2.0})
     assert R.versus({"classes": [], "methods": aggregate["methods"][:2]}, arms) is None and R.versus_line(None) == ""
     # (q), SKCDF as the student of round 1, against (p) and (d): a line each where both have a final result
