@@ -1331,3 +1331,73 @@ def test_chains_of_counts_the_chains_behind_the_stored_runs_of_p():
     text = R.pseudo_markdown({}, [dict(round1, threshold=0.9, kept=2, pool=4, per_site={}, pseudo_dice=None,
                                        pseudo_dice_kept=None)], {}, {"p": 2})
     assert "**(p)'s stored runs come from 2 different chains** (work folders)" in text
+
+
+def test_the_report_reads_stored_runs_of_a_c_d_and_p_and_keeps_its_plan(tmp_path, monkeypatch):
+    """``report()`` itself, on the stored runs of the 2-labelled four-site task ((a) fold 0, (c) folds 3-5: the
+    repository's files) and runs made from them the way the benchmark stores (d) and (p) (a (p) run carries both
+    rounds, round 1's students): no field only (p) has, or (p) lacks, breaks it; the section shows the rounds, the
+    practitioner's line and the chain's cost; the lane's ``--arms d --runs 1`` keeps the plan."""
+    import argparse
+    import copy
+
+    store = BENCH / "results" / "convergence"
+    a0 = json.loads((store / "a_fold0_2lab-siteA-ms_12000it.json").read_text())
+    runs = {"a": [a0], "c": [json.loads((store / f"c_fold{f}_alllab-siteA-ms_12000it.json").read_text())
+                             for f in (3, 4, 5)]}
+    d0 = {**copy.deepcopy(a0), "arm": "d", "name": C.ARMS["d"].name, "trainer": C.ARMS["d"].trainer}
+    organs = {k: 0.8 for k in a0["curve"][max(a0["curve"], key=int)]["test_dice"]}
+    site_dice = {"pseudo_dice": organs, "pseudo_dice_kept": {k: 0.9 for k in organs}}
+    round1 = {"round": 1, "dataset": "Dataset963_ConvergencePseudoR1", "command": "skcdf_pseudolabel -d 962",
+              "seconds": 1800.0, "seconds_prediction": 1500.0, "threshold": 0.9, "keep": None, "previous_round": None,
+              "teachers": [{"trainer": "nnUNetTrainer_conv", "fold": str(f)} for f in range(3)], "pool": 58,
+              "kept": 20, "kept_ids": ["phantom_tr_0005"], "scores": {"phantom_tr_0005": 0.95},
+              "organ_mean_agreement": {"1": 0.9}, "hidden": 34, **site_dice,
+              "per_site": {s: {"pool": 14, "kept": 5, "hidden": 8, "hidden_kept": 3, **site_dice} for s in "ABCD"},
+              "teacher_runs": [{"fold": f, "train_commits": None, "train_s": 6000.0, "stored_run": f == 0}
+                               for f in range(3)],
+              "students": [{"fold": f, "train_s": 6500.0, "test_dice": organs,
+                            "test_dice_per_site": {s: organs for s in "ABCD"}} for f in range(3)]}
+    round2 = {**{k: v for k, v in round1.items() if k not in ("teacher_runs", "students")}, "round": 2,
+              "dataset": "Dataset964_ConvergencePseudoR2", "previous_round": "Dataset963_ConvergencePseudoR1",
+              "teacher_runs": [{"fold": f, "train_commits": None, "train_s": 6500.0} for f in range(3)]}
+    p_runs = [{**copy.deepcopy(a0), "arm": "p", "name": C.ARMS["p"].name, "fold": f, "pseudo_rounds": [round1, round2]}
+              for f in (0, 1)]
+    runs.update(d=[d0], p=p_runs)
+    for run in (r for rs in runs.values() for r in rs):  # predictions of another machine's work folder: not here
+        run["prediction_folder"] = str(tmp_path / "gone" / f"{run['arm']}_fold{run['fold']}")
+
+    raw = tmp_path / "Dataset962_Convergence"
+    raw.mkdir()
+    from nnunetv2_skcdf.dataset_conversion.labels import SYNAPSE_CLASSES
+
+    (raw / "dataset.json").write_text(json.dumps({"labels": {"background": 0, **{n: i for i, n, _ in SYNAPSE_CLASSES}},
+                                                  "file_ending": ".nii.gz"}))
+    (raw / "phantom_cases.json").write_text(json.dumps({"cases": _phantom_cases()}))
+    results = tmp_path / "results"
+    results.mkdir()
+    sections = {}
+    monkeypatch.setattr(R, "RESULTS", results)
+    monkeypatch.setattr(R, "write_section", lambda name, body: sections.__setitem__(name, body))
+    monkeypatch.setattr(R, "commit", lambda: "abc1234")
+    budget, task = a0["budget"], a0["task"]
+
+    def report(arms, n, stages):
+        args = argparse.Namespace(arms=arms, runs=n, ablation_runs=1, stages=stages)
+        R.report(args, budget, task, runs, {}, raw, tmp_path, 1.0)
+        return json.loads((results / "convergence_2lab-siteA-ms_12000it.json").read_text())
+
+    out = report(["a", "c", "d", "p"], 3, ["report"])
+    assert out["status"] == "partial" and out["planned_runs"] == {"a": 3, "c": 3, "d": 3, "p": 3}
+    assert out["missing_runs"] == {"a": 2, "d": 2, "p": 1} and out["plateau_arms"] == ["a", "c", "p"]
+    assert [x["round"] for x in out["pseudo_rounds"]] == [1, 2] and out["chains_per_arm"] == {"p": 1}
+    assert out["versus"]["runs"] == {"p": 2, "d": 1} and out["versus"]["difference"] == pytest.approx(0.0)
+    assert out["cost"]["p"]["chain"]["students_h"] == pytest.approx(3 * 6500 / 3600)
+    text = sections["convergence_2lab-siteA-ms_12000it"]
+    assert "(p) rounds (`skcdf_pseudolabel`, threshold 0.9" in text and "| 2 | 3 x nnUNetTrainer_conv | 20/58 |" in text
+    assert "The practitioner's baseline against SKCDF: (p)" in text and "students of one chain" in text
+    assert "site A" in text and "status: **partial**" in text
+    # the lane trains (d) alone afterwards: the section keeps the plan, (p) stays under the plateau criterion
+    out = report(["d"], 1, ["train", "curves", "final", "report"])
+    assert out["planned_runs"] == {"a": 3, "c": 3, "d": 3, "p": 3} and out["status"] == "partial"
+    assert out["missing_runs"] == {"a": 2, "d": 2, "p": 1} and out["plateau_arms"] == ["a", "c", "p"]
