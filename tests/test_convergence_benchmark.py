@@ -884,7 +884,10 @@ def _fake_chain(tmp_path, monkeypatch, finish: dict):
         if cmd[0] == "nnUNetv2_train" and finish["training"]:
             name = next(p.name for p in Path(env["nnUNet_raw"]).iterdir() if p.name.startswith(f"Dataset{cmd[1]}_"))
             fold_dir = Path(env["nnUNet_results"]) / name / f"{cmd[5]}__nnUNetPlans__3d_cpu" / f"fold_{cmd[3]}"
-            (fold_dir / "checkpoint_final.pth").touch()
+            import torch  # what store_run reads of a checkpoint: nnU-Net's epoch timestamps
+
+            torch.save({"logging": {"epoch_start_timestamps": [0.0, 10.0], "epoch_end_timestamps": [8.0, 20.0]}},
+                       fold_dir / "checkpoint_final.pth")
         if cmd[0] == "skcdf_pseudolabel":  # the student dataset as skcdf_pseudolabel writes it (no pool here)
             out = Path(env["nnUNet_raw"]) / f"Dataset{cmd[cmd.index('--out-dataset') + 1]}_" \
                 f"{cmd[cmd.index('--out-name') + 1]}"
@@ -893,6 +896,9 @@ def _fake_chain(tmp_path, monkeypatch, finish: dict):
             (Path(env["nnUNet_preprocessed"]) / out.name).mkdir(parents=True)
         if cmd[0] == "nnUNetv2_predict":
             Path(cmd[cmd.index("-o") + 1]).mkdir(parents=True)
+        if cmd[0] == "skcdf_evaluate":
+            (Path(cmd[cmd.index("-pred") + 1]) / "summary.json").write_text(json.dumps(
+                {"mean": {"0": {"Dice": 1.0}, "1": {"Dice": 0.5}}, "metric_per_case": []}))
         return 1.0
 
     monkeypatch.setattr(C, "sh", fake_sh)
@@ -1023,6 +1029,22 @@ def test_arm_p_trains_a_then_two_rounds_each_once_and_its_students_on_the_round_
         "nnUNetTrainer_conv__nnUNetPlans__3d_cpu"
     C.train("962", p, 1, raw, env, tmp_path / "log")
     assert calls[-1][:4] == ["nnUNetv2_train", "964", "3d_cpu", "1"] and "nnUNetTrainer_conv" in calls[-1]
+
+    # (p) fold 1 stored: both rounds in its store file, round 1's students predicted on the source's test images
+    # with their own dataset's model (963), each under a claim released afterwards
+    calls.clear()
+    C.predict_final("962", p, 1, raw, work, env, tmp_path / "log")
+    assert C.store_run(p, 1, raw, work, env, tmp_path / "log", budget, task, "1")
+    stored = json.loads(C.store_file(p, 1, budget, task).read_text())
+    assert [r["round"] for r in stored["pseudo_rounds"]] == [1, 2] and "students" not in stored["pseudo_rounds"][1]
+    students = stored["pseudo_rounds"][0]["students"]
+    assert [s["fold"] for s in students] == [0, 1, 2] and students[0]["test_dice"] == {"1": 0.5}
+    assert stored["train_s"] == pytest.approx(18.0) and stored["final_summary"]["mean"]["1"]["Dice"] == 0.5
+    predicts = [c for c in calls if c[0] == "nnUNetv2_predict"]
+    assert [(c[c.index("-d") + 1], c[c.index("-f") + 1]) for c in predicts] == \
+        [("964", "1"), ("963", "0"), ("963", "1"), ("963", "2")]
+    assert {c[c.index("-i") + 1] for c in predicts} == {str(raw / "imagesTs")}
+    assert not list((work / C.CLAIMS).glob("*.json"))
     final = C.model_folder(env, raw, p) / "fold_1" / "checkpoint_final.pth"
     final.parent.mkdir(parents=True, exist_ok=True)
     final.write_bytes(b"weights")
