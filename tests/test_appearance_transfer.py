@@ -93,6 +93,9 @@ def test_skcdf_variant_trains_on_the_transferred_labelled_batch(trainer_factory,
         return out
 
     monkeypatch.setattr(C, "appearance_transfer", spy)
+    computed = []  # every whole-case table computed from disk
+    quantiles = C.case_quantiles
+    monkeypatch.setattr(C, "case_quantiles", lambda data: computed.append(1) or quantiles(data))
     trainer.on_train_start()
     try:
         assert trainer.skcdf_settings()["appearance_transfer"] == 0.5  # recorded with the weights
@@ -109,7 +112,9 @@ def test_skcdf_variant_trains_on_the_transferred_labelled_batch(trainer_factory,
         # each table is the whole preprocessed case's (read once, cached by id), not the patch's
         key = str(batch["keys"][0])
         data = trainer.dataset_class(trainer.preprocessed_dataset_folder, [key]).load_case(key)[0]
-        assert trainer._intensity_tables[key] is tables_l[0]
+        assert len(computed) == len(trainer._intensity_tables) >= 2  # one computation per case matched
+        assert trainer._intensity_table(key, labelled=True) is tables_l[0] and len(computed) == len(
+            trainer._intensity_tables)  # asked again: the cached table, nothing read
         assert tables_l[0][0, 0] == float(np.min(data[:]))
         low = min(float(t[0, 0]) for t in tables_u)
         high = max(float(t[0, -1]) for t in tables_u)

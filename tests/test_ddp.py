@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -72,7 +74,8 @@ def _worker(rank: int, env: dict, preprocessed: str, init_file: str, out_dir: st
                   "batch_size": trainer.batch_size, "unlabelled_keys": spy.keys,
                   "keep_rates": trainer.class_keep_rates.tolist(), "digest": _state_digest(trainer._net()),
                   "decoder_u_moved": _state_digest(trainer._net(), "decoder_u.") != before,
-                  "losses": [float(o["loss"]) for o in outputs], "draw": draw,
+                  "losses": [float(o["loss"]) for o in outputs], "l_sup": [float(o["l_sup"]) for o in outputs],
+                  "draw": draw,
                   "logged_l_sup": [float(v) for v in trainer.logger.local_logger.my_fantastic_logging["train_l_sup"]],
                   "output_folder": trainer.output_folder}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
@@ -104,6 +107,8 @@ def test_two_process_gloo_training_steps(tiny_training, tmp_path):
     assert ranks[0]["digest"] == ranks[1]["digest"]
     # the epoch-end logs are gathered over ranks: the same L_sup on both, the mean of both ranks' losses
     assert ranks[0]["logged_l_sup"] == ranks[1]["logged_l_sup"] and len(ranks[0]["logged_l_sup"]) == 1
+    assert ranks[0]["logged_l_sup"][0] == pytest.approx(np.mean(ranks[0]["l_sup"] + ranks[1]["l_sup"]), rel=1e-6)
+    assert ranks[0]["l_sup"] != ranks[1]["l_sup"]  # different batches: the gathered mean is not one rank's
     # only rank 0 writes the training log
     logs = list(Path(ranks[0]["output_folder"]).glob("training_log_*.txt"))
     assert len(logs) == 1 and logs[0].read_text().count("SKCDF class keep-rates") == 1

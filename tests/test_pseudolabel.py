@@ -281,7 +281,8 @@ def test_teachers_whose_trainer_nnunet_cannot_find_are_refused_before_predicting
     assert "Could not find requested nnunet trainer SKCDFTrainer" in trainer_lookup_problem("SKCDFTrainer")
     assert trainer_lookup_problem("nnUNetTrainer") is None
     monkeypatch.setenv("nnUNet_extTrainer", trainer_folder())
-    assert trainer_lookup_problem("SKCDFTrainer") is None and trainer_lookup_problem("NoSuchTrainer")
+    assert trainer_lookup_problem("SKCDFTrainer") is None
+    assert "Could not find requested nnunet trainer NoSuchTrainer" in trainer_lookup_problem("NoSuchTrainer")
     # a class of that name that is not an nnU-Net trainer (nnU-Net asserts the subclass)
     not_a_trainer = fake_setup["tmp"] / "not_a_trainer"
     not_a_trainer.mkdir()

@@ -47,6 +47,7 @@ def test_balanced_mask_keeps_each_class_at_its_rate():
     assert keep.dtype == torch.bool and keep.shape == target.shape
     for cls, rate in ((0, 0.1), (1, 0.5), (2, 1.0)):
         assert keep[target == cls].float().mean().item() == pytest.approx(rate, abs=0.01)
+    assert keep[target == 2].all()  # rate 1: every voxel, not 99 %
     assert not keep[target == 5].any()
 
 

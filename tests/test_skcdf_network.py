@@ -74,12 +74,17 @@ def test_decoders_do_not_own_the_encoder_and_have_balanced_heads(tiny_plans):
 def test_checkpoint_loads_with_and_without_deep_supervision(tiny_plans):
     net_ds, _ = build(tiny_plans, deep_supervision=True)
     net_plain, _ = build(tiny_plans, deep_supervision=False)
-    net_plain.load_state_dict(net_ds.state_dict())  # strict: same keys and shapes
-    net_ds.load_state_dict(net_plain.state_dict())
+    with torch.no_grad():  # both built from one seed: make the weights differ, so that loading has to copy them
+        for q in net_ds.parameters():
+            q.add_(0.1 * torch.randn_like(q))
     x = torch.randn(1, 1, *tiny_plans.get_configuration("3d_tiny").patch_size)
     net_ds.eval(), net_plain.eval()
     with torch.no_grad():
+        assert not torch.allclose(net_ds(x)[0], net_plain(x))
+    net_plain.load_state_dict(net_ds.state_dict())  # strict: same keys and shapes
+    with torch.no_grad():
         torch.testing.assert_close(net_ds(x)[0], net_plain(x))
+    net_ds.load_state_dict(net_plain.state_dict())  # and back
 
 
 def test_residual_encoder_plans_are_supported(tiny_plans):

@@ -503,7 +503,8 @@ def test_error_import_duplicate_id_in_one_list(tmp_path):
 def test_import_without_test_list(tmp_path):
     lists = read_published_lists(str(synthetic_lists(tmp_path / "l", test=None)), "20p")
     assert lists.test is None
-    assert compute_semi_supervised_splits([f"{i:04d}" for i in range(1, 10)], imported=lists).folds
+    assert compute_semi_supervised_splits([f"{i:04d}" for i in range(1, 10)], imported=lists).folds == [
+        {"train": ["0001", "0002"], "val": ["0006", "0007"], "unlabeled": ["0003", "0004", "0005"]}]
 
 
 def test_error_missing_list_file(tmp_path):

@@ -108,7 +108,7 @@ def test_empty_masks_give_nan(pred_empty, ref_empty):
     empty = np.zeros_like(mask)
     m = surface_metrics(empty if pred_empty else mask, empty if ref_empty else mask)
     assert set(m) == set(SURFACE_METRICS) and all(math.isnan(v) for v in m.values())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="surface distances need two non-empty masks"):
         surface_distances(empty if pred_empty else mask, empty if ref_empty else mask)
 
 
@@ -126,7 +126,7 @@ def test_bounding_box_margin_and_clipping():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_crop_equals_full_volume(seed):
+def test_crop_equals_full_volume(seed, monkeypatch):
     rng = np.random.default_rng(seed)
     shape = (24, 30, 28)
     pred, ref = np.zeros(shape, bool), np.zeros(shape, bool)
@@ -136,9 +136,16 @@ def test_crop_equals_full_volume(seed):
     ref[4:14, 8:18, 6:16] = blob(rng, (10, 10, 10), 0.5, 1.5)
     if seed % 2 == 0:
         ref[:, 0, :3] = True
+    import nnunetv2_skcdf.evaluation.surface_metrics as S
+
+    shapes = []  # the arrays the distances are computed on: the box around both masks, then the whole volume
+    distances = S.surface_distances
+    monkeypatch.setattr(S, "surface_distances", lambda p, r, *a: shapes.append(p.shape) or distances(p, r, *a))
     cropped = surface_metrics(pred, ref, SPACING, nsd_tolerance=2.0)
     full = surface_metrics(pred, ref, SPACING, nsd_tolerance=2.0, crop=False)
     assert cropped == full  # exactly, not approximately
+    assert shapes[1] == shape and shapes[0] == tuple(b.stop - b.start for b in bounding_box(pred | ref, margin=1))
+    assert np.prod(shapes[0]) < np.prod(shape)
 
 
 # -------------------------------------------------------------------------------------- medpy oracle

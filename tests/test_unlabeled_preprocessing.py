@@ -105,8 +105,11 @@ def test_interrupted_run_leftovers_are_removed_and_redone(phantom_workspace):
 def test_parallel_run_matches_serial_run(phantom_workspace):
     folder = phantom_workspace["preprocessed"] / "nnUNetPlans_3d_fullres_unlabeled"
     serial = {p.name: _b2nd(p) for p in folder.glob("*.b2nd")}
+    written = {name: (folder / name).stat().st_mtime_ns for name in serial}
+    assert sorted(serial) == [f"phantom_un_{i:04d}{s}.b2nd" for i in range(3) for s in ("", "_seg")]
     preprocess_unlabeled(DATASET_ID, ["3d_fullres"], num_processes=2, overwrite=True, verbose=False)
     for name, arr in serial.items():
+        assert (folder / name).stat().st_mtime_ns != written[name], f"{name} was not written again"
         np.testing.assert_array_equal(_b2nd(folder / name), arr)
 
 
