@@ -536,6 +536,54 @@ def pseudo_site_table(runs: Dict[str, list]) -> Dict[str, dict]:
     return out
 
 
+def first_candidate(runs: Dict[str, list], per_site: Optional[dict], titles: Dict[str, str], small: List[str],
+                    labelled_site: Optional[str]) -> Optional[dict]:
+    """Issue 39's first candidate by findings item 36, made mechanical (2026-12-08) before (d) had a stored run on the
+    comparison task. From (d)'s first run with per-site diagnostics (``D_l``'s pseudo labels on the hidden-label
+    training cases, last snapshot) and the all-labelled bound (c) (final test Dice, mean over its runs), each
+    group's *shortfall* = (c)'s Dice - (d)'s pseudo-label Dice (points):
+
+    - site gap = mean shortfall over the other sites - shortfall on the labelled site;
+    - organ gap = mean shortfall over the four smallest organs - mean shortfall over the other organs.
+
+    (r), appearance transfer, when the site gap is at least the organ gap (the shifted sites' pseudo labels trail
+    most), else (u), the confidence filter. Measuring against (c) leaves out what no model reaches on a site or
+    organ. None until (d) has such a run and (c) a final result, or on a one-site task."""
+    d = next((r for r in runs.get("d", []) if r.get("curve")
+              and any("pseudo_dice_per_site" in p for p in r["curve"].values())), None)
+    c = runs.get("c", [])
+    bound_sites = ((per_site or {}).get("arms", {}).get("c") or {}).get("mean", {})
+    if d is None or not c or not bound_sites or labelled_site is None:
+        return None
+    last = d["curve"][str(max(int(e) for e, p in d["curve"].items() if "pseudo_dice_per_site" in p))]
+    pseudo_sites = {s: _mean(v) for s, v in last["pseudo_dice_per_site"].items()}
+    short_site = {s: float(np.mean(bound_sites[s])) - pseudo_sites[s] for s in pseudo_sites if bound_sites.get(s)}
+    others = [s for s in sorted(short_site) if s != labelled_site]
+    if labelled_site not in short_site or not others:
+        return None
+    small_keys = [k for k, t in titles.items() if t in small]
+    short_organ = {k: 100 * float(np.nanmean([r["final_summary"]["mean"][k]["Dice"] for r in c]))
+                   - 100 * float(last["pseudo_dice"][k]) for k in titles if k in last["pseudo_dice"]}
+    site_gap = float(np.mean([short_site[s] for s in others])) - short_site[labelled_site]
+    organ_gap = float(np.nanmean([short_organ[k] for k in small_keys if k in short_organ])
+                      - np.nanmean([v for k, v in short_organ.items() if k not in small_keys]))
+    return {"run": d["fold"], "shortfall_per_site": short_site, "site_gap": site_gap, "organ_gap": organ_gap,
+            "shortfall_small": float(np.nanmean([short_organ[k] for k in small_keys if k in short_organ])),
+            "choice": "r" if site_gap >= organ_gap else "u"}
+
+
+def first_candidate_line(x: Optional[dict], labelled_site: Optional[str]) -> str:
+    if not x:
+        return ""
+    sites = ", ".join(f"{s} {v:.1f}" for s, v in x["shortfall_per_site"].items())
+    what = ("appearance transfer (r): the other sites' pseudo labels trail most" if x["choice"] == "r"
+            else "the confidence filter (u): the small organs' pseudo labels trail most")
+    return (f"Issue 39's first candidate (findings item 36, made mechanical before this task's (d) run was stored): "
+            f"shortfall of (d)'s pseudo labels (fold {x['run']}, last snapshot) below the all-labelled bound's test "
+            f"Dice per site: {sites}; site gap (other sites - site {labelled_site}) {x['site_gap']:.1f}, organ gap "
+            f"(4 smallest - other organs) {x['organ_gap']:.1f} points: **{what}**.")
+
+
 def pseudo_rounds_of(runs: Dict[str, list], key: str = "p") -> List[dict]:
     """The rounds of the pseudo-labelling arm (shared by its runs: one chain per work folder), from its first
     stored run."""
@@ -885,6 +933,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "candidates": candidate_table(final["aggregate"], ARMS, runs, per_site, list(SMALLEST))
                if final else None,
                "per_site": per_site, "pseudo_per_site": pseudo_site_table(runs),
+               "first_candidate": first_candidate(runs, per_site, titles, list(SMALLEST), task.get("labelled_site")),
                "pseudo_rounds": pseudo_rounds_of(runs),
                "other_chains": {k: pseudo_rounds_of(runs, k) for k in chain_arms()
                                 if k != "p" and pseudo_rounds_of(runs, k)},
@@ -1095,6 +1144,7 @@ def markdown(r: dict, figures: dict) -> str:
     extra = "\n\n".join(x for x in (candidate_markdown(r.get("candidates")), site_markdown(r.get("per_site")),
                                       pseudo_markdown(r.get("pseudo_per_site") or {}, r.get("pseudo_rounds") or [],
                                                       r.get("other_chains") or {}, r.get("chains_per_arm") or {}),
+                                      first_candidate_line(r.get("first_candidate"), r["task"].get("labelled_site")),
                                       cost_markdown(r.get("cost") or {})) if x)
     return f"""## Accuracy against nnU-Net, {labelled}, {r['budget']['iterations']} iterations (`benchmarks/convergence.py`) — status: **{r['status']}**
 

@@ -1423,3 +1423,40 @@ def test_the_report_reads_stored_runs_of_a_c_d_and_p_and_keeps_its_plan(tmp_path
     out = report(["d"], 1, ["train", "curves", "final", "report"])
     assert out["planned_runs"] == {"a": 3, "c": 3, "d": 3, "p": 3} and out["status"] == "partial"
     assert out["missing_runs"] == {"a": 2, "d": 2, "p": 1} and out["plateau_arms"] == ["a", "c", "p"]
+
+
+def test_issue_39s_first_candidate_follows_the_larger_shortfall_below_the_bound():
+    """Findings item 36 made mechanical: (d)'s pseudo labels against (c)'s test Dice, per site and per organ group;
+    (r) when the other sites trail the labelled site by more than the small organs trail the others, else (u)."""
+    titles = {"1": "Sp", "2": "Li", "3": "Ga", "4": "Es"}  # Ga, Es: the "small" organs here
+    small = ["Ga", "Es"]
+    c_runs = [{"final_summary": {"mean": {k: {"Dice": v} for k, v in
+                                          {"1": 0.9, "2": 0.9, "3": 0.8, "4": 0.8}.items()}}}]
+    per_site = {"arms": {"c": {"mean": {"A": [90.0], "B": [86.0], "C": [84.0]}}}}
+
+    def d_run(site_dice, organ_dice):
+        return {"fold": 0, "curve": {"200": {"test_dice": {}},
+                                     "240": {"pseudo_dice_per_site": site_dice, "pseudo_dice": organ_dice}}}
+
+    # sites: shortfall A 90-85 = 5, B 86-70 = 16, C 84-68 = 16 -> site gap 11; organs: small 80-70 = 10, rest 90-85 =
+    # 5 -> organ gap 5: (r)
+    sites = {"A": {"1": 0.85}, "B": {"1": 0.70}, "C": {"1": 0.68}}
+    organs = {"1": 0.85, "2": 0.85, "3": 0.70, "4": 0.70}
+    x = R.first_candidate({"d": [d_run(sites, organs)], "c": c_runs}, per_site, titles, small, "A")
+    assert x["shortfall_per_site"] == pytest.approx({"A": 5.0, "B": 16.0, "C": 16.0})
+    assert (x["site_gap"], x["organ_gap"], x["choice"]) == (pytest.approx(11.0), pytest.approx(5.0), "r")
+    line = R.first_candidate_line(x, "A")
+    assert "site gap (other sites - site A) 11.0, organ gap (4 smallest - other organs) 5.0" in line
+    assert "**appearance transfer (r)" in line
+    # small organs far below the bound, sites close: (u)
+    x = R.first_candidate({"d": [d_run({"A": {"1": 0.85}, "B": {"1": 0.80}, "C": {"1": 0.78}},
+                                       {"1": 0.88, "2": 0.88, "3": 0.50, "4": 0.55})], "c": c_runs},
+                          per_site, titles, small, "A")
+    assert x["choice"] == "u" and x["organ_gap"] == pytest.approx(27.5 - 2.0)
+    assert "**the confidence filter (u)" in R.first_candidate_line(x, "A")
+    # not yet decidable: no (d) run with per-site diagnostics, no (c), a one-site task
+    assert R.first_candidate({"d": [{"fold": 0, "curve": {"240": {"test_dice": {}}}}], "c": c_runs}, per_site,
+                             titles, small, "A") is None
+    assert R.first_candidate({"d": [d_run(sites, organs)]}, None, titles, small, "A") is None
+    assert R.first_candidate({"d": [d_run(sites, organs)], "c": c_runs}, per_site, titles, small, None) is None
+    assert R.first_candidate_line(None, "A") == ""
