@@ -60,6 +60,11 @@ Arms (same configuration, same iterations, ``benchmarks/trainers/convergence_tra
      runs, folds 0-2 of this work folder (trained here first where missing), its own student dataset (<-d>+11,
      ``...PseudoR1fromD``) and 3 identical student folds, the (w) runs; with curves. The model a user would ship is
      a stock nnU-Net (prediction cost 1x); the chain costs (d)'s 3 runs, which the comparison trains anyway
+  x  the recipe without a filter: (p)'s chain with every case kept in both rounds (``--keep 1.0``: FLARE22's
+     winner kept every case between rounds, nnU-Net issue #2233 names no filter), its own round datasets
+     (<-d>+21, <-d>+22, ``...PseudoR1Keep100``); round 1's teachers are (a)'s runs, as for (p). Run when (p)'s
+     round 1 keeps under 25 % of its pool or no case of some site (BENCHMARKS_FINDINGS.md, item 37); a claim of
+     SKCDF over the recipe then holds against the better of (p) and (x)
 Per run (arm x fold), each step resumable (rerun the same command and it continues where it stopped):
   prepare   once: phantom, ``nnUNetv2_plan_and_preprocess``, ``skcdf_split`` + all-labelled folds, unlabelled
             images, the CPU configuration; the budget is fixed in ``<work>/budget.json`` at the first run
@@ -166,7 +171,7 @@ from data_pipeline import REPO, machine, sh  # noqa: E402
 from trainers.convergence_trainers import ITERATIONS_PER_EPOCH  # noqa: E402
 from convergence_common import (ALL_LABELLED_FOLDS, ARMS, CASES_FILE, LABELLED_FOLDS, SMALLEST, Arm,  # noqa: E402,F401
                                 _nanmean, case_sites, checkpoint_identity, commit, dice_by_site, sites_tag,
-                                task_tag, teacher_tag)
+                                task_tag, chain_key, chain_tag)
 # imported with the rest, not at the report stage: a lane that runs for hours reports with the report module it
 # started with, even if the benchmark's files change meanwhile (a lazy import once mixed an old convergence_common
 # with a newer report module and failed after the run was stored). The package's modules, which the report imports
@@ -176,14 +181,14 @@ from convergence_report import report  # noqa: E402
 CONFIG = "3d_cpu"
 RESULTS = REPO / "benchmarks" / "results"
 STORE = RESULTS / "convergence"
-CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q", "r", "s", "t", "u", "v", "w")
+CURVE_ARMS = ("a", "b", "c", "d", "g", "h", "i", "j", "k", "l", "p", "q", "r", "s", "t", "u", "v", "w", "x")
 #: arm (p): round 1's teachers are the (a) runs (its model folder's folds 0-2), each round writes
 #: ``P_STUDENT_FOLDS`` identical student folds; the round-1 students (all of them) teach round 2, whose
 #: students are the (p) runs. The threshold is skcdf_pseudolabel's default (0.90, chosen a priori there).
 P_TEACHER_FOLDS, P_STUDENT_FOLDS = LABELLED_FOLDS, 3
-#: a pseudo-labelling chain whose round 1 is taught by another arm than (a) (``Arm.teacher``) writes its round r
-#: as dataset source id + offset + r, with the teacher in its name, so that chains never share a round
-TEACHER_DATASET_OFFSET = {"a": 0, "d": 10}
+#: every pseudo-labelling chain (``convergence_common.chain_key``: round-1 teacher arm, keep rule) writes its round r
+#: as dataset source id + offset + r, with its tag in the name, so that chains never share a round
+CHAIN_DATASET_OFFSET = {"a": 0, "d": 10, "aKeep100": 20}
 ROUND_DONE = "convergence_round_done"
 
 
@@ -428,26 +433,26 @@ def hidden_label_cases(pre: Path, raw: Path) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------- train / predict
-def round_dataset(source: str, r: int, teacher: str = "a") -> Tuple[str, str]:
+def round_dataset(source: str, r: int, chain: str = "a") -> Tuple[str, str]:
     """(id, folder name) of the student dataset ``skcdf_pseudolabel`` writes in round ``r`` from the source dataset
     folder ``source`` (``Dataset962_Convergence`` -> ``963``, ``Dataset963_ConvergencePseudoR1``); a chain taught
-    by another arm than (a) in round 1 gets its own ids and names (teacher ``d``: ``973``,
-    ``Dataset973_ConvergencePseudoR1fromD``)."""
-    if teacher not in TEACHER_DATASET_OFFSET:
-        raise ValueError(f"no round datasets for teacher arm ({teacher}): add it to TEACHER_DATASET_OFFSET")
+    by another arm than (a) in round 1, or keeping every case, gets its own ids and names (chain ``d``: ``973``,
+    ``Dataset973_ConvergencePseudoR1fromD``; chain ``aKeep100``: ``983``, ``...PseudoR1Keep100``)."""
+    if chain not in CHAIN_DATASET_OFFSET:
+        raise ValueError(f"no round datasets for the pseudo-labelling chain {chain!r}: add it to CHAIN_DATASET_OFFSET")
     number, name = source[len("Dataset"):].split("_", 1)
-    first = int(number) + TEACHER_DATASET_OFFSET[teacher] + 1
+    first = int(number) + CHAIN_DATASET_OFFSET[chain] + 1
     out = first + r - 1
     if out > 999:
         raise SystemExit(f"a pseudo-labelling arm writes its rounds as datasets {first}..{out}: over nnU-Net's 999; "
                          f"use a smaller -d.")
-    return str(out), f"Dataset{out:03d}_{name}PseudoR{r}{teacher_tag(teacher)}"
+    return str(out), f"Dataset{out:03d}_{name}PseudoR{r}{chain_tag(chain)}"
 
 
 def arm_dataset(dataset: str, raw: Path, arm: Arm) -> Tuple[str, str]:
     """(id, folder name) of the dataset ``arm`` trains on: the source, or for a pseudo-labelling arm ((p), (q), (w))
     its last round's student dataset."""
-    return round_dataset(raw.name, arm.pseudo_rounds, arm.teacher) if arm.pseudo_rounds else (dataset, raw.name)
+    return round_dataset(raw.name, arm.pseudo_rounds, chain_key(arm)) if arm.pseudo_rounds else (dataset, raw.name)
 
 
 def student_arm(arm: Arm, r: int) -> Arm:
@@ -456,7 +461,7 @@ def student_arm(arm: Arm, r: int) -> Arm:
     if r == arm.pseudo_rounds:
         return arm
     return Arm(f"{arm.key}{r}", f"{arm.name}: round-{r} student", arm.trainer, skcdf=False, pseudo_rounds=r,
-               teacher=arm.teacher)
+               teacher=arm.teacher, keep=arm.keep)
 
 
 def model_folder(env: dict, raw: Path, arm: Arm) -> Path:
@@ -648,50 +653,54 @@ def pseudo_chain(arm: Arm, dataset: str, raw: Path, env: dict, log: Path, np_: s
         if missing:
             return (f"round {r}'s teachers ({folder.parent.name}/{folder.name}, folds {missing}) are not trained yet"
                     + "".join(f"; fold {f} {held_by(h)}" for f, h in busy.items() if f in missing))
-        with claimed(work, round_name(r, arm.teacher)) as holder:
+        with claimed(work, round_name(r, chain_key(arm))) as holder:
             if holder is not None:
                 return f"round {r} is being made, {held_by(holder)}"
-            make_round(r, dataset, raw, env, log, np_, work, folder, folds, budget, task, arm.teacher)
+            make_round(r, dataset, raw, env, log, np_, work, folder, folds, budget, task, arm)
     return None
 
 
-def round_name(r: int, teacher: str = "a") -> str:
-    """A round's claim and summary name: ``round1`` for the chain (a) teaches, ``round1_fromD`` for another."""
-    tag = teacher_tag(teacher)
+def round_name(r: int, chain: str = "a") -> str:
+    """A round's claim and summary name: ``round1`` for (a)'s filtered chain, ``round1_fromD``,
+    ``round1_Keep100`` for the others."""
+    tag = chain_tag(chain)
     return f"round{r}" + (f"_{tag}" if tag else "")
 
 
-def round_summary_file(work: Path, r: int, teacher: str = "a") -> Path:
-    return work / "pseudo_rounds" / f"{round_name(r, teacher)}.json"
+def round_summary_file(work: Path, r: int, chain: str = "a") -> Path:
+    return work / "pseudo_rounds" / f"{round_name(r, chain)}.json"
 
 
 def make_round(r: int, dataset: str, raw: Path, env: dict, log: Path, np_: str, work: Path, teachers: Path,
-               folds, budget: dict, task: dict, teacher: str = "a") -> dict:
+               folds, budget: dict, task: dict, arm: Arm) -> dict:
     """Round ``r`` of ``skcdf_pseudolabel`` (default threshold), once per work folder: the student dataset with
     ``P_STUDENT_FOLDS`` identical folds, and ``<work>/pseudo_rounds/<round_name>.json`` (:func:`round_summary`, the
     command's wall time and the teachers' runs) for the store files of the chain's arms ((p) and (q): ``round<r>``,
-    (w): ``round1_fromD``)."""
+    (w): ``round1_fromD``, (x): ``round<r>_Keep100``)."""
     from nnunetv2_skcdf.utilities.io import atomic_save_json
 
-    out_id, name = round_dataset(raw.name, r, teacher)
-    done, path = Path(env["nnUNet_preprocessed"]) / name / ROUND_DONE, round_summary_file(work, r, teacher)
+    chain = chain_key(arm)
+    out_id, name = round_dataset(raw.name, r, chain)
+    done, path = Path(env["nnUNet_preprocessed"]) / name / ROUND_DONE, round_summary_file(work, r, chain)
     if done.exists() and path.exists():
         return json.loads(path.read_text())
-    # --student-unlabeled (round 1 only): the dropped cases also go to the student dataset as unlabelled images,
-    # which (q)'s SKCDF student of round 1 learns from; (p)'s stock nnU-Net students ignore them (their split's
-    # train/val lists are unchanged). No arm has an SKCDF student in a later round, so round 2 does not write and
-    # preprocess them (its time is (p)'s cost)
+    # --student-unlabeled only where an SKCDF arm is a student of this round ((q): round 1 of (a)'s filtered chain):
+    # the dropped cases also go to the student dataset as unlabelled images; stock nnU-Net students ignore them
+    # (their split's train/val lists are unchanged), so other rounds do not write and preprocess them (their time
+    # is the chain's cost)
+    skcdf_student = any(a.skcdf and a.pseudo_rounds == r and chain_key(a) == chain for a in ARMS.values())
     cmd = ["skcdf_pseudolabel", "-d", dataset, "-m", str(teachers), "-f", *map(str, folds), "--out-dataset", out_id,
            "--out-name", name.split("_", 1)[1], "--student-folds", str(P_STUDENT_FOLDS), "-np", np_, "--overwrite",
-           "-device", "cpu"] + (["--student-unlabeled"] if r == 1 else [])
+           "-device", "cpu"] + (["--student-unlabeled"] if skcdf_student else []) \
+        + (["--keep", str(arm.keep)] if arm.keep is not None else [])
     if r > 1:
-        cmd += ["--previous", round_dataset(raw.name, r - 1, teacher)[0]]
+        cmd += ["--previous", round_dataset(raw.name, r - 1, chain)[0]]
     # --overwrite: only an interrupted attempt of this round can be there (no marker); --threads holds for its
     # predictions too (torch reads OMP_NUM_THREADS), as for the trainings beside it
     threads = {"OMP_NUM_THREADS": env["SKCDF_CONV_THREADS"]} if env.get("SKCDF_CONV_THREADS") else {}
     seconds = sh(cmd, {**env, **threads}, log)
     summary = round_summary(r, Path(env["nnUNet_raw"]) / name, raw, seconds, cmd)
-    summary["teacher_runs"] = teacher_runs(teachers, folds, budget, task, ARMS[teacher] if r == 1 else None)
+    summary["teacher_runs"] = teacher_runs(teachers, folds, budget, task, ARMS[arm.teacher] if r == 1 else None)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_json(summary, str(path))
     done.touch()
@@ -970,7 +979,7 @@ def store_run(arm: Arm, fold: int, raw: Path, work: Path, env: dict, log: Path, 
     curve = work / "curves" / f"{arm.key}_fold{fold}.json"
     extra = {}
     if arm.pseudo_rounds:  # the chain this run comes from: each round's summary, the earlier rounds' students
-        rounds = [json.loads(round_summary_file(work, r, arm.teacher).read_text())
+        rounds = [json.loads(round_summary_file(work, r, chain_key(arm)).read_text())
                   for r in range(1, arm.pseudo_rounds + 1)]
         for r, summary in enumerate(rounds[:-1], start=1):
             summary["students"] = [student_result(arm, r, f, raw, work, env, log, np_)

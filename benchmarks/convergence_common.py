@@ -7,7 +7,7 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -29,6 +29,9 @@ class Arm:
     pseudo_rounds: int = 0
     #: for a pseudo-labelling arm: the arm whose runs (folds 0-2, trained in the same work folder) teach round 1
     teacher: str = "a"
+    #: for a pseudo-labelling arm: ``skcdf_pseudolabel --keep`` in every round (1.0: every case kept, no filter);
+    #: None: the command's default threshold. With the teacher it names the arm's chain (:func:`chain_key`)
+    keep: Optional[float] = None
     #: one of issue 39's candidate changes to SKCDF's integration: the report's candidates table lists it beside
     #: nnU-Net (a), the recipe (p), SKCDF with the reference's settings (v) and SKCDF's defaults (d)
     candidate: bool = False
@@ -70,18 +73,31 @@ ARMS = {a.key: a for a in (
     # students (one round: its teachers are (d)'s runs, not (a)'s); the model a user ships is a plain nnU-Net
     Arm("w", "nnU-Net student of SKCDF teachers (1 round)", "nnUNetTrainer_conv", skcdf=False, pseudo_rounds=1,
         teacher="d", candidate=True),
+    # the recipe without a filter (findings item 37: run if (p)'s round 1 keeps under 25 % of its pool or no case
+    # of some site): every case kept in both rounds, as FLARE22's winner between rounds and nnU-Net issue #2233
+    Arm("x", "nnU-Net + pseudo-labelling, every case kept (2 rounds)", "nnUNetTrainer_conv", skcdf=False,
+        pseudo_rounds=2, keep=1.0),
 )}
 
 
+def chain_key(arm: Arm) -> str:
+    """The pseudo-labelling chain whose rounds ``arm`` trains on: its round-1 teacher arm, and ``Keep<percent>``
+    when its rounds keep a fraction instead of filtering by the threshold: ``a`` for (p) and (q) (they share it),
+    ``d`` for (w), ``aKeep100`` for (x)."""
+    return arm.teacher + (f"Keep{round(100 * arm.keep)}" if arm.keep is not None else "")
+
+
 def chain_arms() -> List[str]:
-    """The arms that own a pseudo-labelling chain (its rounds and their cost): (p), and every arm round 1 of which
-    another arm than (a) teaches ((w)); (q), a student of (p)'s round 1, shares (p)'s."""
-    return [k for k, arm in ARMS.items() if arm.pseudo_rounds and (k == "p" or arm.teacher != "a")]
+    """The arms that own a pseudo-labelling chain (its rounds and their cost): (p), and every arm with a chain of
+    its own ((w): round 1 taught by (d); (x): every case kept); (q), a student of (p)'s round 1, shares (p)'s."""
+    return [k for k, arm in ARMS.items() if arm.pseudo_rounds and (k == "p" or chain_key(arm) != "a")]
 
 
-def teacher_tag(teacher: str) -> str:
-    """What names the rounds of a chain taught by ``teacher`` in round 1: nothing for (a), ``fromD`` for (d)."""
-    return "" if teacher == "a" else f"from{teacher.upper()}"
+def chain_tag(chain: str) -> str:
+    """What names a chain's rounds (datasets, claims, summaries): nothing for (a)'s filtered chain, ``fromD`` for
+    the one (d) teaches, ``Keep100`` for (a)'s chain that keeps every case."""
+    teacher, keep = chain.split("Keep", 1) if "Keep" in chain else (chain, "")
+    return ("" if teacher == "a" else f"from{teacher.upper()}") + (f"Keep{keep}" if keep else "")
 
 
 def sites_tag(sites: List[str]) -> str:

@@ -459,8 +459,9 @@ def report_stem(task: dict, budget: dict) -> str:
 
 
 def plateau_arms(chosen) -> tuple:
-    """The arms the plateau criterion applies to: (a) and (c), and (p) when the section's plan includes it."""
-    return ("a", "c") + (("p",) if "p" in chosen else ())
+    """The arms the plateau criterion applies to: (a) and (c), and the recipe's arms (p), (x) when the section's
+    plan includes them."""
+    return ("a", "c") + tuple(k for k in ("p", "x") if k in chosen)
 
 
 def _arm_list(keys, conjunction: str = "and") -> str:
@@ -643,10 +644,12 @@ def rounds_markdown(arm: str, rounds: List[dict]) -> str:
         rows.append(f"| {r['round']} | {teachers} | {r['kept']}/{r['pool']} | {sites} | "
                     f"{_dice_or_dash(r['pseudo_dice'])} / {_dice_or_dash(r['pseudo_dice_kept'])} | {seconds} | "
                     f"{student_text} |")
-    threshold = rounds[0].get("threshold")
-    return (f"({arm}) rounds (`skcdf_pseudolabel`, threshold {threshold}: a case is kept when its teachers' "
-            "mean organ Dice agreement, and from round 2 its agreement with the previous round, is at least "
-            "that). Pseudo-label Dice against the hidden labels of the hidden-label training cases (the "
+    threshold, keep = rounds[0].get("threshold"), rounds[0].get("keep")
+    rule = (f"threshold {threshold}: a case is kept when its teachers' mean organ Dice agreement, and from round 2 "
+            "its agreement with the previous round, is at least that" if keep is None else
+            "every case kept (`--keep 1.0`): no filter" if keep == 1.0 else
+            f"`--keep {keep}`: the best-agreeing fraction of the cases kept")
+    return (f"({arm}) rounds (`skcdf_pseudolabel`, {rule}). Pseudo-label Dice against the hidden labels of the hidden-label training cases (the "
             "round never reads them): all cases of the pool / the kept ones (imagesUnlabeled cases have no "
             "label); per site: kept/pool, Dice all (kept):\n\n"
             "| round | teachers | kept/pool | per site | pseudo-label Dice all / kept | "
@@ -928,6 +931,8 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
                "regime": regime(plateaus, others, budget["iterations"], baselines),
                "room": room(final["aggregate"], ARMS, runs, missing) if final else None,
                "versus": versus(final["aggregate"], ARMS) if final else None,
+               # the recipe without a filter (findings item 37), where it was run
+               "versus_x": versus(final["aggregate"], ARMS, "x", "d") if final else None,
                # issue 39's combination candidate (q) against the recipe and against SKCDF alone
                "versus_q": {k: versus(final["aggregate"], ARMS, "q", k) for k in ("p", "d")} if final else None,
                "candidates": candidate_table(final["aggregate"], ARMS, runs, per_site, list(SMALLEST))
@@ -1150,7 +1155,7 @@ def markdown(r: dict, figures: dict) -> str:
 
 Regime: {regime(r['plateau'], r['other_budgets'], r['budget']['iterations'], baselines)}
 
-{room_line(r.get('room'))} {versus_line(r.get('versus'))}{versus_q_lines(r.get('versus_q'))}
+{room_line(r.get('room'))} {versus_line(r.get('versus'))}{(' ' + versus_line(r.get('versus_x'), 'x')) if r.get('versus_x') else ''}{versus_q_lines(r.get('versus_q'))}
 
 Command: `{r['command']}` — {r['date']} — commit {r['commit']} — {r['machine']}.
 Runs stored in `benchmarks/results/convergence/` (arm: fold, commit, date): {r['stored_runs'] or 'none'}.

@@ -72,7 +72,7 @@ def test_arm_trainers_pin_the_masking_their_stored_runs_were_trained_with(traine
     expected = {"b": "exclude", "g": "exclude", "i": "exclude",
                 "d": "multiply", "e1": "multiply", "f": "multiply", "h": "multiply", "j": "multiply", "k": "multiply",
                 "l": "multiply", "q": "multiply", "r": "multiply", "t": "multiply", "u": "multiply", "v": "multiply"}
-    assert set(expected) | {"a", "c", "e2", "p", "s", "w"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
+    assert set(expected) | {"a", "c", "e2", "p", "s", "w", "x"} == set(C.ARMS)  # e2 has no balanced heads: masking unused
     for key, masking in expected.items():
         cls = recursive_find_python_class(str(BENCH / "trainers"), C.ARMS[key].trainer, "trainers")
         trainer = trainer_factory(cls)
@@ -914,7 +914,7 @@ def test_arm_w_is_taught_by_d_in_its_own_round_datasets_beside_p(tmp_path, monke
     w = C.ARMS["w"]
     assert (w.teacher, w.pseudo_rounds, w.trainer, w.skcdf, w.candidate) == ("d", 1, "nnUNetTrainer_conv", False, True)
     assert C.round_dataset("Dataset962_Convergence", 1, "d") == ("973", "Dataset973_ConvergencePseudoR1fromD")
-    with pytest.raises(ValueError, match=r"teacher arm \(c\)"):
+    with pytest.raises(ValueError, match=r"no round datasets for the pseudo-labelling chain 'c'"):
         C.round_dataset("Dataset962_Convergence", 1, "c")
     assert C.pseudo_chain(w, "962", raw, env, tmp_path / "log", "1", work, budget, task).startswith(
         "round 1's teachers (Dataset962_Convergence/SKCDFTrainer_multiplyMask_conv__nnUNetPlans__3d_cpu, folds [0, 1, 2])")
@@ -932,6 +932,7 @@ def test_arm_w_is_taught_by_d_in_its_own_round_datasets_beside_p(tmp_path, monke
     assert round1[round1.index("-m") + 1] == str(C.model_folder(env, raw, C.ARMS["d"]))
     assert round1[round1.index("--out-dataset") + 1] == "973" and "--previous" not in round1
     assert round1[round1.index("--out-name") + 1] == "ConvergencePseudoR1fromD"
+    assert "--student-unlabeled" not in round1  # no SKCDF student reads (w)'s round
     summary = json.loads(C.round_summary_file(work, 1, "d").read_text())
     assert summary["dataset"] == "Dataset973_ConvergencePseudoR1fromD"
     assert [t["stored_run"] for t in summary["teacher_runs"]] == [True, False, False]  # against (d)'s store
@@ -1460,3 +1461,36 @@ def test_issue_39s_first_candidate_follows_the_larger_shortfall_below_the_bound(
     assert R.first_candidate({"d": [d_run(sites, organs)]}, None, titles, small, "A") is None
     assert R.first_candidate({"d": [d_run(sites, organs)], "c": c_runs}, per_site, titles, small, None) is None
     assert R.first_candidate_line(None, "A") == ""
+
+
+def test_arm_x_keeps_every_case_in_a_chain_of_its_own_taught_by_a(tmp_path, monkeypatch):
+    """(x), the recipe without a filter (findings item 37): round 1 taught by (a)'s runs like (p), but every case kept
+    (``--keep 1.0``) in both rounds, in datasets, claims and summaries of its own (983, 984, ``Keep100``), so that
+    it never takes (p)'s filtered rounds; no unlabelled images written (no SKCDF student reads them)."""
+    from convergence_common import chain_arms
+
+    finish = {"training": True}
+    work, budget, task, env, raw, calls = _fake_chain(tmp_path, monkeypatch, finish)
+    x = C.ARMS["x"]
+    assert (x.teacher, x.keep, x.pseudo_rounds, x.skcdf) == ("a", 1.0, 2, False) and "x" in C.CURVE_ARMS
+    assert C.chain_key(x) == "aKeep100" and C.chain_key(C.ARMS["p"]) == C.chain_key(C.ARMS["q"]) == "a"
+    assert C.chain_key(C.ARMS["w"]) == "d" and set(chain_arms()) == {"p", "w", "x"}
+    assert C.round_dataset("Dataset962_Convergence", 2, "aKeep100") == ("984", "Dataset984_ConvergencePseudoR2Keep100")
+    assert C.round_name(1, "aKeep100") == "round1_Keep100"
+    assert C.pseudo_chain(x, "962", raw, env, tmp_path / "log", "1", work, budget, task) is None
+    round1, round2 = [c for c in calls if c[0] == "skcdf_pseudolabel"]
+    assert round1[round1.index("-m") + 1] == str(C.model_folder(env, raw, C.ARMS["a"]))
+    for r, cmd in ((1, round1), (2, round2)):
+        assert cmd[cmd.index("--keep") + 1] == "1.0" and "--student-unlabeled" not in cmd
+        assert cmd[cmd.index("--out-dataset") + 1] == str(982 + r)
+    assert round2[round2.index("--previous") + 1] == "983"
+    assert round2[round2.index("-m") + 1] == str(work / "nnUNet_results" / "Dataset983_ConvergencePseudoR1Keep100" /
+                                                 "nnUNetTrainer_conv__nnUNetPlans__3d_cpu")
+    assert C.round_summary_file(work, 2, "aKeep100").is_file() and not C.round_summary_file(work, 1).exists()
+    assert C.model_folder(env, raw, x).parent.name == "Dataset984_ConvergencePseudoR2Keep100"
+    students = [(c[1], c[3]) for c in calls if c[0] == "nnUNetv2_train" and c[1] == "983"]
+    assert students == [("983", "0"), ("983", "1"), ("983", "2")]  # round 1's students teach round 2
+    text = R.rounds_markdown("x", [{"round": 1, "teachers": [], "kept": 3, "pool": 3, "per_site": {},
+                                    "pseudo_dice": None, "pseudo_dice_kept": None, "threshold": None, "keep": 1.0}])
+    assert text.startswith("(x) rounds (`skcdf_pseudolabel`, every case kept (`--keep 1.0`): no filter).")
+    assert R.plateau_arms({"a": 3, "c": 3, "p": 3, "x": 3}) == ("a", "c", "p", "x")
