@@ -734,7 +734,7 @@ def versus_q_lines(v: Optional[Dict[str, Optional[dict]]]) -> str:
 
 #: the rows every candidates table starts with, where they have a final result: nnU-Net, the recipe, SKCDF with the
 #: reference's settings, SKCDF's defaults
-CANDIDATE_REFERENCES = ("a", "p", "v", "d")
+CANDIDATE_REFERENCES = ("a", "p", "x", "v", "d")
 
 
 def candidate_table(aggregate: dict, arms: dict, runs: Dict[str, list], per_site: Optional[dict],
@@ -762,7 +762,7 @@ def candidate_table(aggregate: dict, arms: dict, runs: Dict[str, list], per_site
                    "asd": m["average"]["ASD"]["mean"], "nsd": 100 * m["average"]["NSD"]["mean"],
                    "missed": missed_per_run(m), "commits": sorted({r["commit"] for r in runs[k]})}
     for x in rows.values():
-        x["vs"] = {ref: x["mean"] - rows[ref]["mean"] for ref in ("d", "p") if ref in rows}
+        x["vs"] = {ref: x["mean"] - rows[ref]["mean"] for ref in ("d", "p", "x") if ref in rows}
     return {"sites": sites, "small": list(small), "rows": rows}
 
 
@@ -777,19 +777,24 @@ def candidate_markdown(t: Optional[dict]) -> str:
         return "-" if ref not in x["vs"] or x is t["rows"].get(ref) else f"{x['vs'][ref]:+.1f}"
 
     head = "".join(f" site {s} |" for s in t["sites"])
+    # the recipe without a filter (x), where it ran: a claim over the recipe holds against the better of (p), (x)
+    with_x = "x" in t["rows"]
     rows = "\n".join(
-        f"| ({k}) {x['name']} | {x['runs']} | {num(x['mean'])} | {diff(x, 'd')} | {diff(x, 'p')} | {num(x['small'])} |"
+        f"| ({k}) {x['name']} | {x['runs']} | {num(x['mean'])} | {diff(x, 'd')} | {diff(x, 'p')} |"
+        + (f" {diff(x, 'x')} |" if with_x else "") + f" {num(x['small'])} |"
         + "".join(f" {num(x['sites'][s])} |" for s in t["sites"])
         + f" {num(x['asd'], 2)} | {num(x['nsd'])} | {num(x.get('missed'))} | {', '.join(x['commits'])} |"
         for k, x in t["rows"].items())
-    return ("Issue 39's candidates beside nnU-Net (a), the recipe (p), SKCDF with the reference's settings (v) and "
+    return ("Issue 39's candidates beside nnU-Net (a), the recipe (p) (and without its filter, (x), where it ran), "
+            "SKCDF with the reference's settings (v) and "
             "SKCDF's defaults (d): final test results "
             f"(mean over runs; 4 smallest = {', '.join(t['small'])}; per site as in the per-site table; ASD in mm, "
             "NSD in %, both over the organ-cases the prediction found; missed = organ-cases per run whose "
             "prediction has none of the organ, left out of ASD and NSD; the commits the runs trained at). One run "
             "screens a candidate; a default changes only on 3 runs.\n\n"
-            f"| arm | runs | mean Dice | vs (d) | vs (p) | 4 smallest |{head} ASD | NSD | missed | commits |\n"
-            "|---|---|---|---|---|---|" + "---|" * len(t["sites"]) + "---|---|---|---|\n" + rows)
+            f"| arm | runs | mean Dice | vs (d) | vs (p) |{' vs (x) |' if with_x else ''} 4 smallest |{head} ASD | NSD | "
+            "missed | commits |\n"
+            "|---|---|---|---|---|---|" + "---|" * (len(t["sites"]) + with_x) + "---|---|---|---|\n" + rows)
 
 
 def cost_per_arm(runs: Dict[str, list], budget: dict) -> Dict[str, dict]:

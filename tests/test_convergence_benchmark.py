@@ -1148,9 +1148,18 @@ def test_candidates_table_lists_every_candidate_with_a_result_beside_a_p_d():
     assert R.candidate_markdown(None) == ""
     assert "| 4 smallest | ASD | NSD | missed | commits |" in R.candidate_markdown(
         R.candidate_table(aggregate, arms, runs, None, ["LAG"]))
+    # the recipe without a filter (x) where it ran: a reference row and a "vs (x)" column
+    aggregate["methods"].append(_method("X", 0.82, 2.7, 0.73, 0.56))
+    arms["x"], runs["x"] = C.Arm("x", "X", "t", skcdf=False, pseudo_rounds=2, keep=1.0), [{"commit": "x1"}]
+    t = R.candidate_table(aggregate, arms, runs, per_site, ["LAG"])
+    assert list(t["rows"]) == ["a", "p", "x", "d", "r", "t"] and t["rows"]["t"]["vs"]["x"] == pytest.approx(-0.5)
+    text = R.candidate_markdown(t)
+    assert "| mean Dice | vs (d) | vs (p) | vs (x) | 4 smallest | site A | site C | ASD |" in text
+    assert "| (t) T | 2 | 81.5 | +3.5 | +1.5 | -0.5 | 60.0 | 82.0 | 70.0 | 2.40 |" in text
+    assert "|---|---|---|---|---|---|---|---|---|---|---|---|---|" in text
     # the benchmark's own candidates: issue 39's arms, none of the references
     assert [k for k, a in C.ARMS.items() if a.candidate] == ["q", "r", "s", "t", "u", "w"]
-    assert R.CANDIDATE_REFERENCES == ("a", "p", "v", "d") and not C.ARMS["v"].candidate
+    assert R.CANDIDATE_REFERENCES == ("a", "p", "x", "v", "d") and not C.ARMS["v"].candidate
 
 
 def test_cost_per_arm_in_hours_with_the_chain_of_p():
