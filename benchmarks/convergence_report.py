@@ -428,7 +428,8 @@ def expected_runs(arms: dict, chosen: List[str], n_runs: int, ablation_runs: int
 
 
 def planned_runs(previous: dict, expected: Dict[str, int], report_only: bool) -> Dict[str, int]:
-    """The runs a section expects per arm. A report-only command (``--stages report``) states the plan: its arms and
+    """The runs a section expects per arm. A command that trains nothing (no train, curves or final stage, e.g.
+    ``--stages report`` or ``--stages reevaluate report``) states the plan: its arms and
     runs. A command that trains adds its arms to the plan its section already has (``previous``: the section's
     JSON) and never shrinks it: the lane's ``--arms d --runs 1`` must not call the section complete and drop the
     missing runs of (a) and (p) that the report command named. A section written before the plan was recorded:
@@ -568,6 +569,8 @@ def first_candidate(runs: Dict[str, list], per_site: Optional[dict], titles: Dic
     site_gap = float(np.mean([short_site[s] for s in others])) - short_site[labelled_site]
     organ_gap = float(np.nanmean([short_organ[k] for k in small_keys if k in short_organ])
                       - np.nanmean([v for k, v in short_organ.items() if k not in small_keys]))
+    if not (np.isfinite(site_gap) and np.isfinite(organ_gap)):  # a NaN would decide for (u) without evidence
+        return None
     return {"run": d["fold"], "shortfall_per_site": short_site, "site_gap": site_gap, "organ_gap": organ_gap,
             "shortfall_small": float(np.nanmean([short_organ[k] for k in small_keys if k in short_organ])),
             "choice": "r" if site_gap >= organ_gap else "u"}
@@ -902,7 +905,7 @@ def report(args, budget: dict, task: dict, runs: Dict[str, list], budgets_elsewh
     result_file = RESULTS / f"{stem}.json"
     stored = json.loads(result_file.read_text()) if result_file.is_file() else {}
     planned = planned_runs(stored, expected_runs(ARMS, args.arms, args.runs, args.ablation_runs),
-                           args.stages == ["report"])
+                           not {"train", "curves", "final"} & set(args.stages))
     baselines = plateau_arms(planned)
     overlays = {}  # figure name -> its lines (arm: median case, slice)
     local = {}  # per arm, its first run whose predictions are in this work folder

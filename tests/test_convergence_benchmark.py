@@ -1470,6 +1470,9 @@ def test_issue_39s_first_candidate_follows_the_larger_shortfall_below_the_bound(
     assert R.first_candidate({"d": [d_run(sites, organs)]}, None, titles, small, "A") is None
     assert R.first_candidate({"d": [d_run(sites, organs)], "c": c_runs}, per_site, titles, small, None) is None
     assert R.first_candidate_line(None, "A") == ""
+    # a NaN (an organ or site without a value) decides nothing: no choice rather than (u) by default
+    assert R.first_candidate({"d": [d_run(sites, {**organs, "3": float("nan"), "4": float("nan")})], "c": c_runs},
+                             per_site, titles, small, "A") is None
 
 
 def test_arm_x_keeps_every_case_in_a_chain_of_its_own_taught_by_a(tmp_path, monkeypatch):
