@@ -147,8 +147,8 @@ processes train different students of a round). A claim whose process is gone (k
 over. Stop a lane by its process group (start it with ``setsid``, stop it with ``kill -- -<pgid>``), not by this
 script's pid alone: its running child (``nnUNetv2_train``, ``skcdf_pseudolabel``) would go on, and a lane started
 again would take the claim over and run the same work beside it. A section's plan (the arms and runs it expects)
-is stated by a report-only command (``--stages report``); a command that trains adds its arms to that plan and
-never shrinks it.
+is stated by a command that trains nothing (``--stages report``, ``--stages reevaluate report``); a command that
+trains adds its arms to that plan and never shrinks it.
 """
 from __future__ import annotations
 

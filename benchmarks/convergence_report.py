@@ -567,13 +567,12 @@ def first_candidate(runs: Dict[str, list], per_site: Optional[dict], titles: Dic
     short_organ = {k: 100 * float(np.nanmean([r["final_summary"]["mean"][k]["Dice"] for r in c]))
                    - 100 * float(last["pseudo_dice"][k]) for k in titles if k in last["pseudo_dice"]}
     site_gap = float(np.mean([short_site[s] for s in others])) - short_site[labelled_site]
-    organ_gap = float(np.nanmean([short_organ[k] for k in small_keys if k in short_organ])
-                      - np.nanmean([v for k, v in short_organ.items() if k not in small_keys]))
+    short_small = float(np.nanmean([short_organ[k] for k in small_keys if k in short_organ]))
+    organ_gap = short_small - float(np.nanmean([v for k, v in short_organ.items() if k not in small_keys]))
     if not (np.isfinite(site_gap) and np.isfinite(organ_gap)):  # a NaN would decide for (u) without evidence
         return None
     return {"run": d["fold"], "shortfall_per_site": short_site, "site_gap": site_gap, "organ_gap": organ_gap,
-            "shortfall_small": float(np.nanmean([short_organ[k] for k in small_keys if k in short_organ])),
-            "choice": "r" if site_gap >= organ_gap else "u"}
+            "shortfall_small": short_small, "choice": "r" if site_gap >= organ_gap else "u"}
 
 
 def first_candidate_line(x: Optional[dict], labelled_site: Optional[str]) -> str:
@@ -652,9 +651,9 @@ def rounds_markdown(arm: str, rounds: List[dict]) -> str:
             "its agreement with the previous round, is at least that" if keep is None else
             "every case kept (`--keep 1.0`): no filter" if keep == 1.0 else
             f"`--keep {keep}`: the best-agreeing fraction of the cases kept")
-    return (f"({arm}) rounds (`skcdf_pseudolabel`, {rule}). Pseudo-label Dice against the hidden labels of the hidden-label training cases (the "
-            "round never reads them): all cases of the pool / the kept ones (imagesUnlabeled cases have no "
-            "label); per site: kept/pool, Dice all (kept):\n\n"
+    return (f"({arm}) rounds (`skcdf_pseudolabel`, {rule}). Pseudo-label Dice against the hidden labels of the "
+            "hidden-label training cases (the round never reads them): all cases of the pool / the kept ones "
+            "(imagesUnlabeled cases have no label); per site: kept/pool, Dice all (kept):\n\n"
             "| round | teachers | kept/pool | per site | pseudo-label Dice all / kept | "
             "skcdf_pseudolabel min | students: test mean Dice, training |\n|---|---|---|---|---|---|---|\n"
             + "\n".join(rows))
@@ -795,8 +794,8 @@ def candidate_markdown(t: Optional[dict]) -> str:
             "NSD in %, both over the organ-cases the prediction found; missed = organ-cases per run whose "
             "prediction has none of the organ, left out of ASD and NSD; the commits the runs trained at). One run "
             "screens a candidate; a default changes only on 3 runs.\n\n"
-            f"| arm | runs | mean Dice | vs (d) | vs (p) |{' vs (x) |' if with_x else ''} 4 smallest |{head} ASD | NSD | "
-            "missed | commits |\n"
+            f"| arm | runs | mean Dice | vs (d) | vs (p) |{' vs (x) |' if with_x else ''} 4 smallest |{head} ASD | "
+            "NSD | missed | commits |\n"
             "|---|---|---|---|---|---|" + "---|" * (len(t["sites"]) + with_x) + "---|---|---|---|\n" + rows)
 
 
